@@ -1,0 +1,75 @@
+// ISA-independent interface between csrc/cpu/token_logprobs.cpp (checks, threading, dispatch) and the
+// per-ISA row kernels of token_logprobs_kernel.h. Plain structs of pointers: nothing here depends on the
+// CPU_CAPABILITY a translation unit is compiled for.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace reasonrl {
+
+// Forward arguments for one call; rows are processed in [begin, end) chunks by at::parallel_for.
+template <typename scalar_t>
+struct RowArgs {
+  // Statistics are fp32 for fp32/bf16/fp16 input and fp64 for fp64 input (ops.md section 0).
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const scalar_t* logits;     // [N, V], unit stride on V
+  int64_t row_stride;
+  int64_t vocab;
+  const int64_t* labels;      // [N]
+  int64_t ignore_index;
+  const acc_t* temperature;   // [N] per-row temperature, or nullptr
+  acc_t temperature_scalar;   // used when temperature == nullptr
+  acc_t* logprobs;            // [N]
+  acc_t* entropy;             // [N] or nullptr when not wanted
+  int32_t* rank;              // [N] or nullptr when not wanted
+  acc_t* lse;                 // [N], always (the backward needs it)
+};
+
+template <typename scalar_t>
+struct BwdArgs : RowArgs<scalar_t> {
+  using acc_t = typename RowArgs<scalar_t>::acc_t;
+  const acc_t* grad_logprobs;  // [N] or nullptr (= zero upstream gradient)
+  const acc_t* grad_entropy;   // [N] or nullptr
+  scalar_t* grad;              // [N, V], unit stride on V (may alias logits for the in-place backward)
+  int64_t grad_row_stride;
+};
+
+template <typename Args>
+inline auto row_temperature(const Args& a, int64_t r) {
+  return a.temperature ? a.temperature[r] : a.temperature_scalar;
+}
+
+// Entry points of one ISA variant. fwd_*[i] with i = want_entropy + 2 * want_rank.
+struct RowKernels {
+  using FwdF32 = void (*)(const RowArgs<float>&, int64_t, int64_t);
+  using FwdBF16 = void (*)(const RowArgs<c10::BFloat16>&, int64_t, int64_t);
+  using FwdF16 = void (*)(const RowArgs<c10::Half>&, int64_t, int64_t);
+  using FwdF64 = void (*)(const RowArgs<double>&, int64_t, int64_t);
+  FwdF32 fwd_f32[4];
+  FwdBF16 fwd_bf16[4];
+  FwdF16 fwd_f16[4];
+  FwdF64 fwd_f64[4];
+  void (*bwd_f32)(const BwdArgs<float>&, int64_t, int64_t);
+  void (*bwd_bf16)(const BwdArgs<c10::BFloat16>&, int64_t, int64_t);
+  void (*bwd_f16)(const BwdArgs<c10::Half>&, int64_t, int64_t);
+  void (*bwd_f64)(const BwdArgs<double>&, int64_t, int64_t);
+};
+
+// One definition per ISA variant compiled into the extension (csrc/cpu/isa/*.cpp).
+RowKernels token_logprobs_kernels_default();
+#if defined(REASONRL_HAVE_AVX2)
+RowKernels token_logprobs_kernels_avx2();
+#endif
+#if defined(REASONRL_HAVE_AVX512)
+RowKernels token_logprobs_kernels_avx512();
+#endif
+
+// The variant for this CPU (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=default|avx2|avx512 works).
+const RowKernels& token_logprobs_kernels();
+const char* token_logprobs_isa();
+
+}  // namespace reasonrl

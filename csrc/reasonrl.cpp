@@ -1,0 +1,56 @@
+// The reasonrl._C extension: op schemas (declared once, here) and a small pybind11 module that reports how
+// the extension was built. Ops never go through pybind11: each device registers its kernels with
+// TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp, csrc/cuda/*.cu) and Python reaches them through torch.ops.reasonrl,
+// which is what makes them work with autograd, torch.compile and FSDP.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/token_logprobs_rows.h"
+
+TORCH_LIBRARY(reasonrl, m) {
+  // token_logprobs (ops.md section 2). logits [N, V]; outputs [N] (entropy / rank empty when not wanted).
+  // inplace_backward is not used by the forward kernel: it is recorded so that the autograd backward knows
+  // whether to write the gradient into the storage of logits.
+  m.def(
+      "token_logprobs_fwd(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
+      "int ignore_index, bool want_entropy, bool want_rank, bool inplace_backward) -> (Tensor logprobs, "
+      "Tensor entropy, "
+      "Tensor rank, Tensor lse)");
+  m.def(
+      "token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+      "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse, Tensor entropy) -> Tensor");
+  m.def(
+      "token_logprobs_bwd_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
+      "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse, "
+      "Tensor entropy) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "reasonrl compiled kernels (ops are registered under torch.ops.reasonrl)";
+  module.def("build_info", [] {
+    pybind11::dict info;
+#if defined(_OPENMP)
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+#if defined(REASONRL_WITH_CUDA)
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    pybind11::list isas;
+    isas.append("default");
+#if defined(REASONRL_HAVE_AVX2)
+    isas.append("avx2");
+#endif
+#if defined(REASONRL_HAVE_AVX512)
+    isas.append("avx512");
+#endif
+    info["cpu_isas_built"] = isas;
+    info["cpu_isa_selected"] = std::string(reasonrl::token_logprobs_isa());
+    info["parallel"] = at::get_parallel_info();
+    return info;
+  });
+}

@@ -1,0 +1,239 @@
+"""Triton kernels of ``token_logprobs`` (ops.md section 2): forward and backward, one program per row.
+
+Contract (the registered ops in ``reasonrl/ops/token_logprobs.py`` check it): ``logits`` ``[N, V]`` with
+unit stride on V (any row stride), fp32 / bf16 / fp16; ``labels`` ``[N]`` int32/int64; ``temperature``
+``[N]`` fp32 (stride 0 allowed) or None with ``temperature_scalar``. Outputs fp32.
+
+Forward: a 1-D grid of N programs (any N up to 2^31 - 1; nothing on grid axes 1/2). Each program streams its
+row in BLOCK_V columns with the online log-sum-exp of ops.md 2.2 in base 2: z2 = x * (log2(e) / tau) is one
+multiply feeding exp2, one maximum per block, and the shifted entropy accumulator
+b = sum (z2 - m) 2^(z2 - m) so that H = ln(s) - ln(2) b / s never cancels. m starts at -inf; a block whose
+maximum is -inf leaves the state unchanged (the rescale factor is computed only when m is finite); terms with
+z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are runtime arguments, so a new
+sequence length or vocabulary never recompiles; only BLOCK_V and the feature flags (HAS_ENTROPY, HAS_RANK,
+HAS_TEMP) are constexpr.
+
+Backward: the same grid; each program recomputes p_j = 2^(z2_j - lse2) block by block and writes
+dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu)) / tau, mu = LSE - H, in the logits dtype. Reading a block
+before writing the same addresses makes the in-place variant (grad aliasing logits) safe.
+
+Known limits: one program per row leaves SMs idle when N is below a few hundred rows of a 150k vocabulary
+(a split-V variant is future work); float64 is not supported (use the cpp or reference implementation).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _block_v(vocab: int) -> int:
+    # Two buckets, not one block size per vocabulary (which would recompile for every V): large blocks
+    # amortise the per-block max/rescale on real vocabularies; small ones keep tiny vocabularies cheap.
+    return 1024 if vocab <= 8192 else 4096
+
+
+@triton.jit(do_not_specialize=["vocab", "ignore_index"])
+def _token_logprobs_fwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    temperature_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    rank_ptr,
+    lse_ptr,
+    stride_logits_n,
+    stride_temperature_n,
+    temperature_scalar,
+    vocab,
+    ignore_index,
+    HAS_TEMP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_RANK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (label != ignore_index) & (label >= 0) & (label < vocab)
+    if valid:
+        if HAS_TEMP:
+            tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
+        else:
+            tau = temperature_scalar
+        scale = 1.4426950408889634 / tau  # log2(e) / tau: one FMA-able multiply per element feeding exp2
+        row_ptr = logits_ptr + row * stride_logits_n
+        x_label = tl.load(row_ptr + label).to(tl.float32)
+        m = -float("inf")
+        s = 0.0
+        b = 0.0
+        count = 0
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            in_v = offs < vocab
+            x = tl.load(row_ptr + offs, mask=in_v, other=-float("inf")).to(tl.float32)
+            if HAS_RANK:
+                count += tl.sum((x > x_label).to(tl.int32), axis=0)
+            z = x * scale
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # NaN / +inf logits need no extra check: whether or not the max propagates NaN, d = NaN for that
+            # column (NaN - m or inf - inf), so s becomes NaN and so do LSE, lp and H. The test is != -inf
+            # (not > -inf) so that a NaN maximum also enters the branch.
+            if m_new != -float("inf"):
+                alpha = tl.where(m > -float("inf"), tl.exp2(m - m_new), 0.0)
+                d = z - m_new
+                e = tl.exp2(d)
+                if HAS_ENTROPY:
+                    b = alpha * (b + tl.where(m > -float("inf"), (m - m_new) * s, 0.0)) + tl.sum(
+                        tl.where(e > 0, d * e, 0.0), axis=0
+                    )
+                s = alpha * s + tl.sum(e, axis=0)
+                m = m_new
+        log2_s = tl.log2(s)
+        lse = (m + log2_s) * 0.6931471805599453  # back to natural log
+        tl.store(lse_ptr + row, lse)
+        tl.store(logprobs_ptr + row, x_label / tau - lse)
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + row, (log2_s - b / s) * 0.6931471805599453)
+        if HAS_RANK:
+            tl.store(rank_ptr + row, (count + 1).to(tl.int32))
+    else:
+        fill = tl.where(label == ignore_index, 0.0, float("nan"))
+        tl.store(logprobs_ptr + row, fill)
+        tl.store(lse_ptr + row, fill)
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + row, fill)
+        if HAS_RANK:
+            tl.store(rank_ptr + row, 0)
+
+
+@triton.jit(do_not_specialize=["vocab", "ignore_index"])
+def _token_logprobs_bwd_kernel(
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    logits_ptr,
+    labels_ptr,
+    temperature_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_ptr,
+    stride_logits_n,
+    stride_grad_n,
+    stride_temperature_n,
+    temperature_scalar,
+    vocab,
+    ignore_index,
+    HAS_TEMP: tl.constexpr,
+    HAS_GRAD_LP: tl.constexpr,
+    HAS_GRAD_H: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (label != ignore_index) & (label >= 0) & (label < vocab)
+    row_ptr = logits_ptr + row * stride_logits_n
+    grad_row_ptr = grad_ptr + row * stride_grad_n
+    cols = tl.arange(0, BLOCK_V)
+    if valid:
+        if HAS_TEMP:
+            tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
+        else:
+            tau = temperature_scalar
+        inv_tau = 1.0 / tau
+        lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+        g_lp = 0.0
+        if HAS_GRAD_LP:
+            g_lp = tl.load(grad_logprobs_ptr + row).to(tl.float32)
+        g_h = 0.0
+        mu = 0.0
+        if HAS_GRAD_H:
+            g_h = tl.load(grad_entropy_ptr + row).to(tl.float32)
+            mu = tl.load(lse_ptr + row) - tl.load(entropy_ptr + row)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            in_v = offs < vocab
+            x = tl.load(row_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
+            z = x * inv_tau
+            p = tl.exp2(x * (1.4426950408889634 * inv_tau) - lse2)
+            dz = -p * (g_lp + g_h * (z - mu))
+            dz = tl.where(z == -float("inf"), 0.0, dz)  # p = 0 there; never 0 * inf
+            dz = tl.where(offs == label, dz + g_lp, dz)
+            tl.store(grad_row_ptr + offs, (dz * inv_tau).to(grad_ptr.dtype.element_ty), mask=in_v)
+    else:
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < vocab)
+
+
+def _direct_launch(kernel):
+    return kernel
+
+
+def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank,
+                       *, launch=_direct_launch):
+    """Launch the forward kernel; returns (logprobs, entropy, rank, lse) like the C++ op."""
+    n, vocab = logits.shape
+    lp = torch.empty((n,), device=logits.device, dtype=torch.float32)
+    lse = torch.empty((n,), device=logits.device, dtype=torch.float32)
+    ent = torch.empty((n if want_entropy else 0,), device=logits.device, dtype=torch.float32)
+    rank = torch.empty((n if want_rank else 0,), device=logits.device, dtype=torch.int32)
+    if n == 0:
+        return lp, ent, rank, lse
+    has_temp = temperature is not None
+    launch(_token_logprobs_fwd_kernel)[(n,)](
+        logits,
+        labels,
+        temperature if has_temp else lp,  # dummy pointer when HAS_TEMP is False
+        lp,
+        ent if want_entropy else lp,
+        rank if want_rank else lp,
+        lse,
+        logits.stride(0),
+        temperature.stride(0) if has_temp else 0,
+        float(temperature_scalar),
+        vocab,
+        ignore_index,
+        HAS_TEMP=has_temp,
+        HAS_ENTROPY=want_entropy,
+        HAS_RANK=want_rank,
+        BLOCK_V=_block_v(vocab),
+        num_warps=8,
+    )
+    return lp, ent, rank, lse
+
+
+def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar,
+                       ignore_index, lse, entropy, grad, *, launch=_direct_launch):
+    """Launch the backward kernel, writing into ``grad`` (which may be ``logits`` itself)."""
+    n, vocab = logits.shape
+    if n == 0:
+        return grad
+    has_temp = temperature is not None
+    has_lp = grad_logprobs is not None
+    has_h = grad_entropy is not None
+    launch(_token_logprobs_bwd_kernel)[(n,)](
+        grad_logprobs.float().contiguous() if has_lp else lse,
+        grad_entropy.float().contiguous() if has_h else lse,
+        logits,
+        labels,
+        temperature if has_temp else lse,
+        lse,
+        entropy if has_h else lse,
+        grad,
+        logits.stride(0),
+        grad.stride(0),
+        temperature.stride(0) if has_temp else 0,
+        float(temperature_scalar),
+        vocab,
+        ignore_index,
+        HAS_TEMP=has_temp,
+        HAS_GRAD_LP=has_lp,
+        HAS_GRAD_H=has_h,
+        BLOCK_V=_block_v(vocab),
+        num_warps=8,
+    )
+    return grad

@@ -1,0 +1,12 @@
+"""reasonrl: fused kernels for RL fine-tuning of LLM reasoning.
+
+``import reasonrl`` needs neither triton nor the compiled extension, never initialises CUDA and never
+changes global torch._dynamo / torch._inductor configuration. The extension is loaded on the first op call
+(or by ``reasonrl info``).
+"""
+
+from reasonrl.ops import TokenLogprobs, set_validation, token_logprobs, validation_enabled
+
+__version__ = "0.1.0"
+
+__all__ = ["TokenLogprobs", "token_logprobs", "set_validation", "validation_enabled", "__version__"]

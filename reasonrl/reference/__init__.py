@@ -1,0 +1,5 @@
+"""Plain-PyTorch reference implementations: THE oracle of every op (tests, benchmarks, docs, fallbacks)."""
+
+from reasonrl.reference.token_logprobs import TokenLogprobs, token_logprobs_reference
+
+__all__ = ["TokenLogprobs", "token_logprobs_reference"]

@@ -1,0 +1,109 @@
+"""Reference implementation of ``token_logprobs`` (ops.md section 2): plain PyTorch, written for clarity.
+
+This is THE oracle every fused implementation (C++ ``cpp``, Triton ``triton``) is tested against. It
+materialises the full softmax of every row, so it uses O(N x V) fp32 memory: never use it where memory
+matters. Run it in float64 (``compute_dtype=torch.float64``) to obtain the oracle of ops.md section 8.
+
+For a row with raw logits x, label y and temperature tau::
+
+    z = x / tau,  LSE = logsumexp(z),  lp = z_y - LSE,  H = -sum_j p_j log p_j,  p = softmax(z)
+    rank = 1 + #{j != y : x_j > x_y}     (raw logits, fp32, strict inequality)
+
+Rows whose label equals ``ignore_index`` produce zeros (and a zero gradient). Rows whose label is out of
+``[0, V)`` (only reachable with ``validate=False`` at the public API) produce NaN log-prob and entropy and a
+zero gradient, so that a loss built on them is loudly NaN instead of plausibly wrong.
+
+Gradients flow to ``logits`` through ``logprobs`` and ``entropy`` by ordinary autograd; ``lse`` is detached.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["TokenLogprobs", "token_logprobs_reference"]
+
+
+class TokenLogprobs(NamedTuple):
+    """Outputs of every ``token_logprobs`` implementation; a field is None when it was not requested."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    rank: torch.Tensor | None
+    lse: torch.Tensor | None
+
+
+def token_logprobs_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    want_entropy: bool = False,
+    want_rank: bool = False,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> TokenLogprobs:
+    """Per-token log-probabilities (and entropy / rank / LSE) of ``labels`` under ``softmax(logits / T)``.
+
+    Args:
+        logits: ``[..., V]`` float tensor (any floating dtype, any strides).
+        labels: ``[...]`` int tensor of vocabulary ids, or ``ignore_index``.
+        temperature: Python float, 0-d tensor, or ``[...]`` tensor (one value per row); all > 0.
+        compute_dtype: dtype of the arithmetic; default float32 (float64 for float64 input).
+            ``torch.float64`` gives the oracle.
+
+    Returns:
+        ``TokenLogprobs`` with ``[...]`` tensors in ``compute_dtype`` (rank int32).
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lead_shape = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    x = logits.reshape(-1, vocab).to(compute_dtype)
+    y = labels.reshape(-1).long()
+
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < vocab)
+    good = valid & in_range  # rows with a real label
+    safe_y = torch.where(good, y, torch.zeros_like(y))
+
+    if isinstance(temperature, torch.Tensor):
+        tau = temperature.to(device=x.device, dtype=compute_dtype)
+        tau = tau.reshape(-1, 1) if tau.dim() > 0 else tau.reshape(1, 1)
+    else:
+        tau = float(temperature)
+    z = x / tau
+
+    logp = torch.log_softmax(z, dim=-1)
+    zero = torch.zeros((), dtype=compute_dtype, device=x.device)
+    nan = torch.full((), float("nan"), dtype=compute_dtype, device=x.device)
+
+    lp = logp.gather(-1, safe_y.unsqueeze(-1)).squeeze(-1)
+    # Out-of-range labels: NaN (loud); ignored rows: 0. torch.where keeps the gradient of those rows at 0.
+    lp = torch.where(good, lp, torch.where(valid, nan, zero))
+
+    entropy = None
+    if want_entropy:
+        p = logp.exp()
+        # A -inf logit has p == 0 and logp == -inf: its term must be 0, not 0 * -inf = NaN, in the
+        # forward AND the backward (masking the product would still give d(p*logp)/dp = -inf * 0).
+        safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
+        h = -(p * safe_logp).sum(-1)
+        entropy = torch.where(good, h, torch.where(valid, nan, zero)).reshape(lead_shape)
+
+    rank = None
+    if want_rank:
+        xf = logits.reshape(-1, vocab).float()
+        x_label = xf.gather(-1, safe_y.unsqueeze(-1))
+        # Strict inequality: the label column itself is never counted, ties with it do not count.
+        r = 1 + (xf > x_label).sum(-1)
+        rank = torch.where(good, r, torch.zeros_like(r)).to(torch.int32).reshape(lead_shape)
+
+    lse = None
+    if return_lse:
+        lse_all = torch.logsumexp(z.detach(), dim=-1)
+        lse = torch.where(good, lse_all, torch.where(valid, nan, zero)).reshape(lead_shape)
+
+    return TokenLogprobs(lp.reshape(lead_shape), entropy, rank, lse)
