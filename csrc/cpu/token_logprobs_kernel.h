@@ -117,6 +117,14 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, float inv_tau, float m
   };
   int64_t j = 0;
   for (; j + 4 * W <= n; j += 4 * W) {
+    // Pass 2 is compute-bound and pass 1 memory-bound: fetch the next chunk while computing this one so
+    // the two overlap (prefetching past the row end is harmless: prefetches never fault).
+    if constexpr (sizeof(scalar_t) * 4 * W >= 128) {
+      __builtin_prefetch(src + j + kChunk);
+      __builtin_prefetch(reinterpret_cast<const char*>(src + j + kChunk) + 64);
+    } else {
+      __builtin_prefetch(src + j + kChunk);
+    }
     step(src + j, s0, b0);
     step(src + j + W, s1, b1);
     step(src + j + 2 * W, s2, b2);

@@ -1,0 +1,76 @@
+"""Command line: ``reasonrl info | bench | demo``.
+
+* ``info``  versions, which backends are active on this machine and why the others are not.
+* ``bench`` the benchmarks of bench/ (a source checkout is needed: they are not part of the wheel);
+  arguments after ``bench`` are passed to ``bench/run_all.py``.
+* ``demo``  what ``make demo`` runs: ``info``, then the quick benchmark profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _print_info() -> None:
+    from reasonrl._backend import backend_report
+
+    report = backend_report()
+    ext = report.pop("extension")
+    backends = report.pop("backends")
+    print("reasonrl", __import__("reasonrl").__version__)
+    for key, value in report.items():
+        print(f"  {key:18s} {value}")
+    if isinstance(ext, dict):
+        parallel = ext.pop("parallel", "")
+        print(f"  {'extension':18s} reasonrl._C loaded: " + json.dumps(ext))
+        backend_line = [ln.strip() for ln in parallel.splitlines() if "parallel backend" in ln]
+        if backend_line:
+            print(f"  {'':18s} {backend_line[0]}")
+    else:
+        print(f"  {'extension':18s} {ext}")
+    print("backends:")
+    for name, status in backends.items():
+        print(f"  {name:18s} {status}")
+
+
+def _run_bench(argv: list[str]) -> int:
+    # The benchmarks live in the source checkout (bench/), next to the package in an editable install.
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "run_all.py").is_file():
+        print("reasonrl bench needs a source checkout (bench/ next to reasonrl/); "
+              "clone the repository and install it with `pip install --no-build-isolation -e .`",
+              file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.run_all import run
+
+    return run(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reasonrl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions and active backends")
+    sub.add_parser("bench", help="run the benchmarks (options: reasonrl bench --help)", add_help=False)
+    sub.add_parser("demo", help="info, then the quick benchmark profile")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        _print_info()
+        return 0
+    if args.command == "bench":
+        return _run_bench(rest)
+    if args.command == "demo":
+        _print_info()
+        print()
+        return _run_bench(["--profile", "quick", *rest])
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
