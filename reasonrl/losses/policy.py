@@ -1,0 +1,145 @@
+"""Public GRPO-family policy loss over per-token log-probabilities (losses.md section 2).
+
+``policy_loss`` (functional) and ``PolicyLoss`` (an ``nn.Module`` that only holds a ``PolicyLossConfig``)
+run the plain-PyTorch reference of ``reasonrl/reference/policy_loss.py``; the fused logits / hidden-state
+entry points will share their config, normalisers and outputs. ``rollout_is_weights`` (section 8.3) and
+``top_entropy_mask`` (section 8.2) are the public utilities the loss uses internally.
+
+These entry points check ``cu_seqlens`` values (one host sync) when validation is enabled
+(``reasonrl.set_validation`` / ``REASONRL_VALIDATE``); the computation itself never syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
+from reasonrl.losses.types import LossOutput, RolloutISMetrics
+from reasonrl.ops.token_logprobs import validation_enabled
+
+# A module import, not a name import: reasonrl.reference.policy_loss imports this package's config and
+# types, and a module import stays valid when the reference is imported first (the names are looked up at
+# call time).
+from reasonrl.reference import policy_loss as _reference
+
+__all__ = ["policy_loss", "PolicyLoss", "rollout_is_weights", "top_entropy_mask"]
+
+
+def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int) -> None:
+    """ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync)."""
+    if cu_seqlens is None or not validation_enabled():
+        return
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens: expected an int32/int64 [B + 1] tensor, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(cu[0]) != 0 or int(cu[-1]) != num_tokens or bool((cu.diff() < 0).any()):
+        raise ValueError(
+            f"cu_seqlens must start at 0, be non-decreasing and end at N = {num_tokens}; got "
+            f"{cu.tolist()[:8]}{' ...' if cu.numel() > 8 else ''} (last {int(cu[-1])})"
+        )
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
+    entropies: torch.Tensor | None = None,
+    normalizers: LossNormalizers,
+    config: PolicyLossConfig,
+    entropy_coef: float | torch.Tensor | None = None,
+    return_per_token: bool = False,
+) -> LossOutput:
+    """GRPO-family policy loss (losses.md sections 5-12) over per-token log-probabilities.
+
+    Args:
+        logprobs: ``[B, T]`` (padded, optional ``mask [B, T]``) or ``[N]`` (packed, ``cu_seqlens [B + 1]``
+            and optional ``mask [N]``), any floating dtype; arithmetic in fp32 (fp64 for fp64 input).
+        advantages: ``[B]`` or per token. Every other per-token tensor has the shape of ``logprobs``;
+            ``is_weights`` may also be ``[B]``. See :func:`reasonrl.reference.policy_loss_reference`.
+        normalizers: per-call global counts (section 4). config: the loss hyper-parameters.
+        entropy_coef: overrides ``config.entropy_coef`` (adaptive entropy control).
+
+    Returns:
+        ``LossOutput(loss (0-d), metrics (detached), per_token_loss or None)``.
+    """
+    _validate_cu_seqlens(cu_seqlens, logprobs.shape[0] if logprobs.dim() else 0)
+    return _reference.policy_loss_reference(
+        logprobs, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+        entropies=entropies, normalizers=normalizers, config=config, entropy_coef=entropy_coef,
+        return_per_token=return_per_token,
+    )
+
+
+def rollout_is_weights(
+    old_logprobs: torch.Tensor,
+    sampling_logprobs: torch.Tensor,
+    *,
+    config: ISCorrection,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    process_group=None,
+) -> tuple[torch.Tensor, RolloutISMetrics]:
+    """Rollout-correction weights rho = pi_old / pi_sampler and their metrics (losses.md section 8.3);
+    see :func:`reasonrl.reference.policy_loss.rollout_is_weights`."""
+    _validate_cu_seqlens(cu_seqlens, old_logprobs.shape[0] if old_logprobs.dim() else 0)
+    return _reference.rollout_is_weights(old_logprobs, sampling_logprobs, config=config, mask=mask,
+                                         cu_seqlens=cu_seqlens, process_group=process_group)
+
+
+def top_entropy_mask(
+    entropies: torch.Tensor,
+    *,
+    rho: float,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """Bool mask of the top-``rho`` entropy tokens over all ranks of ``process_group`` (losses.md
+    section 8.2); see :func:`reasonrl.reference.policy_loss.top_entropy_mask`."""
+    _validate_cu_seqlens(cu_seqlens, entropies.shape[0] if entropies.dim() else 0)
+    return _reference.top_entropy_mask(entropies, rho=rho, mask=mask, cu_seqlens=cu_seqlens,
+                                       process_group=process_group)
+
+
+class PolicyLoss(nn.Module):
+    """``nn.Module`` form of :func:`policy_loss`: holds a ``PolicyLossConfig``, ``forward`` calls the
+    functional with it."""
+
+    def __init__(self, config: PolicyLossConfig | None = None) -> None:
+        super().__init__()
+        self.config = PolicyLossConfig() if config is None else config
+
+    def forward(
+        self,
+        logprobs: torch.Tensor,
+        *,
+        advantages: torch.Tensor,
+        normalizers: LossNormalizers,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        old_logprobs: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+        sampling_logprobs: torch.Tensor | None = None,
+        is_weights: torch.Tensor | None = None,
+        entropies: torch.Tensor | None = None,
+        entropy_coef: float | torch.Tensor | None = None,
+        return_per_token: bool = False,
+    ) -> LossOutput:
+        return policy_loss(
+            logprobs, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+            entropies=entropies, normalizers=normalizers, config=self.config, entropy_coef=entropy_coef,
+            return_per_token=return_per_token,
+        )
+
+    def extra_repr(self) -> str:
+        return repr(self.config)
