@@ -1,0 +1,652 @@
+"""The numerical acceptance rule of ops.md section 8, its ONE tolerance table, and realistic test inputs.
+
+Used by the test suite (tests/) and by the benchmarks (bench/), which check every provider against the
+reference before timing it. Nothing here is imported by ``import reasonrl``; it only needs torch.
+
+The rule (flash-attention's and cut-cross-entropy's): with err(x) = max |x - oracle| over the valid rows,
+where the oracle is the reference implementation run in float64 on the same input values (16-bit inputs
+are upcast exactly),
+
+    err(impl) <= ref_factor * err(reference in fp32, or in the input dtype) + atol
+
+* ``logprobs`` / ``entropy`` / ``lse``: atol = 1e-5 * (1 + max |oracle|).
+* fp32 ``grad_logits``: atol = 1e-7 * max(|g_lp|, |g_H|) (the upstream gradients).
+* bf16 / fp16 ``grad_logits``: additionally 1 ulp of the gradient dtype at the oracle value, element-wise
+  (the gradient is returned in the logits dtype, so rounding it once costs up to half an ulp).
+* float64 inputs (cpp and reference only): the same form with a float64-sized atol.
+* gradient row sums: |sum_j dz_j| <= 1e-5 * (|g_lp| + |g_H|) in fp32 (dz = tau * dx).
+
+Non-finite oracle values (lp = -inf for a label logit of -inf, NaN for an all -inf row) must be matched
+exactly; a non-finite value where the oracle is finite is a failure. The assertion message names the
+quantity, the worst element and every term of the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from reasonrl.reference.token_logprobs import token_logprobs_reference
+
+__all__ = [
+    "Tolerance",
+    "TOLERANCES",
+    "tolerance",
+    "ulp",
+    "max_abs_error",
+    "assert_close_to_oracle",
+    "assert_stat_close",
+    "assert_grad_close",
+    "assert_grad_row_sums",
+    "make_logits",
+    "sample_labels",
+    "make_token_logprobs_inputs",
+    "TokenLogprobsCase",
+    "TokenLogprobsResult",
+    "run_token_logprobs",
+    "run_token_logprobs_reference",
+    "valid_rows",
+    "check_token_logprobs",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tolerance table
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """One line of the rule: err <= ref_factor * err(reference) + atol_scale * magnitude (+ ulps)."""
+
+    ref_factor: float
+    atol_scale: float
+    ulps: float = 0.0
+
+
+_STAT_LOW = Tolerance(ref_factor=2.0, atol_scale=1e-5)
+# fp64 inputs: the oracle is the reference in fp64 itself, so err(reference) is 0 and the atol must be sized
+# for float64 arithmetic (a cpp fp64 kernel is scalar double code: errors are ~1e-15 relative).
+_STAT_F64 = Tolerance(ref_factor=2.0, atol_scale=1e-10)
+
+#: (quantity, dtype) -> Tolerance. "stat" covers logprobs, entropy and lse; "grad" covers grad_logits with
+#: magnitude max(|g_lp|, |g_H|); "row_sum" is the gradient row-sum invariant (magnitude |g_lp| + |g_H|).
+TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
+    ("stat", torch.float32): _STAT_LOW,
+    ("stat", torch.bfloat16): _STAT_LOW,
+    ("stat", torch.float16): _STAT_LOW,
+    ("stat", torch.float64): _STAT_F64,
+    ("grad", torch.float32): Tolerance(ref_factor=2.0, atol_scale=1e-7),
+    ("grad", torch.bfloat16): Tolerance(ref_factor=2.0, atol_scale=1e-7, ulps=1.0),
+    ("grad", torch.float16): Tolerance(ref_factor=2.0, atol_scale=1e-7, ulps=1.0),
+    ("grad", torch.float64): Tolerance(ref_factor=2.0, atol_scale=1e-12),
+    ("row_sum", torch.float32): Tolerance(ref_factor=0.0, atol_scale=1e-5),
+    ("row_sum", torch.float64): Tolerance(ref_factor=0.0, atol_scale=1e-12),
+}
+
+
+def tolerance(quantity: str, dtype: torch.dtype) -> Tolerance:
+    """The table entry for ``quantity`` ('stat', 'grad', 'row_sum') and input dtype ``dtype``."""
+    try:
+        return TOLERANCES[(quantity, dtype)]
+    except KeyError:
+        raise KeyError(f"no tolerance for quantity={quantity!r}, dtype={dtype}") from None
+
+
+_SIGNIFICAND_BITS = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers at each of ``values`` (float64 result; subnormal spacing near 0)."""
+    p = _SIGNIFICAND_BITS[dtype]
+    v = values.detach().to(torch.float64).abs()
+    _, e = torch.frexp(v)  # v = m * 2**e, 0.5 <= m < 1
+    _, e_min = torch.frexp(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64))
+    e = torch.where(v == 0, e_min.to(e.dtype), torch.clamp(e, min=int(e_min)))  # frexp(0) has exponent 0
+    return torch.ldexp(torch.ones_like(v), (e - p).to(torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The assertion
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    t = t.detach().to(torch.float64)
+    if valid is None:
+        return t.reshape(-1)
+    valid = valid.to(device=t.device, dtype=torch.bool)
+    if valid.shape != t.shape[: valid.dim()]:
+        raise ValueError(
+            f"valid mask shape {tuple(valid.shape)} does not prefix tensor shape {tuple(t.shape)}"
+        )
+    return t[valid].reshape(-1)
+
+
+def max_abs_error(actual: torch.Tensor, oracle: torch.Tensor, valid: torch.Tensor | None = None) -> float:
+    """max |actual - oracle| over the valid rows and the finite oracle entries (0.0 when there are none)."""
+    a, o = _rows(actual, valid), _rows(oracle, valid)
+    fin = torch.isfinite(o)
+    if not bool(fin.any()):
+        return 0.0
+    return float((a[fin] - o[fin]).abs().max())
+
+
+def assert_close_to_oracle(
+    actual: torch.Tensor,
+    oracle: torch.Tensor,
+    reference_same_dtype: torch.Tensor | None,
+    *,
+    atol_scale: float,
+    name: str,
+    valid: torch.Tensor | None = None,
+    magnitude: float | None = None,
+    ulp_dtype: torch.dtype | None = None,
+    ref_factor: float = 2.0,
+) -> None:
+    """Assert ``err(actual) <= ref_factor * err(reference_same_dtype) + atol_scale * magnitude`` (ops.md 8).
+
+    Args:
+        actual: the implementation's result, ``[...]`` (statistics) or ``[..., V]`` (gradients).
+        oracle: the float64 reference on the same input values, same shape.
+        reference_same_dtype: the plain-PyTorch reference computed in fp32 (16-bit / fp32 inputs) or in the
+            input dtype; ``None`` means err(reference) = 0.
+        atol_scale: 1e-5 for statistics, 1e-7 for gradients (see ``TOLERANCES``).
+        name: the quantity, for the message (e.g. ``"cpp bfloat16 entropy"``).
+        valid: boolean mask over the leading (row) dimensions; errors are measured on these rows only.
+        magnitude: what atol_scale multiplies; default ``1 + max |oracle|`` over valid finite entries (the
+            statistics rule). Gradients pass ``max(|g_lp|, |g_H|)``.
+        ulp_dtype: if given, each element may also be off by one ulp of this dtype at the oracle value.
+        ref_factor: the 2 of the rule.
+    """
+    __tracebackhide__ = True  # pytest: show the caller, not this helper
+    if actual.shape != oracle.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != oracle shape {tuple(oracle.shape)}")
+    a, o = _rows(actual, valid), _rows(oracle, valid)
+    n_rows = int(valid.sum()) if valid is not None else (oracle.shape[0] if oracle.dim() else 1)
+
+    # Non-finite oracle entries must be reproduced exactly (NaN where NaN, the same infinity where infinite).
+    fin = torch.isfinite(o)
+    nonfin = ~fin
+    if bool(nonfin.any()):
+        same = (torch.isnan(o) & torch.isnan(a)) | (o == a)
+        bad = nonfin & ~same
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise AssertionError(
+                f"{name}: {int(bad.sum())} entries where the oracle is non-finite differ; "
+                f"first at flat index {i}: "
+                f"impl={float(a[i])!r}, oracle={float(o[i])!r}"
+            )
+    bad_fin = fin & ~torch.isfinite(a)
+    if bool(bad_fin.any()):
+        i = int(bad_fin.nonzero()[0, 0])
+        raise AssertionError(
+            f"{name}: {int(bad_fin.sum())} non-finite entries where the oracle is finite; "
+            f"first at flat index {i}: "
+            f"impl={float(a[i])!r}, oracle={float(o[i])!r}"
+        )
+    if not bool(fin.any()):
+        return
+
+    a, o = a[fin], o[fin]
+    err_ref = 0.0
+    if reference_same_dtype is not None:
+        r = _rows(reference_same_dtype, valid)[fin]
+        if not bool(torch.isfinite(r).all()):
+            raise AssertionError(
+                f"{name}: the fp32 reference itself is non-finite where the oracle is finite"
+            )
+        err_ref = float((r - o).abs().max())
+    max_oracle = float(o.abs().max())
+    if magnitude is None:
+        magnitude = 1.0 + max_oracle
+    atol = atol_scale * float(magnitude)
+    bound = ref_factor * err_ref + atol
+    diff = (a - o).abs()
+    allowed = torch.full_like(diff, bound)
+    if ulp_dtype is not None:
+        allowed = allowed + ulp(o, ulp_dtype)
+    excess = diff - allowed
+    if bool((excess > 0).any()):
+        i = int(excess.argmax())
+        ulp_txt = f" + 1 ulp({ulp_dtype}) = {float(allowed[i] - bound):.3e}" if ulp_dtype is not None else ""
+        raise AssertionError(
+            f"{name}: err = max|impl - oracle| = {float(diff.max()):.3e} exceeds the ops.md section 8 bound; "
+            f"worst element (flat index {i} of the valid finite entries): "
+            f"|{float(a[i])!r} - {float(o[i])!r}| = "
+            f"{float(diff[i]):.3e} > allowed {float(allowed[i]):.3e} = {ref_factor:g} x err(reference) "
+            f"{err_ref:.3e} + atol {atol:.3e} ({atol_scale:g} x {float(magnitude):.4g}){ulp_txt}; "
+            f"max|oracle| = {max_oracle:.4g}, rows checked = {n_rows}"
+        )
+
+
+def assert_stat_close(actual, oracle, reference_same_dtype, *, dtype, name, valid=None) -> None:
+    """``assert_close_to_oracle`` with the statistics line of ``TOLERANCES`` for input dtype ``dtype``."""
+    __tracebackhide__ = True
+    tol = tolerance("stat", dtype)
+    assert_close_to_oracle(
+        actual,
+        oracle,
+        reference_same_dtype,
+        atol_scale=tol.atol_scale,
+        name=name,
+        valid=valid,
+        ref_factor=tol.ref_factor,
+    )
+
+
+def _grad_magnitude(g_lp, g_h, valid) -> float:
+    mags = [0.0]
+    for g in (g_lp, g_h):
+        if g is not None and g.numel():
+            gv = _rows(g, valid)
+            if gv.numel():
+                mags.append(float(gv.abs().max()))
+    return max(mags)
+
+
+def assert_grad_close(actual, oracle, reference_same_dtype, *, dtype, g_lp, g_h, name, valid=None) -> None:
+    """``assert_close_to_oracle`` for ``grad_logits``: atol = 1e-7 max(|g_lp|, |g_H|), +1 ulp for 16-bit."""
+    __tracebackhide__ = True
+    tol = tolerance("grad", dtype)
+    assert_close_to_oracle(
+        actual,
+        oracle,
+        reference_same_dtype,
+        atol_scale=tol.atol_scale,
+        name=name,
+        valid=valid,
+        magnitude=_grad_magnitude(g_lp, g_h, valid),
+        ulp_dtype=dtype if tol.ulps else None,
+        ref_factor=tol.ref_factor,
+    )
+
+
+def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=None) -> None:
+    """|sum_j dz_j| <= 1e-5 (|g_lp| + |g_H|) per valid row, dz = tau * dx (ops.md 2.3 invariant, fp32)."""
+    __tracebackhide__ = True
+    dtype = torch.float64 if grad_logits.dtype == torch.float64 else torch.float32
+    tol = tolerance("row_sum", dtype)
+    lead = grad_logits.shape[:-1]
+    sums = grad_logits.detach().to(torch.float64).sum(-1)
+    if isinstance(temperature, torch.Tensor):
+        tau = (
+            temperature.detach().to(torch.float64).expand(lead)
+            if temperature.dim() == 0
+            else temperature.to(torch.float64)
+        )
+    else:
+        tau = torch.full(lead, float(temperature), dtype=torch.float64)
+    sums = sums * tau
+    scale = torch.zeros(lead, dtype=torch.float64)
+    for g in (g_lp, g_h):
+        if g is not None:
+            scale = scale + g.detach().to(torch.float64).abs()
+    allowed = tol.atol_scale * scale
+    over = sums.abs() - allowed
+    if valid is not None:
+        over = torch.where(valid.reshape(lead), over, torch.full_like(over, -1.0))
+    sums, allowed, over = sums.reshape(-1), allowed.reshape(-1), over.reshape(-1)
+    if over.numel() and bool((over > 0).any()):
+        i = int(over.argmax())
+        raise AssertionError(
+            f"{name}: {int((over > 0).sum())} rows break the row-sum invariant; worst: flattened row {i} "
+            f"sums to {float(sums[i]):.3e} (times tau), allowed |sum| <= "
+            f"{tol.atol_scale:g} x (|g_lp| + |g_H|) = "
+            f"{float(allowed[i]):.3e}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Realistic inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _entropy(z: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def make_logits(
+    shape: tuple[int, ...] | int,
+    vocab: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    entropy: tuple[float, float] = (1.0, 3.0),
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Logits ``[*shape, vocab]`` whose rows have a softmax entropy drawn uniformly from ``entropy`` (nats).
+
+    Like an LLM's next-token distribution at temperature 1: a Gaussian background scaled per row (by
+    bisection on the scale) until the entropy hits its target; targets above 0.9 log(V) are
+    capped there (a vocabulary of 1 has entropy 0). The result is rounded once to ``dtype``.
+    """
+    if isinstance(shape, int):
+        shape = (shape,)
+    n = math.prod(shape)
+    base = torch.randn((n, vocab), generator=generator, dtype=torch.float64)
+    lo_h, hi_h = entropy
+    target = lo_h + (hi_h - lo_h) * torch.rand((n,), generator=generator, dtype=torch.float64)
+    target = torch.minimum(target, torch.full_like(target, 0.9 * math.log(vocab)))
+    lo = torch.zeros((n,), dtype=torch.float64)
+    hi = torch.full((n,), 64.0, dtype=torch.float64)
+    if n and vocab > 1:
+        # The entropy of softmax(s * base) decreases monotonically in s (dH/ds = -s Var_p(base) <= 0).
+        # Bisection in fp32 (the target only needs ~3 digits; this keeps [64, 5000] rows at ~0.1 s).
+        base32 = base.float()
+        target32 = target.float()
+        for _ in range(22):
+            mid = (lo + hi) / 2
+            too_flat = _entropy(base32 * mid.float()[:, None]) > target32
+            lo = torch.where(too_flat, mid, lo)
+            hi = torch.where(too_flat, hi, mid)
+    scale = (lo + hi) / 2
+    # An offset per row (LLM logits are not centred): exercises the max-subtraction of the kernels.
+    offset = 4.0 * torch.randn((n, 1), generator=generator, dtype=torch.float64)
+    x = base * scale[:, None] + offset
+    return x.reshape(*shape, vocab).to(dtype=dtype, device=device)
+
+
+def sample_labels(
+    logits: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_frac: float = 0.0,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.int64,
+) -> torch.Tensor:
+    """Labels ``[...]`` sampled from ``softmax(logits / temperature)`` (as a rollout would), a fraction
+    ``ignore_frac`` of the rows set to ``ignore_index`` (at least one when ignore_frac > 0 and N > 1)."""
+    lead = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    x = logits.detach().reshape(-1, vocab).to(torch.float64).cpu()
+    n = x.shape[0]
+    if n == 0:
+        return torch.empty(lead, dtype=dtype, device=logits.device)
+    if isinstance(temperature, torch.Tensor):
+        tau = (
+            temperature.detach().to(torch.float64).cpu().reshape(-1, 1)
+            if temperature.dim()
+            else float(temperature)
+        )
+    else:
+        tau = float(temperature)
+    p = torch.softmax(x / tau, dim=-1)
+    p = torch.where(torch.isfinite(p), p, torch.zeros_like(p))
+    p[p.sum(-1) == 0] = 1.0  # all -inf rows: any label
+    labels = torch.multinomial(p, 1, generator=generator).squeeze(-1)
+    if ignore_frac > 0 and n > 1:
+        ignored = torch.rand((n,), generator=generator) < ignore_frac
+        ignored[int(torch.randint(0, n, (1,), generator=generator))] = True
+        labels = torch.where(ignored, torch.full_like(labels, ignore_index), labels)
+    return labels.reshape(lead).to(dtype=dtype, device=logits.device)
+
+
+class TokenLogprobsCase(NamedTuple):
+    """One set of inputs for ``token_logprobs`` plus random upstream gradients for both outputs."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    temperature: float | torch.Tensor
+    ignore_index: int
+    g_lp: torch.Tensor  # fp32 (fp64 for fp64 logits), shape [...]
+    g_h: torch.Tensor
+
+
+def make_token_logprobs_inputs(
+    shape: tuple[int, ...] | int,
+    vocab: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    temperature: str | float = 1.0,
+    ignore_frac: float = 0.15,
+    ignore_index: int = -100,
+    seed: int = 0,
+) -> TokenLogprobsCase:
+    """A realistic case: entropy 1-3 nats, labels sampled from the softmax, some ignored rows.
+
+    ``temperature``: a float, ``"row"`` (a per-row tensor in [0.5, 1.5]) or ``"0d"`` (a 0-d tensor of 0.7).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(shape, int):
+        shape = (shape,)
+    logits = make_logits(shape, vocab, dtype=dtype, generator=g)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if temperature == "row":
+        temp: float | torch.Tensor = (0.5 + torch.rand(shape, generator=g, dtype=torch.float64)).to(acc)
+    elif temperature == "0d":
+        temp = torch.tensor(0.7, dtype=acc)
+    else:
+        temp = float(temperature)
+    labels = sample_labels(
+        logits, temperature=temp, ignore_frac=ignore_frac, ignore_index=ignore_index, generator=g
+    )
+    g_lp = torch.randn(shape, generator=g, dtype=torch.float64).to(acc)
+    g_h = torch.randn(shape, generator=g, dtype=torch.float64).to(acc)
+    return TokenLogprobsCase(logits, labels, temp, ignore_index, g_lp, g_h)
+
+
+class TokenLogprobsResult(NamedTuple):
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    rank: torch.Tensor | None
+    lse: torch.Tensor | None
+    grad: torch.Tensor | None  # grad_logits, or None when no upstream gradient was given
+
+
+def _backward(leaf, out, g_lp, g_h):
+    outputs, grads = [], []
+    if g_lp is not None:
+        outputs.append(out.logprobs)
+        grads.append(g_lp.to(out.logprobs.dtype))
+    if g_h is not None:
+        outputs.append(out.entropy)
+        grads.append(g_h.to(out.entropy.dtype))
+    if not outputs:
+        return None
+    (grad,) = torch.autograd.grad(outputs, [leaf], grads)
+    return grad
+
+
+def run_token_logprobs(
+    case: TokenLogprobsCase,
+    *,
+    impl: str,
+    grad: str | None = "both",
+    want_entropy: bool = True,
+    want_rank: bool = True,
+    return_lse: bool = True,
+    logits: torch.Tensor | None = None,
+    **kwargs,
+) -> TokenLogprobsResult:
+    """Run the public op with ``impl`` and, if ``grad`` is 'both' / 'lp' / 'h', backpropagate the case's
+    upstream gradients from those outputs."""
+    from reasonrl.ops.token_logprobs import token_logprobs
+
+    x = (case.logits if logits is None else logits).detach().clone()
+    if grad is not None:
+        x.requires_grad_(True)
+    out = token_logprobs(
+        x,
+        case.labels,
+        temperature=case.temperature,
+        ignore_index=case.ignore_index,
+        want_entropy=want_entropy,
+        want_rank=want_rank,
+        return_lse=return_lse,
+        impl=impl,
+        **kwargs,
+    )
+    g = None
+    if grad is not None:
+        g = _backward(
+            x, out, case.g_lp if grad in ("both", "lp") else None, case.g_h if grad in ("both", "h") else None
+        )
+    return TokenLogprobsResult(*out, g)
+
+
+def run_token_logprobs_reference(
+    case: TokenLogprobsCase,
+    *,
+    compute_dtype: torch.dtype,
+    grad: str | None = "both",
+) -> TokenLogprobsResult:
+    """The plain-PyTorch reference on the case's values in ``compute_dtype`` (float64: the oracle), with
+    gradients in that dtype (the logits are upcast exactly before the leaf, so 16-bit inputs get fp32 or fp64
+    gradients, never rounded back to 16 bits)."""
+    x = case.logits.detach().to(compute_dtype).requires_grad_(grad is not None)
+    temp = case.temperature
+    if isinstance(temp, torch.Tensor):
+        temp = temp.to(compute_dtype)
+    out = token_logprobs_reference(
+        x,
+        case.labels,
+        temperature=temp,
+        ignore_index=case.ignore_index,
+        want_entropy=True,
+        want_rank=True,
+        return_lse=True,
+        compute_dtype=compute_dtype,
+    )
+    g = None
+    if grad is not None:
+        g = _backward(
+            x,
+            out,
+            case.g_lp.to(compute_dtype) if grad in ("both", "lp") else None,
+            case.g_h.to(compute_dtype) if grad in ("both", "h") else None,
+        )
+    return TokenLogprobsResult(*out, g)
+
+
+def valid_rows(case: TokenLogprobsCase) -> torch.Tensor:
+    """Rows with a real label (not ignore_index, inside [0, V)): where the acceptance rule applies."""
+    v = case.logits.shape[-1]
+    return (case.labels != case.ignore_index) & (case.labels >= 0) & (case.labels < v)
+
+
+class _Failures:
+    """Collects the failures of several checks so that one assertion reports all of them."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def check(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except AssertionError as exc:
+            self.messages.append(str(exc))
+
+    def expect(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.messages.append(message)
+
+    def raise_if_any(self) -> None:
+        __tracebackhide__ = True
+        if self.messages:
+            n = len(self.messages)
+            raise AssertionError(f"{n} check(s) failed:\n" + "\n".join(f"- {m}" for m in self.messages))
+
+
+def check_token_logprobs(
+    case: TokenLogprobsCase,
+    impl: str,
+    *,
+    grad: str | None = "both",
+    name: str = "",
+    per_row: bool = False,
+    **kwargs,
+) -> None:
+    """Assert that ``impl`` meets ops.md section 8 on ``case``: logprobs / entropy / lse against the float64
+    oracle, rank exact, ignored rows exactly 0; with ``grad`` ('both' / 'lp' / 'h') also grad_logits from the
+    case's upstream gradients, zero gradient rows for ignored rows, and fp32/fp64 gradient row sums ~ 0.
+    Every check runs; the assertion lists all that failed.
+
+    ``per_row``: apply the rule to each row on its own (its own max|oracle|, err(reference) and max|g|), so
+    that one extreme row cannot loosen the bound of the others. Extra keyword arguments go to the op."""
+    __tracebackhide__ = True
+    dtype = case.logits.dtype
+    f64 = torch.float64
+    acc = f64 if dtype == f64 else torch.float32
+    tag = f"{impl} {str(dtype).removeprefix('torch.')} {tuple(case.logits.shape)}{name}"
+    out = run_token_logprobs(case, impl=impl, grad=grad, **kwargs)
+    oracle = run_token_logprobs_reference(case, compute_dtype=f64, grad=grad)
+    ref = run_token_logprobs_reference(case, compute_dtype=acc, grad=grad)
+    valid = valid_rows(case)
+    lead = case.logits.shape[:-1]
+    masks = [("", valid)]
+    if per_row:
+        masks = []
+        for i in range(valid.numel()):
+            one = torch.zeros(valid.numel(), dtype=torch.bool)
+            one[i] = True
+            masks.append((f" row {i}", valid & one.reshape(lead)))
+    failures = _Failures()
+
+    for field in ("logprobs", "entropy", "lse"):
+        got = getattr(out, field)
+        assert got.shape == lead and got.dtype == acc, f"{tag} {field}: {tuple(got.shape)} {got.dtype}"
+        for rows, mask in masks:
+            failures.check(
+                assert_stat_close,
+                got,
+                getattr(oracle, field),
+                getattr(ref, field),
+                dtype=dtype,
+                name=f"{tag}{rows} {field}",
+                valid=mask,
+            )
+        ignored = got[~valid]
+        failures.expect(
+            bool((ignored == 0).all()), f"{tag} {field}: ignored rows must be 0, got {ignored.tolist()}"
+        )
+    assert out.rank.dtype == torch.int32 and out.rank.shape == lead, f"{tag} rank: {out.rank.dtype}"
+    # rank compares the same raw values as the oracle (fp32 upcast, strict >): exact, ties included.
+    bad = (out.rank != oracle.rank).reshape(-1).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        failures.expect(
+            False,
+            f"{tag} rank: {bad.numel()} rows differ from the oracle; first flattened row {i}: "
+            f"{int(out.rank.reshape(-1)[i])} != {int(oracle.rank.reshape(-1)[i])}",
+        )
+
+    if grad is not None:
+        g_lp = case.g_lp if grad in ("both", "lp") else None
+        g_h = case.g_h if grad in ("both", "h") else None
+        gname = f"grad_logits (upstream: {grad})"
+        assert out.grad.dtype == dtype and out.grad.shape == case.logits.shape, (
+            f"{tag} {gname}: {out.grad.dtype}"
+        )
+        for rows, mask in masks:
+            failures.check(
+                assert_grad_close,
+                out.grad,
+                oracle.grad,
+                ref.grad,
+                dtype=dtype,
+                g_lp=g_lp,
+                g_h=g_h,
+                name=f"{tag}{rows} {gname}",
+                valid=mask,
+            )
+        failures.expect(
+            bool((out.grad[~valid] == 0).all()), f"{tag} {gname}: ignored rows must have a zero gradient"
+        )
+        if dtype in (torch.float32, f64):
+            failures.check(
+                assert_grad_row_sums,
+                out.grad,
+                case.temperature,
+                g_lp=g_lp,
+                g_h=g_h,
+                name=f"{tag} {gname} row sums",
+                valid=valid,
+            )
+    failures.raise_if_any()
