@@ -3,3 +3,6 @@
 from reasonrl.ops.token_logprobs import TokenLogprobs, set_validation, token_logprobs, validation_enabled
 
 __all__ = ["TokenLogprobs", "token_logprobs", "set_validation", "validation_enabled"]
+from reasonrl.ops.group_advantages import Advantages, advantage_preset, group_advantages  # noqa: E402
+
+__all__ += ["Advantages", "group_advantages", "advantage_preset"]

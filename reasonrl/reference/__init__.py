@@ -3,3 +3,6 @@
 from reasonrl.reference.token_logprobs import TokenLogprobs, token_logprobs_reference
 
 __all__ = ["TokenLogprobs", "token_logprobs_reference"]
+from reasonrl.reference.group_advantages import Advantages, group_advantages_reference  # noqa: E402
+
+__all__ += ["Advantages", "group_advantages_reference"]
