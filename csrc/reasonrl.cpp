@@ -11,18 +11,18 @@
 TORCH_LIBRARY(reasonrl, m) {
   // token_logprobs (ops.md section 2). logits [N, V]; outputs [N] (entropy / rank empty when not wanted).
   // inplace_backward is not used by the forward kernel: it is recorded so that the autograd backward knows
-  // whether to write the gradient into the storage of logits.
+  // whether to write the gradient into the storage of logits. `stats` [N, 2] holds what the backward needs
+  // per row: m = max_j x_j / tau and log sum_j exp(x_j / tau - m); only the paired backward reads it.
   m.def(
       "token_logprobs_fwd(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
       "int ignore_index, bool want_entropy, bool want_rank, bool inplace_backward) -> (Tensor logprobs, "
-      "Tensor entropy, "
-      "Tensor rank, Tensor lse)");
+      "Tensor entropy, Tensor rank, Tensor lse, Tensor stats)");
   m.def(
       "token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
-      "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse, Tensor entropy) -> Tensor");
+      "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, Tensor entropy) -> Tensor");
   m.def(
       "token_logprobs_bwd_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
-      "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse, "
+      "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, "
       "Tensor entropy) -> ()");
 }
 

@@ -5,16 +5,20 @@ unit stride on V (any row stride), fp32 / bf16 / fp16; ``labels`` ``[N]`` int32/
 ``[N]`` fp32 (stride 0 allowed) or None with ``temperature_scalar``. Outputs fp32.
 
 Forward: a 1-D grid of N programs (any N up to 2^31 - 1; nothing on grid axes 1/2). Each program streams its
-row in BLOCK_V columns with the online log-sum-exp of ops.md 2.2 in base 2: z2 = x * (log2(e) / tau) is one
-multiply feeding exp2, one maximum per block, and the shifted entropy accumulator
-b = sum (z2 - m) 2^(z2 - m) so that H = ln(s) - ln(2) b / s never cancels. m starts at -inf; a block whose
+row in BLOCK_V columns with the online log-sum-exp of ops.md 2.2: z = x / tau, one maximum per block,
+e = exp2((z - m) log2(e)) (the difference, not z, is scaled to base 2: the exponent's rounding error stays
+proportional to |z - m|, which is what keeps the gradient within 2x of the fp32 reference's error), and the
+shifted entropy accumulator b = sum (z - m) e so that H = ln(s) - b / s never cancels. m starts at -inf; a block whose
 maximum is -inf leaves the state unchanged (the rescale factor is computed only when m is finite); terms with
 z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are runtime arguments, so a new
 sequence length or vocabulary never recompiles; only BLOCK_V and the feature flags (HAS_ENTROPY, HAS_RANK,
 HAS_TEMP) are constexpr.
 
-Backward: the same grid; each program recomputes p_j = 2^(z2_j - lse2) block by block and writes
-dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu)) / tau, mu = LSE - H, in the logits dtype. Reading a block
+The forward also writes ``stats`` [N, 2] = (m, ln s), for the backward only.
+
+Backward: the same grid; each program recomputes ln p_j = (z_j - m) - ln s block by block, exactly the
+exponent the forward summed (so gradient rows sum to 0 to fp32 rounding even for |logits| ~ 1e4), and writes
+dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau in the logits dtype. Reading a block
 before writing the same addresses makes the in-place variant (grad aliasing logits) safe.
 
 Known limits: one program per row leaves SMs idle when N is below a few hundred rows of a 150k vocabulary
@@ -46,6 +50,7 @@ def _token_logprobs_fwd_kernel(
     entropy_ptr,
     rank_ptr,
     lse_ptr,
+    stats_ptr,
     stride_logits_n,
     stride_temperature_n,
     temperature_scalar,
@@ -58,13 +63,15 @@ def _token_logprobs_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = (label != ignore_index) & (label >= 0) & (label < vocab)
+    if HAS_TEMP:
+        tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
+    else:
+        tau = temperature_scalar
+    # A temperature that is not finite and > 0 (validate=False) makes the row NaN, like a bad label.
+    tau_ok = (tau > 0) & (tau < float("inf"))
+    valid = (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
     if valid:
-        if HAS_TEMP:
-            tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
-        else:
-            tau = temperature_scalar
-        scale = 1.4426950408889634 / tau  # log2(e) / tau: one FMA-able multiply per element feeding exp2
+        inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row * stride_logits_n
         x_label = tl.load(row_ptr + label).to(tl.float32)
         m = -float("inf")
@@ -78,33 +85,39 @@ def _token_logprobs_fwd_kernel(
             x = tl.load(row_ptr + offs, mask=in_v, other=-float("inf")).to(tl.float32)
             if HAS_RANK:
                 count += tl.sum((x > x_label).to(tl.int32), axis=0)
-            z = x * scale
+            z = x * inv_tau
             m_new = tl.maximum(m, tl.max(z, axis=0))
             # NaN / +inf logits need no extra check: whether or not the max propagates NaN, d = NaN for that
             # column (NaN - m or inf - inf), so s becomes NaN and so do LSE, lp and H. The test is != -inf
             # (not > -inf) so that a NaN maximum also enters the branch.
             if m_new != -float("inf"):
-                alpha = tl.where(m > -float("inf"), tl.exp2(m - m_new), 0.0)
+                alpha = tl.where(m > -float("inf"), tl.exp2((m - m_new) * 1.4426950408889634), 0.0)
+                # d = z - m is exact near the maximum; scaling the DIFFERENCE by log2(e) (not z itself) keeps
+                # the exponent's rounding error proportional to |d|, small exactly where p is large.
                 d = z - m_new
-                e = tl.exp2(d)
+                e = tl.exp2(d * 1.4426950408889634)
                 if HAS_ENTROPY:
                     b = alpha * (b + tl.where(m > -float("inf"), (m - m_new) * s, 0.0)) + tl.sum(
                         tl.where(e > 0, d * e, 0.0), axis=0
                     )
                 s = alpha * s + tl.sum(e, axis=0)
                 m = m_new
-        log2_s = tl.log2(s)
-        lse = (m + log2_s) * 0.6931471805599453  # back to natural log
-        tl.store(lse_ptr + row, lse)
-        tl.store(logprobs_ptr + row, x_label / tau - lse)
+        log_s = tl.log(s)
+        # lp = (z_y - m) - log s, z_y rounded exactly as every z in the loop: exact near the maximum.
+        tl.store(logprobs_ptr + row, (x_label * inv_tau - m) - log_s)
+        tl.store(lse_ptr + row, m + log_s)
+        tl.store(stats_ptr + 2 * row, m)
+        tl.store(stats_ptr + 2 * row + 1, log_s)
         if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, (log2_s - b / s) * 0.6931471805599453)
+            tl.store(entropy_ptr + row, log_s - b / s)
         if HAS_RANK:
             tl.store(rank_ptr + row, (count + 1).to(tl.int32))
     else:
         fill = tl.where(label == ignore_index, 0.0, float("nan"))
         tl.store(logprobs_ptr + row, fill)
         tl.store(lse_ptr + row, fill)
+        tl.store(stats_ptr + 2 * row, fill)
+        tl.store(stats_ptr + 2 * row + 1, fill)
         if HAS_ENTROPY:
             tl.store(entropy_ptr + row, fill)
         if HAS_RANK:
@@ -118,7 +131,7 @@ def _token_logprobs_bwd_kernel(
     logits_ptr,
     labels_ptr,
     temperature_ptr,
-    lse_ptr,
+    stats_ptr,
     entropy_ptr,
     grad_ptr,
     stride_logits_n,
@@ -134,33 +147,36 @@ def _token_logprobs_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = (label != ignore_index) & (label >= 0) & (label < vocab)
+    if HAS_TEMP:
+        tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
+    else:
+        tau = temperature_scalar
+    tau_ok = (tau > 0) & (tau < float("inf"))
+    valid = (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     cols = tl.arange(0, BLOCK_V)
     if valid:
-        if HAS_TEMP:
-            tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
-        else:
-            tau = temperature_scalar
-        inv_tau = 1.0 / tau
-        lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+        inv_tau = 1.0 / tau  # bitwise the forward's
+        m = tl.load(stats_ptr + 2 * row)
+        log_s = tl.load(stats_ptr + 2 * row + 1)
         g_lp = 0.0
         if HAS_GRAD_LP:
             g_lp = tl.load(grad_logprobs_ptr + row).to(tl.float32)
         g_h = 0.0
-        mu = 0.0
+        h = 0.0
         if HAS_GRAD_H:
             g_h = tl.load(grad_entropy_ptr + row).to(tl.float32)
-            mu = tl.load(lse_ptr + row) - tl.load(entropy_ptr + row)
+            h = tl.load(entropy_ptr + row)
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             in_v = offs < vocab
             x = tl.load(row_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
-            z = x * inv_tau
-            p = tl.exp2(x * (1.4426950408889634 * inv_tau) - lse2)
-            dz = -p * (g_lp + g_h * (z - mu))
-            dz = tl.where(z == -float("inf"), 0.0, dz)  # p = 0 there; never 0 * inf
+            d = (x * inv_tau - m) - log_s  # ln p_j, formed as in the forward
+            p = tl.exp2(d * 1.4426950408889634)
+            # z_j - mu = ln p_j + H;  dz_j = g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)
+            dz = -p * (g_lp + g_h * (d + h))
+            dz = tl.where(p > 0, dz, 0.0)  # p = 0 at -inf logits: never 0 * inf
             dz = tl.where(offs == label, dz + g_lp, dz)
             tl.store(grad_row_ptr + offs, (dz * inv_tau).to(grad_ptr.dtype.element_ty), mask=in_v)
     else:
@@ -175,14 +191,15 @@ def _direct_launch(kernel):
 
 def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank,
                        *, launch=_direct_launch):
-    """Launch the forward kernel; returns (logprobs, entropy, rank, lse) like the C++ op."""
+    """Launch the forward kernel; returns (logprobs, entropy, rank, lse, stats) like the C++ op."""
     n, vocab = logits.shape
     lp = torch.empty((n,), device=logits.device, dtype=torch.float32)
     lse = torch.empty((n,), device=logits.device, dtype=torch.float32)
+    stats = torch.empty((n, 2), device=logits.device, dtype=torch.float32)
     ent = torch.empty((n if want_entropy else 0,), device=logits.device, dtype=torch.float32)
     rank = torch.empty((n if want_rank else 0,), device=logits.device, dtype=torch.int32)
     if n == 0:
-        return lp, ent, rank, lse
+        return lp, ent, rank, lse, stats
     has_temp = temperature is not None
     launch(_token_logprobs_fwd_kernel)[(n,)](
         logits,
@@ -192,6 +209,7 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         ent if want_entropy else lp,
         rank if want_rank else lp,
         lse,
+        stats,
         logits.stride(0),
         temperature.stride(0) if has_temp else 0,
         float(temperature_scalar),
@@ -203,11 +221,11 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         BLOCK_V=_block_v(vocab),
         num_warps=8,
     )
-    return lp, ent, rank, lse
+    return lp, ent, rank, lse, stats
 
 
 def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar,
-                       ignore_index, lse, entropy, grad, *, launch=_direct_launch):
+                       ignore_index, stats, entropy, grad, *, launch=_direct_launch):
     """Launch the backward kernel, writing into ``grad`` (which may be ``logits`` itself)."""
     n, vocab = logits.shape
     if n == 0:
@@ -216,13 +234,13 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature,
     has_lp = grad_logprobs is not None
     has_h = grad_entropy is not None
     launch(_token_logprobs_bwd_kernel)[(n,)](
-        grad_logprobs.float().contiguous() if has_lp else lse,
-        grad_entropy.float().contiguous() if has_h else lse,
+        grad_logprobs.float().contiguous() if has_lp else stats,
+        grad_entropy.float().contiguous() if has_h else stats,
         logits,
         labels,
-        temperature if has_temp else lse,
-        lse,
-        entropy if has_h else lse,
+        temperature if has_temp else stats,
+        stats,
+        entropy if has_h else stats,
         grad,
         logits.stride(0),
         grad.stride(0),

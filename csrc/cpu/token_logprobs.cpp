@@ -2,9 +2,9 @@
 //
 //   reasonrl::token_logprobs_fwd(logits [N, V], labels [N], temperature [N] | None, temperature_scalar,
 //                                ignore_index, want_entropy, want_rank, inplace_backward)
-//                                -> (logprobs, entropy, rank, lse)
+//                                -> (logprobs, entropy, rank, lse, stats [N, 2] = (row max, log-sum))
 //   reasonrl::token_logprobs_bwd(grad_logprobs?, grad_entropy?, logits, labels, temperature?, ...,
-//                                lse, entropy) -> grad_logits [N, V] (logits dtype, contiguous)
+//                                stats, entropy) -> grad_logits [N, V] (logits dtype, contiguous)
 //   reasonrl::token_logprobs_bwd_inplace(...): same, written into the storage of `logits`.
 //
 // The Python layer (reasonrl/ops/token_logprobs.py) flattens leading dimensions to N, validates values
@@ -115,7 +115,7 @@ void fill_row_args(RowArgs<scalar_t>& a, const at::Tensor& x, const at::Tensor& 
 template <typename scalar_t, typename Kern>
 void run_fwd(const Kern (&table)[4], const at::Tensor& x, const at::Tensor& labels64, const at::Tensor& temp,
              double temperature_scalar, int64_t ignore_index, at::Tensor& lp, at::Tensor& ent, at::Tensor& rank,
-             at::Tensor& lse, bool want_entropy, bool want_rank) {
+             at::Tensor& lse, at::Tensor& stats, bool want_entropy, bool want_rank) {
   using acc_t = typename RowArgs<scalar_t>::acc_t;
   RowArgs<scalar_t> a{};
   fill_row_args(a, x, labels64, temp, temperature_scalar, ignore_index);
@@ -123,13 +123,14 @@ void run_fwd(const Kern (&table)[4], const at::Tensor& x, const at::Tensor& labe
   a.entropy = want_entropy ? ent.mutable_data_ptr<acc_t>() : nullptr;
   a.rank = want_rank ? rank.mutable_data_ptr<int32_t>() : nullptr;
   a.lse = lse.mutable_data_ptr<acc_t>();
+  a.stats = stats.mutable_data_ptr<acc_t>();
   const Kern kern = table[int(want_entropy) + 2 * int(want_rank)];
   at::parallel_for(0, x.size(0), grain_rows(a.vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
     double temperature_scalar, int64_t ignore_index, bool want_entropy, bool want_rank,
     bool /*inplace_backward: read by the autograd backward only*/) {
@@ -139,31 +140,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cp
   const auto opts = logits.options().dtype(acc);
   at::Tensor lp = at::empty({n}, opts);
   at::Tensor lse = at::empty({n}, opts);
+  at::Tensor stats = at::empty({n, 2}, opts);
   at::Tensor ent = at::empty({want_entropy ? n : 0}, opts);
   at::Tensor rank = at::empty({want_rank ? n : 0}, opts.dtype(at::kInt));
-  if (n == 0) return {lp, ent, rank, lse};
+  if (n == 0) return {lp, ent, rank, lse, stats};
   const at::Tensor x = vocab_contiguous(logits);
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
   const at::Tensor temp = temperature_rows(temperature, n, acc);
   const RowKernels& k = token_logprobs_kernels();
   switch (x.scalar_type()) {
     case at::kFloat:
-      run_fwd<float>(k.fwd_f32, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse,
+      run_fwd<float>(k.fwd_f32, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
                      want_entropy, want_rank);
       break;
     case at::kBFloat16:
       run_fwd<c10::BFloat16>(k.fwd_bf16, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank,
-                             lse, want_entropy, want_rank);
+                             lse, stats, want_entropy, want_rank);
       break;
     case at::kHalf:
-      run_fwd<c10::Half>(k.fwd_f16, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse,
+      run_fwd<c10::Half>(k.fwd_f16, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
                          want_entropy, want_rank);
       break;
     default:
-      run_fwd<double>(k.fwd_f64, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse,
+      run_fwd<double>(k.fwd_f64, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
                       want_entropy, want_rank);
   }
-  return {lp, ent, rank, lse};
+  return {lp, ent, rank, lse, stats};
 }
 
 namespace {
@@ -171,11 +173,11 @@ namespace {
 template <typename scalar_t, typename Kern>
 void run_bwd(Kern kern, const std::optional<at::Tensor>& g_lp, const std::optional<at::Tensor>& g_h,
              const at::Tensor& x, const at::Tensor& labels64, const at::Tensor& temp, double temperature_scalar,
-             int64_t ignore_index, const at::Tensor& lse, const at::Tensor& entropy, at::Tensor& grad) {
+             int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy, at::Tensor& grad) {
   using acc_t = typename RowArgs<scalar_t>::acc_t;
   BwdArgs<scalar_t> a{};
   fill_row_args(a, x, labels64, temp, temperature_scalar, ignore_index);
-  a.lse = const_cast<acc_t*>(lse.const_data_ptr<acc_t>());
+  a.stats = const_cast<acc_t*>(stats.const_data_ptr<acc_t>());
   a.entropy = g_h.has_value() ? const_cast<acc_t*>(entropy.const_data_ptr<acc_t>()) : nullptr;
   a.grad_logprobs = g_lp.has_value() ? g_lp->const_data_ptr<acc_t>() : nullptr;
   a.grad_entropy = g_h.has_value() ? g_h->const_data_ptr<acc_t>() : nullptr;
@@ -194,7 +196,7 @@ std::optional<at::Tensor> upstream(const std::optional<at::Tensor>& g, int64_t n
 
 void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
               const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
-              double temperature_scalar, int64_t ignore_index, const at::Tensor& lse, const at::Tensor& entropy,
+              double temperature_scalar, int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy,
               at::Tensor& grad) {
   check_common(logits, labels, temperature, temperature_scalar);
   const int64_t n = logits.size(0);
@@ -202,10 +204,11 @@ void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optiona
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto g_lp = upstream(grad_logprobs, n, acc, "grad_logprobs");
   const auto g_h = upstream(grad_entropy, n, acc, "grad_entropy");
-  TORCH_CHECK(lse.numel() == n, "token_logprobs backward: lse must be [N]");
+  TORCH_CHECK(stats.numel() == 2 * n, "token_logprobs backward: stats must be the forward's [N, 2] = [", n,
+              ", 2], got ", stats.sizes());
   TORCH_CHECK(!g_h.has_value() || entropy.numel() == n,
               "token_logprobs backward: a gradient for entropy needs the forward's entropy (want_entropy=True)");
-  const at::Tensor lse_c = lse.to(acc).contiguous();
+  const at::Tensor stats_c = stats.to(acc).contiguous();
   const at::Tensor ent_c = g_h.has_value() ? entropy.to(acc).contiguous() : entropy;
   const at::Tensor x = vocab_contiguous(logits);
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
@@ -213,18 +216,18 @@ void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optiona
   const RowKernels& k = token_logprobs_kernels();
   switch (x.scalar_type()) {
     case at::kFloat:
-      run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, lse_c, ent_c, grad);
+      run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c, grad);
       break;
     case at::kBFloat16:
-      run_bwd<c10::BFloat16>(k.bwd_bf16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, lse_c,
+      run_bwd<c10::BFloat16>(k.bwd_bf16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c,
                              ent_c, grad);
       break;
     case at::kHalf:
-      run_bwd<c10::Half>(k.bwd_f16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, lse_c, ent_c,
+      run_bwd<c10::Half>(k.bwd_f16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
                          grad);
       break;
     default:
-      run_bwd<double>(k.bwd_f64, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, lse_c, ent_c,
+      run_bwd<double>(k.bwd_f64, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
                       grad);
   }
 }
@@ -253,10 +256,10 @@ at::Tensor empty_gradient(const at::Tensor& logits) {
 at::Tensor token_logprobs_bwd_cpu(const std::optional<at::Tensor>& grad_logprobs,
                                   const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
                                   const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
-                                  double temperature_scalar, int64_t ignore_index, const at::Tensor& lse,
+                                  double temperature_scalar, int64_t ignore_index, const at::Tensor& stats,
                                   const at::Tensor& entropy) {
   at::Tensor grad = empty_gradient(logits);
-  bwd_into(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, lse,
+  bwd_into(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
            entropy, grad);
   return grad;
 }
@@ -264,12 +267,12 @@ at::Tensor token_logprobs_bwd_cpu(const std::optional<at::Tensor>& grad_logprobs
 void token_logprobs_bwd_inplace_cpu(const std::optional<at::Tensor>& grad_logprobs,
                                     const std::optional<at::Tensor>& grad_entropy, at::Tensor& logits,
                                     const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
-                                    double temperature_scalar, int64_t ignore_index, const at::Tensor& lse,
+                                    double temperature_scalar, int64_t ignore_index, const at::Tensor& stats,
                                     const at::Tensor& entropy) {
   // Safe in place: the kernels read each chunk of a row before writing the same addresses, and read the
   // label logit before the row loop starts.
   TORCH_CHECK(logits.is_contiguous(), "token_logprobs: inplace_backward=True needs contiguous logits");
-  bwd_into(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, lse,
+  bwd_into(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
            entropy, logits);
 }
 

@@ -134,7 +134,7 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, float inv_tau, float m
   double st = hsum((s0 + s1) + (s2 + s3));
   double bt = kEntropy ? hsum((b0 + b1) + (b2 + b3)) : 0.0;
   for (; j < n; ++j) {
-    const float d = static_cast<float>(src[j]) * inv_tau - m;
+    const float d = std::fma(static_cast<float>(src[j]), inv_tau, -m);  // as at::vec::fmsub above
     const float e = std::exp(d);
     st += e;
     if constexpr (kEntropy) bt += static_cast<double>(std::max(d, -200.f)) * e;
@@ -152,15 +152,21 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
     if (y == a.ignore_index || y < 0 || y >= a.vocab) {
-      const bool ignored = y == a.ignore_index;
-      a.logprobs[r] = ignored ? 0.f : kNaN;
-      a.lse[r] = ignored ? 0.f : kNaN;
-      if constexpr (kEntropy) a.entropy[r] = ignored ? 0.f : kNaN;
+      const float fill = y == a.ignore_index ? 0.f : kNaN;
+      a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = fill;
+      if constexpr (kEntropy) a.entropy[r] = fill;
+      if constexpr (kRank) a.rank[r] = 0;
+      continue;
+    }
+    const float tau = row_temperature(a, r);
+    if (!temperature_ok(tau)) {
+      a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = kNaN;
+      if constexpr (kEntropy) a.entropy[r] = kNaN;
       if constexpr (kRank) a.rank[r] = 0;
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const float inv_tau = 1.f / row_temperature(a, r);
+    const float inv_tau = 1.f / tau;
     const float x_label = static_cast<float>(row[y]);
     float m = -kInf;  // running maximum of z = x / tau
     double s = 0.0, b = 0.0;
@@ -183,10 +189,13 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       m = m_new;
     }
     // All -inf row: m = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (ops.md 2.2). NaN row: all NaN.
+    // lp = (z_y - m) - log s, with z_y - m formed by one FMA exactly as the sums formed every exponent.
     const double log_s = std::log(s);
-    const double lse = static_cast<double>(m) + log_s;
-    a.lse[r] = static_cast<float>(lse);
-    a.logprobs[r] = static_cast<float>(static_cast<double>(x_label * inv_tau) - lse);
+    const float d_y = std::fma(x_label, inv_tau, -m);
+    a.lse[r] = static_cast<float>(static_cast<double>(m) + log_s);
+    a.logprobs[r] = static_cast<float>(static_cast<double>(d_y) - log_s);
+    a.stats[2 * r] = m;
+    a.stats[2 * r + 1] = static_cast<float>(log_s);
     if constexpr (kEntropy) a.entropy[r] = static_cast<float>(log_s - b / s);
     if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count);
   }
@@ -200,16 +209,15 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
   const acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
-    if (y == a.ignore_index || y < 0 || y >= a.vocab) {
-      const bool ignored = y == a.ignore_index;
-      a.logprobs[r] = ignored ? acc_t(0) : kNaN;
-      a.lse[r] = ignored ? acc_t(0) : kNaN;
-      if constexpr (kEntropy) a.entropy[r] = ignored ? acc_t(0) : kNaN;
+    const acc_t tau = static_cast<acc_t>(row_temperature(a, r));
+    if (y == a.ignore_index || y < 0 || y >= a.vocab || !temperature_ok(tau)) {
+      const acc_t fill = y == a.ignore_index ? acc_t(0) : kNaN;
+      a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = fill;
+      if constexpr (kEntropy) a.entropy[r] = fill;
       if constexpr (kRank) a.rank[r] = 0;
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const acc_t tau = static_cast<acc_t>(row_temperature(a, r));
     const acc_t x_label = static_cast<acc_t>(row[y]);
     const float x_label_f = static_cast<float>(row[y]);
     acc_t m = -kInf, s = 0, b = 0;
@@ -243,20 +251,23 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     }
     if (saw_nan) m = kNaN;
     const acc_t log_s = std::log(s);
-    const acc_t lse = m + log_s;
-    a.lse[r] = lse;
-    a.logprobs[r] = x_label / tau - lse;
+    a.lse[r] = m + log_s;
+    a.logprobs[r] = (x_label / tau - m) - log_s;
+    a.stats[2 * r] = m;
+    a.stats[2 * r + 1] = log_s;
     if constexpr (kEntropy) a.entropy[r] = log_s - b / s;
     if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count);
   }
 }
 
 // Backward for rows [begin, end) (ops.md 2.3):
-//   dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu),  p_j = exp(d_j),  d_j = z_j - LSE,  dx_j = dz_j / tau.
-// With mu = LSE - H, z_j - mu = d_j + H, so for j != y:  dx_j = p_j (c0 + c1 d_j), c0 = -(g_lp + g_H H) / tau,
-// c1 = -g_H / tau: no cancellation even when LSE is large. d = -inf gives p = 0 and, with d clamped at -200
-// (where p is already exactly 0), a finite coefficient: the product is 0, never 0 * inf. The label column is
-// rewritten from a scalar evaluation of the full formula, so a 16-bit gradient is rounded once.
+//   dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu),  mu = LSE - H,  dx_j = dz_j / tau,
+// with log p_j = d_j = fma(x_j, 1/tau, -m) - log_sum: the SAME first step as the forward's sums, so each
+// row's p_j sum to 1 to fp32 rounding (the gradient row-sum invariant) even for |logits| ~ 1e4. As
+// z_j - mu = d_j + H, for j != y:  dx_j = p_j (c0 + c1 d_j), c0 = -(g_lp + g_H H) / tau, c1 = -g_H / tau.
+// d = -inf gives p = 0 and, with d clamped at -200 (where p is already exactly 0 in fp32), a finite
+// coefficient: the product is 0, never 0 * inf. The label column is rewritten from a scalar evaluation of
+// the full formula, so a 16-bit gradient is rounded once.
 template <typename scalar_t>
 void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
   constexpr int64_t W = fVec::size();
@@ -266,21 +277,22 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const int64_t y = a.labels[r];
     const float g_lp = a.grad_logprobs ? a.grad_logprobs[r] : 0.f;
     const float g_h = a.grad_entropy ? a.grad_entropy[r] : 0.f;
-    if (y == a.ignore_index || y < 0 || y >= a.vocab || (g_lp == 0.f && g_h == 0.f)) {
+    const float tau = row_temperature(a, r);
+    if (y == a.ignore_index || y < 0 || y >= a.vocab || !temperature_ok(tau) || (g_lp == 0.f && g_h == 0.f)) {
       std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0.f));
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const float inv_tau = 1.f / row_temperature(a, r);
-    const float lse = a.lse[r];
+    const float inv_tau = 1.f / tau;
+    const float m = a.stats[2 * r], log_sum = a.stats[2 * r + 1];
     const float h = a.grad_entropy ? a.entropy[r] : 0.f;
     // Read the label logit before the row is overwritten (the in-place backward aliases grad and logits).
-    const float d_y = static_cast<float>(row[y]) * inv_tau - lse;
+    const float d_y = std::fma(static_cast<float>(row[y]), inv_tau, -m) - log_sum;
     const float c0 = -(g_lp + g_h * h) * inv_tau;
     const float c1 = -g_h * inv_tau;
-    const fVec vinv(inv_tau), vlse(lse), vc0(c0), vc1(c1), lo(-200.f);
+    const fVec vinv(inv_tau), vm(m), vlog_sum(log_sum), vc0(c0), vc1(c1), lo(-200.f);
     auto grad_of = [&](const fVec& x) {
-      const fVec d = at::vec::fmsub(x, vinv, vlse);
+      const fVec d = at::vec::fmsub(x, vinv, vm) - vlog_sum;
       return d.exp_u20() * at::vec::fmadd(vc1, fast_max(d, lo), vc0);
     };
     for (int64_t c = 0; c < a.vocab; c += kChunk) {
@@ -298,7 +310,7 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       }
       for (; j + W <= n; j += W) grad_of(load_f(src + j)).store(dst + j);
       for (; j < n; ++j) {
-        const float d = static_cast<float>(src[j]) * inv_tau - lse;
+        const float d = std::fma(static_cast<float>(src[j]), inv_tau, -m) - log_sum;
         dst[j] = std::exp(d) * (c0 + c1 * std::max(d, -200.f));
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
@@ -317,19 +329,19 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const int64_t y = a.labels[r];
     const acc_t g_lp = a.grad_logprobs ? a.grad_logprobs[r] : acc_t(0);
     const acc_t g_h = a.grad_entropy ? a.grad_entropy[r] : acc_t(0);
-    if (y == a.ignore_index || y < 0 || y >= a.vocab) {
+    const acc_t tau = static_cast<acc_t>(row_temperature(a, r));
+    if (y == a.ignore_index || y < 0 || y >= a.vocab || !temperature_ok(tau)) {
       std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0));
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const acc_t tau = static_cast<acc_t>(row_temperature(a, r));
-    const acc_t lse = a.lse[r];
-    const acc_t mu = a.grad_entropy ? lse - a.entropy[r] : acc_t(0);
+    const acc_t m = a.stats[2 * r], log_sum = a.stats[2 * r + 1];
+    const acc_t h = a.grad_entropy ? a.entropy[r] : acc_t(0);
     for (int64_t j = 0; j < a.vocab; ++j) {
-      const acc_t z = static_cast<acc_t>(row[j]) / tau;
-      const acc_t p = std::exp(z - lse);
+      const acc_t d = (static_cast<acc_t>(row[j]) / tau - m) - log_sum;  // log p_j
+      const acc_t p = std::exp(d);
       acc_t dz = (j == y) ? g_lp : acc_t(0);
-      if (z != -std::numeric_limits<acc_t>::infinity()) dz -= p * (g_lp + g_h * (z - mu));
+      if (d != -std::numeric_limits<acc_t>::infinity()) dz -= p * (g_lp + g_h * (d + h));
       grow[j] = static_cast<scalar_t>(dz / tau);
     }
   }

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace reasonrl {
@@ -24,10 +25,22 @@ struct RowArgs {
   const acc_t* temperature;   // [N] per-row temperature, or nullptr
   acc_t temperature_scalar;   // used when temperature == nullptr
   acc_t* logprobs;            // [N]
-  acc_t* entropy;             // [N] or nullptr when not wanted
+  acc_t* entropy;             // [N] or nullptr when not wanted (read by the backward for g_H)
   int32_t* rank;              // [N] or nullptr when not wanted
-  acc_t* lse;                 // [N], always (the backward needs it)
+  acc_t* lse;                 // [N]
+  // [N, 2]: the row maximum m of z = x / tau and log(sum_j exp(z_j - m)), written by the forward and read
+  // by the backward, which forms log p_j = (x_j / tau - m) - log_sum. Keeping the two parts (rather than
+  // their sum, LSE) keeps the exponent exact near the maximum: rounding LSE to fp32 would cost up to half an
+  // ulp of |LSE| in every p_j (1e-5 relative at LSE ~ 200), the error log_softmax avoids.
+  acc_t* stats;
 };
+
+// The per-row temperature is valid when finite and > 0; otherwise the row's outputs are NaN and its
+// gradient is 0 (ops.md section 7, validate=False).
+template <typename T>
+inline bool temperature_ok(T tau) {
+  return tau > T(0) && tau < std::numeric_limits<T>::infinity();
+}
 
 template <typename scalar_t>
 struct BwdArgs : RowArgs<scalar_t> {

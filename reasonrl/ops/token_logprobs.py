@@ -48,30 +48,32 @@ def validation_enabled() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Autograd shared by the cpp and triton registrations: both forward ops have the signature
 #   (logits [N, V], labels [N], temperature [N] | None, temperature_scalar, ignore_index,
-#    want_entropy, want_rank, inplace_backward) -> (logprobs, entropy, rank, lse)
+#    want_entropy, want_rank, inplace_backward) -> (logprobs, entropy, rank, lse, stats)
+# where stats [N, 2] = (m, log-sum) of the scaled logits, read only by the paired backward: it forms
+# log p_j = (x_j / tau - m) - log_sum, exact near the maximum (see csrc/cpu/token_logprobs_rows.h).
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, inplace = inputs
-    _, entropy, rank, lse = output
-    ctx.save_for_backward(logits, labels, temperature, lse, entropy)
+    _, entropy, rank, lse, stats = output
+    ctx.save_for_backward(logits, labels, temperature, stats, entropy)
     ctx.temperature_scalar = temperature_scalar
     ctx.ignore_index = ignore_index
     ctx.want_entropy = want_entropy
     ctx.inplace = inplace
-    ctx.mark_non_differentiable(rank, lse)
+    ctx.mark_non_differentiable(rank, lse, stats)
 
 
 def _make_backward(bwd_op, bwd_inplace_op):
-    def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):
-        logits, labels, temperature, lse, entropy = ctx.saved_tensors
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse, _grad_stats):
+        logits, labels, temperature, stats, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
         if not ctx.want_entropy:
             grad_entropy = None
         args = (grad_logprobs, grad_entropy)
-        rest = (labels, temperature, ctx.temperature_scalar, ctx.ignore_index, lse, entropy)
+        rest = (labels, temperature, ctx.temperature_scalar, ctx.ignore_index, stats, entropy)
         if ctx.inplace:
             bwd_inplace_op(*args, logits, *rest)
             grad_logits = logits
@@ -90,16 +92,17 @@ def _fake_fwd(logits, labels, temperature, temperature_scalar, ignore_index, wan
         logits.new_empty((n if want_entropy else 0,), dtype=acc),
         logits.new_empty((n if want_rank else 0,), dtype=torch.int32),
         logits.new_empty((n,), dtype=acc),
+        logits.new_empty((n, 2), dtype=acc),
     )
 
 
-def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, lse,
+def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
               entropy):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _fake_bwd_inplace(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar,
-                      ignore_index, lse, entropy):
+                      ignore_index, stats, entropy):
     return None
 
 
@@ -135,7 +138,7 @@ def _triton_ops():
         want_entropy: bool,
         want_rank: bool,
         inplace_backward: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return tk.token_logprobs_fwd(
             logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank,
             launch=torch.library.wrap_triton,
@@ -150,12 +153,12 @@ def _triton_ops():
         temperature: torch.Tensor | None,
         temperature_scalar: float,
         ignore_index: int,
-        lse: torch.Tensor,
+        stats: torch.Tensor,
         entropy: torch.Tensor,
     ) -> torch.Tensor:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         tk.token_logprobs_bwd(
-            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, lse,
+            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
             entropy, grad, launch=torch.library.wrap_triton,
         )
         return grad
@@ -169,16 +172,36 @@ def _triton_ops():
         temperature: torch.Tensor | None,
         temperature_scalar: float,
         ignore_index: int,
-        lse: torch.Tensor,
+        stats: torch.Tensor,
         entropy: torch.Tensor,
     ) -> None:
         tk.token_logprobs_bwd(
-            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, lse,
+            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
             entropy, logits, launch=torch.library.wrap_triton,
         )
 
     fwd.register_autograd(_make_backward(bwd, bwd_inplace), setup_context=_setup_context)
     return fwd, bwd, bwd_inplace
+
+
+def _select_impl(impl: str, device_type: str, dtype: torch.dtype) -> str:
+    """Resolve ``impl`` and make sure its ops are registered.
+
+    Runs eagerly even under torch.compile (dynamo treats the result as a constant and guards nothing
+    on it): the choice reads the environment, imports triton lazily and loads the extension, none of which
+    belongs in a traced graph.
+    """
+    chosen = resolve_impl(impl, torch.device(device_type), dtype, "token_logprobs")
+    if chosen in ("cpp", "cuda"):
+        _cpp_ops()
+    elif chosen == "triton":
+        _triton_ops()
+    return chosen
+
+
+# Equivalent to decorating with @torch.compiler.assume_constant_result, which only sets this attribute but
+# imports torch._dynamo (and with it triton) to do so: `import reasonrl` must stay light and triton-free.
+_select_impl._dynamo_marked_constant = True
 
 
 def registered_ops(impl: str):
@@ -315,7 +338,7 @@ def token_logprobs(
     if validate:
         _validate_values(logits, labels.reshape(-1), temperature, ignore_index)
 
-    impl = resolve_impl(impl, logits.device, logits.dtype, "token_logprobs")
+    impl = _select_impl(impl, logits.device.type, logits.dtype)
     if impl == "reference":
         out = token_logprobs_reference(
             logits, labels, temperature=temperature, ignore_index=ignore_index, want_entropy=want_entropy,
@@ -327,8 +350,9 @@ def token_logprobs(
 
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
-        logger.debug("token_logprobs: logits have stride %d on the vocabulary; making one contiguous copy",
-                     x.stride(-1))
+        if not torch.compiler.is_compiling():
+            logger.debug("token_logprobs: logits have stride %d on the vocabulary; making one contiguous copy",
+                         x.stride(-1))
         x = x.contiguous()
     if inplace_backward and not (x.is_contiguous() and x.data_ptr() == logits.data_ptr()):
         raise ValueError("token_logprobs: inplace_backward=True needs contiguous logits (the gradient is "
@@ -342,8 +366,12 @@ def token_logprobs(
         temp_t, temp_scalar = None, float(temperature)
 
     # 'cpp' and 'cuda' are the same dispatcher ops (TORCH_LIBRARY_IMPL per device); 'triton' are triton_ops.
-    fwd = (_triton_ops() if impl == "triton" else _cpp_ops())[0]
-    lp, ent, rank, lse = fwd(x, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy, want_rank,
+    # Both were registered by _select_impl; plain torch.ops attribute access keeps this traceable.
+    if impl == "triton":
+        fwd = torch.ops.reasonrl.token_logprobs_fwd_triton.default
+    else:
+        fwd = torch.ops.reasonrl.token_logprobs_fwd.default
+    lp, ent, rank, lse, _ = fwd(x, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy, want_rank,
                              inplace_backward)
     if validate:
         _check_outputs(lp, labels_flat, ignore_index)

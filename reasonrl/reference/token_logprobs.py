@@ -10,10 +10,12 @@ For a row with raw logits x, label y and temperature tau::
     rank = 1 + #{j != y : x_j > x_y}     (raw logits, fp32, strict inequality)
 
 Rows whose label equals ``ignore_index`` produce zeros (and a zero gradient). Rows whose label is out of
-``[0, V)`` (only reachable with ``validate=False`` at the public API) produce NaN log-prob and entropy and a
-zero gradient, so that a loss built on them is loudly NaN instead of plausibly wrong.
+``[0, V)`` or whose temperature is not finite and > 0 (only reachable with ``validate=False`` at the public
+API) produce NaN log-prob, entropy and LSE and a zero gradient, so that a loss built on them is loudly NaN
+instead of plausibly wrong.
 
-Gradients flow to ``logits`` through ``logprobs`` and ``entropy`` by ordinary autograd; ``lse`` is detached.
+Gradients flow to ``logits`` through ``logprobs`` and ``entropy`` by ordinary autograd; ``lse`` and the
+temperature are detached.
 """
 
 from __future__ import annotations
@@ -69,27 +71,31 @@ def token_logprobs_reference(
     good = valid & in_range  # rows with a real label
     safe_y = torch.where(good, y, torch.zeros_like(y))
 
+    # The temperature is a constant of the op (ops.md 2.3): detached, so no gradient reaches it.
     if isinstance(temperature, torch.Tensor):
-        tau = temperature.to(device=x.device, dtype=compute_dtype)
-        tau = tau.reshape(-1, 1) if tau.dim() > 0 else tau.reshape(1, 1)
+        tau = temperature.detach().to(device=x.device, dtype=compute_dtype)
+        tau = tau.reshape(-1) if tau.dim() > 0 else tau.reshape(1).expand(x.shape[0])
     else:
-        tau = float(temperature)
-    z = x / tau
+        tau = torch.full((x.shape[0],), float(temperature), dtype=compute_dtype, device=x.device)
+    # A non-positive or non-finite temperature (only reachable with validate=False) makes its row NaN.
+    tau_ok = torch.isfinite(tau) & (tau > 0)
+    z = x / torch.where(tau_ok, tau, torch.ones_like(tau)).unsqueeze(-1)
+    good = good & tau_ok
 
-    # Written as reductions (log-sum-exp, then sum p log p) rather than a materialised log_softmax: the
-    # same maths, and under torch.compile it fuses into two streaming reductions with no [N, V] buffer,
-    # which makes "the reference under torch.compile" the strong baseline it is meant to be.
-    lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
+    # log_softmax is the most accurate fp32 formulation (x - max is exact near the maximum), so the rule
+    # "kernel error <= 2 x the fp32 reference's error" stays strict. Under torch.compile it still fuses into
+    # streaming reductions: the gather and the entropy sum read log_softmax as a pointwise expression.
+    logp = torch.log_softmax(z, dim=-1)
     zero = torch.zeros((), dtype=compute_dtype, device=x.device)
     nan = torch.full((), float("nan"), dtype=compute_dtype, device=x.device)
 
-    lp = (z.gather(-1, safe_y.unsqueeze(-1)) - lse_all).squeeze(-1)
-    # Out-of-range labels: NaN (loud); ignored rows: 0. torch.where keeps the gradient of those rows at 0.
+    lp = logp.gather(-1, safe_y.unsqueeze(-1)).squeeze(-1)
+    # Out-of-range labels / bad temperature: NaN (loud); ignored rows: 0. torch.where keeps the gradient
+    # of those rows at 0.
     lp = torch.where(good, lp, torch.where(valid, nan, zero))
 
     entropy = None
     if want_entropy:
-        logp = z - lse_all
         p = logp.exp()
         # A -inf logit has p == 0 and logp == -inf: its term must be 0, not 0 * -inf = NaN, in the
         # forward AND the backward (masking the product would still give d(p*logp)/dp = -inf * 0).
@@ -107,6 +113,7 @@ def token_logprobs_reference(
 
     lse = None
     if return_lse:
-        lse = torch.where(good, lse_all.detach().squeeze(-1), torch.where(valid, nan, zero)).reshape(lead_shape)
+        lse_all = torch.logsumexp(z.detach(), dim=-1)
+        lse = torch.where(good, lse_all, torch.where(valid, nan, zero)).reshape(lead_shape)
 
     return TokenLogprobs(lp.reshape(lead_shape), entropy, rank, lse)

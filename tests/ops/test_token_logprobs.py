@@ -177,13 +177,13 @@ def test_opcheck_cpp_ops():
         (x.to(BF16), labels, None, 1.0, -100, True, True, False),
     ]:
         torch.library.opcheck(fwd, args)
-    lp, ent, _, lse = fwd(x, labels, temp, 1.0, -100, True, False, False)
+    lp, ent, _, _, stats = fwd(x, labels, temp, 1.0, -100, True, False, False)
     g_lp, g_h = torch.randn(6, generator=g), torch.randn(6, generator=g)
     # (grad_logprobs?, grad_entropy?, logits, labels, temperature?, temperature_scalar, ignore_index,
-    #  lse, entropy)
+    #  stats, entropy)
     for gl, gh in [(g_lp, g_h), (g_lp, None), (None, g_h)]:
-        torch.library.opcheck(bwd, (gl, gh, x, labels, temp, 1.0, -100, lse, ent))
-        torch.library.opcheck(bwd_inplace, (gl, gh, x.clone(), labels, temp, 1.0, -100, lse, ent))
+        torch.library.opcheck(bwd, (gl, gh, x, labels, temp, 1.0, -100, stats, ent))
+        torch.library.opcheck(bwd_inplace, (gl, gh, x.clone(), labels, temp, 1.0, -100, stats, ent))
 
 
 # The Triton registrations' opcheck / torch.compile and realistic vocabularies need a GPU (under the
