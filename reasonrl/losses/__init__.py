@@ -5,7 +5,13 @@ logits / hidden-state entry points will reuse the same config, normalisers and o
 """
 
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
-from reasonrl.losses.policy import PolicyLoss, policy_loss, rollout_is_weights, top_entropy_mask
+from reasonrl.losses.policy import (
+    PolicyLoss,
+    policy_loss,
+    policy_loss_from_logits,
+    rollout_is_weights,
+    top_entropy_mask,
+)
 from reasonrl.losses.types import Extreme, LossMetrics, LossOutput, RolloutISMetrics, Sum
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "Sum",
     "Extreme",
     "policy_loss",
+    "policy_loss_from_logits",
     "PolicyLoss",
     "rollout_is_weights",
     "top_entropy_mask",

@@ -16,14 +16,14 @@ from torch import nn
 
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
 from reasonrl.losses.types import LossOutput, RolloutISMetrics
-from reasonrl.ops.token_logprobs import validation_enabled
+from reasonrl.ops.token_logprobs import token_logprobs, validation_enabled
 
 # A module import, not a name import: reasonrl.reference.policy_loss imports this package's config and
 # types, and a module import stays valid when the reference is imported first (the names are looked up at
 # call time).
 from reasonrl.reference import policy_loss as _reference
 
-__all__ = ["policy_loss", "PolicyLoss", "rollout_is_weights", "top_entropy_mask"]
+__all__ = ["policy_loss", "policy_loss_from_logits", "PolicyLoss", "rollout_is_weights", "top_entropy_mask"]
 
 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int) -> None:
@@ -75,6 +75,66 @@ def policy_loss(
         logprobs, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
         entropies=entropies, normalizers=normalizers, config=config, entropy_coef=entropy_coef,
+        return_per_token=return_per_token,
+    )
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    normalizers: LossNormalizers,
+    config: PolicyLossConfig,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    temperature: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
+    entropy_coef: float | torch.Tensor | None = None,
+    return_per_token: bool = False,
+    impl: str = "auto",
+    validate: bool | None = None,
+) -> LossOutput:
+    """The policy loss straight from logits (losses.md section 2): ``policy_loss`` over
+    ``token_logprobs(logits, labels, temperature, want_entropy=True)``, by definition.
+
+    Args:
+        logits: ``[B, T, V]`` (padded, with ``mask [B, T]``) or ``[N, V]`` (packed, with ``cu_seqlens``);
+            float32 / bfloat16 / float16, any strides. labels: ``[B, T]`` / ``[N]`` next-token ids; tokens
+            whose label is ``ignore_index`` are excluded from the loss (ANDed into the mask) and skip the
+            vocabulary pass. temperature: float or per-token tensor; None uses ``config.temperature``.
+        Every other argument as in :func:`policy_loss`; ``impl`` / ``validate`` as in ``token_logprobs``.
+
+    The entropy is always computed (for the ``entropy`` metric, the bonus and the top-entropy mask): in the
+    fused kernel it costs one FMA per logit. Cost today: the two-phase path of losses.md section 13.2 (one
+    read of the logits for the statistics, one read + one write for the gradient; the per-token loss and its
+    gradient w.r.t. log-prob / entropy are O(N) in between). No [N, V] tensor other than the gradient is
+    allocated.
+    """
+    token_shape = logits.shape[:-1]
+    if labels.shape != token_shape:
+        raise ValueError(f"policy_loss_from_logits: labels must have shape logits.shape[:-1] = "
+                         f"{tuple(token_shape)}, got {tuple(labels.shape)}")
+    valid = labels != ignore_index
+    if mask is not None:
+        if mask.shape != token_shape:
+            raise ValueError(f"policy_loss_from_logits: mask must have shape {tuple(token_shape)}, got "
+                             f"{tuple(mask.shape)}")
+        valid = valid & mask.bool()
+        # Masked tokens need no vocabulary pass: their label becomes ignore_index (O(N)).
+        labels = labels.masked_fill(~valid, ignore_index)
+    out = token_logprobs(
+        logits, labels, temperature=config.temperature if temperature is None else temperature,
+        ignore_index=ignore_index, want_entropy=True, impl=impl, validate=validate,
+    )
+    return policy_loss(
+        out.logprobs, advantages=advantages, mask=valid, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+        entropies=out.entropy, normalizers=normalizers, config=config, entropy_coef=entropy_coef,
         return_per_token=return_per_token,
     )
 
