@@ -1,0 +1,709 @@
+"""Benchmark of ``token_logprobs`` (ops.md section 2) following performance.md section 4.
+
+Workload: log-prob + entropy (``want_entropy=True``) of sampled labels at temperature 0.9, ~10% of rows
+``ignore_index``; the backward takes random upstream gradients on both outputs.
+
+Providers (side by side in one run; a missing one is a row saying why, never dropped):
+
+* ``reasonrl``: ``impl="cpp"`` on CPU, ``impl="triton"`` on CUDA, ``validate=False`` (validation syncs).
+* ``reference-eager``: ``reasonrl.reference.token_logprobs_reference``.
+* ``reference-compiled``: the same function under ``torch.compile(dynamic=False)``, compiled per case by the
+  correctness-gate calls (one graph without and one with autograd), so compile time never reaches the
+  timings.
+* ``trl``: ``selective_log_softmax`` + ``entropy_from_logits`` on ``logits / T`` (what TRL's trainers call;
+  on CUDA they dispatch to TRL's Triton kernel by themselves). No ignore_index: ignored rows run with label 0
+  and are excluded from the check.
+* CUDA only: ``trl-fused`` (``selective_log_softmax_and_entropy`` with ``row_mask``), ``liger``
+  (``liger_cross_entropy(logits / T, reduction="none")``, log-prob = -loss) and ``flash-attn`` (Triton
+  ``cross_entropy_loss`` with ``logit_scale = 1/T``); the last two return no entropy, so they run the
+  log-prob subset and their gradients are checked against the log-prob-only oracle.
+
+Modes: ``fwd`` (the forward under ``torch.no_grad``, as old-policy and reference log-probs are computed and
+as performance.md section 3 times the CPU forward), ``bwd`` (``autograd.grad`` on a retained training graph,
+timed alone), ``full`` (training forward + backward).
+
+Correctness gate (section 4.4): each provider runs the forward without autograd and the training forward +
+backward once on input set 0, and both are compared with the float64 reference over valid rows. reasonrl
+must meet ops.md section 8 (the tolerance table of ``reasonrl.testing``), every other provider the looser
+``bench.common.peer_bound`` (the compiled reference is fused and reordered by inductor: its fp32 gradient
+error is a few times the eager one's). A provider failing a mode is ``incorrect`` there and not timed.
+
+Usage (from the repository root): ``python -m bench.bench_token_logprobs --profile quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import common
+from bench.common import (
+    DTYPES,
+    ERROR,
+    INCORRECT,
+    MIB,
+    NOT_INSTALLED,
+    OK,
+    OOM,
+    UNSUPPORTED,
+    LogitsInputs,
+    LogitsInputSpec,
+    MaxError,
+)
+from reasonrl import testing
+from reasonrl.reference import token_logprobs_reference
+
+OP = "token_logprobs"
+MODULE = "bench.bench_token_logprobs"  # run as `python -m MODULE` (memory subprocesses too)
+MODES = ("fwd", "bwd", "full")
+# performance.md section 1: (reads, writes) of the logits, in units of N*V*b.
+TRAFFIC = {"fwd": (1, 0), "bwd": (1, 1), "full": (2, 1)}
+# Distributions whose versions are recorded with the results.
+PEER_DISTS = ("trl", "liger-kernel", "flash-attn", "transformers")
+
+# (N, V, dtype) per profile and device type. The CPU quick case is the acceptance shape of performance.md
+# section 3 (fp32 [4096, 32000], 2 threads); it is sized to finish in under 3 minutes on 2 cores with every
+# provider. The CPU full profile stays below ~20 GiB: the eager reference keeps about five fp32 [N, V]
+# tensors per retained graph, and the bwd mode retains one graph per rotating input set.
+PROFILES: dict[str, dict[str, list[tuple[int, int, str]]]] = {
+    "quick": {
+        "cpu": [(4096, 32000, "float32")],
+        "cuda": [(4096, 151936, "bfloat16"), (16384, 151936, "bfloat16")],
+    },
+    "full": {
+        "cpu": [(1024, 32000, "float32"), (4096, 32000, "float32"), (1024, 151936, "float32"),
+                (4096, 32000, "bfloat16")],
+        "cuda": [(n, 151936, "bfloat16") for n in (1024, 2048, 4096, 8192, 16384)]
+        + [(4096, 151936, "float32")],
+    },
+}
+DEFAULT_CPU_THREADS = 2  # the thread count of the CPU targets (performance.md section 3)
+_T0 = time.perf_counter()  # origin of the progress stamps of _log
+
+# fn(logits [N, V], labels [N]) -> (log-probs [N], entropy [N] or None)
+LogprobFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _reference_pair(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out = token_logprobs_reference(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                   want_entropy=True)
+    return out.logprobs, out.entropy
+
+
+def _build_reasonrl(spec: LogitsInputSpec, device: torch.device) -> LogprobFn:
+    from reasonrl.ops import token_logprobs
+
+    impl = _reasonrl_impl(device)
+
+    def fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = token_logprobs(logits, labels, temperature=spec.temperature, ignore_index=spec.ignore_index,
+                             want_entropy=True, impl=impl, validate=False)
+        return out.logprobs, out.entropy
+
+    return fn
+
+
+def _build_eager(spec: LogitsInputSpec, device: torch.device) -> LogprobFn:
+    return functools.partial(_reference_pair, temperature=spec.temperature, ignore_index=spec.ignore_index)
+
+
+def _build_compiled(spec: LogitsInputSpec, device: torch.device) -> LogprobFn:
+    # A fresh dynamo cache per case: with dynamic=False every (shape, dtype, grad mode) is its own graph,
+    # and accumulating them across cases would run into dynamo's recompile limit.
+    torch._dynamo.reset()
+    temperature, ignore_index = spec.temperature, spec.ignore_index
+
+    def reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _reference_pair(logits, labels, temperature, ignore_index)
+
+    return torch.compile(reference, dynamic=False)
+
+
+def _no_donated_buffers():
+    """Context for everything that compiles or runs the compiled reference.
+
+    A compiled backward that donates (reuses) its saved buffers refuses ``retain_graph=True``, which the bwd
+    mode needs; the setting is read when the backward is compiled, on its first call, so it must cover the
+    gate, timings and memory measurement alike. It costs the compiled reference some backward memory.
+    """
+    from torch._functorch import config as functorch_config
+
+    return functorch_config.patch(donated_buffer=False)
+
+
+def _build_trl(spec: LogitsInputSpec, device: torch.device) -> LogprobFn:
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    def fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scaled = logits / spec.temperature  # TRL's trainers divide the logits first: one more [N, V] tensor
+        return selective_log_softmax(scaled, labels.clamp_min(0)), entropy_from_logits(scaled)
+
+    return fn
+
+
+def _build_trl_fused(spec: LogitsInputSpec, device: torch.device) -> LogprobFn:
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    def fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return selective_log_softmax_and_entropy(logits, labels.clamp_min(0), temperature=spec.temperature,
+                                                 row_mask=labels != spec.ignore_index)
+
+    return fn
+
+
+def _build_liger(spec: LogitsInputSpec, device: torch.device) -> LogprobFn:
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    def fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Liger writes the gradient into its input during the forward: that input is the scaled copy.
+        loss = liger_cross_entropy(logits / spec.temperature, labels, ignore_index=spec.ignore_index,
+                                   reduction="none")
+        return -loss, None
+
+    return fn
+
+
+def _build_flash_attn(spec: LogitsInputSpec, device: torch.device) -> LogprobFn:
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+    def fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss, _ = cross_entropy_loss(logits, labels, logit_scale=1.0 / spec.temperature,
+                                     ignore_index=spec.ignore_index)
+        return -loss, None
+
+    return fn
+
+
+def _reasonrl_impl(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "cpp"
+
+
+def _reasonrl_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    from reasonrl._backend import unavailable_reason
+
+    return unavailable_reason(_reasonrl_impl(device), device, dtype)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable[[LogitsInputSpec, torch.device], LogprobFn]
+    note: str = ""
+    strict: bool = False  # held to ops.md section 8 (reasonrl); others get bench.common.peer_bound
+    entropy: bool = True  # False: log-probs only; gradients flow from the log-probs only
+    cuda_only: bool = False
+    module: str | None = None  # top-level module that must be importable ("not installed" otherwise)
+    unavailable: Callable[[torch.device, torch.dtype], str | None] | None = None
+
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("reasonrl", _build_reasonrl, note="impl='cpp' on CPU, 'triton' on CUDA; validate=False",
+             strict=True, unavailable=_reasonrl_unavailable),
+    Provider("reference-eager", _build_eager, note="reasonrl.reference.token_logprobs_reference"),
+    Provider("reference-compiled", _build_compiled,
+             note="torch.compile(reference, dynamic=False), donated_buffer=False (retained graphs); "
+                  "compiled by the gate calls, not timed"),
+    Provider("trl", _build_trl, module="trl",
+             note="selective_log_softmax + entropy_from_logits on logits/T; no ignore_index (label 0 on "
+                  "ignored rows, excluded from the check)"),
+    Provider("trl-fused", _build_trl_fused, cuda_only=True, module="trl",
+             note="selective_log_softmax_and_entropy (Triton) with row_mask; on CPU it is the 'trl' pair"),
+    Provider("liger", _build_liger, entropy=False, cuda_only=True, module="liger_kernel",
+             note="liger_cross_entropy(logits/T, reduction='none'): log-prob only, no entropy"),
+    Provider("flash-attn", _build_flash_attn, entropy=False, cuda_only=True, module="flash_attn",
+             note="flash_attn Triton cross_entropy_loss(logit_scale=1/T): log-prob only, no entropy"),
+)}
+EAGER, COMPILED = "reference-eager", "reference-compiled"
+
+
+def _availability(p: Provider, device: torch.device, dtype: torch.dtype) -> tuple[str, str] | None:
+    """(status, detail) when the provider cannot run here, else None."""
+    if p.module is not None and importlib.util.find_spec(p.module) is None:
+        return NOT_INSTALLED, p.module
+    if p.cuda_only and device.type != "cuda":
+        return UNSUPPORTED, "CUDA only"
+    if p.unavailable is not None:
+        reason = p.unavailable(device, dtype)
+        if reason is not None:
+            return UNSUPPORTED, reason
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a provider
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grad_args(lp: torch.Tensor, ent: torch.Tensor | None,
+               inp: LogitsInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(outputs, upstream gradients) for autograd.grad: both outputs, or the log-probs alone."""
+    if ent is None:
+        return [lp], [inp.grad_logprobs]
+    return [lp, ent], [inp.grad_logprobs, inp.grad_entropy]
+
+
+def _backward(outs: tuple[torch.Tensor, torch.Tensor | None], inp: LogitsInputs,
+              retain: bool) -> torch.Tensor:
+    targets, grads = _grad_args(*outs, inp)
+    return torch.autograd.grad(targets, inp.logits, grads, retain_graph=retain)[0]
+
+
+def _infer(fn: LogprobFn, inp: LogitsInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward alone, without autograd: how old-policy and reference log-probs are computed."""
+    with torch.no_grad():
+        return fn(inp.logits, inp.labels)
+
+
+@dataclass
+class GateResult:
+    """A provider's outputs on input set 0, kept on the CPU until they are compared with the oracle: the
+    forward without autograd (``fwd`` mode) and the training forward + backward (``bwd`` / ``full``)."""
+
+    inference: tuple[torch.Tensor, torch.Tensor | None] | None
+    training: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None
+    # Seconds of each pass; they include compilation / autotuning for the providers that do either.
+    inference_s: float = 0.0
+    training_s: float = 0.0
+
+
+def _gate_call(fn: LogprobFn, inp: LogitsInputs, modes: list[str], device: torch.device) -> GateResult:
+    # Offloaded so that held results of several providers do not crowd the device (no-op on CPU).
+    def host(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to("cpu")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    result = GateResult(None, None)
+    if "fwd" in modes:
+        t0 = time.perf_counter()
+        lp, ent = _infer(fn, inp)
+        sync()
+        result.inference_s = time.perf_counter() - t0
+        result.inference = host(lp), host(ent)
+    if "bwd" in modes or "full" in modes:
+        t0 = time.perf_counter()
+        lp, ent = fn(inp.logits, inp.labels)
+        grad = _backward((lp, ent), inp, retain=False)
+        sync()
+        result.training_s = time.perf_counter() - t0
+        result.training = host(lp), host(ent), host(grad)
+    return result
+
+
+@dataclass
+class _Oracle:
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    grads: dict[str, torch.Tensor]  # "lp+H": from both outputs, "lp": from the log-probs alone
+
+
+def _reference_chunk(x: torch.Tensor, y: torch.Tensor, g_lp: torch.Tensor, g_h: torch.Tensor,
+                     spec: LogitsInputSpec, compute_dtype: torch.dtype, variants: set[str]) -> _Oracle:
+    """The reference on a block of rows, in ``compute_dtype``; float64 is the oracle of ops.md section 8.
+
+    As in ``reasonrl.testing``, the logits are upcast exactly before the autograd leaf, so the gradients are
+    in ``compute_dtype`` and never rounded back to 16 bits (the 16-bit rule grants the implementation one
+    ulp for its own rounding instead). Each gradient variant is its own backward call.
+    """
+    leaf = x.to(compute_dtype).detach().requires_grad_(bool(variants))
+    out = token_logprobs_reference(leaf, y, temperature=spec.temperature, ignore_index=spec.ignore_index,
+                                   want_entropy=True, compute_dtype=compute_dtype)
+    grads = {}
+    for i, variant in enumerate(sorted(variants)):
+        retain = i < len(variants) - 1
+        if variant == "lp":
+            grads[variant] = torch.autograd.grad(out.logprobs, leaf, g_lp, retain_graph=retain)[0]
+        else:
+            grads[variant] = torch.autograd.grad([out.logprobs, out.entropy], leaf, [g_lp, g_h],
+                                                 retain_graph=retain)[0]
+    return _Oracle(out.logprobs.detach(), out.entropy.detach(), grads)
+
+
+def _check(spec: LogitsInputSpec, inp: LogitsInputs, results: dict[str, GateResult],
+           device: torch.device) -> dict[str, dict[str, dict[str, Any]]]:
+    """Errors of every provider against the float64 oracle, and the bound each is held to.
+
+    Keys of a provider's checks: ``fwd:logprobs``, ``fwd:entropy`` (the forward without autograd) and
+    ``train:logprobs``, ``train:entropy``, ``train:grad``. Rows are independent, so the oracle runs block by
+    block: its memory stays bounded (with autograd it would otherwise need several 8-byte [N, V] tensors).
+    """
+    grad_variant = {name: "lp+H" if PROVIDERS[name].entropy else "lp" for name in results}
+    variants = {grad_variant[name] for name, res in results.items() if res.training is not None}
+    dtype = DTYPES[spec.dtype]
+    grad_ulps = testing.tolerance("grad", dtype).ulps  # 1 for 16-bit gradients, else 0
+    ref: dict[str, MaxError] = defaultdict(MaxError)
+    err: dict[str, dict[str, MaxError]] = {name: defaultdict(MaxError) for name in results}
+    # err(reference in fp32) of ops.md section 8. With fp32 inputs the eager provider's training pass *is*
+    # that reference (same function on the same whole tensor, fp32 gradients): reuse it. Otherwise run it
+    # block by block like the oracle: bounded memory, and for 16-bit inputs fp32 gradients. (ATen's fp32
+    # row reductions are often more accurate on a block than on the whole tensor, so this bound can be a
+    # little tighter; the source is recorded.)
+    eager = results.get(EAGER)
+    eager_fp32 = eager.training if spec.dtype == "float32" and eager is not None else None
+    ref_source = "reference-eager training pass" if eager_fp32 is not None else "reference, block by block"
+    logits = inp.logits.detach()
+    for rows in common.row_chunks(spec.n, spec.v, max_elems=1 << 23):
+        x, y, valid = logits[rows], inp.labels[rows], inp.valid[rows]
+        g_lp, g_h = inp.grad_logprobs[rows], inp.grad_entropy[rows]
+        oracle = _reference_chunk(x, y, g_lp, g_h, spec, torch.float64, variants)
+        if eager_fp32 is None:
+            fp32 = _reference_chunk(x, y, g_lp, g_h, spec, torch.float32, variants)
+        else:
+            lp32, h32, g32 = (t[rows].to(device) for t in eager_fp32)
+            grads = {"lp+H": g32}
+            if rest := variants - {"lp+H"}:  # the log-prob-only gradient, for peers without entropy
+                grads.update(_reference_chunk(x, y, g_lp, g_h, spec, torch.float32, rest).grads)
+            fp32 = _Oracle(lp32, h32, grads)
+        ref["logprobs"].update(fp32.logprobs, oracle.logprobs, valid)
+        ref["entropy"].update(fp32.entropy, oracle.entropy, valid)
+        for v in variants:
+            ref[f"grad:{v}"].update(fp32.grads[v], oracle.grads[v], valid)
+        for name, res in results.items():
+            passes = [("fwd", *res.inference, None)] if res.inference is not None else []
+            passes += [("train", *res.training)] if res.training is not None else []
+            for tag, lp, ent, grad in passes:
+                err[name][f"{tag}:logprobs"].update(lp[rows].to(device), oracle.logprobs, valid)
+                if ent is not None:
+                    err[name][f"{tag}:entropy"].update(ent[rows].to(device), oracle.entropy, valid)
+                if grad is not None:
+                    err[name][f"{tag}:grad"].update(grad[rows].to(device), oracle.grads[grad_variant[name]],
+                                                    valid, dtype if grad_ulps else None, grad_ulps)
+
+    upstream = {"lp+H": max(float(inp.grad_logprobs.abs().max()), float(inp.grad_entropy.abs().max())),
+                "lp": float(inp.grad_logprobs.abs().max())}
+    checks: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in results:
+        checks[name] = {}
+        for key, e in err[name].items():
+            quantity = key.split(":", 1)[1]
+            if quantity == "grad":
+                v = grad_variant[name]
+                err_ref = ref[f"grad:{v}"].err
+                bound = common.acceptance_bound("grad", dtype, err_ref, upstream[v])
+                scale = e.max_oracle
+                # 16-bit gradients may also be 1 ulp of their dtype off the oracle (ops.md section 8).
+                measured = e.err_beyond_ulp if grad_ulps else e.err
+            else:
+                err_ref = ref[quantity].err
+                bound = common.acceptance_bound("stat", dtype, err_ref, 1 + e.max_oracle)
+                scale = 1 + e.max_oracle
+                measured = e.err
+            if not PROVIDERS[name].strict:
+                bound = common.peer_bound(bound, scale, spec.dtype)
+            checks[name][key] = {"err": e.err, "measured": measured, "bound": bound,
+                                 "err_reference_fp32": err_ref, "reference_fp32": ref_source,
+                                 "max_abs_oracle": e.max_oracle, "ok": measured <= bound}
+    return checks
+
+
+def _mode_verdict(check: dict[str, dict[str, Any]], mode: str) -> tuple[bool, float]:
+    """(passes, max error of what the mode produces): fwd its outputs, bwd the gradient (its forward must
+    pass too), full the training outputs and the gradient."""
+    needed = [c for key, c in check.items() if key.startswith("fwd:" if mode == "fwd" else "train:")]
+    shown = [check["train:grad"]] if mode == "bwd" else needed
+    return all(c["ok"] for c in needed), max(c["err"] for c in shown)
+
+
+def _timed_fn(mode: str, fn: LogprobFn, sets: list[LogitsInputs]) -> tuple[Callable[[int], object], list]:
+    """The callable timed for ``mode`` and the state it keeps alive (retained graphs for ``bwd``)."""
+    if mode == "fwd":
+        return (lambda k: _infer(fn, sets[k])), []
+    if mode == "full":
+        return (lambda k: _backward(fn(sets[k].logits, sets[k].labels), sets[k], retain=False)), []
+    graphs = [fn(s.logits, s.labels) for s in sets]  # one retained graph per rotating input set
+    return (lambda k: _backward(graphs[k], sets[k], retain=True)), graphs
+
+
+def _measure_memory(fn: LogprobFn, inp: LogitsInputs, modes: list[str],
+                    device: torch.device) -> dict[str, dict[str, float]]:
+    """Incremental and absolute peak (MiB) of the forward without autograd (fwd), of the backward alone
+    after a training forward whose graph it consumes (bwd), and of the two in sequence (full)."""
+    peaks: dict[str, tuple[int, int]] = {}
+    if "fwd" in modes:
+        _, d_fwd, a_fwd = common.peak_memory(lambda: _infer(fn, inp), device)
+        peaks["fwd"] = d_fwd, a_fwd
+    if "bwd" in modes or "full" in modes:
+        outs, d_train, a_train = common.peak_memory(lambda: fn(inp.logits, inp.labels), device)
+        _, d_bwd, a_bwd = common.peak_memory(lambda: _backward(outs, inp, retain=False), device)
+        base, a_full = a_train - d_train, max(a_train, a_bwd)  # base: the inputs only
+        peaks.update(bwd=(d_bwd, a_bwd), full=(a_full - base, a_full))
+    return {m: {"delta_mib": d / MIB, "peak_mib": a / MIB} for m, (d, a) in peaks.items()}
+
+
+def _memcase(payload: dict[str, Any]) -> dict[str, Any]:
+    """Child side of the CPU memory measurement: a fresh process per (provider, case)."""
+    torch.set_num_threads(payload["threads"])
+    device = torch.device("cpu")
+    spec = LogitsInputSpec(**payload["spec"])
+    fn = PROVIDERS[payload["provider"]].build(spec, device)
+    inp = common.load_inputs(Path(payload["inputs"]))
+    inp.logits.requires_grad_(True)
+    # One warm-up of each pass, so that one-time costs (thread pools, lazily loaded kernels) are not
+    # counted. Rows are independent, so a 64-row slice warms up everything except torch.compile, which
+    # specialises on the shape and is warmed up (compiled) on the real input.
+    if payload["provider"] == COMPILED:
+        warm = inp
+    else:
+        rows = slice(0, min(64, spec.n))
+        warm = LogitsInputs(inp.logits[rows].detach().clone().requires_grad_(True), inp.labels[rows],
+                            inp.grad_logprobs[rows], inp.grad_entropy[rows], inp.valid[rows])
+    modes = payload["modes"]
+    with _no_donated_buffers():  # as in the parent, where the compiled reference is timed
+        if "fwd" in modes:
+            _infer(fn, warm)
+        if "bwd" in modes or "full" in modes:
+            _backward(fn(warm.logits, warm.labels), warm, retain=False)
+        del warm
+        return _measure_memory(fn, inp, modes, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One case: gate, timing, memory, rows
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    """Progress on stderr, stamped with the seconds since the module was loaded."""
+    print(f"[{OP} {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _row(spec: LogitsInputSpec, mode: str, provider: Provider, status: str,
+         detail: str = "") -> dict[str, Any]:
+    return {"op": OP, "case": spec.label, "n": spec.n, "v": spec.v, "dtype": spec.dtype, "mode": mode,
+            "provider": provider.name, "status": status, "status_detail": detail, "note": provider.note}
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def run_case(spec: LogitsInputSpec, providers: list[Provider], modes: list[str], device: torch.device,
+             ceilings: dict[str, Any], threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    t_case = time.perf_counter()
+    n_sets = common.n_rotating_sets(spec.logits_bytes, device)
+    sets, gen_record = common.make_logits_inputs(spec, device, n_sets)
+    for s in sets:
+        s.logits.requires_grad_(True)
+    _log(f"{spec.label}: {n_sets} input sets, mean entropy {gen_record['mean_entropy_per_set'][0]:.2f} nats")
+
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    fns: dict[str, LogprobFn] = {}
+    for p in providers:
+        blocked = _availability(p, device, DTYPES[spec.dtype])
+        if blocked is None:
+            try:
+                fns[p.name] = p.build(spec, device)
+            except ImportError as exc:
+                blocked = NOT_INSTALLED, _short(exc)
+        if blocked is not None:
+            for m in modes:
+                rows[p.name, m] = _row(spec, m, p, *blocked)
+
+    # Correctness gate: each provider's passes on set 0, then one pass of the oracle over all of them. The
+    # first calls also compile (torch.compile, once per grad mode) and autotune, outside any timing.
+    results: dict[str, GateResult] = {}
+    for name, fn in list(fns.items()):
+        try:
+            results[name] = _gate_call(fn, sets[0], modes, device)
+            r = results[name]
+            _log(f"{spec.label}: {name} gate: no-grad {r.inference_s:.1f} s, train {r.training_s:.1f} s")
+        except torch.OutOfMemoryError as exc:
+            blocked = OOM, _short(exc)
+        except Exception as exc:  # a broken peer must not take the run down: its rows say what happened
+            blocked = ERROR, _short(exc)
+        else:
+            continue
+        del fns[name]
+        for m in modes:
+            rows[name, m] = _row(spec, m, PROVIDERS[name], *blocked)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    checks = _check(spec, sets[0], results, device) if results else {}
+    _log(f"{spec.label}: checked against the float64 oracle")
+    # The gate's calls are each pass's first warm-up (they ran the same work on set 0 in this process).
+    gate_s = {name: {"fwd": r.inference_s, "bwd": r.training_s, "full": r.training_s}
+              for name, r in results.items()}
+    del results
+
+    for name, fn in fns.items():
+        p = PROVIDERS[name]
+        for m in modes:
+            passed, max_err = _mode_verdict(checks[name], m)
+            row = _row(spec, m, p, OK if passed else INCORRECT)
+            row.update(max_err=max_err, errors=checks[name], first_call_s=gate_s[name][m])
+            rows[name, m] = row
+            if not passed:
+                continue
+            graphs: list = []
+            try:
+                timed, graphs = _timed_fn(m, fn, sets)
+                timing = common.time_fn(timed, n_sets, device, grad_to_none=[s.logits for s in sets],
+                                        prior_calls=1, prior_s=gate_s[name][m])
+            except torch.OutOfMemoryError as exc:
+                row.update(status=OOM, status_detail=_short(exc))
+                continue
+            except Exception as exc:  # as in the gate: the row says what happened, the run goes on
+                row.update(status=ERROR, status_detail=_short(exc))
+                continue
+            finally:
+                graphs.clear()  # frees the retained graphs of the bwd mode (the timed closure holds the list)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            reads, writes = (k * spec.logits_bytes for k in TRAFFIC[m])
+            floor = common.floor_ms(reads, writes, ceilings, device)
+            row.update(
+                median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                repeats=timing.repeats, warmups=timing.warmups, timing_method=timing.method,
+                rep_ms=timing.rep_ms, bytes=reads + writes, unit="GB/s",
+                throughput=(reads + writes) / timing.median_ms / 1e6,
+                floor_ms=floor, pct_ceiling=100 * floor / timing.median_ms)
+            _log(f"{spec.label}: {name} {m} {timing.median_ms:.2f} ms ({timing.repeats or '-'} repeats)")
+
+    # Peak memory: CPU in a fresh subprocess per (provider, case), which reads input set 0 from a file;
+    # GPU in this process.
+    measured = [name for name in fns if any(rows[name, m]["status"] == OK for m in modes)]
+    with tempfile.TemporaryDirectory(prefix="reasonrl-bench-", dir=common.scratch_dir()) as tmp:
+        inputs_path = Path(tmp) / "inputs.pt"
+        if device.type == "cpu" and measured:
+            common.save_inputs(sets[0], inputs_path)
+        for name in measured:
+            if device.type == "cuda":
+                try:
+                    mem = _measure_memory(fns[name], sets[0], modes, device)
+                except torch.OutOfMemoryError as exc:
+                    mem = {"error": _short(exc)}
+                method = "torch.cuda.max_memory_allocated - allocated before (incremental)"
+            else:
+                payload = {"provider": name, "spec": asdict(spec), "inputs": str(inputs_path),
+                           "threads": threads, "modes": modes}
+                mem = common.run_memory_subprocess(MODULE, payload)
+                method = "peak RSS (VmHWM) - RSS before, fresh subprocess per provider and case"
+            for m in modes:
+                row = rows[name, m]
+                if "error" in mem:
+                    row["mem_error"] = mem["error"]
+                else:
+                    row.update(mem_delta_mib=mem[m]["delta_mib"], mem_peak_mib=mem[m]["peak_mib"],
+                               mem_method=method)
+            summary = mem.get("error") or {m: round(mem[m]["delta_mib"]) for m in modes}
+            _log(f"{spec.label}: {name} peak memory delta MiB {summary}")
+
+    record = {"case": spec.label, "inputs": gen_record, "wall_s": time.perf_counter() - t_case}
+    order = {p.name: i for i, p in enumerate(providers)}
+    ordered = sorted(rows.values(), key=lambda r: (MODES.index(r["mode"]), order[r["provider"]]))
+    return ordered, record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _csv(choices: tuple[str, ...] | None = None) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if choices is not None and t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {choices}, got {text!r}")
+        return items
+
+    return parse
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(n), int(v)) for n, v in (s.lower().split("x") for s in text.split(",") if s.strip())]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shapes like 4096x32000,1024x151936, got {text!r}") \
+            from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                    help="quick: the CPU acceptance shape fp32 [4096, 32000] (< 3 min on 2 cores) or the "
+                         "H100 reference shapes; full: more shapes and dtypes")
+    ap.add_argument("--shapes", type=_shapes, help="NxV[,NxV...]: replaces the profile's shapes")
+    ap.add_argument("--dtype", type=_csv(tuple(DTYPES)),
+                    help="dtype[,dtype...]: replaces the profile's dtypes")
+    ap.add_argument("--providers", type=_csv(tuple(PROVIDERS)), default=list(PROVIDERS),
+                    help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all)")
+    ap.add_argument("--modes", type=_csv(MODES), default=list(MODES),
+                    help="comma-separated subset of fwd,bwd,full")
+    ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_OUT_DIR, help="default: bench/results")
+    ap.add_argument("--threads", type=int,
+                    help=f"torch CPU threads (default on CPU: {DEFAULT_CPU_THREADS}, the setting of the CPU "
+                         "targets; on CUDA: torch's default)")
+    ap.add_argument("--_memcase", help=argparse.SUPPRESS)  # internal: child of the CPU memory measurement
+    return ap
+
+
+def _cases(args: argparse.Namespace, device: torch.device) -> list[LogitsInputSpec]:
+    profile = PROFILES[args.profile][device.type]
+    shapes = args.shapes or list(dict.fromkeys((n, v) for n, v, _ in profile))
+    cases = []
+    for n, v in shapes:
+        dtypes = args.dtype or [d for pn, pv, d in profile if (pn, pv) == (n, v)] or ["float32"]
+        cases += [LogitsInputSpec(n=n, v=v, dtype=d) for d in dtypes]
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 on success, 1 when reasonrl itself failed its correctness gate or errored."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args._memcase:
+        common.emit_memcase_result(_memcase(json.loads(args._memcase)))
+        return 0
+
+    t_start = time.perf_counter()
+    device = common.pick_device()
+    threads = args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    if device.type == "cpu" and (why := common.cpu_peak_supported()) is not None:
+        _log(f"peak memory will not be measured: {why}")
+    providers = [PROVIDERS[name] for name in args.providers]
+    report = common.new_report(OP, device, PEER_DISTS, args.profile, argv)
+    report["ceilings"] = common.measure_ceilings(device)
+    ceilings = report["ceilings"]
+    _log(f"ceilings: read {ceilings['read_gbps']:.1f} GB/s, copy {ceilings['copy_gbps']:.1f} GB/s")
+    report["workload"] = {"want_entropy": True, "modes": args.modes, "traffic_nvb": TRAFFIC,
+                          "peer_rtol": common.PEER_RTOL,
+                          "providers": {p.name: {"note": p.note, "strict": p.strict, "entropy": p.entropy}
+                                        for p in providers}}
+    for spec in _cases(args, device):
+        with _no_donated_buffers():
+            rows, record = run_case(spec, providers, args.modes, device, report["ceilings"], threads)
+        report["rows"] += rows
+        report["cases"].append(record)
+    common.fill_speedups(report["rows"], EAGER, COMPILED)
+    report["wall_s"] = time.perf_counter() - t_start
+    paths = common.write_results(report, args.out_dir, device)
+    common.print_tables(report["rows"], report)
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({report['wall_s']:.0f} s)")
+    failed = [r for r in report["rows"] if r["provider"] == "reasonrl" and r["status"] in (INCORRECT, ERROR)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

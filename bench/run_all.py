@@ -1,0 +1,34 @@
+"""Run every registered benchmark: ``python -m bench.run_all [--only OP] [benchmark options]``.
+
+``reasonrl bench`` calls :func:`run`. Options other than ``--only`` are passed to each benchmark's
+``main(argv)``; the ones every benchmark accepts are ``--profile``, ``--modes``, ``--out-dir`` and
+``--threads``. Each benchmark writes its own ``<device>-<timestamp>`` results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# op name -> module exposing main(argv: list[str] | None) -> int
+BENCHMARKS: dict[str, str] = {
+    "token_logprobs": "bench.bench_token_logprobs",
+}
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks in turn; 0 when all of them returned 0, else 1."""
+    parser = argparse.ArgumentParser(prog="reasonrl bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS),
+                        help="run only this benchmark (repeatable; default: all)")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    status = 0
+    for name in args.only or list(BENCHMARKS):
+        module = importlib.import_module(BENCHMARKS[name])
+        status |= 1 if module.main(list(rest)) else 0
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(run())
