@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -59,6 +60,71 @@ inline fVec load_f(const scalar_t* p) {
     return x;
   }
 }
+
+// exp(d) to about 1 ulp for d <= ~88; exactly 0 for d < ln(FLT_MIN) (-inf included). ATen's exp_u20 is off by
+// up to ~5 ulp near d = 0 (measured 6e-7 relative at p = 0.64), which is where the probabilities and
+// gradients are large, and over the ops.md section 8 gradient budget; Sleef's exp is an out-of-line call.
+// Cody-Waite reduction d = n ln2 + r with ln2 split in two (hi has 9 significant bits, so n * hi is exact),
+// |r| <= ln2 / 2, then the degree-7 Taylor polynomial (truncation 5e-9 relative) by Horner, and 2^n through
+// the exponent bits. NaN is not propagated: callers detect NaN rows separately.
+// 2^n from kf = n + (1.5 * 2^23 + 127) (n an integer in [-126, 127]): the low mantissa bits of kf hold
+// n + 127 + 2^22, and shifting the bit pattern left by 23 keeps exactly n + 127 as the exponent field. Written
+// with intrinsics because ATen's float<->int reinterpret helpers are scalar loops for these types.
+inline fVec pow2_from_shifted(const fVec& kf) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(kf), 23));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(kf), 23));
+#else
+  alignas(64) float lanes[fVec::size()];
+  kf.store(lanes);
+  for (int64_t l = 0; l < fVec::size(); ++l) {
+    uint32_t bits;
+    std::memcpy(&bits, &lanes[l], sizeof(bits));
+    bits <<= 23;
+    std::memcpy(&lanes[l], &bits, sizeof(bits));
+  }
+  return fVec::loadu(lanes);
+#endif
+}
+
+inline fVec vexp(const fVec& d) {
+  const fVec lowest(-87.33654475f);  // ln(FLT_MIN): below it the result is 0 (no denormals)
+  const fVec shifter(12583039.f);    // 1.5 * 2^23 + 127: adding it rounds to an integer (round to nearest)
+  const fVec dc = at::vec::clamp_min(d, lowest);
+  const fVec kf = at::vec::fmadd(dc, fVec(1.44269504088896341f), shifter);
+  const fVec n = kf - shifter;
+  fVec r = at::vec::fmadd(n, fVec(-0.693359375f), dc);
+  r = at::vec::fmadd(n, fVec(2.12194440e-4f), r);
+  fVec poly(1.f / 5040.f);
+  poly = at::vec::fmadd(poly, r, fVec(1.f / 720.f));
+  poly = at::vec::fmadd(poly, r, fVec(1.f / 120.f));
+  poly = at::vec::fmadd(poly, r, fVec(1.f / 24.f));
+  poly = at::vec::fmadd(poly, r, fVec(1.f / 6.f));
+  poly = at::vec::fmadd(poly, r, fVec(0.5f));
+  poly = at::vec::fmadd(poly, r, fVec(1.f));
+  poly = at::vec::fmadd(poly, r, fVec(1.f));
+  return fVec::blendv(poly * pow2_from_shifted(kf), fVec(0.f), d < lowest);
+}
+
+// 1/tau as an unevaluated sum hi + lo of two floats (lo = 0 when tau = 1 or a power of two), so that
+// z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about one rounding of the (small) result: more
+// accurate than rounding z = x / tau first, as the fp32 reference does. With hi alone, the rounding of
+// 1/tau scales every z of the row by (1 + 6e-8): at |z| ~ 10 that is ~5e-7 in log p, over the gradient
+// budget of ops.md section 8.
+struct InvTau {
+  float hi, lo;
+  explicit InvTau(float tau) {
+    const double inv = 1.0 / static_cast<double>(tau);
+    hi = static_cast<float>(inv);
+    lo = static_cast<float>(inv - static_cast<double>(hi));
+  }
+  // x / tau - m (-inf stays -inf: the two-term product would add -inf * lo = +inf to -inf when lo < 0).
+  float shifted(float x, float m) const {
+    if (x == -std::numeric_limits<float>::infinity()) return x - m;
+    return std::fma(x, lo, std::fma(x, hi, -m));
+  }
+};
 
 // Lane-wise maximum that ignores NaN ordering (vmaxps): NaN is detected separately, once per chunk.
 inline fVec fast_max(const fVec& a, const fVec& b) { return at::vec::clamp_min(a, b); }
@@ -100,18 +166,19 @@ inline float chunk_max(const scalar_t* src, int64_t n, float x_label, int64_t* r
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-// Pass 2 over the same (L1-resident) chunk: s += sum exp(d), b += sum d exp(d), d = x / tau - m.
+// Pass 2 over the same (L1-resident) chunk: s += sum exp(d), b += sum d exp(d), d = x / tau - m (InvTau).
 // d = -inf (a -inf logit) gives exp(d) = 0; for the entropy term d is clamped at -200 first, where
 // exp(d) is already exactly 0 in fp32, so the product is 0 and never -inf * 0. Four independent
 // accumulator pairs hide the latency of the exp polynomial.
 template <typename scalar_t, bool kEntropy>
-inline void chunk_sum_exp(const scalar_t* src, int64_t n, float inv_tau, float m, double* s, double* b) {
+inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, float m, double* s, double* b) {
   constexpr int64_t W = fVec::size();
-  const fVec vinv(inv_tau), vm(m), lo(-200.f);
+  const fVec vhi(inv.hi), vlo(inv.lo), vm(m), lo(-200.f), vmin(std::numeric_limits<float>::lowest());
   fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
   auto step = [&](const scalar_t* p, fVec& sa, fVec& ba) {
-    const fVec d = at::vec::fmsub(load_f(p), vinv, vm);
-    const fVec e = d.exp_u20();
+    const fVec x = fast_max(load_f(p), vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
+    const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm));
+    const fVec e = vexp(d);
     sa = sa + e;
     if constexpr (kEntropy) ba = at::vec::fmadd(fast_max(d, lo), e, ba);
   };
@@ -134,7 +201,7 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, float inv_tau, float m
   double st = hsum((s0 + s1) + (s2 + s3));
   double bt = kEntropy ? hsum((b0 + b1) + (b2 + b3)) : 0.0;
   for (; j < n; ++j) {
-    const float d = std::fma(static_cast<float>(src[j]), inv_tau, -m);  // as at::vec::fmsub above
+    const float d = inv.shifted(static_cast<float>(src[j]), m);  // as the vector loop
     const float e = std::exp(d);
     st += e;
     if constexpr (kEntropy) bt += static_cast<double>(std::max(d, -200.f)) * e;
@@ -166,7 +233,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const float inv_tau = 1.f / tau;
+    const InvTau inv(tau);
     const float x_label = static_cast<float>(row[y]);
     float m = -kInf;  // running maximum of z = x / tau
     double s = 0.0, b = 0.0;
@@ -177,7 +244,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       // NaN or +inf logits make the row NaN (ops.md section 7); keep scanning only to finish the rank.
       if (std::isnan(x_max) || x_max == kInf) m = kNaN;
       if (std::isnan(m)) continue;
-      const float m_new = std::max(m, x_max * inv_tau);
+      const float m_new = std::max(m, x_max * inv.hi);  // any shift near the maximum is exact
       if (m_new == -kInf) continue;  // every column so far is -inf: nothing to add, nothing to rescale
       if (m != -kInf) {             // rescale the running sums to the new maximum (never exp(-inf - -inf))
         const double delta = static_cast<double>(m) - m_new;
@@ -185,13 +252,13 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
         if constexpr (kEntropy) b = alpha * (b + delta * s);
         s *= alpha;
       }
-      chunk_sum_exp<scalar_t, kEntropy>(row + c0, n, inv_tau, m_new, &s, &b);
+      chunk_sum_exp<scalar_t, kEntropy>(row + c0, n, inv, m_new, &s, &b);
       m = m_new;
     }
     // All -inf row: m = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (ops.md 2.2). NaN row: all NaN.
     // lp = (z_y - m) - log s, with z_y - m formed by one FMA exactly as the sums formed every exponent.
     const double log_s = std::log(s);
-    const float d_y = std::fma(x_label, inv_tau, -m);
+    const float d_y = inv.shifted(x_label, m);
     a.lse[r] = static_cast<float>(static_cast<double>(m) + log_s);
     a.logprobs[r] = static_cast<float>(static_cast<double>(d_y) - log_s);
     a.stats[2 * r] = m;
@@ -262,7 +329,7 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
 
 // Backward for rows [begin, end) (ops.md 2.3):
 //   dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu),  mu = LSE - H,  dx_j = dz_j / tau,
-// with log p_j = d_j = fma(x_j, 1/tau, -m) - log_sum: the SAME first step as the forward's sums, so each
+// with log p_j = d_j = (x_j / tau - m) - log_sum, x_j / tau - m formed as in the forward's sums, so each
 // row's p_j sum to 1 to fp32 rounding (the gradient row-sum invariant) even for |logits| ~ 1e4. As
 // z_j - mu = d_j + H, for j != y:  dx_j = p_j (c0 + c1 d_j), c0 = -(g_lp + g_H H) / tau, c1 = -g_H / tau.
 // d = -inf gives p = 0 and, with d clamped at -200 (where p is already exactly 0 in fp32), a finite
@@ -283,17 +350,20 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const float inv_tau = 1.f / tau;
+    const InvTau inv(tau);
+    const float inv_tau = inv.hi;
     const float m = a.stats[2 * r], log_sum = a.stats[2 * r + 1];
     const float h = a.grad_entropy ? a.entropy[r] : 0.f;
     // Read the label logit before the row is overwritten (the in-place backward aliases grad and logits).
-    const float d_y = std::fma(static_cast<float>(row[y]), inv_tau, -m) - log_sum;
+    const float d_y = inv.shifted(static_cast<float>(row[y]), m) - log_sum;
     const float c0 = -(g_lp + g_h * h) * inv_tau;
     const float c1 = -g_h * inv_tau;
-    const fVec vinv(inv_tau), vm(m), vlog_sum(log_sum), vc0(c0), vc1(c1), lo(-200.f);
-    auto grad_of = [&](const fVec& x) {
-      const fVec d = at::vec::fmsub(x, vinv, vm) - vlog_sum;
-      return d.exp_u20() * at::vec::fmadd(vc1, fast_max(d, lo), vc0);
+    const fVec vhi(inv.hi), vlo(inv.lo), vm(m), vlog_sum(log_sum), vc0(c0), vc1(c1), lo(-200.f);
+    const fVec vmin(std::numeric_limits<float>::lowest());
+    auto grad_of = [&](const fVec& x_raw) {
+      const fVec x = fast_max(x_raw, vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
+      const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
+      return vexp(d) * at::vec::fmadd(vc1, fast_max(d, lo), vc0);
     };
     for (int64_t c = 0; c < a.vocab; c += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - c);
@@ -310,7 +380,7 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       }
       for (; j + W <= n; j += W) grad_of(load_f(src + j)).store(dst + j);
       for (; j < n; ++j) {
-        const float d = std::fma(static_cast<float>(src[j]), inv_tau, -m) - log_sum;
+        const float d = inv.shifted(static_cast<float>(src[j]), m) - log_sum;
         dst[j] = std::exp(d) * (c0 + c1 * std::max(d, -200.f));
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);

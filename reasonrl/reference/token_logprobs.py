@@ -82,20 +82,27 @@ def token_logprobs_reference(
     z = x / torch.where(tau_ok, tau, torch.ones_like(tau)).unsqueeze(-1)
     good = good & tau_ok
 
-    # log_softmax is the most accurate fp32 formulation (x - max is exact near the maximum), so the rule
-    # "kernel error <= 2 x the fp32 reference's error" stays strict. Under torch.compile it still fuses into
-    # streaming reductions: the gather and the entropy sum read log_softmax as a pointwise expression.
-    logp = torch.log_softmax(z, dim=-1)
+    # log_softmax written out: log p = (z - m) - log sum exp(z - m). z - m is exact near the maximum, which
+    # makes this the most accurate fp32 formulation (the rule "kernel error <= 2 x the fp32 reference's
+    # error" stays strict), and written as row reductions plus pointwise terms it lets torch.compile fuse
+    # everything into streaming reductions with no [N, V] buffer (aten's log_softmax gets its output
+    # materialised: measured 578 ms vs 184 ms compiled at fp32 [4096, 32000]), so "the reference under
+    # torch.compile" is the strong baseline it is meant to be. m is detached: the result does not depend on
+    # it, and autograd need not route a (mathematically zero) gradient through the arg-max.
+    m = z.detach().amax(dim=-1, keepdim=True)
+    zs = z - m
+    log_s = zs.exp().sum(dim=-1, keepdim=True).log()
     zero = torch.zeros((), dtype=compute_dtype, device=x.device)
     nan = torch.full((), float("nan"), dtype=compute_dtype, device=x.device)
 
-    lp = logp.gather(-1, safe_y.unsqueeze(-1)).squeeze(-1)
+    lp = (zs.gather(-1, safe_y.unsqueeze(-1)) - log_s).squeeze(-1)
     # Out-of-range labels / bad temperature: NaN (loud); ignored rows: 0. torch.where keeps the gradient
     # of those rows at 0.
     lp = torch.where(good, lp, torch.where(valid, nan, zero))
 
     entropy = None
     if want_entropy:
+        logp = zs - log_s
         p = logp.exp()
         # A -inf logit has p == 0 and logp == -inf: its term must be 0, not 0 * -inf = NaN, in the
         # forward AND the backward (masking the product would still give d(p*logp)/dp = -inf * 0).
@@ -113,7 +120,7 @@ def token_logprobs_reference(
 
     lse = None
     if return_lse:
-        lse_all = torch.logsumexp(z.detach(), dim=-1)
+        lse_all = (m + log_s.detach()).squeeze(-1)
         lse = torch.where(good, lse_all, torch.where(valid, nan, zero)).reshape(lead_shape)
 
     return TokenLogprobs(lp.reshape(lead_shape), entropy, rank, lse)
