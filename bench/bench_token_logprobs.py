@@ -80,7 +80,7 @@ PEER_DISTS = ("trl", "liger-kernel", "flash-attn", "transformers")
 PROFILES: dict[str, dict[str, list[tuple[int, int, str]]]] = {
     "quick": {
         "cpu": [(4096, 32000, "float32")],
-        "cuda": [(4096, 151936, "bfloat16"), (16384, 151936, "bfloat16")],
+        "cuda": [(8192, 151936, "bfloat16"), (16384, 151936, "bfloat16")],
     },
     "full": {
         "cpu": [(1024, 32000, "float32"), (4096, 32000, "float32"), (1024, 151936, "float32"),
