@@ -19,7 +19,7 @@ endif
 demo: .setup-done
 	$(PY) -m reasonrl.cli demo
 
-test: .setup-done
+test: .setup-done .parity-done
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: .setup-done
@@ -36,5 +36,15 @@ setup: .setup-done
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,trl]"
 	@touch $@
 
+# Parity tests compare the losses and advantages with verl's own core_algos. verl is installed without its
+# dependencies (it pins versions that would replace torch and transformers), plus the few modules its
+# core_algos import needs; pip's note about verl's other unmet pins is expected. If this step cannot run,
+# those tests skip with the reason.
+.parity-done: .setup-done
+	$(PY) -m pip install -q --no-deps "verl==0.9.1" && \
+	  $(PY) -m pip install -q omegaconf codetiming "tensordict==0.8.3" ray || \
+	  echo "reasonrl: verl parity dependencies unavailable; those tests will be skipped"
+	@touch $@
+
 clean:
-	rm -rf build .setup-done reasonrl/_C*.so *.egg-info
+	rm -rf build .setup-done .parity-done reasonrl/_C*.so *.egg-info
