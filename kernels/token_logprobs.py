@@ -8,8 +8,8 @@ Forward: a 1-D grid of N programs (any N up to 2^31 - 1; nothing on grid axes 1/
 row in BLOCK_V columns with the online log-sum-exp of ops.md 2.2: z = x / tau, one maximum per block,
 e = exp2((z - m) log2(e)) (the difference, not z, is scaled to base 2: the exponent's rounding error stays
 proportional to |z - m|, which is what keeps the gradient within 2x of the fp32 reference's error), and the
-shifted entropy accumulator b = sum (z - m) e so that H = ln(s) - b / s never cancels. m starts at -inf; a block whose
-maximum is -inf leaves the state unchanged (the rescale factor is computed only when m is finite); terms with
+shifted entropy accumulator b = sum (z - m) e so that H = ln(s) - b / s never cancels (1.4426950408889634 is
+log2(e) in the kernels). m starts at -inf; a block whose maximum is -inf leaves the state unchanged (the rescale factor is computed only when m is finite); terms with
 z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are runtime arguments, so a new
 sequence length or vocabulary never recompiles; only BLOCK_V and the feature flags (HAS_ENTROPY, HAS_RANK,
 HAS_TEMP) are constexpr.
@@ -30,10 +30,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 
 def _block_v(vocab: int) -> int:
     # Two buckets, not one block size per vocabulary (which would recompile for every V): large blocks
