@@ -648,8 +648,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="dtype[,dtype...]: replaces the profile's dtypes")
     ap.add_argument("--providers", type=_csv(tuple(PROVIDERS)), default=list(PROVIDERS),
                     help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all)")
-    ap.add_argument("--modes", type=_csv(MODES), default=list(MODES),
-                    help="comma-separated subset of fwd,bwd,full")
+    ap.add_argument("--modes", type=_csv(MODES),
+                    help="comma-separated subset of fwd,bwd,full (default: all; the CPU quick profile times "
+                         "fwd and full only, so that `make demo` stays under 3 minutes on 2 cores: the eager "
+                         "reference and TRL's pair take seconds per backward)")
     ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_OUT_DIR, help="default: bench/results")
     ap.add_argument("--threads", type=int,
                     help=f"torch CPU threads (default on CPU: {DEFAULT_CPU_THREADS}, the setting of the CPU "
@@ -683,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and (why := common.cpu_peak_supported()) is not None:
         _log(f"peak memory will not be measured: {why}")
     providers = [PROVIDERS[name] for name in args.providers]
+    if args.modes is None:
+        args.modes = ["fwd", "full"] if (args.profile == "quick" and device.type == "cpu") else list(MODES)
     report = common.new_report(OP, device, PEER_DISTS, args.profile, argv)
     report["ceilings"] = common.measure_ceilings(device)
     ceilings = report["ceilings"]
