@@ -37,6 +37,22 @@ def _block_v(vocab: int) -> int:
     return 1024 if vocab <= 8192 else 4096
 
 
+@triton.jit
+def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar, vocab, ignore_index,
+               HAS_TEMP: tl.constexpr):
+    """The row's label and temperature, and whether the row has a distribution to evaluate: a label in
+    [0, V) that is not ignore_index, and a finite temperature > 0. Anything else (validate=False) gives the
+    documented fills: zeros for ignored rows, NaN otherwise, and a zero gradient."""
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if HAS_TEMP:
+        tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
+    else:
+        tau = temperature_scalar
+    tau_ok = (tau > 0) & (tau < float("inf"))
+    valid = (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
+    return label, tau, valid
+
+
 @triton.jit(do_not_specialize=["vocab", "ignore_index"])
 def _token_logprobs_fwd_kernel(
     logits_ptr,
@@ -58,14 +74,8 @@ def _token_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    if HAS_TEMP:
-        tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
-    else:
-        tau = temperature_scalar
-    # A temperature that is not finite and > 0 (validate=False) makes the row NaN, like a bad label.
-    tau_ok = (tau > 0) & (tau < float("inf"))
-    valid = (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
+    label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
+                                   vocab, ignore_index, HAS_TEMP)
     if valid:
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row * stride_logits_n
@@ -142,13 +152,8 @@ def _token_logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    if HAS_TEMP:
-        tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
-    else:
-        tau = temperature_scalar
-    tau_ok = (tau > 0) & (tau < float("inf"))
-    valid = (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
+    label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
+                                   vocab, ignore_index, HAS_TEMP)
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     cols = tl.arange(0, BLOCK_V)
