@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from reasonrl import testing
+from reasonrl.reference import token_logprobs_reference
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -241,8 +242,10 @@ def row_chunks(n: int, row_elems: int, max_elems: int = 1 << 24) -> list[slice]:
 
 
 def _mean_entropy(logits: torch.Tensor, temperature: float) -> float:
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return float(-(logp.exp() * logp).sum(-1).mean())
+    """Mean per-row entropy of softmax(logits / T), from THE reference."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return float(token_logprobs_reference(logits, labels, temperature=temperature,
+                                          want_entropy=True).entropy.mean())
 
 
 def _calibrate_scale(raw: torch.Tensor, temperature: float, target: float) -> float:

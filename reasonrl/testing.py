@@ -307,8 +307,9 @@ def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=Non
 
 
 def _entropy(z: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(z, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Per-row entropy of softmax(z), from THE reference (labels are irrelevant to the entropy)."""
+    labels = torch.zeros(z.shape[:-1], dtype=torch.long, device=z.device)
+    return token_logprobs_reference(z, labels, want_entropy=True).entropy
 
 
 def make_logits(
