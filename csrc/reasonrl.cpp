@@ -24,6 +24,17 @@ TORCH_LIBRARY(reasonrl, m) {
       "token_logprobs_bwd_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
       "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, "
       "Tensor entropy) -> ()");
+  // The single-pass fused policy loss (losses.md section 13.1; csrc/cpu/policy_loss.cpp documents the
+  // token_inputs columns, loss_kind / kl_kind codes and the params order). Returns lp, H, LSE, the per-token
+  // upstream gradients it used, and dLoss/dlogits, all computed in one sweep over the logits.
+  m.def(
+      "policy_loss_fused(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
+      "int ignore_index, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) -> (Tensor logprobs, "
+      "Tensor entropy, Tensor lse, Tensor grad_logprobs, Tensor grad_entropy, Tensor grad_logits)");
+  // The per-token functor of policy_loss_fused alone: dLoss/dlp from lp and token_inputs (tests, O(N)).
+  m.def(
+      "policy_loss_token_grad(Tensor logprobs, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) "
+      "-> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -53,6 +53,68 @@ def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperatu
     return label, tau, valid
 
 
+@triton.jit
+def _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY: tl.constexpr, HAS_RANK: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """One streaming sweep over a row (ops.md 2.2): the maximum m of z = x / tau, s = sum exp(z - m), the
+    shifted entropy accumulator b = sum (z - m) exp(z - m) and the rank count #{j : x_j > x_label}."""
+    m = -float("inf")
+    s = 0.0
+    b = 0.0
+    count = 0
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        in_v = offs < vocab
+        x = tl.load(row_ptr + offs, mask=in_v, other=-float("inf")).to(tl.float32)
+        if HAS_RANK:
+            count += tl.sum((x > x_label).to(tl.int32), axis=0)
+        z = x * inv_tau
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # NaN / +inf logits need no extra check: whether or not the max propagates NaN, d = NaN for that
+        # column (NaN - m or inf - inf), so s becomes NaN and so do LSE, lp and H. The test is != -inf
+        # (not > -inf) so that a NaN maximum also enters the branch.
+        if m_new != -float("inf"):
+            alpha = tl.where(m > -float("inf"), tl.exp2((m - m_new) * 1.4426950408889634), 0.0)
+            # d = z - m is exact near the maximum; scaling the DIFFERENCE by log2(e) (not z itself) keeps
+            # the exponent's rounding error proportional to |d|, small exactly where p is large.
+            d = z - m_new
+            e = tl.exp2(d * 1.4426950408889634)
+            if HAS_ENTROPY:
+                b = alpha * (b + tl.where(m > -float("inf"), (m - m_new) * s, 0.0)) + tl.sum(
+                    tl.where(e > 0, d * e, 0.0), axis=0
+                )
+            s = alpha * s + tl.sum(e, axis=0)
+            m = m_new
+    return m, s, b, count
+
+
+@triton.jit
+def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V: tl.constexpr):
+    """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row (ops.md 2.3),
+    with ln p_j = (z_j - m) - ln s formed exactly as the forward formed every exponent."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        in_v = offs < vocab
+        x = tl.load(row_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
+        d = (x * inv_tau - m) - log_s  # ln p_j, formed as in the forward
+        p = tl.exp2(d * 1.4426950408889634)
+        # z_j - mu = ln p_j + H;  dz_j = g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)
+        dz = -p * (g_lp + g_h * (d + h))
+        dz = tl.where(p > 0, dz, 0.0)  # p = 0 at -inf logits: never 0 * inf
+        dz = tl.where(offs == label, dz + g_lp, dz)
+        tl.store(grad_row_ptr + offs, (dz * inv_tau).to(grad_row_ptr.dtype.element_ty), mask=in_v)
+
+
+@triton.jit
+def _row_zero(grad_row_ptr, vocab, BLOCK_V: tl.constexpr):
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty), mask=offs < vocab)
+
+
 @triton.jit(do_not_specialize=["vocab", "ignore_index"])
 def _token_logprobs_fwd_kernel(
     logits_ptr,
@@ -80,34 +142,7 @@ def _token_logprobs_fwd_kernel(
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row * stride_logits_n
         x_label = tl.load(row_ptr + label).to(tl.float32)
-        m = -float("inf")
-        s = 0.0
-        b = 0.0
-        count = 0
-        cols = tl.arange(0, BLOCK_V)
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            in_v = offs < vocab
-            x = tl.load(row_ptr + offs, mask=in_v, other=-float("inf")).to(tl.float32)
-            if HAS_RANK:
-                count += tl.sum((x > x_label).to(tl.int32), axis=0)
-            z = x * inv_tau
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # NaN / +inf logits need no extra check: whether or not the max propagates NaN, d = NaN for that
-            # column (NaN - m or inf - inf), so s becomes NaN and so do LSE, lp and H. The test is != -inf
-            # (not > -inf) so that a NaN maximum also enters the branch.
-            if m_new != -float("inf"):
-                alpha = tl.where(m > -float("inf"), tl.exp2((m - m_new) * 1.4426950408889634), 0.0)
-                # d = z - m is exact near the maximum; scaling the DIFFERENCE by log2(e) (not z itself) keeps
-                # the exponent's rounding error proportional to |d|, small exactly where p is large.
-                d = z - m_new
-                e = tl.exp2(d * 1.4426950408889634)
-                if HAS_ENTROPY:
-                    b = alpha * (b + tl.where(m > -float("inf"), (m - m_new) * s, 0.0)) + tl.sum(
-                        tl.where(e > 0, d * e, 0.0), axis=0
-                    )
-                s = alpha * s + tl.sum(e, axis=0)
-                m = m_new
+        m, s, b, count = _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V)
         log_s = tl.log(s)
         # lp = (z_y - m) - log s, z_y rounded exactly as every z in the loop: exact near the maximum.
         tl.store(logprobs_ptr + row, (x_label * inv_tau - m) - log_s)
@@ -156,7 +191,6 @@ def _token_logprobs_bwd_kernel(
                                    vocab, ignore_index, HAS_TEMP)
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
-    cols = tl.arange(0, BLOCK_V)
     if valid:
         inv_tau = 1.0 / tau  # bitwise the forward's
         m = tl.load(stats_ptr + 2 * row)
@@ -169,21 +203,9 @@ def _token_logprobs_bwd_kernel(
         if HAS_GRAD_H:
             g_h = tl.load(grad_entropy_ptr + row).to(tl.float32)
             h = tl.load(entropy_ptr + row)
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            in_v = offs < vocab
-            x = tl.load(row_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
-            d = (x * inv_tau - m) - log_s  # ln p_j, formed as in the forward
-            p = tl.exp2(d * 1.4426950408889634)
-            # z_j - mu = ln p_j + H;  dz_j = g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)
-            dz = -p * (g_lp + g_h * (d + h))
-            dz = tl.where(p > 0, dz, 0.0)  # p = 0 at -inf logits: never 0 * inf
-            dz = tl.where(offs == label, dz + g_lp, dz)
-            tl.store(grad_row_ptr + offs, (dz * inv_tau).to(grad_ptr.dtype.element_ty), mask=in_v)
+        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V)
     else:
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < vocab)
+        _row_zero(grad_row_ptr, vocab, BLOCK_V)
 
 
 def _direct_launch(kernel):

@@ -16,7 +16,15 @@ from torch import nn
 
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
 from reasonrl.losses.types import LossOutput, RolloutISMetrics
-from reasonrl.ops.token_logprobs import token_logprobs, validation_enabled
+from reasonrl.losses.fused import fused_policy_loss_from_logits, single_pass_blocker
+from reasonrl.ops.policy_loss import fused_kernel, select_fused_impl
+from reasonrl.ops.token_logprobs import (
+    _check_args,
+    _check_outputs,
+    _validate_values,
+    token_logprobs,
+    validation_enabled,
+)
 
 # A module import, not a name import: reasonrl.reference.policy_loss imports this package's config and
 # types, and a module import stays valid when the reference is imported first (the names are looked up at
@@ -110,10 +118,18 @@ def policy_loss_from_logits(
         Every other argument as in :func:`policy_loss`; ``impl`` / ``validate`` as in ``token_logprobs``.
 
     The entropy is always computed (for the ``entropy`` metric, the bonus and the top-entropy mask): in the
-    fused kernel it costs one FMA per logit. Cost today: the two-phase path of losses.md section 13.2 (one
-    read of the logits for the statistics, one read + one write for the gradient; the per-token loss and its
-    gradient w.r.t. log-prob / entropy are O(N) in between). No [N, V] tensor other than the gradient is
-    allocated.
+    fused kernel it costs one FMA per logit. No [N, V] tensor other than the gradient is allocated.
+
+    Cost (losses.md section 13): when the logits require grad and the configuration is token-local (token
+    importance-sampling level, no VESPO, no off-policy or top-entropy mask, ``return_per_token=False``; see
+    :func:`reasonrl.losses.fused.single_pass_blocker`), the ``cpp`` and ``triton`` implementations run the
+    single-pass kernel: each row of logits is read once and its gradient written once, during the forward
+    call, and ``loss.backward()`` hands that buffer over. The loss value and the metrics are then evaluated
+    by the reference formulas over the kernel's per-token log-probs and entropies (O(N)). Every other case
+    takes the two-phase path of section 13.2: ``token_logprobs`` (one read), the per-token loss and its
+    gradient with respect to log-prob / entropy (O(N)), then the ``token_logprobs`` backward (one read + one
+    write), never more than an unfused forward + backward. ``per_token_loss`` is only returned (with its
+    gradient) on the two-phase path, which ``return_per_token=True`` selects.
     """
     token_shape = logits.shape[:-1]
     if labels.shape != token_shape:
@@ -127,16 +143,40 @@ def policy_loss_from_logits(
         valid = valid & mask.bool()
         # Masked tokens need no vocabulary pass: their label becomes ignore_index (O(N)).
         labels = labels.masked_fill(~valid, ignore_index)
+    temperature = config.temperature if temperature is None else temperature
+    common = dict(
+        advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs, is_weights=is_weights, normalizers=normalizers, config=config,
+        entropy_coef=entropy_coef,
+    )
+    if (
+        logits.requires_grad and torch.is_grad_enabled()
+        and single_pass_blocker(config, return_per_token=return_per_token) is None
+    ):
+        _check_args(logits, labels, temperature, ignore_index)
+        _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0)
+        if validate is None:
+            validate = validation_enabled()
+        chosen = select_fused_impl(impl, logits.device.type, logits.dtype)
+        if chosen in ("cpp", "triton"):
+            if validate:
+                _validate_values(logits, labels.reshape(-1), temperature, ignore_index)
+
+            def check_outputs(lp, labels_flat):
+                if validate:
+                    _check_outputs(lp, labels_flat, ignore_index)
+
+            return fused_policy_loss_from_logits(
+                logits, labels, kernel=fused_kernel(chosen), valid=valid, temperature=temperature,
+                ignore_index=ignore_index, check_outputs=check_outputs, **common,
+            )
+        impl = chosen  # "reference" / "cuda": the two-phase composition below
     out = token_logprobs(
-        logits, labels, temperature=config.temperature if temperature is None else temperature,
-        ignore_index=ignore_index, want_entropy=True, impl=impl, validate=validate,
+        logits, labels, temperature=temperature, ignore_index=ignore_index, want_entropy=True, impl=impl,
+        validate=validate,
     )
-    return policy_loss(
-        out.logprobs, advantages=advantages, mask=valid, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
-        entropies=out.entropy, normalizers=normalizers, config=config, entropy_coef=entropy_coef,
-        return_per_token=return_per_token,
-    )
+    return policy_loss(out.logprobs, mask=valid, entropies=out.entropy, return_per_token=return_per_token,
+                       **common)
 
 
 def rollout_is_weights(

@@ -289,6 +289,23 @@ def _check_outputs(lp, labels_flat, ignore_index):
         )
 
 
+def flatten_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor):
+    """The kernels' row view of the arguments: ``(x [N, V] with unit vocabulary stride, labels [N],
+    temperature [N] in the accumulation dtype or None, temperature_scalar)``. A view when possible; one
+    copy of the logits only when their rows cannot be flattened or the vocabulary is strided."""
+    x = logits.reshape(-1, logits.shape[-1])
+    if x.stride(-1) != 1:
+        if not torch.compiler.is_compiling():
+            logger.debug("token_logprobs: logits have stride %d on the vocabulary; making one contiguous copy",
+                         x.stride(-1))
+        x = x.contiguous()
+    if isinstance(temperature, torch.Tensor):
+        temp_t = temperature.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        temp_t = temp_t.reshape(-1) if temp_t.dim() > 0 else temp_t.reshape(1).expand(x.shape[0])
+        return x, labels.reshape(-1), temp_t, 1.0
+    return x, labels.reshape(-1), None, float(temperature)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------------
@@ -348,22 +365,10 @@ def token_logprobs(
             _check_outputs(out.logprobs.reshape(-1), labels.reshape(-1), ignore_index)
         return out
 
-    x = logits.reshape(-1, vocab)
-    if x.stride(-1) != 1:
-        if not torch.compiler.is_compiling():
-            logger.debug("token_logprobs: logits have stride %d on the vocabulary; making one contiguous copy",
-                         x.stride(-1))
-        x = x.contiguous()
+    x, labels_flat, temp_t, temp_scalar = flatten_rows(logits, labels, temperature)
     if inplace_backward and not (x.is_contiguous() and x.data_ptr() == logits.data_ptr()):
         raise ValueError("token_logprobs: inplace_backward=True needs contiguous logits (the gradient is "
                          "written into their storage)")
-    labels_flat = labels.reshape(-1)
-    if isinstance(temperature, torch.Tensor):
-        temp_t = temperature.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        temp_t = temp_t.reshape(-1) if temp_t.dim() > 0 else temp_t.reshape(1).expand(x.shape[0])
-        temp_scalar = 1.0
-    else:
-        temp_t, temp_scalar = None, float(temperature)
 
     # 'cpp' and 'cuda' are the same dispatcher ops (TORCH_LIBRARY_IMPL per device); 'triton' are triton_ops.
     # Both were registered by _select_impl; plain torch.ops attribute access keeps this traceable.

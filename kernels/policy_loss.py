@@ -1,0 +1,175 @@
+"""Triton kernel of the single-pass fused policy loss (losses.md section 13.1).
+
+One program per row, as the token_logprobs kernels (and with their row sweeps, ``_row_stats`` /
+``_row_grad``, so the numerics of lp, H and the gradient are exactly theirs):
+
+1. sweep the row once for (m, ln s, b): lp, H, LSE;
+2. the per-token functor ``_token_grad`` turns lp and the row's ``token_inputs`` (A, old, ref, c_pg, c_kl,
+   g_H; the layout of csrc/cpu/policy_loss.cpp) into g_lp = dLoss/dlp;
+3. sweep the row again writing dLoss/dlogits. On a GPU the second sweep re-reads the row from L2 when the
+   in-flight rows fit (a 150k bf16 row is 297 KiB; 132 SMs x a few rows exceed H100's 50 MiB L2, so the
+   expected cost is between 1 read + 1 write and 2 reads + 1 write; keeping the row in shared memory of a
+   cluster, as QuACK does, is the known next step).
+
+The functor runs in fp32 (the C++ one in fp64). The loss kind, the KL estimator and the flags are constexpr
+(a handful of variants); every hyper-parameter (clip bounds, delta, dual clip C, log-ratio clamp, CISPO cap,
+SAPO temperatures) is a runtime argument, so changing one never recompiles, nor does N or V.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from reasonrl.kernels.token_logprobs import _block_v, _direct_launch, _row_grad, _row_setup, _row_stats, _row_zero
+
+# Codes of csrc/cpu/policy_loss.cpp (LossKind / KlKind).
+_CLIP, _CISPO_UPPER, _CISPO_TWO_SIDED, _SAPO, _REINFORCE = 0, 1, 2, 3, 4
+_K1, _ABS, _K2, _K3, _LOW_VAR_KL, _STRAIGHT_THROUGH = 1, 2, 3, 4, 5, 8
+
+
+@triton.jit
+def _token_grad(lp, a, old, ref, c_pg, c_kl, eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp,
+                cispo_max, tau_pos, tau_neg, LOSS_KIND: tl.constexpr, KL_BASE: tl.constexpr,
+                KL_ST: tl.constexpr, HAS_OLD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                DUAL_CLIP: tl.constexpr):
+    """dLoss/dlp of one token: d(c_pg l_pg + c_kl kappa)/dlp (losses.md 6, 7, 9), torch.clamp's convention
+    at the bounds (the gradient passes on a bound) and the unclipped branch on the clip's tie."""
+    delta = 0.0
+    if HAS_OLD:
+        delta = lp - old
+    d_delta = tl.where((delta > log_ratio_clamp) | (delta < -log_ratio_clamp), 0.0, 1.0)
+    delta = tl.minimum(tl.maximum(delta, -log_ratio_clamp), log_ratio_clamp)
+    w = tl.exp(delta)
+    dw = w * d_delta
+    lo = 1.0 - eps_low
+    hi = 1.0 + eps_high
+    if LOSS_KIND == 0:  # clip family, with TRL's delta cap and verl's dual clip
+        c1 = tl.minimum(w, delta_cap)
+        dc1 = tl.where(w <= delta_cap, dw, 0.0)
+        c2 = tl.minimum(tl.maximum(w, lo), hi)
+        dc2 = tl.where((w >= lo) & (w <= hi), dw, 0.0)
+        a1 = c1 * a
+        a2 = c2 * a
+        loss = tl.where(a1 <= a2, -a1, -a2)
+        dl = tl.where(a1 <= a2, -a * dc1, -a * dc2)
+        if DUAL_CLIP:
+            dl = tl.where((a < 0) & (loss > -dual_clip_c * a), 0.0, dl)
+    elif LOSS_KIND == 1:  # CISPO, upper cap
+        dl = -tl.minimum(w, cispo_max) * a
+    elif LOSS_KIND == 2:  # CISPO, two-sided clip
+        dl = -tl.minimum(tl.maximum(w, lo), hi) * a
+    elif LOSS_KIND == 3:  # SAPO
+        tau = tl.where(a > 0, tau_pos, tau_neg)
+        s = 1.0 / (1.0 + tl.exp(-tau * (w - 1.0)))
+        dl = -4.0 * s * (1.0 - s) * a * dw
+    else:  # REINFORCE
+        dl = -a
+    g = c_pg * dl
+    if KL_BASE != 0:
+        d = lp - ref
+        if KL_BASE == 1:  # k1
+            kappa = d
+            dk = 1.0
+        elif KL_BASE == 2:  # abs
+            kappa = tl.abs(d)
+            dk = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        elif KL_BASE == 3:  # k2
+            kappa = 0.5 * d * d
+            dk = d
+        elif KL_BASE == 4:  # k3 (TRL, unclamped): e^x - x - 1, x = ref - lp
+            ex = tl.exp(-d)
+            kappa = ex + d - 1.0
+            dk = 1.0 - ex
+        else:  # low_var_kl (verl): x clamped to +-20, kappa clamped to +-10
+            x = -d
+            xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
+            ex = tl.exp(xc)
+            raw = ex - xc - 1.0
+            kappa = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+            dk = tl.where((x >= -20.0) & (x <= 20.0) & (raw >= -10.0) & (raw <= 10.0), 1.0 - ex, 0.0)
+        if KL_ST:
+            dk = d
+        if BIAS_CORRECTION:
+            dk = w * dk + kappa * dw
+        g += c_kl * dk
+    return g
+
+
+@triton.jit(do_not_specialize=["vocab", "ignore_index"])
+def _policy_loss_fused_kernel(
+    logits_ptr, labels_ptr, temperature_ptr, inputs_ptr,
+    logprobs_ptr, entropy_ptr, lse_ptr, grad_lp_ptr, grad_h_ptr, grad_ptr,
+    stride_logits_n, stride_grad_n, stride_temperature_n, temperature_scalar, vocab, ignore_index,
+    eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
+    HAS_TEMP: tl.constexpr, LOSS_KIND: tl.constexpr, KL_BASE: tl.constexpr, KL_ST: tl.constexpr,
+    HAS_OLD: tl.constexpr, BIAS_CORRECTION: tl.constexpr, DUAL_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
+                                   vocab, ignore_index, HAS_TEMP)
+    row_ptr = logits_ptr + row * stride_logits_n
+    grad_row_ptr = grad_ptr + row * stride_grad_n
+    if valid:
+        inv_tau = 1.0 / tau
+        x_label = tl.load(row_ptr + label).to(tl.float32)
+        m, s, b, _ = _row_stats(row_ptr, x_label, inv_tau, vocab, True, False, BLOCK_V)
+        log_s = tl.log(s)
+        lp = (x_label * inv_tau - m) - log_s
+        h = log_s - b / s
+        tl.store(logprobs_ptr + row, lp)
+        tl.store(entropy_ptr + row, h)
+        tl.store(lse_ptr + row, m + log_s)
+        inp = inputs_ptr + row * 6
+        g_lp = _token_grad(
+            lp, tl.load(inp + 0), tl.load(inp + 1), tl.load(inp + 2), tl.load(inp + 3), tl.load(inp + 4),
+            eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
+            LOSS_KIND, KL_BASE, KL_ST, HAS_OLD, BIAS_CORRECTION, DUAL_CLIP,
+        )
+        g_h = tl.load(inp + 5)
+        if lp != lp:  # NaN row (NaN / +inf logits): no gradient; the Python layer reports it
+            g_lp = 0.0
+            g_h = 0.0
+        tl.store(grad_lp_ptr + row, g_lp)
+        tl.store(grad_h_ptr + row, g_h)
+        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V)
+    else:
+        fill = tl.where(label == ignore_index, 0.0, float("nan"))
+        tl.store(logprobs_ptr + row, fill)
+        tl.store(entropy_ptr + row, fill)
+        tl.store(lse_ptr + row, fill)
+        tl.store(grad_lp_ptr + row, 0.0)
+        tl.store(grad_h_ptr + row, 0.0)
+        _row_zero(grad_row_ptr, vocab, BLOCK_V)
+
+
+def policy_loss_fused(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind,
+                      kl_kind, params, *, launch=_direct_launch):
+    """Launch the fused kernel; returns (logprobs, entropy, lse, grad_logprobs, grad_entropy, grad_logits)
+    like the C++ op ``reasonrl::policy_loss_fused``."""
+    n, vocab = logits.shape
+    dev = logits.device
+    rows = [torch.empty((n,), device=dev, dtype=torch.float32) for _ in range(5)]
+    lp, ent, lse, g_lp, g_h = rows
+    grad = torch.empty((n, vocab), device=dev, dtype=logits.dtype)
+    if n == 0:
+        return lp, ent, lse, g_lp, g_h, grad
+    if token_inputs.dtype != torch.float32 or tuple(token_inputs.shape) != (n, 6):
+        raise ValueError(f"policy_loss_fused: token_inputs must be float32 [N, 6] = [{n}, 6], got "
+                         f"{token_inputs.dtype} {tuple(token_inputs.shape)}")
+    (eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg, has_old,
+     bias_correction) = params
+    has_temp = temperature is not None
+    launch(_policy_loss_fused_kernel)[(n,)](
+        logits, labels, temperature if has_temp else lp, token_inputs.contiguous(),
+        lp, ent, lse, g_lp, g_h, grad,
+        logits.stride(0), grad.stride(0), temperature.stride(0) if has_temp else 0, float(temperature_scalar),
+        vocab, ignore_index,
+        float(eps_low), float(eps_high), float(delta_cap), float(dual_clip_c), float(log_ratio_clamp),
+        float(cispo_max), float(tau_pos), float(tau_neg),
+        HAS_TEMP=has_temp, LOSS_KIND=int(loss_kind), KL_BASE=int(kl_kind) & ~_STRAIGHT_THROUGH,
+        KL_ST=bool(int(kl_kind) & _STRAIGHT_THROUGH), HAS_OLD=bool(has_old), BIAS_CORRECTION=bool(bias_correction),
+        DUAL_CLIP=float(dual_clip_c) > 0, BLOCK_V=_block_v(vocab), num_warps=8,
+    )
+    return lp, ent, lse, g_lp, g_h, grad
