@@ -17,7 +17,7 @@ from torch import nn
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
 from reasonrl.losses.types import LossOutput, RolloutISMetrics
 from reasonrl.losses.fused import fused_policy_loss_from_logits, single_pass_blocker
-from reasonrl.ops.policy_loss import fused_kernel, select_fused_impl
+from reasonrl.ops.policy_loss import fused_op, select_fused_impl
 from reasonrl.ops.token_logprobs import (
     _check_args,
     _check_outputs,
@@ -167,7 +167,7 @@ def policy_loss_from_logits(
                     _check_outputs(lp, labels_flat, ignore_index)
 
             return fused_policy_loss_from_logits(
-                logits, labels, kernel=fused_kernel(chosen), valid=valid, temperature=temperature,
+                logits, labels, kernel=fused_op(chosen), valid=valid, temperature=temperature,
                 ignore_index=ignore_index, check_outputs=check_outputs, **common,
             )
         impl = chosen  # "reference" / "cuda": the two-phase composition below

@@ -21,7 +21,7 @@ import torch
 
 from reasonrl._backend import load_extension, resolve_impl
 
-__all__ = ["fused_kernel", "select_fused_impl"]
+__all__ = ["fused_kernel", "fused_op", "select_fused_impl"]
 
 
 def _fake(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind, params):
@@ -80,3 +80,11 @@ def fused_kernel(impl: str):
     if impl == "triton":
         return _triton_ops()
     raise RuntimeError(f"no fused policy-loss kernel for impl={impl!r}")
+
+
+def fused_op(impl: str):
+    """The fused op of ``impl`` once :func:`select_fused_impl` has registered it: plain ``torch.ops``
+    attribute access, which torch.compile traces (unlike the cached registration functions)."""
+    if impl == "triton":
+        return torch.ops.reasonrl.policy_loss_fused_triton.default
+    return torch.ops.reasonrl.policy_loss_fused.default
