@@ -14,6 +14,7 @@ import sys
 # op name -> module exposing main(argv: list[str] | None) -> int
 BENCHMARKS: dict[str, str] = {
     "token_logprobs": "bench.bench_token_logprobs",
+    "policy_loss": "bench.bench_policy_loss",
 }
 
 

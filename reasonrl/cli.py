@@ -3,7 +3,8 @@
 * ``info``  versions, which backends are active on this machine and why the others are not.
 * ``bench`` the benchmarks of bench/ (a source checkout is needed: they are not part of the wheel);
   arguments after ``bench`` are passed to ``bench/run_all.py``.
-* ``demo``  what ``make demo`` runs: ``info``, then the quick benchmark profile.
+* ``demo``  what ``make demo`` runs: ``info``, then the quick profile of the fused policy-loss benchmark
+  (the training step's hot path; ``reasonrl bench`` runs every benchmark).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and active backends")
     sub.add_parser("bench", help="run the benchmarks (options: reasonrl bench --help)", add_help=False)
-    sub.add_parser("demo", help="info, then the quick benchmark profile")
+    sub.add_parser("demo", help="info, then the quick profile of the policy-loss benchmark")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         _print_info()
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _print_info()
         print()
-        return _run_bench(["--profile", "quick", *rest])
+        return _run_bench(["--only", "policy_loss", "--profile", "quick", *rest])
     parser.error(f"unknown command {args.command}")
     return 2
 
