@@ -76,9 +76,11 @@ grad_hidden accumulator once per chunk (N x H x 8 bytes per chunk).
 
 Block sizes (constexpr, ``_tile_config``): BLOCK_N = next power of two of N clamped to [16, 128] (four
 buckets, so small batches do not compute 128-row tiles of padding); BLOCK_V = 128, BLOCK_K = 64,
-num_warps = 8 for 16-bit inputs (the H100 bf16 default: 128 x 128 x 64 tiles); BLOCK_V = 64, BLOCK_K = 32,
-num_warps = 4 for fp32 (IEEE fp32 dots run on FMA units; smaller tiles keep register pressure sane). Nothing
-has been tuned on a GPU yet. N, V, H, the chunk offsets and ignore_index are runtime arguments listed in
+num_warps = 8 for 16-bit inputs (the H100 bf16 default: 128 x 128 x 64 tiles); BLOCK_N <= 64, BLOCK_V = 64,
+BLOCK_K = 32, num_warps = 8 for fp32 (IEEE fp32 dots run on FMA units; smaller tiles keep register pressure
+sane). Checked only by compiling ahead of time for sm_90 on a machine without a GPU (ptxas resource usage:
+no spills for the bf16 forward / dz kernels at 128 x 128 x 64, 8 warps; 24 bytes of stack for fp32 at
+64 x 64 x 32, 8 warps, against 288 with 4 warps). Nothing has been timed or tuned on a GPU. N, V, H, the chunk offsets and ignore_index are runtime arguments listed in
 ``do_not_specialize``, so a new sequence length, vocabulary or hidden size never recompiles a kernel (row
 strides are left to Triton's usual ==1 / %16 specialisation: at most two variants, for vectorised loads).
 
@@ -108,8 +110,14 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 @triton.jit
 def _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n, temperature_scalar, vocab,
                 ignore_index, HAS_TEMP: tl.constexpr):
-    """Per row of a block: label, 1 / tau, and validity (a label in [0, V) other than ignore_index, a finite
-    temperature > 0, and a row inside [0, N)). Invalid rows get tau = 1 so that no NaN is computed."""
+    """Per row of a block: label, 1 / tau as an unevaluated sum hi + lo of two floats, and validity (a label
+    in [0, V) other than ignore_index, a finite temperature > 0, and a row inside [0, N)). Invalid rows get
+    tau = 1 so that no NaN is computed.
+
+    Why two terms (as csrc/cpu/token_logprobs_kernel.h does): with hi alone the rounding of 1/tau scales every
+    z of a row by up to (1 + 6e-8), ~5e-7 in ln p at |z| ~ 10, which is over the fp32 gradient budget of
+    ops.md 8 (the reference rounds x / tau once). z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about
+    one rounding of the small result. The residual 1 - tau hi is exact in an fma."""
     label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     if HAS_TEMP:
         tau = tl.load(temperature_ptr + rows * stride_temperature_n, mask=row_ok, other=1.0).to(tl.float32)
@@ -117,8 +125,10 @@ def _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
         tau = tl.zeros(rows.shape, dtype=tl.float32) + temperature_scalar
     tau_ok = (tau > 0) & (tau < float("inf"))
     valid = row_ok & (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
-    inv_tau = 1.0 / tl.where(valid, tau, 1.0)  # bitwise 1.0 / tau as in kernels/token_logprobs.py
-    return label, inv_tau, valid
+    tau = tl.where(valid, tau, 1.0)
+    inv_hi = 1.0 / tau
+    inv_lo = tl.fma(-tau, inv_hi, 1.0) / tau
+    return label, inv_hi, inv_lo, valid
 
 
 @triton.jit
@@ -132,23 +142,26 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, hdim, stride_hidden_n,
+def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row0, row_ok, col0, col_ok, hdim, stride_hidden_n,
                  stride_weight_v, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Raw logits x = hidden[rows] @ weight[cols]^T + bias[cols] as an fp32 [BLOCK_N, BLOCK_V] accumulator.
-    Out-of-range rows / columns read zeros (the callers mask them)."""
+    """Raw logits x = hidden[row0 + i] @ weight[col0 + j]^T + bias[col0 + j] as an fp32 [BLOCK_N, BLOCK_V]
+    accumulator. Out-of-range rows / columns read zeros (the callers mask them). The tile origins row0 / col0
+    are int64 scalars; in-tile offsets are int32 (BLOCK x H < 2^31), which keeps the 2-D pointer arithmetic
+    of the K loop out of 64-bit registers."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    h_base = hidden_ptr + rows[:, None] * stride_hidden_n
-    w_base = weight_ptr + cols[None, :] * stride_weight_v
+    h_ptrs = hidden_ptr + row0 * stride_hidden_n + (tl.arange(0, BLOCK_N)[:, None] * stride_hidden_n + ks[None, :])
+    w_ptrs = weight_ptr + col0 * stride_weight_v + (ks[:, None] + tl.arange(0, BLOCK_V)[None, :] * stride_weight_v)
     for k0 in range(0, hdim, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < hdim
-        h = tl.load(h_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_V]
+        k_ok = ks < hdim - k0
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_V]
         acc = _dot(h, w, acc, DOT_PRECISION, UPCAST_DOT)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + col0 + tl.arange(0, BLOCK_V), mask=col_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
     return acc
 
@@ -192,7 +205,7 @@ def _linear_logprobs_fwd_kernel(
     split = pid // n_row_blocks
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < n_rows
-    label, inv_tau, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
+    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
                                         temperature_scalar, vocab, ignore_index, HAS_TEMP)
 
     m = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
@@ -221,23 +234,30 @@ def _linear_logprobs_fwd_kernel(
         for v0 in range(v_start, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_ok = cols < v_end
-            x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, hdim, stride_hidden_n,
+            x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row_block * BLOCK_N, row_ok, v0, col_ok, hdim,
+                             stride_hidden_n,
                              stride_weight_v, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
             if HAS_RANK:
                 above = (x > x_label[:, None]) & (cols[None, :] != label[:, None]) & col_ok[None, :]
                 count += tl.sum(above.to(tl.int32), axis=1)
-            z = tl.where(col_ok[None, :], x * inv_tau[:, None], -float("inf"))
-            t += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
-            # ops.md 2.2 per row, one maximum per tile. While a row has seen only -inf, m_new = -inf: then
-            # m_sub = 0 keeps d = -inf and e = 0 (never -inf - -inf), alpha = 0 and s, b stay 0. NaN / +inf
-            # logits make d NaN for that column, so s and everything after it become NaN.
-            m_new = tl.maximum(m, tl.max(z, axis=1))
+            # z_y, gathered when its tile passes (only the owning split sees it; the others keep 0).
+            z_label = tl.fma(x, inv_lo[:, None], x * inv_hi[:, None])
+            t += tl.sum(tl.where(cols[None, :] == label[:, None], z_label, 0.0), axis=1)
+            # ops.md 2.2 per row, one maximum per tile: tau > 0, so the tile's max z is its max x over tau.
+            # While a row has seen only -inf, m_new = -inf: then m_sub = 0 keeps d = -inf and e = 0 (never
+            # -inf - -inf), alpha = 0 and s, b stay 0. NaN / +inf logits make d NaN for that column, so s and
+            # everything after it become NaN.
+            x_max = tl.max(tl.where(col_ok[None, :], x, -float("inf")), axis=1)
+            z_max = tl.where(x_max == -float("inf"), x_max, tl.fma(x_max, inv_lo, x_max * inv_hi))
+            m_new = tl.maximum(m, z_max)
             m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
             m_fin = m > -float("inf")
             alpha = tl.where(m_fin, tl.exp2((m - m_sub) * 1.4426950408889634), 0.0)
-            # Scale the difference z - m (exact near the maximum) to base 2, not z itself (see
-            # kernels/token_logprobs.py): the exponent's rounding error stays proportional to |d|.
-            d = z - m_sub[:, None]
+            # d = z - m in the two-term form (see _rows_setup), exact near the maximum, and it is the
+            # difference (not z) that is scaled to base 2 (see kernels/token_logprobs.py): the exponent's
+            # rounding error stays proportional to |d|. Columns past the vocabulary end are -inf.
+            d = tl.fma(x, inv_lo[:, None], tl.fma(x, inv_hi[:, None], -m_sub[:, None]))
+            d = tl.where(col_ok[None, :], d, -float("inf"))
             e = tl.exp2(d * 1.4426950408889634)
             if HAS_ENTROPY:
                 b = alpha * (b + tl.where(m_fin, (m - m_sub) * s, 0.0)) + tl.sum(tl.where(e > 0, d * e, 0.0), axis=1)
@@ -277,7 +297,7 @@ def _linear_logprobs_combine_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < n_rows
-    label, inv_tau, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
+    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
                                         temperature_scalar, vocab, ignore_index, HAS_TEMP)
     big_m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
     for r in range(0, n_splits):
@@ -373,12 +393,13 @@ def _linear_logprobs_dz_kernel(
     local_cols = vb * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     col_ok = local_cols < v_count
     cols = v_start + local_cols
-    label, inv_tau, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
+    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
                                         temperature_scalar, vocab, ignore_index, HAS_TEMP)
 
     dx = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, hdim, stride_hidden_n,
+        x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row_start + rb * BLOCK_N, row_ok, v_start + vb * BLOCK_V,
+                         col_ok, hdim, stride_hidden_n,
                          stride_weight_v, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
         m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
         log_s = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
@@ -390,13 +411,14 @@ def _linear_logprobs_dz_kernel(
         if HAS_GRAD_H:
             g_h = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0).to(tl.float32)
             ent = tl.load(entropy_ptr + rows, mask=valid, other=0.0)
-        d = (x * inv_tau[:, None] - m[:, None]) - log_s[:, None]  # ln p_j, formed as the forward summed it
+        # ln p_j, formed as the forward summed it: the two-term z - m, then - ln s.
+        d = tl.fma(x, inv_lo[:, None], tl.fma(x, inv_hi[:, None], -m[:, None])) - log_s[:, None]
         p = tl.exp2(d * 1.4426950408889634)
         # z_j - mu = ln p_j + H;  dz_j = g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)
         dz = -p * (g_lp[:, None] + g_h[:, None] * (d + ent[:, None]))
         dz = tl.where(p > 0, dz, 0.0)  # p = 0: never 0 * inf
         dz = tl.where(cols[None, :] == label[:, None], dz + g_lp[:, None], dz)
-        dx = tl.where(valid[:, None] & col_ok[None, :], dz * inv_tau[:, None], 0.0)
+        dx = tl.where(valid[:, None] & col_ok[None, :], tl.fma(dz, inv_lo[:, None], dz * inv_hi[:, None]), 0.0)
     tl.store(dx_ptr + local_rows[:, None] * stride_dx_n + local_cols[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
     if HAS_BIAS:
@@ -440,21 +462,26 @@ def _matmul_kernel(
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    m_ok = offs_m < m_size
-    n_ok = offs_n < n_size
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    a_base = a_ptr + a_offset + offs_m[:, None] * stride_a_m
-    b_base = b_ptr + b_offset + offs_n[None, :] * stride_b_n
+    # int64 only in the scalar tile origins; in-tile offsets are int32 (BLOCK x stride < 2^31: the strides
+    # are H and the workspace width), which keeps the 2-D pointer arithmetic out of 64-bit registers.
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    m_ok = rm < m_size - m0
+    n_ok = rn < n_size - n0
+    a_ptrs = a_ptr + a_offset + m0 * stride_a_m + (rm[:, None] * stride_a_m + rk[None, :] * stride_a_k)
+    b_ptrs = b_ptr + b_offset + n0 * stride_b_n + (rk[:, None] * stride_b_k + rn[None, :] * stride_b_n)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_size, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < k_size
-        a = tl.load(a_base + k[None, :] * stride_a_k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_base + k[:, None] * stride_b_k, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        k_ok = rk < k_size - k0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-    c_ptrs = c_ptr + c_offset + offs_m[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
+        a_ptrs += BLOCK_K * stride_a_k
+        b_ptrs += BLOCK_K * stride_b_k
+    c_ptrs = c_ptr + c_offset + m0 * stride_c_m + n0 * stride_c_n + (rm[:, None] * stride_c_m + rn[None, :] * stride_c_n)
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -482,7 +509,7 @@ def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype) -> dict
     """Constexpr tile sizes: a few buckets, never one variant per N, V or H (see the module docstring)."""
     block_n = min(128, max(16, _next_pow2(n_rows)))
     if dtype == torch.float32:
-        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=4)
+        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8)
     return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_K=64, num_warps=8 if block_n >= 64 else 4)
 
 
