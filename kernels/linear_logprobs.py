@@ -7,8 +7,9 @@ contiguous, same dtype, fp32 / bf16 / fp16; ``bias`` [V] (same dtype) or None; `
 ``temperature`` [N] fp32 (stride 0 allowed) or None with ``temperature_scalar``. Statistics are fp32;
 gradients come back in the dtype of the tensor they belong to. Semantics are those of
 ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` with the logits kept as the fp32 matmul
-accumulator (never rounded to the input dtype), divided by the temperature: z = acc * (1 / tau), rounded
-exactly as in ``kernels/token_logprobs.py``.
+accumulator (never rounded to the input dtype), divided by the temperature. The division uses 1/tau as
+two floats hi + lo, like the CPU kernels (csrc/cpu/token_logprobs_kernel.h), not the single rounded 1/tau of
+``kernels/token_logprobs.py``: the fp32 gradient tests failed by ~5% of the bound with the single one.
 
 Forward (``linear_logprobs_fwd``): split-vocabulary tiling, two kernels.
 
@@ -16,7 +17,8 @@ Forward (``linear_logprobs_fwd``): split-vocabulary tiling, two kernels.
   programs resident at the same time share the same weight tiles in L2). A program owns BLOCK_N rows and one
   contiguous vocabulary range of ``blocks_per_split`` BLOCK_V tiles. Per tile it computes the logits
   [BLOCK_N, BLOCK_V] with ``tl.dot`` over H in BLOCK_K steps (input dtype, fp32 accumulator; fp32 inputs use
-  ``input_precision="ieee"`` so no TF32 rounding), adds the bias, scales by 1/tau and folds the tile into the
+  ``input_precision="ieee"`` so no TF32 rounding), adds the bias, scales by 1/tau (held as two floats
+  hi + lo, z - m = fma(x, lo, fma(x, hi, -m)), see ``_rows_setup``) and folds the tile into the
   online state of ops.md 2.2 per row: m (max, from -inf), s = sum exp(z - m), the shifted entropy
   accumulator b = sum (z - m) exp(z - m), the label logit t (gathered when its tile passes) and, with
   HAS_RANK, the count of columns j != y with x_j > x_y. The partial (m, s, b, t[, count]) of every split is
@@ -80,9 +82,12 @@ num_warps = 8 for 16-bit inputs (the H100 bf16 default: 128 x 128 x 64 tiles); B
 BLOCK_K = 32, num_warps = 8 for fp32 (IEEE fp32 dots run on FMA units; smaller tiles keep register pressure
 sane). Checked only by compiling ahead of time for sm_90 on a machine without a GPU (ptxas resource usage:
 no spills for the bf16 forward / dz kernels at 128 x 128 x 64, 8 warps; 24 bytes of stack for fp32 at
-64 x 64 x 32, 8 warps, against 288 with 4 warps). Nothing has been timed or tuned on a GPU. N, V, H, the chunk offsets and ignore_index are runtime arguments listed in
-``do_not_specialize``, so a new sequence length, vocabulary or hidden size never recompiles a kernel (row
-strides are left to Triton's usual ==1 / %16 specialisation: at most two variants, for vectorised loads).
+64 x 64 x 32, 8 warps, against 288 with 4 warps). Nothing has been timed or tuned on a GPU.
+
+N, V, H, the chunk offsets and ignore_index are runtime arguments listed in ``do_not_specialize``, so a
+new sequence length, vocabulary or hidden size never recompiles a kernel (row strides are left to Triton's
+usual ==1 / %16 specialisation: at most two variants, for vectorised loads). Tile origins are int64; offsets
+inside a tile are int32, which assumes BLOCK x row stride < 2^31 (H and the workspace width below 2^24).
 
 Known limits: the number of kernel launches of the backward (the chunk loop) and the split count of the
 forward are computed on the host from N and V; under ``torch.compile`` with dynamic shapes that host code
@@ -108,8 +113,17 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
 @triton.jit
-def _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n, temperature_scalar, vocab,
-                ignore_index, HAS_TEMP: tl.constexpr):
+def _rows_setup(
+    labels_ptr,
+    temperature_ptr,
+    rows,
+    row_ok,
+    stride_temperature_n,
+    temperature_scalar,
+    vocab,
+    ignore_index,
+    HAS_TEMP: tl.constexpr,
+):
     """Per row of a block: label, 1 / tau as an unevaluated sum hi + lo of two floats, and validity (a label
     in [0, V) other than ignore_index, a finite temperature > 0, and a row inside [0, N)). Invalid rows get
     tau = 1 so that no NaN is computed.
@@ -135,24 +149,44 @@ def _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """acc + a @ b with an fp32 accumulator. UPCAST_DOT (set only under TRITON_INTERPRET=1 for bf16) computes
     in fp32 instead: the interpreter multiplies the uint16 bit patterns of bf16 dot operands (triton issue
-    #11584). bf16 x bf16 products are exact in fp32, so this matches the tensor-core dot up to summation order."""
+    #11584). bf16 x bf16 products are exact in fp32, so this matches the tensor-core dot up to summation
+    order."""
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row0, row_ok, col0, col_ok, hdim, stride_hidden_n,
-                 stride_weight_v, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    row0,
+    row_ok,
+    col0,
+    col_ok,
+    hdim,
+    stride_hidden_n,
+    stride_weight_v,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
     """Raw logits x = hidden[row0 + i] @ weight[col0 + j]^T + bias[col0 + j] as an fp32 [BLOCK_N, BLOCK_V]
     accumulator. Out-of-range rows / columns read zeros (the callers mask them). The tile origins row0 / col0
     are int64 scalars; in-tile offsets are int32 (BLOCK x H < 2^31), which keeps the 2-D pointer arithmetic
     of the K loop out of 64-bit registers."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    h_ptrs = hidden_ptr + row0 * stride_hidden_n + (tl.arange(0, BLOCK_N)[:, None] * stride_hidden_n + ks[None, :])
-    w_ptrs = weight_ptr + col0 * stride_weight_v + (ks[:, None] + tl.arange(0, BLOCK_V)[None, :] * stride_weight_v)
+    h_ptrs = (
+        hidden_ptr + row0 * stride_hidden_n + (tl.arange(0, BLOCK_N)[:, None] * stride_hidden_n + ks[None, :])
+    )
+    w_ptrs = (
+        weight_ptr + col0 * stride_weight_v + (ks[:, None] + tl.arange(0, BLOCK_V)[None, :] * stride_weight_v)
+    )
     for k0 in range(0, hdim, BLOCK_K):
         k_ok = ks < hdim - k0
         h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -205,8 +239,17 @@ def _linear_logprobs_fwd_kernel(
     split = pid // n_row_blocks
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < n_rows
-    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
-                                        temperature_scalar, vocab, ignore_index, HAS_TEMP)
+    label, inv_hi, inv_lo, valid = _rows_setup(
+        labels_ptr,
+        temperature_ptr,
+        rows,
+        row_ok,
+        stride_temperature_n,
+        temperature_scalar,
+        vocab,
+        ignore_index,
+        HAS_TEMP,
+    )
 
     m = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -224,7 +267,9 @@ def _linear_logprobs_fwd_kernel(
                 k = k0 + ks
                 mk = valid[:, None] & (k < hdim)[None, :]
                 h = tl.load(hidden_ptr + rows[:, None] * stride_hidden_n + k[None, :], mask=mk, other=0.0)
-                w = tl.load(weight_ptr + safe_label[:, None] * stride_weight_v + k[None, :], mask=mk, other=0.0)
+                w = tl.load(
+                    weight_ptr + safe_label[:, None] * stride_weight_v + k[None, :], mask=mk, other=0.0
+                )
                 x_label += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
             if HAS_BIAS:
                 x_label += tl.load(bias_ptr + safe_label, mask=valid, other=0.0).to(tl.float32)
@@ -234,9 +279,24 @@ def _linear_logprobs_fwd_kernel(
         for v0 in range(v_start, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_ok = cols < v_end
-            x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row_block * BLOCK_N, row_ok, v0, col_ok, hdim,
-                             stride_hidden_n,
-                             stride_weight_v, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+            x = _logits_tile(
+                hidden_ptr,
+                weight_ptr,
+                bias_ptr,
+                row_block * BLOCK_N,
+                row_ok,
+                v0,
+                col_ok,
+                hdim,
+                stride_hidden_n,
+                stride_weight_v,
+                HAS_BIAS,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_K,
+                DOT_PRECISION,
+                UPCAST_DOT,
+            )
             if HAS_RANK:
                 above = (x > x_label[:, None]) & (cols[None, :] != label[:, None]) & col_ok[None, :]
                 count += tl.sum(above.to(tl.int32), axis=1)
@@ -260,7 +320,9 @@ def _linear_logprobs_fwd_kernel(
             d = tl.where(col_ok[None, :], d, -float("inf"))
             e = tl.exp2(d * 1.4426950408889634)
             if HAS_ENTROPY:
-                b = alpha * (b + tl.where(m_fin, (m - m_sub) * s, 0.0)) + tl.sum(tl.where(e > 0, d * e, 0.0), axis=1)
+                b = alpha * (b + tl.where(m_fin, (m - m_sub) * s, 0.0)) + tl.sum(
+                    tl.where(e > 0, d * e, 0.0), axis=1
+                )
             s = alpha * s + tl.sum(e, axis=1)
             m = m_new
 
@@ -297,8 +359,17 @@ def _linear_logprobs_combine_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < n_rows
-    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
-                                        temperature_scalar, vocab, ignore_index, HAS_TEMP)
+    label, inv_hi, inv_lo, valid = _rows_setup(
+        labels_ptr,
+        temperature_ptr,
+        rows,
+        row_ok,
+        stride_temperature_n,
+        temperature_scalar,
+        vocab,
+        ignore_index,
+        HAS_TEMP,
+    )
     big_m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
     for r in range(0, n_splits):
         big_m = tl.maximum(big_m, tl.load(part_ptr + r * 4 * n_rows + rows, mask=row_ok, other=-float("inf")))
@@ -393,14 +464,38 @@ def _linear_logprobs_dz_kernel(
     local_cols = vb * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     col_ok = local_cols < v_count
     cols = v_start + local_cols
-    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
-                                        temperature_scalar, vocab, ignore_index, HAS_TEMP)
+    label, inv_hi, inv_lo, valid = _rows_setup(
+        labels_ptr,
+        temperature_ptr,
+        rows,
+        row_ok,
+        stride_temperature_n,
+        temperature_scalar,
+        vocab,
+        ignore_index,
+        HAS_TEMP,
+    )
 
     dx = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row_start + rb * BLOCK_N, row_ok, v_start + vb * BLOCK_V,
-                         col_ok, hdim, stride_hidden_n,
-                         stride_weight_v, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+        x = _logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            row_start + rb * BLOCK_N,
+            row_ok,
+            v_start + vb * BLOCK_V,
+            col_ok,
+            hdim,
+            stride_hidden_n,
+            stride_weight_v,
+            HAS_BIAS,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+            DOT_PRECISION,
+            UPCAST_DOT,
+        )
         m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
         log_s = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
         g_lp = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -418,9 +513,14 @@ def _linear_logprobs_dz_kernel(
         dz = -p * (g_lp[:, None] + g_h[:, None] * (d + ent[:, None]))
         dz = tl.where(p > 0, dz, 0.0)  # p = 0: never 0 * inf
         dz = tl.where(cols[None, :] == label[:, None], dz + g_lp[:, None], dz)
-        dx = tl.where(valid[:, None] & col_ok[None, :], tl.fma(dz, inv_lo[:, None], dz * inv_hi[:, None]), 0.0)
-    tl.store(dx_ptr + local_rows[:, None] * stride_dx_n + local_cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        dx = tl.where(
+            valid[:, None] & col_ok[None, :], tl.fma(dz, inv_lo[:, None], dz * inv_hi[:, None]), 0.0
+        )
+    tl.store(
+        dx_ptr + local_rows[:, None] * stride_dx_n + local_cols[None, :],
+        dx.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
     if HAS_BIAS:
         tl.store(dbias_ptr + rb * stride_dbias_n + local_cols, tl.sum(dx, axis=0), mask=col_ok)
 
@@ -481,7 +581,13 @@ def _matmul_kernel(
         acc = _dot(a, b, acc, DOT_PRECISION, UPCAST_DOT)
         a_ptrs += BLOCK_K * stride_a_k
         b_ptrs += BLOCK_K * stride_b_k
-    c_ptrs = c_ptr + c_offset + m0 * stride_c_m + n0 * stride_c_n + (rm[:, None] * stride_c_m + rn[None, :] * stride_c_n)
+    c_ptrs = (
+        c_ptr
+        + c_offset
+        + m0 * stride_c_m
+        + n0 * stride_c_n
+        + (rm[:, None] * stride_c_m + rn[None, :] * stride_c_n)
+    )
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -552,16 +658,30 @@ def _dot_args(dtype: torch.dtype) -> dict:
     # fp32 inputs: true fp32 products, no TF32 (the oracle rule of ops.md 8 is sized for fp32 arithmetic).
     # The environment is read at call time, like reasonrl._backend does (see _dot for the interpreter case).
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                UPCAST_DOT=interpret and dtype == torch.bfloat16)
+    return dict(
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST_DOT=interpret and dtype == torch.bfloat16,
+    )
 
 
-def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy,
-                        want_rank, *, launch=None):
+def linear_logprobs_fwd(
+    hidden,
+    weight,
+    bias,
+    labels,
+    temperature,
+    temperature_scalar,
+    ignore_index,
+    want_entropy,
+    want_rank,
+    *,
+    launch=None,
+):
     """Forward of ``linear_token_logprobs`` without the N x V logits.
 
     Args:
-        hidden: [N, H] contiguous, fp32 / bf16 / fp16. weight: [V, H] contiguous, same dtype. bias: [V] or None.
+        hidden: [N, H] contiguous, fp32 / bf16 / fp16. weight: [V, H] contiguous, same dtype.
+        bias: [V] or None.
         labels: [N] int64. temperature: [N] fp32 (any stride) or None, then ``temperature_scalar`` (float).
         launch: ``torch.library.wrap_triton`` inside a ``triton_op``; direct launch by default.
 
@@ -637,8 +757,21 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, temperature_s
     return lp, ent, rank, lse, stats
 
 
-def linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature, temperature_scalar,
-                        ignore_index, stats, entropy, *, launch=None):
+def linear_logprobs_bwd(
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    labels,
+    temperature,
+    temperature_scalar,
+    ignore_index,
+    stats,
+    entropy,
+    *,
+    launch=None,
+):
     """Backward of ``linear_token_logprobs``: recomputes the logits tiles (see the module docstring).
 
     ``grad_logprobs`` / ``grad_entropy``: [N] or None (zero upstream gradient; its work is compiled out).
@@ -671,13 +804,19 @@ def linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, label
     dx = torch.empty((nc, vc), device=dev, dtype=hidden.dtype)
     dbias = torch.empty((_cdiv(nc, block_n), vc) if has_bias else (0,), device=dev, dtype=torch.float32)
     grad_hidden = torch.empty((n, hdim), device=dev, dtype=hidden.dtype)
-    gh_acc = grad_hidden if hidden.dtype == torch.float32 else torch.empty((n, hdim), device=dev,
-                                                                           dtype=torch.float32)
+    gh_acc = (
+        grad_hidden
+        if hidden.dtype == torch.float32
+        else torch.empty((n, hdim), device=dev, dtype=torch.float32)
+    )
     grad_weight = torch.empty((vocab, hdim), device=dev, dtype=weight.dtype)
     # One row chunk (the normal case): each grad_weight tile is a single reduction over all N rows, written
     # straight in the weight dtype. Several row chunks: accumulate in fp32 [V, H] across them.
-    gw_acc = grad_weight if row_chunks == 1 or weight.dtype == torch.float32 else torch.empty(
-        (vocab, hdim), device=dev, dtype=torch.float32)
+    gw_acc = (
+        grad_weight
+        if row_chunks == 1 or weight.dtype == torch.float32
+        else torch.empty((vocab, hdim), device=dev, dtype=torch.float32)
+    )
     gb_acc = torch.zeros((vocab,), device=dev, dtype=torch.float32) if has_bias else None
     stats = stats.contiguous()
     g_lp = grad_logprobs.float().contiguous() if has_lp else stats
@@ -724,18 +863,46 @@ def linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, label
             )
             # grad_weight[v0:v0+nv] (+)= dx^T @ hidden[r0:r0+nr]
             launch(_matmul_kernel)[(_cdiv(nv, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
-                dx, hidden, gw_acc, nv, hdim, nr, 0, r0 * hidden.stride(0), v0 * gw_acc.stride(0),
-                1, dx.stride(0), hidden.stride(0), 1, gw_acc.stride(0), 1,
-                ACCUMULATE=r0 > 0, **mm,
+                dx,
+                hidden,
+                gw_acc,
+                nv,
+                hdim,
+                nr,
+                0,
+                r0 * hidden.stride(0),
+                v0 * gw_acc.stride(0),
+                1,
+                dx.stride(0),
+                hidden.stride(0),
+                1,
+                gw_acc.stride(0),
+                1,
+                ACCUMULATE=r0 > 0,
+                **mm,
             )
             # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]
             launch(_matmul_kernel)[(_cdiv(nr, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
-                dx, weight, gh_acc, nr, hdim, nv, 0, v0 * weight.stride(0), r0 * gh_acc.stride(0),
-                dx.stride(0), 1, weight.stride(0), 1, gh_acc.stride(0), 1,
-                ACCUMULATE=v0 > 0, **mm,
+                dx,
+                weight,
+                gh_acc,
+                nr,
+                hdim,
+                nv,
+                0,
+                v0 * weight.stride(0),
+                r0 * gh_acc.stride(0),
+                dx.stride(0),
+                1,
+                weight.stride(0),
+                1,
+                gh_acc.stride(0),
+                1,
+                ACCUMULATE=v0 > 0,
+                **mm,
             )
             if has_bias:
-                gb_acc[v0:v0 + nv] += dbias[:n_rb, :nv].sum(0)
+                gb_acc[v0 : v0 + nv] += dbias[:n_rb, :nv].sum(0)
 
     if gh_acc is not grad_hidden:
         grad_hidden.copy_(gh_acc)

@@ -1,4 +1,5 @@
-"""The Triton fused-linear kernels (kernels/linear_logprobs.py) against the float64 oracle, under the interpreter.
+"""The Triton fused-linear kernels (kernels/linear_logprobs.py) against the float64 oracle, on CPU under
+the Triton interpreter and (marked gpu) compiled on CUDA.
 
 The launchers are called directly (the registered ``linear_token_logprobs`` op is tested with the op). The
 oracle is ``hidden @ weight.T + bias`` in float64 followed by THE reference ``token_logprobs_reference``
@@ -21,16 +22,20 @@ import torch
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 from reasonrl.testing import assert_close_to_oracle, assert_stat_close, sample_labels, tolerance
 
-K = pytest.importorskip("reasonrl.kernels.linear_logprobs")
+pytest.importorskip("triton")
+from reasonrl.kernels import linear_logprobs as K  # noqa: E402  (fails loudly if the module is missing)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 IGNORE = -100
 
 
 def _small_config(monkeypatch, workspace_bytes=16 * 1024):
-    monkeypatch.setattr(K, "_tile_config", lambda n, v, h, dt: dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32, num_warps=4))
-    monkeypatch.setattr(K, "_matmul_config", lambda dt: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2,
-                                                              num_warps=4))
+    monkeypatch.setattr(
+        K, "_tile_config", lambda n, v, h, dt: dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32, num_warps=4)
+    )
+    monkeypatch.setattr(
+        K, "_matmul_config", lambda dt: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4)
+    )
     monkeypatch.setattr(K, "_target_programs", lambda device: 8)
     monkeypatch.setattr(K, "WORKSPACE_BYTES", workspace_bytes)
 
@@ -48,7 +53,9 @@ def _case(n, hdim, vocab, dtype, *, bias=True, temperature="row", ignore_frac=0.
     else:
         temp = float(temperature)
     logits = _logits64(hidden, weight, b)
-    labels = sample_labels(logits, temperature=temp, ignore_frac=ignore_frac, ignore_index=IGNORE, generator=g)
+    labels = sample_labels(
+        logits, temperature=temp, ignore_frac=ignore_frac, ignore_index=IGNORE, generator=g
+    )
     if n > 2:  # the vocabulary ends as labels
         labels[0], labels[1] = 0, vocab - 1
     g_lp = torch.randn((n,), generator=g)
@@ -64,10 +71,12 @@ def _logits64(hidden, weight, bias):
 def _run(hidden, weight, bias, labels, temp, g_lp, g_h, *, want_entropy=True, want_rank=True):
     temp_t = temp if isinstance(temp, torch.Tensor) else None
     temp_s = 1.0 if isinstance(temp, torch.Tensor) else temp
-    lp, ent, rank, lse, stats = K.linear_logprobs_fwd(hidden, weight, bias, labels, temp_t, temp_s, IGNORE,
-                                                      want_entropy, want_rank)
-    grads = K.linear_logprobs_bwd(g_lp, g_h if want_entropy else None, hidden, weight, bias, labels, temp_t,
-                                  temp_s, IGNORE, stats, ent)
+    lp, ent, rank, lse, stats = K.linear_logprobs_fwd(
+        hidden, weight, bias, labels, temp_t, temp_s, IGNORE, want_entropy, want_rank
+    )
+    grads = K.linear_logprobs_bwd(
+        g_lp, g_h if want_entropy else None, hidden, weight, bias, labels, temp_t, temp_s, IGNORE, stats, ent
+    )
     return (lp, ent, rank, lse, stats), grads
 
 
@@ -86,15 +95,26 @@ def _reference(hidden, weight, bias, labels, temp, g_lp, g_h, compute_dtype):
             x = x + bias.float()
         x = x.detach().requires_grad_(True)
     t = temp.to(compute_dtype) if isinstance(temp, torch.Tensor) else temp
-    out = token_logprobs_reference(x, labels, temperature=t, ignore_index=IGNORE, want_entropy=True,
-                                   want_rank=True, return_lse=True, compute_dtype=compute_dtype)
+    out = token_logprobs_reference(
+        x,
+        labels,
+        temperature=t,
+        ignore_index=IGNORE,
+        want_entropy=True,
+        want_rank=True,
+        return_lse=True,
+        compute_dtype=compute_dtype,
+    )
     (out.logprobs * g_lp.to(compute_dtype) + out.entropy * g_h.to(compute_dtype)).sum().backward()
     if compute_dtype == torch.float64:
         grads = (h.grad, w.grad, b.grad if b is not None else None)
     else:
         gl = x.grad.to(dtype).float()
-        grads = ((gl @ weight.float()).to(dtype), (gl.T @ hidden.float()).to(dtype),
-                 gl.sum(0).to(dtype) if bias is not None else None)
+        grads = (
+            (gl @ weight.float()).to(dtype),
+            (gl.T @ hidden.float()).to(dtype),
+            gl.sum(0).to(dtype) if bias is not None else None,
+        )
     return out, grads
 
 
@@ -108,8 +128,9 @@ def _check(hidden, weight, bias, labels, temp, g_lp, g_h, tag):
 
     for name, got in (("logprobs", lp), ("entropy", ent), ("lse", lse)):
         assert got.shape == (n,) and got.dtype == F32, (name, got.shape, got.dtype)
-        assert_stat_close(got, getattr(oracle, name), getattr(ref, name), dtype=dtype, name=f"{tag} {name}",
-                          valid=valid)
+        assert_stat_close(
+            got, getattr(oracle, name), getattr(ref, name), dtype=dtype, name=f"{tag} {name}", valid=valid
+        )
         assert bool((got[~valid] == 0).all()), f"{tag} {name}: ignored rows must be 0"
     assert stats.shape == (n, 2) and torch.equal((stats[:, 0] + stats[:, 1])[valid], lse[valid])
 
@@ -122,7 +143,7 @@ def _check(hidden, weight, bias, labels, temp, g_lp, g_h, tag):
             assert int(rank[i]) == 0
             continue
         tol = 1e-4 * (1 + abs(float(x[i, y])))
-        others = torch.cat([x[i, :y], x[i, y + 1:]])
+        others = torch.cat([x[i, :y], x[i, y + 1 :]])
         lo = 1 + int((others > x[i, y] + tol).sum())
         hi = 1 + int((others > x[i, y] - tol).sum())
         assert lo <= int(rank[i]) <= hi, f"{tag} rank row {i}: {int(rank[i])} not in [{lo}, {hi}]"
@@ -131,16 +152,25 @@ def _check(hidden, weight, bias, labels, temp, g_lp, g_h, tag):
     # grad_logits line of the tolerance table (atol 1e-7 x the gradient's magnitude, +1 ulp for 16-bit
     # outputs, which are rounded once).
     tol = tolerance("grad", dtype)
-    for name, got, o, r, like in (("grad_hidden", gh, ograds[0], rgrads[0], hidden),
-                                  ("grad_weight", gw, ograds[1], rgrads[1], weight),
-                                  ("grad_bias", gb, ograds[2], rgrads[2], bias)):
+    for name, got, o, r, like in (
+        ("grad_hidden", gh, ograds[0], rgrads[0], hidden),
+        ("grad_weight", gw, ograds[1], rgrads[1], weight),
+        ("grad_bias", gb, ograds[2], rgrads[2], bias),
+    ):
         if like is None:
             assert got is None, f"{tag} {name}: expected None without a bias"
             continue
         assert got.dtype == like.dtype and got.shape == like.shape, (name, got.dtype, got.shape)
-        assert_close_to_oracle(got, o, r, atol_scale=tol.atol_scale, name=f"{tag} {name}",
-                               magnitude=float(o.abs().max()), ulp_dtype=dtype if tol.ulps else None,
-                               ref_factor=tol.ref_factor)
+        assert_close_to_oracle(
+            got,
+            o,
+            r,
+            atol_scale=tol.atol_scale,
+            name=f"{tag} {name}",
+            magnitude=float(o.abs().max()),
+            ulp_dtype=dtype if tol.ulps else None,
+            ref_factor=tol.ref_factor,
+        )
     assert bool((gh[~valid] == 0).all()), f"{tag}: ignored rows must get a zero grad_hidden row"
 
 
@@ -156,9 +186,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,n,hdim,vocab,bias,temperature,config", CASES,
-                         ids=[f"{str(c[0])[6:]}-n{c[1]}-h{c[2]}-v{c[3]}-{'bias' if c[4] else 'nobias'}-"
-                              f"t{c[5]}-{c[6]}" for c in CASES])
+@pytest.mark.parametrize(
+    "dtype,n,hdim,vocab,bias,temperature,config",
+    CASES,
+    ids=[
+        f"{str(c[0])[6:]}-n{c[1]}-h{c[2]}-v{c[3]}-{'bias' if c[4] else 'nobias'}-t{c[5]}-{c[6]}"
+        for c in CASES
+    ],
+)
 def test_matches_oracle(monkeypatch, dtype, n, hdim, vocab, bias, temperature, config):
     if config == "small":
         _small_config(monkeypatch)
@@ -219,24 +254,46 @@ def test_one_upstream_gradient(which):
     # A missing upstream gradient means 0 (its work is compiled out); want_entropy=False passes entropy [0].
     hidden, weight, bias, labels, temp, g_lp, g_h = _case(20, 40, 130, F32)
     want_entropy = which != "lp"
-    lp, ent, _, _, stats = K.linear_logprobs_fwd(hidden, weight, bias, labels, temp, 1.0, IGNORE, want_entropy,
-                                                 False)
+    lp, ent, _, _, stats = K.linear_logprobs_fwd(
+        hidden, weight, bias, labels, temp, 1.0, IGNORE, want_entropy, False
+    )
     assert ent.shape == ((20,) if want_entropy else (0,))
     glp = g_lp if which == "lp" else None
     gh_up = g_h if which == "h" else None
-    gh, gw, gb = K.linear_logprobs_bwd(glp, gh_up, hidden, weight, bias, labels, temp, 1.0, IGNORE, stats, ent)
-    _, (oh, ow, ob) = _reference(hidden, weight, bias, labels, temp,
-                                 g_lp if which == "lp" else torch.zeros(20),
-                                 g_h if which == "h" else torch.zeros(20), torch.float64)
+    gh, gw, gb = K.linear_logprobs_bwd(
+        glp, gh_up, hidden, weight, bias, labels, temp, 1.0, IGNORE, stats, ent
+    )
+    _, (oh, ow, ob) = _reference(
+        hidden,
+        weight,
+        bias,
+        labels,
+        temp,
+        g_lp if which == "lp" else torch.zeros(20),
+        g_h if which == "h" else torch.zeros(20),
+        torch.float64,
+    )
     if which == "none":
         assert bool((gh == 0).all() and (gw == 0).all() and (gb == 0).all())
         return
-    _, (rh, rw, rb) = _reference(hidden, weight, bias, labels, temp,
-                                 g_lp if which == "lp" else torch.zeros(20),
-                                 g_h if which == "h" else torch.zeros(20), torch.float32)
-    for name, got, o, r in (("grad_hidden", gh, oh, rh), ("grad_weight", gw, ow, rw), ("grad_bias", gb, ob, rb)):
-        assert_close_to_oracle(got, o, r, atol_scale=1e-7, name=f"upstream {which} {name}",
-                               magnitude=float(o.abs().max()))
+    _, (rh, rw, rb) = _reference(
+        hidden,
+        weight,
+        bias,
+        labels,
+        temp,
+        g_lp if which == "lp" else torch.zeros(20),
+        g_h if which == "h" else torch.zeros(20),
+        torch.float32,
+    )
+    for name, got, o, r in (
+        ("grad_hidden", gh, oh, rh),
+        ("grad_weight", gw, ow, rw),
+        ("grad_bias", gb, ob, rb),
+    ):
+        assert_close_to_oracle(
+            got, o, r, atol_scale=1e-7, name=f"upstream {which} {name}", magnitude=float(o.abs().max())
+        )
 
 
 def test_no_rows():
@@ -244,7 +301,9 @@ def test_no_rows():
     weight = torch.randn(130, 40)
     bias = torch.randn(130)
     labels = torch.empty((0,), dtype=torch.long)
-    lp, ent, rank, lse, stats = K.linear_logprobs_fwd(hidden, weight, bias, labels, None, 1.0, IGNORE, True, True)
+    lp, ent, rank, lse, stats = K.linear_logprobs_fwd(
+        hidden, weight, bias, labels, None, 1.0, IGNORE, True, True
+    )
     assert lp.shape == (0,) and ent.shape == (0,) and rank.shape == (0,) and stats.shape == (0, 2)
     gh, gw, gb = K.linear_logprobs_bwd(lp, ent, hidden, weight, bias, labels, None, 1.0, IGNORE, stats, ent)
     assert gh.shape == (0, 40) and bool((gw == 0).all()) and bool((gb == 0).all())
@@ -255,7 +314,7 @@ def test_backward_is_bitwise_deterministic(monkeypatch):
     case = _case(37, 40, 300, F32)
     _, g1 = _run(*case)
     _, g2 = _run(*case)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
 
 
 def test_runtime_sizes_are_not_specialised():
@@ -263,12 +322,16 @@ def test_runtime_sizes_are_not_specialised():
     for kernel, names in (
         (K._linear_logprobs_fwd_kernel, {"n_rows", "vocab", "hdim", "ignore_index", "blocks_per_split"}),
         (K._linear_logprobs_combine_kernel, {"n_rows", "vocab", "ignore_index", "n_splits"}),
-        (K._linear_logprobs_dz_kernel, {"n_rows", "vocab", "hdim", "ignore_index", "row_start", "v_start",
-                                        "v_count"}),
+        (
+            K._linear_logprobs_dz_kernel,
+            {"n_rows", "vocab", "hdim", "ignore_index", "row_start", "v_start", "v_count"},
+        ),
         (K._matmul_kernel, {"m_size", "n_size", "k_size", "a_offset", "b_offset", "c_offset"}),
     ):
         # A JITFunction keeps the list as an attribute; the interpreter's wrapper keeps the jit kwargs.
-        dns = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+        dns = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get(
+            "do_not_specialize"
+        )
         assert dns is not None, f"cannot read do_not_specialize from {type(kernel)}"
         got = {kernel.arg_names[i] if isinstance(i, int) else i for i in dns}
         assert names <= got, (kernel.arg_names, names - got)
@@ -281,14 +344,20 @@ def test_runtime_sizes_are_not_specialised():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype,n,hdim,vocab", [(BF16, 2048, 1024, 32000), (F32, 512, 512, 32000),
-                                                (BF16, 1000, 1000, 151936)])
+@pytest.mark.parametrize(
+    "dtype,n,hdim,vocab", [(BF16, 2048, 1024, 32000), (F32, 512, 512, 32000), (BF16, 1000, 1000, 151936)]
+)
 def test_gpu_matches_oracle(dtype, n, hdim, vocab):
     # Non-multiple N / H / V in the last case; the float64 oracle ([N, V] fp64 softmax) fits next to it.
-    hidden, weight, bias, labels, temp, g_lp, g_h = _case(n, hdim, vocab, dtype, bias=True, temperature="row",
-                                                          ignore_frac=0.1)
-    cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in (hidden, weight, bias, labels, temp, g_lp, g_h)]
+    hidden, weight, bias, labels, temp, g_lp, g_h = _case(
+        n, hdim, vocab, dtype, bias=True, temperature="row", ignore_frac=0.1
+    )
+    cuda = [
+        t.cuda() if isinstance(t, torch.Tensor) else t
+        for t in (hidden, weight, bias, labels, temp, g_lp, g_h)
+    ]
     _check(*cuda, tag=f"triton-linear cuda {dtype} [{n}, {hdim}] x [{vocab}]")
     _, g1 = _run(*cuda)
     _, g2 = _run(*cuda)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2)), "backward must be bitwise deterministic"
+    same = all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    assert same, "backward must be bitwise deterministic"
