@@ -1,0 +1,912 @@
+"""Triton kernels of ``linear_token_logprobs`` (ops.md section 3): per-token log-prob, entropy, rank and LSE
+straight from ``hidden [N, H]`` and the lm_head ``weight [V, H]`` (+ ``bias [V]``), forward and backward,
+never materialising the N x V logits.
+
+Contract (the registered ops that wrap these launchers check it): ``hidden`` [N, H] and ``weight`` [V, H]
+contiguous, same dtype, fp32 / bf16 / fp16; ``bias`` [V] (same dtype) or None; ``labels`` [N] int64;
+``temperature`` [N] fp32 (stride 0 allowed) or None with ``temperature_scalar``. Statistics are fp32;
+gradients come back in the dtype of the tensor they belong to. Semantics are those of
+``token_logprobs(hidden @ weight.T + bias, labels, ...)`` with the logits kept as the fp32 matmul
+accumulator (never rounded to the input dtype), divided by the temperature. The division uses 1/tau as
+two floats hi + lo, like the CPU kernels (csrc/cpu/token_logprobs_kernel.h), not the single rounded 1/tau of
+``kernels/token_logprobs.py``: the fp32 gradient tests failed by ~5% of the bound with the single one.
+
+Forward (``linear_logprobs_fwd``): split-vocabulary tiling, two kernels.
+
+* ``_linear_logprobs_fwd_kernel``: a 1-D grid of ``row_blocks x splits`` programs (row block fastest, so
+  programs resident at the same time share the same weight tiles in L2). A program owns BLOCK_N rows and one
+  contiguous vocabulary range of ``blocks_per_split`` BLOCK_V tiles. Per tile it computes the logits
+  [BLOCK_N, BLOCK_V] with ``tl.dot`` over H in BLOCK_K steps (input dtype, fp32 accumulator; fp32 inputs use
+  ``input_precision="ieee"`` so no TF32 rounding), adds the bias, scales by 1/tau (held as two floats
+  hi + lo, z - m = fma(x, lo, fma(x, hi, -m)), see ``_rows_setup``) and folds the tile into the
+  online state of ops.md 2.2 per row: m (max, from -inf), s = sum exp(z - m), the shifted entropy
+  accumulator b = sum (z - m) exp(z - m), the label logit t (gathered when its tile passes) and, with
+  HAS_RANK, the count of columns j != y with x_j > x_y. The partial (m, s, b, t[, count]) of every split is
+  written to a workspace [splits, 4, N] fp32 (+ [splits, N] int32).
+* ``_linear_logprobs_combine_kernel``: one program per 128 rows merges the splits exactly as the
+  vocab-parallel combine of ops.md 3.3 (M = max m_r, S = sum s_r e^(m_r - M),
+  B = sum e^(m_r - M) (b_r + (m_r - M) s_r)) and writes logprobs, entropy = ln S - B / S, rank, LSE and
+  ``stats`` [N, 2] = (M, ln S), the pair the backward needs (the logits path writes the same pair).
+
+Why split the vocabulary: one program per row block sweeping all of V gives only N / BLOCK_N programs
+(128 at N = 16k, 32 at N = 4k) for 132 SMs on an H100; splitting V into ``splits`` ranges fills the machine
+at any N for the price of an O(splits x N) workspace and a tiny combine. ``splits`` aims at
+2 x SM-count programs (1 on CPU / the interpreter; tests force more).
+
+Rank (ops.md 3.3): with HAS_RANK each program first computes the raw label logit x_y = h . W[y] + b[y] by a
+per-row gathered dot product (O(N H) per split, negligible), then counts x_j > x_y over the tile-computed
+x_j, the label column excluded by index; only near-ties within GEMM rounding can differ from the reference.
+``lp`` always uses the label logit of the streaming pass.
+
+Backward (``linear_logprobs_bwd``): vocabulary chunks of a dz workspace, deterministic, atomics-free.
+For each chunk of ``vc`` vocabulary columns (and, only for N > ~1M rows, each chunk of rows):
+
+1. ``_linear_logprobs_dz_kernel`` (grid: row blocks x vocab blocks of the chunk, grouped for L2 reuse)
+   recomputes the logits tiles with the forward's tile code, forms ln p = (z - m) - ln s from ``stats``
+   and dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau (ops.md 2.3) in fp32, writes dx to the
+   workspace [N, vc] in the input dtype and the per-row-block column sums of the fp32 dx to
+   [row_blocks, vc] (for grad_bias). Invalid rows (ignore_index, out-of-range label, bad temperature)
+   write 0. 2 N vc H FLOP.
+2. ``_matmul_kernel``: grad_weight[chunk] = dx^T @ hidden (fp32 accumulator over all N rows, written once
+   in the weight dtype: no [V, H] fp32 buffer is needed). 2 N vc H FLOP.
+3. ``_matmul_kernel``: grad_hidden += dx @ weight[chunk] into an fp32 [N, H] accumulator (the output itself
+   for fp32 hidden), cast to the hidden dtype at the end. 2 N vc H FLOP.
+4. grad_bias[chunk] = sum over row blocks of the partial column sums (fp32, fixed order).
+
+Every output element is produced by one program in a fixed order, so gradients are bitwise reproducible
+(the ``deterministic=True`` contract of ops.md 0) and no atomics are used. Alternative considered: one tile
+kernel with fp32 atomics into grad_hidden and grad_weight (CCE's scheme): the same 6NVH FLOP and no
+workspace, but non-deterministic, a V x H fp32 buffer, and an atomic read-modify-write of
+(BLOCK_N + BLOCK_V) x H fp32 per tile; it is left as future work behind ``deterministic=False``.
+
+Precision of the backward GEMMs: for bf16 / fp16 inputs dx is rounded once to the input dtype before the
+tensor-core dot (fp32 accumulation), which is exactly what the ops.md 8 yardstick "reference in the input
+dtype, fp32 accumulation" does (its grad_logits are in the input dtype); grad_bias is summed from the fp32
+dx. fp32 inputs keep dx in fp32 and use IEEE fp32 dots.
+
+Memory. Forward: O(splits x N) fp32 workspace. Backward: the dx workspace N x vc x elt bytes plus
+(N / BLOCK_N) x vc x 4 for the bias partials, with vc the largest multiple of BLOCK_V that keeps it under
+``WORKSPACE_BYTES`` (256 MiB; ops.md 3.1); an fp32 grad_hidden accumulator N x H x 4 bytes for 16-bit
+hidden (256 MiB at N = 16k, H = 4096); an fp32 [V] grad_bias accumulator. Only when N x BLOCK_V x elt
+exceeds the budget (N > 1M rows in bf16) are rows chunked too, and then grad_weight is accumulated in an
+fp32 [V, H] buffer (V x H x 4 bytes, the one the spec allows) across row chunks.
+
+Work: forward 2NVH FLOP (the epilogue is not counted); backward 6NVH (recompute 2NVH + dX 2NVH + dW 2NVH);
+forward + backward 8NVH. The backward re-reads the workspace twice (2 x N x V x elt bytes; 10 GB at the
+reference shape, ~3 ms at 3 TB/s against a 76 ms compute floor) and, with several chunks, the fp32
+grad_hidden accumulator once per chunk (N x H x 8 bytes per chunk).
+
+Block sizes (constexpr, ``_tile_config``): BLOCK_N = next power of two of N clamped to [16, 128] (four
+buckets, so small batches do not compute 128-row tiles of padding); BLOCK_V = 128, BLOCK_K = 64,
+num_warps = 8 for 16-bit inputs (the H100 bf16 default: 128 x 128 x 64 tiles); BLOCK_N <= 64, BLOCK_V = 64,
+BLOCK_K = 32, num_warps = 8 for fp32 (IEEE fp32 dots run on FMA units; smaller tiles keep register pressure
+sane). Checked only by compiling ahead of time for sm_90 on a machine without a GPU (ptxas resource usage:
+no spills for the bf16 forward / dz kernels at 128 x 128 x 64, 8 warps; 24 bytes of stack for fp32 at
+64 x 64 x 32, 8 warps, against 288 with 4 warps). Nothing has been timed or tuned on a GPU.
+
+N, V, H, the chunk offsets and ignore_index are runtime arguments listed in ``do_not_specialize``, so a
+new sequence length, vocabulary or hidden size never recompiles a kernel (row strides are left to Triton's
+usual ==1 / %16 specialisation: at most two variants, for vectorised loads). Tile origins are int64; offsets
+inside a tile are int32, which assumes BLOCK x row stride < 2^31 (H and the workspace width below 2^24).
+
+Known limits: the number of kernel launches of the backward (the chunk loop) and the split count of the
+forward are computed on the host from N and V; under ``torch.compile`` with dynamic shapes that host code
+is traced, so those counts may add guards (unverified: no GPU in the task that wrote this). No tuning,
+no warp specialisation / TMA (Hopper); float64 is not supported (use the cpp or reference implementation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Upper bound on the backward's dx workspace (ops.md 3.1: "bounded tile workspace, default <= 256 MiB").
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows_setup(
+    labels_ptr,
+    temperature_ptr,
+    rows,
+    row_ok,
+    stride_temperature_n,
+    temperature_scalar,
+    vocab,
+    ignore_index,
+    HAS_TEMP: tl.constexpr,
+):
+    """Per row of a block: label, 1 / tau as an unevaluated sum hi + lo of two floats, and validity (a label
+    in [0, V) other than ignore_index, a finite temperature > 0, and a row inside [0, N)). Invalid rows get
+    tau = 1 so that no NaN is computed.
+
+    Why two terms (as csrc/cpu/token_logprobs_kernel.h does): with hi alone the rounding of 1/tau scales every
+    z of a row by up to (1 + 6e-8), ~5e-7 in ln p at |z| ~ 10, which is over the fp32 gradient budget of
+    ops.md 8 (the reference rounds x / tau once). z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about
+    one rounding of the small result. The residual 1 - tau hi is exact in an fma."""
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    if HAS_TEMP:
+        tau = tl.load(temperature_ptr + rows * stride_temperature_n, mask=row_ok, other=1.0).to(tl.float32)
+    else:
+        tau = tl.zeros(rows.shape, dtype=tl.float32) + temperature_scalar
+    tau_ok = (tau > 0) & (tau < float("inf"))
+    valid = row_ok & (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
+    tau = tl.where(valid, tau, 1.0)
+    inv_hi = 1.0 / tau
+    inv_lo = tl.fma(-tau, inv_hi, 1.0) / tau
+    return label, inv_hi, inv_lo, valid
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with an fp32 accumulator. UPCAST_DOT (set only under TRITON_INTERPRET=1 for bf16) computes
+    in fp32 instead: the interpreter multiplies the uint16 bit patterns of bf16 dot operands (triton issue
+    #11584). bf16 x bf16 products are exact in fp32, so this matches the tensor-core dot up to summation
+    order."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    row0,
+    row_ok,
+    col0,
+    col_ok,
+    hdim,
+    stride_hidden_n,
+    stride_weight_v,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Raw logits x = hidden[row0 + i] @ weight[col0 + j]^T + bias[col0 + j] as an fp32 [BLOCK_N, BLOCK_V]
+    accumulator. Out-of-range rows / columns read zeros (the callers mask them). The tile origins row0 / col0
+    are int64 scalars; in-tile offsets are int32 (BLOCK x H < 2^31), which keeps the 2-D pointer arithmetic
+    of the K loop out of 64-bit registers."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = (
+        hidden_ptr + row0 * stride_hidden_n + (tl.arange(0, BLOCK_N)[:, None] * stride_hidden_n + ks[None, :])
+    )
+    w_ptrs = (
+        weight_ptr + col0 * stride_weight_v + (ks[:, None] + tl.arange(0, BLOCK_V)[None, :] * stride_weight_v)
+    )
+    for k0 in range(0, hdim, BLOCK_K):
+        k_ok = ks < hdim - k0
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_V]
+        acc = _dot(h, w, acc, DOT_PRECISION, UPCAST_DOT)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + col0 + tl.arange(0, BLOCK_V), mask=col_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["n_rows", "vocab", "hdim", "ignore_index", "blocks_per_split"])
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    temperature_ptr,
+    part_ptr,  # [splits, 4, N] fp32: m, s, b, t
+    count_ptr,  # [splits, N] int32 (HAS_RANK)
+    n_rows,
+    vocab,
+    hdim,
+    stride_hidden_n,
+    stride_weight_v,
+    stride_temperature_n,
+    temperature_scalar,
+    ignore_index,
+    blocks_per_split,
+    HAS_BIAS: tl.constexpr,
+    HAS_TEMP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_RANK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    row_block = pid % n_row_blocks
+    split = pid // n_row_blocks
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < n_rows
+    label, inv_hi, inv_lo, valid = _rows_setup(
+        labels_ptr,
+        temperature_ptr,
+        rows,
+        row_ok,
+        stride_temperature_n,
+        temperature_scalar,
+        vocab,
+        ignore_index,
+        HAS_TEMP,
+    )
+
+    m = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    count = tl.zeros([BLOCK_N], dtype=tl.int32)
+    # A block with no valid row (prompt / padding rows the caller did not compact away) skips the GEMM.
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        if HAS_RANK:
+            # Raw label logit x_y = h . W[y] + b[y] (before temperature, ops.md 2.1), by a gathered dot.
+            safe_label = tl.where(valid, label, 0)
+            x_label = tl.zeros([BLOCK_N], dtype=tl.float32)
+            ks = tl.arange(0, BLOCK_K)
+            for k0 in range(0, hdim, BLOCK_K):
+                k = k0 + ks
+                mk = valid[:, None] & (k < hdim)[None, :]
+                h = tl.load(hidden_ptr + rows[:, None] * stride_hidden_n + k[None, :], mask=mk, other=0.0)
+                w = tl.load(
+                    weight_ptr + safe_label[:, None] * stride_weight_v + k[None, :], mask=mk, other=0.0
+                )
+                x_label += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
+            if HAS_BIAS:
+                x_label += tl.load(bias_ptr + safe_label, mask=valid, other=0.0).to(tl.float32)
+
+        v_start = split * blocks_per_split * BLOCK_V
+        v_end = tl.minimum(vocab, v_start + blocks_per_split * BLOCK_V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+            col_ok = cols < v_end
+            x = _logits_tile(
+                hidden_ptr,
+                weight_ptr,
+                bias_ptr,
+                row_block * BLOCK_N,
+                row_ok,
+                v0,
+                col_ok,
+                hdim,
+                stride_hidden_n,
+                stride_weight_v,
+                HAS_BIAS,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_K,
+                DOT_PRECISION,
+                UPCAST_DOT,
+            )
+            if HAS_RANK:
+                above = (x > x_label[:, None]) & (cols[None, :] != label[:, None]) & col_ok[None, :]
+                count += tl.sum(above.to(tl.int32), axis=1)
+            # z_y, gathered when its tile passes (only the owning split sees it; the others keep 0).
+            z_label = tl.fma(x, inv_lo[:, None], x * inv_hi[:, None])
+            t += tl.sum(tl.where(cols[None, :] == label[:, None], z_label, 0.0), axis=1)
+            # ops.md 2.2 per row, one maximum per tile: tau > 0, so the tile's max z is its max x over tau.
+            # While a row has seen only -inf, m_new = -inf: then m_sub = 0 keeps d = -inf and e = 0 (never
+            # -inf - -inf), alpha = 0 and s, b stay 0. NaN / +inf logits make d NaN for that column, so s and
+            # everything after it become NaN.
+            x_max = tl.max(tl.where(col_ok[None, :], x, -float("inf")), axis=1)
+            z_max = tl.where(x_max == -float("inf"), x_max, tl.fma(x_max, inv_lo, x_max * inv_hi))
+            m_new = tl.maximum(m, z_max)
+            m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
+            m_fin = m > -float("inf")
+            alpha = tl.where(m_fin, tl.exp2((m - m_sub) * 1.4426950408889634), 0.0)
+            # d = z - m in the two-term form (see _rows_setup), exact near the maximum, and it is the
+            # difference (not z) that is scaled to base 2 (see kernels/token_logprobs.py): the exponent's
+            # rounding error stays proportional to |d|. Columns past the vocabulary end are -inf.
+            d = tl.fma(x, inv_lo[:, None], tl.fma(x, inv_hi[:, None], -m_sub[:, None]))
+            d = tl.where(col_ok[None, :], d, -float("inf"))
+            e = tl.exp2(d * 1.4426950408889634)
+            if HAS_ENTROPY:
+                b = alpha * (b + tl.where(m_fin, (m - m_sub) * s, 0.0)) + tl.sum(
+                    tl.where(e > 0, d * e, 0.0), axis=1
+                )
+            s = alpha * s + tl.sum(e, axis=1)
+            m = m_new
+
+    base = part_ptr + split * 4 * n_rows + rows
+    tl.store(base, m, mask=row_ok)
+    tl.store(base + n_rows, s, mask=row_ok)
+    tl.store(base + 2 * n_rows, b, mask=row_ok)
+    tl.store(base + 3 * n_rows, t, mask=row_ok)
+    if HAS_RANK:
+        tl.store(count_ptr + split * n_rows + rows, count, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n_rows", "vocab", "ignore_index", "n_splits"])
+def _linear_logprobs_combine_kernel(
+    part_ptr,
+    count_ptr,
+    labels_ptr,
+    temperature_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    rank_ptr,
+    lse_ptr,
+    stats_ptr,
+    n_rows,
+    vocab,
+    stride_temperature_n,
+    temperature_scalar,
+    ignore_index,
+    n_splits,
+    HAS_TEMP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    HAS_RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < n_rows
+    label, inv_hi, inv_lo, valid = _rows_setup(
+        labels_ptr,
+        temperature_ptr,
+        rows,
+        row_ok,
+        stride_temperature_n,
+        temperature_scalar,
+        vocab,
+        ignore_index,
+        HAS_TEMP,
+    )
+    big_m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
+    for r in range(0, n_splits):
+        big_m = tl.maximum(big_m, tl.load(part_ptr + r * 4 * n_rows + rows, mask=row_ok, other=-float("inf")))
+    big_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    big_b = tl.zeros([BLOCK_R], dtype=tl.float32)
+    t = tl.zeros([BLOCK_R], dtype=tl.float32)
+    count = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for r in range(0, n_splits):
+        base = part_ptr + r * 4 * n_rows + rows
+        m_r = tl.load(base, mask=row_ok, other=-float("inf"))
+        s_r = tl.load(base + n_rows, mask=row_ok, other=0.0)
+        t += tl.load(base + 3 * n_rows, mask=row_ok, other=0.0)  # only the owning split is non-zero
+        # ops.md 3.3 step 3: a split that saw only -inf (m_r = -inf) contributes 0, never exp(-inf + inf).
+        fin = m_r > -float("inf")
+        dm = tl.where(fin, m_r - big_m, 0.0)
+        f = tl.where(fin, tl.exp2(dm * 1.4426950408889634), 0.0)
+        big_s += f * s_r
+        if HAS_ENTROPY:
+            b_r = tl.load(base + 2 * n_rows, mask=row_ok, other=0.0)
+            big_b += tl.where(fin, f * (b_r + dm * s_r), 0.0)
+        if HAS_RANK:
+            count += tl.load(count_ptr + r * n_rows + rows, mask=row_ok, other=0)
+    big_s = tl.where(valid, big_s, 1.0)  # ignored / padding lanes: no log(0) (their outputs are filled below)
+    log_s = tl.log(big_s)
+    fill = tl.where(label == ignore_index, 0.0, float("nan"))
+    tl.store(logprobs_ptr + rows, tl.where(valid, (t - big_m) - log_s, fill), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(valid, big_m + log_s, fill), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows, tl.where(valid, big_m, fill), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s, fill), mask=row_ok)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(valid, log_s - big_b / big_s, fill), mask=row_ok)
+    if HAS_RANK:
+        tl.store(rank_ptr + rows, tl.where(valid, count + 1, 0), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["n_rows", "vocab", "hdim", "ignore_index", "row_start", "v_start", "v_count"])
+def _linear_logprobs_dz_kernel(
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    temperature_ptr,
+    stats_ptr,
+    entropy_ptr,
+    dx_ptr,  # [rows of the chunk, >= v_count] workspace, input dtype
+    dbias_ptr,  # [row blocks of the chunk, >= v_count] fp32 (HAS_BIAS)
+    n_rows,  # rows of this chunk
+    vocab,
+    hdim,
+    row_start,
+    v_start,
+    v_count,
+    stride_hidden_n,
+    stride_weight_v,
+    stride_temperature_n,
+    stride_dx_n,
+    stride_dbias_n,
+    temperature_scalar,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_TEMP: tl.constexpr,
+    HAS_GRAD_LP: tl.constexpr,
+    HAS_GRAD_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # Grouped tile order (GROUP_N row blocks sweep the vocabulary blocks together) so the weight and hidden
+    # tiles of concurrently running programs stay in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    n_rb = tl.cdiv(n_rows, BLOCK_N)
+    n_vb = tl.cdiv(v_count, BLOCK_V)
+    per_group = GROUP_N * n_vb
+    first_rb = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_rb - first_rb, GROUP_N)
+    rb = first_rb + (pid % per_group) % group_size
+    vb = (pid % per_group) // group_size
+
+    local_rows = rb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = local_rows < n_rows
+    rows = row_start + local_rows
+    local_cols = vb * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    col_ok = local_cols < v_count
+    cols = v_start + local_cols
+    label, inv_hi, inv_lo, valid = _rows_setup(
+        labels_ptr,
+        temperature_ptr,
+        rows,
+        row_ok,
+        stride_temperature_n,
+        temperature_scalar,
+        vocab,
+        ignore_index,
+        HAS_TEMP,
+    )
+
+    dx = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        x = _logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            row_start + rb * BLOCK_N,
+            row_ok,
+            v_start + vb * BLOCK_V,
+            col_ok,
+            hdim,
+            stride_hidden_n,
+            stride_weight_v,
+            HAS_BIAS,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+            DOT_PRECISION,
+            UPCAST_DOT,
+        )
+        m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
+        log_s = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
+        g_lp = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_GRAD_LP:
+            g_lp = tl.load(grad_logprobs_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        g_h = tl.zeros([BLOCK_N], dtype=tl.float32)
+        ent = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_GRAD_H:
+            g_h = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+            ent = tl.load(entropy_ptr + rows, mask=valid, other=0.0)
+        # ln p_j, formed as the forward summed it: the two-term z - m, then - ln s.
+        d = tl.fma(x, inv_lo[:, None], tl.fma(x, inv_hi[:, None], -m[:, None])) - log_s[:, None]
+        p = tl.exp2(d * 1.4426950408889634)
+        # z_j - mu = ln p_j + H;  dz_j = g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)
+        dz = -p * (g_lp[:, None] + g_h[:, None] * (d + ent[:, None]))
+        dz = tl.where(p > 0, dz, 0.0)  # p = 0: never 0 * inf
+        dz = tl.where(cols[None, :] == label[:, None], dz + g_lp[:, None], dz)
+        dx = tl.where(
+            valid[:, None] & col_ok[None, :], tl.fma(dz, inv_lo[:, None], dz * inv_hi[:, None]), 0.0
+        )
+    tl.store(
+        dx_ptr + local_rows[:, None] * stride_dx_n + local_cols[None, :],
+        dx.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+    if HAS_BIAS:
+        tl.store(dbias_ptr + rb * stride_dbias_n + local_cols, tl.sum(dx, axis=0), mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["m_size", "n_size", "k_size", "a_offset", "b_offset", "c_offset"])
+def _matmul_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    m_size,
+    n_size,
+    k_size,
+    a_offset,
+    b_offset,
+    c_offset,
+    stride_a_m,
+    stride_a_k,
+    stride_b_k,
+    stride_b_n,
+    stride_c_m,
+    stride_c_n,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """C[m, n] (+)= sum_k A[m, k] B[k, n] with an fp32 accumulator; C is stored in its own dtype. With
+    ACCUMULATE the existing C (fp32) is added once, after the K loop: each C element is owned by one program
+    and summed in a fixed order (deterministic). Element offsets a/b/c_offset address chunks of a buffer."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_pid_m = tl.cdiv(m_size, BLOCK_M)
+    n_pid_n = tl.cdiv(n_size, BLOCK_N)
+    per_group = GROUP_M * n_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    # int64 only in the scalar tile origins; in-tile offsets are int32 (BLOCK x stride < 2^31: the strides
+    # are H and the workspace width), which keeps the 2-D pointer arithmetic out of 64-bit registers.
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    m_ok = rm < m_size - m0
+    n_ok = rn < n_size - n0
+    a_ptrs = a_ptr + a_offset + m0 * stride_a_m + (rm[:, None] * stride_a_m + rk[None, :] * stride_a_k)
+    b_ptrs = b_ptr + b_offset + n0 * stride_b_n + (rk[:, None] * stride_b_k + rn[None, :] * stride_b_n)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_size, BLOCK_K):
+        k_ok = rk < k_size - k0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+        a_ptrs += BLOCK_K * stride_a_k
+        b_ptrs += BLOCK_K * stride_b_k
+    c_ptrs = (
+        c_ptr
+        + c_offset
+        + m0 * stride_c_m
+        + n0 * stride_c_n
+        + (rm[:, None] * stride_c_m + rn[None, :] * stride_c_n)
+    )
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side: heuristics and launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _direct_launch(kernel):
+    return kernel
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype) -> dict:
+    """Constexpr tile sizes: a few buckets, never one variant per N, V or H (see the module docstring)."""
+    block_n = min(128, max(16, _next_pow2(n_rows)))
+    if dtype == torch.float32:
+        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8)
+    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_K=64, num_warps=8 if block_n >= 64 else 4)
+
+
+def _matmul_config(dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8)
+
+
+def _target_programs(device: torch.device) -> int:
+    """How many forward programs to aim for: 2 per SM on CUDA (queried at call time, never at import);
+    1 elsewhere (the interpreter runs programs one after the other, so splitting only costs time)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _vocab_splits(n_row_blocks: int, n_vocab_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(splits, vocabulary blocks per split), with no empty split."""
+    want = max(1, min(n_vocab_blocks, _cdiv(_target_programs(device), n_row_blocks)))
+    per_split = _cdiv(n_vocab_blocks, want)
+    return _cdiv(n_vocab_blocks, per_split), per_split
+
+
+def _bwd_chunks(n_rows: int, vocab: int, block_n: int, block_v: int, elt: int) -> tuple[int, int]:
+    """(rows per chunk, vocabulary columns per chunk) keeping the dx workspace (+ the bias partials) under
+    WORKSPACE_BYTES. All rows at once whenever a BLOCK_V-wide chunk fits (N <= ~1M in bf16); otherwise
+    chunks of 8192 columns and as many rows as fit (then grad_weight needs an fp32 accumulator)."""
+    per_col = n_rows * elt + _cdiv(n_rows, block_n) * 4
+    v_all = _cdiv(vocab, block_v) * block_v
+    if per_col * block_v <= WORKSPACE_BYTES:
+        vc = min(v_all, max(block_v, (WORKSPACE_BYTES // per_col) // block_v * block_v))
+        return n_rows, vc
+    vc = min(v_all, 8192 // block_v * block_v or block_v)
+    nc = max(block_n, int(WORKSPACE_BYTES // (vc * (elt + 4 / block_n))) // block_n * block_n)
+    return int(min(nc, n_rows)), vc
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    # fp32 inputs: true fp32 products, no TF32 (the oracle rule of ops.md 8 is sized for fp32 arithmetic).
+    # The environment is read at call time, like reasonrl._backend does (see _dot for the interpreter case).
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return dict(
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST_DOT=interpret and dtype == torch.bfloat16,
+    )
+
+
+def linear_logprobs_fwd(
+    hidden,
+    weight,
+    bias,
+    labels,
+    temperature,
+    temperature_scalar,
+    ignore_index,
+    want_entropy,
+    want_rank,
+    *,
+    launch=None,
+):
+    """Forward of ``linear_token_logprobs`` without the N x V logits.
+
+    Args:
+        hidden: [N, H] contiguous, fp32 / bf16 / fp16. weight: [V, H] contiguous, same dtype.
+        bias: [V] or None.
+        labels: [N] int64. temperature: [N] fp32 (any stride) or None, then ``temperature_scalar`` (float).
+        launch: ``torch.library.wrap_triton`` inside a ``triton_op``; direct launch by default.
+
+    Returns:
+        (logprobs [N] fp32, entropy [N] fp32 or [0], rank [N] int32 or [0], lse [N] fp32,
+        stats [N, 2] fp32 = (max of z, ln sum exp(z - max)) for the backward).
+    """
+    launch = launch or _direct_launch
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    lp = torch.empty((n,), device=dev, dtype=torch.float32)
+    lse = torch.empty((n,), device=dev, dtype=torch.float32)
+    stats = torch.empty((n, 2), device=dev, dtype=torch.float32)
+    ent = torch.empty((n if want_entropy else 0,), device=dev, dtype=torch.float32)
+    rank = torch.empty((n if want_rank else 0,), device=dev, dtype=torch.int32)
+    if n == 0:
+        return lp, ent, rank, lse, stats
+    cfg = _tile_config(n, vocab, hdim, hidden.dtype)
+    n_rb = _cdiv(n, cfg["BLOCK_N"])
+    splits, per_split = _vocab_splits(n_rb, _cdiv(vocab, cfg["BLOCK_V"]), dev)
+    part = torch.empty((splits, 4, n), device=dev, dtype=torch.float32)
+    count = torch.empty((splits, n) if want_rank else (0,), device=dev, dtype=torch.int32)
+    has_temp = temperature is not None
+    has_bias = bias is not None
+    launch(_linear_logprobs_fwd_kernel)[(n_rb * splits,)](
+        hidden,
+        weight,
+        bias if has_bias else hidden,  # dummy pointer when HAS_BIAS is False
+        labels,
+        temperature if has_temp else part,
+        part,
+        count if want_rank else part,
+        n,
+        vocab,
+        hdim,
+        hidden.stride(0),
+        weight.stride(0),
+        temperature.stride(0) if has_temp else 0,
+        float(temperature_scalar),
+        ignore_index,
+        per_split,
+        HAS_BIAS=has_bias,
+        HAS_TEMP=has_temp,
+        HAS_ENTROPY=want_entropy,
+        HAS_RANK=want_rank,
+        **_dot_args(hidden.dtype),
+        **cfg,
+    )
+    block_r = 128
+    launch(_linear_logprobs_combine_kernel)[(_cdiv(n, block_r),)](
+        part,
+        count if want_rank else part,
+        labels,
+        temperature if has_temp else part,
+        lp,
+        ent if want_entropy else lp,
+        rank if want_rank else lp,
+        lse,
+        stats,
+        n,
+        vocab,
+        temperature.stride(0) if has_temp else 0,
+        float(temperature_scalar),
+        ignore_index,
+        splits,
+        HAS_TEMP=has_temp,
+        HAS_ENTROPY=want_entropy,
+        HAS_RANK=want_rank,
+        BLOCK_R=block_r,
+        num_warps=4,
+    )
+    return lp, ent, rank, lse, stats
+
+
+def linear_logprobs_bwd(
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    labels,
+    temperature,
+    temperature_scalar,
+    ignore_index,
+    stats,
+    entropy,
+    *,
+    launch=None,
+):
+    """Backward of ``linear_token_logprobs``: recomputes the logits tiles (see the module docstring).
+
+    ``grad_logprobs`` / ``grad_entropy``: [N] or None (zero upstream gradient; its work is compiled out).
+    ``stats`` and ``entropy`` are the forward's outputs (``entropy`` is read only with ``grad_entropy``).
+
+    Returns (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H] in weight's dtype, grad_bias [V] in
+    bias's dtype or None). Deterministic: bitwise-identical results for the same inputs and device.
+    """
+    launch = launch or _direct_launch
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    has_lp = grad_logprobs is not None
+    has_h = grad_entropy is not None
+    has_bias = bias is not None
+    if n == 0 or not (has_lp or has_h):
+        return (
+            torch.zeros_like(hidden, memory_format=torch.contiguous_format),
+            torch.zeros_like(weight, memory_format=torch.contiguous_format),
+            torch.zeros_like(bias) if has_bias else None,
+        )
+    has_temp = temperature is not None
+    cfg = _tile_config(n, vocab, hdim, hidden.dtype)
+    mcfg = _matmul_config(hidden.dtype)
+    dot = _dot_args(hidden.dtype)
+    block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    nc, vc = _bwd_chunks(n, vocab, block_n, block_v, hidden.element_size())
+    row_chunks = _cdiv(n, nc)
+
+    dx = torch.empty((nc, vc), device=dev, dtype=hidden.dtype)
+    dbias = torch.empty((_cdiv(nc, block_n), vc) if has_bias else (0,), device=dev, dtype=torch.float32)
+    grad_hidden = torch.empty((n, hdim), device=dev, dtype=hidden.dtype)
+    gh_acc = (
+        grad_hidden
+        if hidden.dtype == torch.float32
+        else torch.empty((n, hdim), device=dev, dtype=torch.float32)
+    )
+    grad_weight = torch.empty((vocab, hdim), device=dev, dtype=weight.dtype)
+    # One row chunk (the normal case): each grad_weight tile is a single reduction over all N rows, written
+    # straight in the weight dtype. Several row chunks: accumulate in fp32 [V, H] across them.
+    gw_acc = (
+        grad_weight
+        if row_chunks == 1 or weight.dtype == torch.float32
+        else torch.empty((vocab, hdim), device=dev, dtype=torch.float32)
+    )
+    gb_acc = torch.zeros((vocab,), device=dev, dtype=torch.float32) if has_bias else None
+    stats = stats.contiguous()
+    g_lp = grad_logprobs.float().contiguous() if has_lp else stats
+    g_h = grad_entropy.float().contiguous() if has_h else stats
+    mm = dict(**dot, **mcfg)
+
+    for r0 in range(0, n, nc):
+        nr = min(nc, n - r0)
+        n_rb = _cdiv(nr, block_n)
+        for v0 in range(0, vocab, vc):
+            nv = min(vc, vocab - v0)
+            launch(_linear_logprobs_dz_kernel)[(n_rb * _cdiv(nv, block_v),)](
+                g_lp,
+                g_h,
+                hidden,
+                weight,
+                bias if has_bias else hidden,
+                labels,
+                temperature if has_temp else stats,
+                stats,
+                entropy if has_h else stats,
+                dx,
+                dbias if has_bias else stats,
+                nr,
+                vocab,
+                hdim,
+                r0,
+                v0,
+                nv,
+                hidden.stride(0),
+                weight.stride(0),
+                temperature.stride(0) if has_temp else 0,
+                dx.stride(0),
+                dbias.stride(0) if has_bias else 0,
+                float(temperature_scalar),
+                ignore_index,
+                HAS_BIAS=has_bias,
+                HAS_TEMP=has_temp,
+                HAS_GRAD_LP=has_lp,
+                HAS_GRAD_H=has_h,
+                GROUP_N=8,
+                **dot,
+                **cfg,
+            )
+            # grad_weight[v0:v0+nv] (+)= dx^T @ hidden[r0:r0+nr]
+            launch(_matmul_kernel)[(_cdiv(nv, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
+                dx,
+                hidden,
+                gw_acc,
+                nv,
+                hdim,
+                nr,
+                0,
+                r0 * hidden.stride(0),
+                v0 * gw_acc.stride(0),
+                1,
+                dx.stride(0),
+                hidden.stride(0),
+                1,
+                gw_acc.stride(0),
+                1,
+                ACCUMULATE=r0 > 0,
+                **mm,
+            )
+            # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]
+            launch(_matmul_kernel)[(_cdiv(nr, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
+                dx,
+                weight,
+                gh_acc,
+                nr,
+                hdim,
+                nv,
+                0,
+                v0 * weight.stride(0),
+                r0 * gh_acc.stride(0),
+                dx.stride(0),
+                1,
+                weight.stride(0),
+                1,
+                gh_acc.stride(0),
+                1,
+                ACCUMULATE=v0 > 0,
+                **mm,
+            )
+            if has_bias:
+                gb_acc[v0 : v0 + nv] += dbias[:n_rb, :nv].sum(0)
+
+    if gh_acc is not grad_hidden:
+        grad_hidden.copy_(gh_acc)
+    if gw_acc is not grad_weight:
+        grad_weight.copy_(gw_acc)
+    grad_bias = gb_acc.to(bias.dtype) if has_bias else None
+    return grad_hidden, grad_weight, grad_bias
