@@ -1,9 +1,12 @@
 """GRPO-family policy losses (losses.md): config, normalisers, outputs, the functional and the module.
 
-For now ``policy_loss`` runs the plain-PyTorch reference over per-token log-probabilities; the fused
-logits / hidden-state entry points will reuse the same config, normalisers and output types.
+``policy_loss`` runs the plain-PyTorch reference over per-token log-probabilities;
+``policy_loss_from_logits`` runs the single-pass fused kernel where the configuration allows it
+(``reasonrl.losses.fused``) and the two-phase composition otherwise. ``AdaptiveEntropyController`` is the
+trainer-side entropy-coefficient controller of losses.md section 11.2.
 """
 
+from reasonrl.losses.entropy import AdaptiveEntropyController
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
 from reasonrl.losses.policy import (
     PolicyLoss,
@@ -15,6 +18,7 @@ from reasonrl.losses.policy import (
 from reasonrl.losses.types import Extreme, LossMetrics, LossOutput, RolloutISMetrics, Sum
 
 __all__ = [
+    "AdaptiveEntropyController",
     "PolicyLossConfig",
     "ISCorrection",
     "LossNormalizers",

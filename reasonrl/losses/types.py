@@ -84,6 +84,9 @@ class LossMetrics:
     kl_agg: torch.Tensor | None = None  # Agg_kl(kappa) without beta (verl kl_loss)
     entropy: Sum | None = None  # per-token entropy over the loss mask (TRL entropy), when entropies are given
     entropy_agg: torch.Tensor | None = None  # H-bar of section 11 (verl entropy_loss)
+    # Entropy over the bonus's effective mask m * e (= ``entropy`` without a top-entropy mask): what TRL's
+    # adaptive entropy control accumulates; feed it to AdaptiveEntropyController.observe.
+    entropy_effective: Sum | None = None
     clip_low: Sum | None = None  # clip family: TRL clip_ratio/low_mean
     clip_high: Sum | None = None  # TRL clip_ratio/high_mean
     clip_region: Sum | None = None  # TRL clip_ratio/region_mean

@@ -688,6 +688,11 @@ def _metrics(*, s: _Segments, cfg: PolicyLossConfig, dtype: torch.dtype, w, w_se
     if h is not None:
         out["entropy"] = _token_sum(h, s)
         out["entropy_agg"] = h_bar.detach()
+        if e is None:
+            out["entropy_effective"] = out["entropy"]
+        else:
+            m_h = e.to(dtype)
+            out["entropy_effective"] = Sum((h.detach() * m_h).sum(), m_h.sum())
     if keep_seq is not None:
         nonempty = s.n > 0
         out["off_policy_kept"] = Sum((keep_seq & nonempty).to(dtype).sum(), nonempty.to(dtype).sum())

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from reasonrl.losses import (
+    AdaptiveEntropyController,
     Extreme,
     ISCorrection,
     LossNormalizers,
@@ -218,8 +219,18 @@ def run_trl(trl, args, b: Batch, *, old: bool = True, samp: bool = False, ga: in
     """TRL's GRPOTrainer._compute_loss on the batch: (loss, grad wrt lp, grad wrt H, logged metrics)."""
     lp = b.lp.clone().requires_grad_(True)
     H = b.H.clone().requires_grad_(True)
+    trainer = trl_stand_in(trl, args, ga=ga, training=training, num_processes=num_processes)
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (lp, H, None)
+    loss = trl.GRPOTrainer._compute_loss(trainer, None, trl_inputs(args, b, old=old, samp=samp, num_items=num_items))
+    g_lp, g_h = torch.autograd.grad(loss, [lp, H], allow_unused=True)
+    logged = {k: v[-1] for k, v in trainer._metrics["train" if training else "eval"].items()}
+    return loss.detach(), _zeros_if_none(g_lp, lp), _zeros_if_none(g_h, H), logged
+
+
+def trl_stand_in(trl, args, *, ga: int = 1, training: bool = True, num_processes: int = 1):
+    """The attributes GRPOTrainer.__init__ derives from args (TRL 1.16.0 grpo_trainer.py lines 782-983), on
+    a stand-in object that GRPOTrainer._compute_loss runs on; the model call is set per batch."""
     Trainer = trl.GRPOTrainer
-    # The attributes GRPOTrainer.__init__ derives from args (TRL 1.16.0 grpo_trainer.py lines 782-983).
     trainer = SimpleNamespace(
         args=args, loss_type=args.loss_type, beta=args.beta,
         importance_sampling_level=args.importance_sampling_level, epsilon_low=args.epsilon,
@@ -233,9 +244,13 @@ def run_trl(trl, args, b: Batch, *, old: bool = True, samp: bool = False, ga: in
         accelerator=_OneProcess(num_processes),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         get_off_policy_mask=Trainer.get_off_policy_mask, get_gamma_weights=Trainer.get_gamma_weights,
-        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (lp, H, None),
     )
     trainer.get_high_entropy_mask = types.MethodType(Trainer.get_high_entropy_mask, trainer)
+    return trainer
+
+
+def trl_inputs(args, b: Batch, *, old: bool = True, samp: bool = False, num_items=None) -> dict:
+    """The inputs dict _compute_loss reads, built from a Batch."""
     num_seqs, width = b.lp.shape
     inputs = {
         "prompt_ids": torch.zeros(num_seqs, 1, dtype=torch.long),
@@ -254,10 +269,7 @@ def run_trl(trl, args, b: Batch, *, old: bool = True, samp: bool = False, ga: in
         inputs["importance_sampling_ratio"] = trl_vllm_is_ratio(
             b.old, b.samp, b.mask.long(), args.vllm_importance_sampling_mode,
             args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max)
-    loss = Trainer._compute_loss(trainer, None, inputs)
-    g_lp, g_h = torch.autograd.grad(loss, [lp, H], allow_unused=True)
-    logged = {k: v[-1] for k, v in trainer._metrics["train" if training else "eval"].items()}
-    return loss.detach(), _zeros_if_none(g_lp, lp), _zeros_if_none(g_h, H), logged
+    return inputs
 
 
 def compare_trl(trl_result, ours_result, cfg: PolicyLossConfig, *, ga: int = 1,
@@ -1202,3 +1214,63 @@ def test_input_errors():
                     **kw)
     with pytest.raises(TypeError, match="logprobs"):
         policy_loss(b.mask.long(), advantages=b.A, config=cfg, **kw)
+
+
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])
+def test_adaptive_entropy_controller_matches_trl(trl, grpo_config, top_entropy_quantile):
+    """Section 11.2: TRL's use_adaptive_entropy, driven over 6 accumulation windows of 2 micro-batches whose
+    entropies move across the target, and AdaptiveEntropyController fed LossMetrics.entropy_effective: same
+    applied coefficient (hence the same loss and gradients), same coefficient and window entropy after
+    every optimiser step."""
+    ga = 2
+    args = grpo_config(loss_type="dapo", epsilon_high=0.28, entropy_coef=0.02, use_adaptive_entropy=True,
+                       entropy_target=1.0, entropy_coef_delta=0.015, entropy_coef_min=0.0, entropy_coef_max=0.04,
+                       top_entropy_quantile=top_entropy_quantile)
+    cfg = PolicyLossConfig.from_trl(args)
+    trainer = trl_stand_in(trl, args, ga=ga)
+    trainer.use_adaptive_entropy, trainer._entropy_bonus_enabled = True, True
+    trainer._last_world_entropy, trainer._entropy_window_stats = float("inf"), None
+    ctl = AdaptiveEntropyController(initial_coef=args.entropy_coef, target=args.entropy_target,
+                                    delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min,
+                                    coef_max=args.entropy_coef_max)
+    scales = [0.1, 0.2, 0.4, 0.3, 0.15, 0.5, 0.35, 0.1, 0.2, 0.25, 0.6, 0.05]  # mean H from ~0.2 to ~1.4 nats
+    applied = []
+    for step, scale in enumerate(scales):
+        b = make_batch(seed=100 + step)
+        # Entropies exact in fp32: TRL takes the top-entropy quantile of .float() entropies (the mask would
+        # otherwise depend on fp64 -> fp32 rounding at the threshold).
+        b = dataclasses.replace(b, H=(b.H * scale).float().double())
+        trainer.accelerator.sync_gradients = step % ga == ga - 1
+        lp, H = b.lp.clone().requires_grad_(True), b.H.clone().requires_grad_(True)
+        trainer._get_per_token_logps_and_entropies = lambda *a, lp=lp, H=H, **k: (lp, H, None)
+        loss_t = trl.GRPOTrainer._compute_loss(trainer, None, trl_inputs(args, b))
+        g_t = torch.autograd.grad(loss_t, [lp, H])
+        applied.append(ctl.coef)
+        # TRL rescales num_items_in_batch to one accumulation window (section 10.1).
+        norms = LossNormalizers(num_items_in_batch=b.mask.sum() * ga / args.steps_per_generation,
+                                grad_accum_steps=ga)
+        loss_o, g_lp_o, g_h_o, out = run_ours(cfg, b, entropy_coef=ctl.coef, normalizers=norms)
+        close(loss_o, loss_t, f"micro-step {step}: loss")
+        close(g_lp_o, g_t[0], f"micro-step {step}: grad logprobs")
+        close(g_h_o, g_t[1], f"micro-step {step}: grad entropies")
+        ctl.observe(out.metrics.entropy_effective)
+        if trainer.accelerator.sync_gradients:
+            ctl.step()
+            close(ctl.entropy_coef, trainer.entropy_coef, f"step {step}: coefficient")
+            close(ctl.last_window_entropy, trainer._last_world_entropy, f"step {step}: window entropy")
+    # The trajectory exercised every branch: no bonus first, then on, raised, capped and lowered.
+    assert applied[0] == 0.0 and max(applied) > 0.0 and len(set(applied)) >= 3, applied
+
+
+def test_adaptive_entropy_controller_checkpoint_and_errors():
+    ctl = AdaptiveEntropyController(initial_coef=0.01, target=0.5, delta=0.01)
+    assert ctl.coef == 0.0 and ctl.step() == math.inf  # no observation: unchanged
+    ctl.observe(Sum(torch.tensor(0.8), torch.tensor(4.0)))
+    assert ctl.step() == pytest.approx(0.2) and ctl.coef == pytest.approx(0.02)
+    restored = AdaptiveEntropyController(initial_coef=0.0, target=0.5, delta=0.01)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.coef == ctl.coef and restored.last_window_entropy == ctl.last_window_entropy
+    with pytest.raises(ValueError, match="entropy"):
+        ctl.observe(None)
+    with pytest.raises(ValueError, match="coef_min"):
+        AdaptiveEntropyController(initial_coef=0.0, coef_min=1.0, coef_max=0.5)
