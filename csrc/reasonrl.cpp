@@ -31,6 +31,13 @@ TORCH_LIBRARY(reasonrl, m) {
       "policy_loss_fused(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
       "int ignore_index, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) -> (Tensor logprobs, "
       "Tensor entropy, Tensor lse, Tensor grad_logprobs, Tensor grad_entropy, Tensor grad_logits)");
+  // The same from hidden states and the lm_head (csrc/cpu/policy_loss.cpp): logits exist one row chunk at
+  // a time; grad_hidden / grad_weight / grad_bias are computed during the forward. chunk_rows 0 = automatic.
+  m.def(
+      "policy_loss_from_hidden_fused(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? temperature, "
+      "float temperature_scalar, int ignore_index, Tensor token_inputs, int loss_kind, int kl_kind, float[] params, "
+      "int chunk_rows) -> (Tensor logprobs, Tensor entropy, Tensor lse, Tensor grad_logprobs, Tensor grad_entropy, "
+      "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // The per-token functor of policy_loss_fused alone: dLoss/dlp from lp and token_inputs (tests, O(N)).
   m.def(
       "policy_loss_token_grad(Tensor logprobs, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) "

@@ -10,13 +10,15 @@
 // Every term of a token-level config is token-local once its aggregation coefficients are known (they
 // depend only on the mask and the normalisers; reasonrl/losses/fused.py computes them in an O(N) pre-pass
 // and packs them with the other per-token inputs into `token_inputs`). So for each row:
-//   1. the token_logprobs forward row kernel reads the row once: lp, H, and the (m, log-sum) statistics;
+//   1. the forward sweep reads the row once: lp, H, and the (m, log-sum) statistics, keeping exp(z_j - m_c)
+//      of every column in a row-sized scratch buffer;
 //   2. the functor below turns (lp, token_inputs[r]) into g_lp = dLoss/dlp (g_H = dLoss/dH is an input);
-//   3. the token_logprobs backward row kernel writes dLoss/dlogits for the row while it is still in L2
-//      (128 KiB for a 32k fp32 row; it is re-read from cache, not from DRAM).
+//   3. the gradient sweep writes dLoss/dlogits for the row while it is still in L2 (128 KiB for a 32k fp32
+//      row; it is re-read from cache, not from DRAM), scaling the stored exponentials instead of computing
+//      them again: one exp per logit in total, where a separate forward and backward take two.
 // One read and one write of the logits in total, against 3 passes for a separate forward and backward.
-// Both row kernels are the ISA-dispatched ones of token_logprobs (csrc/cpu/token_logprobs_kernel.h), so the
-// numerics of lp, H and of the gradient are exactly those of token_logprobs.
+// The row code is fused_rows_vec of csrc/cpu/token_logprobs_kernel.h (ISA-dispatched), built from the same
+// chunk routines as token_logprobs, so lp, H and the gradient follow its numerics.
 //
 // token_inputs columns (accumulation dtype: fp32, fp64 for fp64 logits), 0 at tokens outside the loss:
 //   0 A    advantage of the token (a per-sequence advantage broadcast to its tokens)
@@ -165,8 +167,26 @@ void check_inputs(const at::Tensor& token_inputs, int64_t n, at::ScalarType acc)
   TORCH_CHECK(token_inputs.device().is_cpu(), "policy_loss_fused (cpp): token_inputs must be on the CPU");
 }
 
-template <typename scalar_t, typename Fwd, typename Bwd>
-void run_fused(Fwd fwd, Bwd bwd, const LossParams& p, const at::Tensor& x, const at::Tensor& labels64,
+// The row callback of the fused kernels: dLoss/dlp from the functor, dLoss/dH from the inputs.
+template <typename acc_t>
+struct GradContext {
+  const LossParams* params;
+  const acc_t* inputs;  // [N, kInputs]
+  acc_t* g_lp;          // [N] outputs (the fp64 kernel reads them back)
+  acc_t* g_h;
+
+  static void call(const void* self, int64_t r, double lp, double /*h*/, double* g_lp, double* g_h) {
+    const auto* c = static_cast<const GradContext*>(self);
+    const acc_t* in = c->inputs + r * kInputs;
+    *g_lp = token_grad(*c->params, lp, in);
+    *g_h = static_cast<double>(in[kGradH]);
+    c->g_lp[r] = static_cast<acc_t>(*g_lp);
+    c->g_h[r] = static_cast<acc_t>(*g_h);
+  }
+};
+
+template <typename scalar_t, typename Fused>
+void run_fused(Fused fused, const LossParams& p, const at::Tensor& x, const at::Tensor& labels64,
                const at::Tensor& temp, double temperature_scalar, int64_t ignore_index, const at::Tensor& inputs,
                at::Tensor& lp, at::Tensor& ent, at::Tensor& lse, at::Tensor& stats, at::Tensor& g_lp,
                at::Tensor& g_h, at::Tensor& grad) {
@@ -178,23 +198,14 @@ void run_fused(Fwd fwd, Bwd bwd, const LossParams& p, const at::Tensor& x, const
   a.rank = nullptr;
   a.lse = lse.mutable_data_ptr<acc_t>();
   a.stats = stats.mutable_data_ptr<acc_t>();
-  a.grad_logprobs = g_lp.mutable_data_ptr<acc_t>();
-  a.grad_entropy = g_h.mutable_data_ptr<acc_t>();
+  a.grad_logprobs = g_lp.const_data_ptr<acc_t>();
+  a.grad_entropy = g_h.const_data_ptr<acc_t>();
   a.grad = grad.mutable_data_ptr<scalar_t>();
   a.grad_row_stride = grad.stride(0);
-  acc_t* g_lp_out = g_lp.mutable_data_ptr<acc_t>();
-  acc_t* g_h_out = g_h.mutable_data_ptr<acc_t>();
-  const acc_t* in = inputs.const_data_ptr<acc_t>();
-  at::parallel_for(0, x.size(0), grain_rows(a.vocab), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      fwd(a, r, r + 1);  // sweep 1: statistics (the row is now in L2)
-      const acc_t* row_in = in + r * kInputs;
-      g_lp_out[r] = static_cast<acc_t>(token_grad(p, static_cast<double>(a.logprobs[r]), row_in));
-      // An invalid row (NaN statistics) gets no gradient at all; the Python layer reports it.
-      g_h_out[r] = std::isnan(a.logprobs[r]) ? acc_t(0) : row_in[kGradH];
-      bwd(a, r, r + 1);  // sweep 2: the gradient, from cache
-    }
-  });
+  const GradContext<acc_t> ctx{&p, inputs.const_data_ptr<acc_t>(), g_lp.mutable_data_ptr<acc_t>(),
+                               g_h.mutable_data_ptr<acc_t>()};
+  const RowGrad rg{&GradContext<acc_t>::call, &ctx};
+  at::parallel_for(0, x.size(0), grain_rows(a.vocab), [&](int64_t begin, int64_t end) { fused(a, begin, end, rg); });
 }
 
 }  // namespace
@@ -210,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_inputs(token_inputs, n, acc);
   const auto opts = logits.options().dtype(acc);
   at::Tensor lp = at::empty({n}, opts), ent = at::empty({n}, opts), lse = at::empty({n}, opts);
-  at::Tensor g_lp = at::empty({n}, opts), g_h = at::empty({n}, opts);
+  at::Tensor g_lp = at::zeros({n}, opts), g_h = at::zeros({n}, opts);  // 0 for rows the callback skips
   at::Tensor grad = empty_gradient(logits);
   if (n == 0) return {lp, ent, lse, g_lp, g_h, grad};
   at::Tensor stats = at::empty({n, 2}, opts);
@@ -219,23 +230,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor temp = temperature_rows(temperature, n, acc);
   const at::Tensor inputs = token_inputs.contiguous();
   const RowKernels& k = token_logprobs_kernels();
-  constexpr int kWithEntropy = 1;  // fwd table index: entropy on, rank off
   switch (x.scalar_type()) {
     case at::kFloat:
-      run_fused<float>(k.fwd_f32[kWithEntropy], k.bwd_f32, p, x, labels64, temp, temperature_scalar, ignore_index,
-                       inputs, lp, ent, lse, stats, g_lp, g_h, grad);
+      run_fused<float>(k.fused_f32, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp, ent, lse,
+                       stats, g_lp, g_h, grad);
       break;
     case at::kBFloat16:
-      run_fused<c10::BFloat16>(k.fwd_bf16[kWithEntropy], k.bwd_bf16, p, x, labels64, temp, temperature_scalar,
-                               ignore_index, inputs, lp, ent, lse, stats, g_lp, g_h, grad);
+      run_fused<c10::BFloat16>(k.fused_bf16, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp,
+                               ent, lse, stats, g_lp, g_h, grad);
       break;
     case at::kHalf:
-      run_fused<c10::Half>(k.fwd_f16[kWithEntropy], k.bwd_f16, p, x, labels64, temp, temperature_scalar,
-                           ignore_index, inputs, lp, ent, lse, stats, g_lp, g_h, grad);
+      run_fused<c10::Half>(k.fused_f16, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp, ent,
+                           lse, stats, g_lp, g_h, grad);
       break;
     default:
-      run_fused<double>(k.fwd_f64[kWithEntropy], k.bwd_f64, p, x, labels64, temp, temperature_scalar, ignore_index,
-                        inputs, lp, ent, lse, stats, g_lp, g_h, grad);
+      run_fused<double>(k.fused_f64, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp, ent, lse,
+                        stats, g_lp, g_h, grad);
   }
   return {lp, ent, lse, g_lp, g_h, grad};
 }
@@ -262,9 +272,158 @@ at::Tensor policy_loss_token_grad_cpu(const at::Tensor& logprobs, const at::Tens
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The fused-linear loss (losses.md 13.1, last paragraph; ops.md 3.1): the same single pass, fed by the lm_head
+// matmul one chunk of rows at a time, so the [N, V] logits never exist. Because the upstream gradient of
+// every row is known during the forward, each chunk's logits buffer is turned into dLoss/dlogits in place
+// and consumed at once by the two backward GEMMs: 3 GEMMs in total (2NVH forward + 4NVH backward, 6NVH),
+// no recompute, and the backward of autograd only scales the gradients computed here.
+//
+//   policy_loss_from_hidden_fused(hidden [N, H], weight [V, H], bias [V]?, labels [N], temperature [N]?,
+//       temperature_scalar, ignore_index, token_inputs [N, 6], loss_kind, kl_kind, params, chunk_rows)
+//   -> (logprobs, entropy, lse, grad_logprobs, grad_entropy [N], grad_hidden [N, H], grad_weight [V, H],
+//       grad_bias [V] (empty without bias))
+//
+// Memory: rows whose label is ignore_index are compacted away first (a copy of the valid hidden rows); one
+// fp32 [chunk_rows, V] buffer (chunk_rows = 0 picks about 32 MiB); fp32 accumulators for grad_weight
+// ([V, H], the output itself for fp32 weights) and grad_hidden of the valid rows; fp32 copies of weight
+// and bias for 16-bit inputs (the GEMMs run in fp32 on CPU). Nothing of size N x V.
+// ---------------------------------------------------------------------------------------------------------
+
+namespace {
+
+template <typename scalar_t>
+void fused_chunk_rows(const RowKernels& k, BwdArgs<scalar_t>& a, int64_t rows, const RowGrad& rg) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    at::parallel_for(0, rows, grain_rows(a.vocab), [&](int64_t b, int64_t e) { k.fused_f32(a, b, e, rg); });
+  } else {
+    at::parallel_for(0, rows, grain_rows(a.vocab), [&](int64_t b, int64_t e) { k.fused_f64(a, b, e, rg); });
+  }
+}
+
+template <typename acc_t>
+void hidden_fused_loop(const LossParams& p, const at::Tensor& h, const at::Tensor& w, const at::Tensor& bias,
+                       const at::Tensor& labels, const at::Tensor& temp, double temperature_scalar,
+                       int64_t ignore_index, const at::Tensor& inputs, int64_t chunk_rows, at::Tensor& lp,
+                       at::Tensor& ent, at::Tensor& lse, at::Tensor& g_lp, at::Tensor& g_h, at::Tensor& grad_h,
+                       at::Tensor& grad_w, at::Tensor& grad_b) {
+  const int64_t n = h.size(0), vocab = w.size(0);
+  const RowKernels& k = token_logprobs_kernels();
+  at::Tensor buf = at::empty({chunk_rows, vocab}, h.options());
+  at::Tensor stats = at::empty({n, 2}, h.options());
+  const at::Tensor wt = w.t();
+  for (int64_t n0 = 0; n0 < n; n0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, n - n0);
+    at::Tensor x = buf.narrow(0, 0, rows);
+    const at::Tensor hc = h.narrow(0, n0, rows);
+    if (bias.defined()) {
+      at::addmm_out(x, bias, hc, wt);
+    } else {
+      at::mm_out(x, hc, wt);
+    }
+    BwdArgs<acc_t> a{};
+    a.logits = x.const_data_ptr<acc_t>();
+    a.row_stride = x.stride(0);
+    a.vocab = vocab;
+    a.labels = labels.const_data_ptr<int64_t>() + n0;
+    a.ignore_index = ignore_index;
+    a.temperature = temp.defined() ? temp.const_data_ptr<acc_t>() + n0 : nullptr;
+    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+    a.logprobs = lp.mutable_data_ptr<acc_t>() + n0;
+    a.entropy = ent.mutable_data_ptr<acc_t>() + n0;
+    a.lse = lse.mutable_data_ptr<acc_t>() + n0;
+    a.stats = stats.mutable_data_ptr<acc_t>() + 2 * n0;
+    a.grad_logprobs = g_lp.const_data_ptr<acc_t>() + n0;
+    a.grad_entropy = g_h.const_data_ptr<acc_t>() + n0;
+    a.grad = x.mutable_data_ptr<acc_t>();  // in place: the chunk's logits become dLoss/dlogits
+    a.grad_row_stride = x.stride(0);
+    const GradContext<acc_t> ctx{&p, inputs.const_data_ptr<acc_t>() + n0 * kInputs,
+                                 g_lp.mutable_data_ptr<acc_t>() + n0, g_h.mutable_data_ptr<acc_t>() + n0};
+    const RowGrad rg{&GradContext<acc_t>::call, &ctx};
+    fused_chunk_rows<acc_t>(k, a, rows, rg);
+    at::Tensor gh = grad_h.narrow(0, n0, rows);
+    at::mm_out(gh, x, w);        // grad_hidden rows = dlogits @ W
+    grad_w.addmm_(x.t(), hc);    // grad_weight += dlogits^T @ h
+    if (grad_b.defined()) grad_b.add_(x.sum(0));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+policy_loss_from_hidden_fused_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                                  const std::optional<at::Tensor>& temperature, double temperature_scalar,
+                                  int64_t ignore_index, const at::Tensor& token_inputs, int64_t loss_kind,
+                                  int64_t kl_kind, at::ArrayRef<double> params, int64_t chunk_rows) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "policy_loss_from_hidden: hidden must be [N, H] and weight [V, H] with the same H, got ",
+              hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(),
+              "policy_loss_from_hidden (cpp): hidden and weight must be CPU tensors");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "policy_loss_from_hidden: hidden (",
+              hidden.scalar_type(), ") and weight (", weight.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(weight.size(0) > 0, "policy_loss_from_hidden: the vocabulary size V (weight.size(0)) must be > 0");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == weight.scalar_type(),
+                "policy_loss_from_hidden: bias must be [V] = [", weight.size(0), "] of the weight's dtype, got ",
+                bias->sizes(), " ", bias->scalar_type());
+  }
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "policy_loss_from_hidden: labels must be [N] = [",
+              hidden.size(0), "], got ", labels.sizes());
+  const LossParams p = parse_params(loss_kind, kl_kind, params);
+  const int64_t n = hidden.size(0), hdim = hidden.size(1), vocab = weight.size(0);
+  const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_inputs(token_inputs, n, acc);
+  const auto opts = hidden.options().dtype(acc);
+  at::Tensor lp = at::zeros({n}, opts), ent = at::zeros({n}, opts), lse = at::zeros({n}, opts);
+  at::Tensor g_lp = at::zeros({n}, opts), g_h = at::zeros({n}, opts);
+  at::Tensor grad_hidden = at::zeros({n, hdim}, hidden.options());
+  at::Tensor grad_w = at::zeros({vocab, hdim}, opts);
+  at::Tensor grad_b = has_bias ? at::zeros({vocab}, opts) : at::Tensor();
+
+  // Compaction (ops.md 3.1): only rows with a label reach the GEMMs.
+  const at::Tensor labels64 = labels.to(at::kLong);
+  const at::Tensor rows = (labels64 != ignore_index).nonzero().squeeze(1);
+  const int64_t nv = rows.size(0);
+  if (nv > 0) {
+    const at::Tensor h = hidden.index_select(0, rows).to(acc).contiguous();
+    const at::Tensor w = weight.to(acc).contiguous();
+    const at::Tensor b = has_bias ? bias->to(acc).contiguous() : at::Tensor();
+    const at::Tensor lab = labels64.index_select(0, rows).contiguous();
+    at::Tensor temp;
+    if (temperature.has_value()) temp = temperature_rows(temperature, n, acc).index_select(0, rows).contiguous();
+    const at::Tensor in = token_inputs.index_select(0, rows).contiguous();
+    if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(16, (int64_t(32) << 20) / (vocab * 4));
+    chunk_rows = std::min(chunk_rows, nv);
+    const auto v_opts = hidden.options().dtype(acc);
+    at::Tensor c_lp = at::empty({nv}, v_opts), c_ent = at::empty({nv}, v_opts), c_lse = at::empty({nv}, v_opts);
+    at::Tensor c_glp = at::zeros({nv}, v_opts), c_gh = at::zeros({nv}, v_opts);
+    at::Tensor c_gh_hidden = at::empty({nv, hdim}, v_opts);
+    if (acc == at::kDouble) {
+      hidden_fused_loop<double>(p, h, w, b, lab, temp, temperature_scalar, ignore_index, in, chunk_rows, c_lp, c_ent,
+                                c_lse, c_glp, c_gh, c_gh_hidden, grad_w, grad_b);
+    } else {
+      hidden_fused_loop<float>(p, h, w, b, lab, temp, temperature_scalar, ignore_index, in, chunk_rows, c_lp, c_ent,
+                               c_lse, c_glp, c_gh, c_gh_hidden, grad_w, grad_b);
+    }
+    lp.index_copy_(0, rows, c_lp);
+    ent.index_copy_(0, rows, c_ent);
+    lse.index_copy_(0, rows, c_lse);
+    g_lp.index_copy_(0, rows, c_glp);
+    g_h.index_copy_(0, rows, c_gh);
+    grad_hidden.index_copy_(0, rows, c_gh_hidden.to(hidden.scalar_type()));
+  }
+  at::Tensor grad_weight = grad_w.to(weight.scalar_type());
+  at::Tensor grad_bias = has_bias ? grad_b.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  return {lp, ent, lse, g_lp, g_h, grad_hidden, grad_weight, grad_bias};
+}
+
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("policy_loss_fused", &policy_loss_fused_cpu);
   m.impl("policy_loss_token_grad", &policy_loss_token_grad_cpu);
+  m.impl("policy_loss_from_hidden_fused", &policy_loss_from_hidden_fused_cpu);
 }
 
 }  // namespace reasonrl

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "token_logprobs_rows.h"
 
@@ -170,8 +171,11 @@ inline float chunk_max(const scalar_t* src, int64_t n, float x_label, int64_t* r
 // d = -inf (a -inf logit) gives exp(d) = 0; for the entropy term d is clamped at -200 first, where
 // exp(d) is already exactly 0 in fp32, so the product is 0 and never -inf * 0. Four independent
 // accumulator pairs hide the latency of the exp polynomial.
-template <typename scalar_t, bool kEntropy>
-inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, float m, double* s, double* b) {
+// With kStore, exp(d) of every column is also written to e_out[0, n) (the fused loss reuses it, see
+// fused_rows_vec).
+template <typename scalar_t, bool kEntropy, bool kStore = false>
+inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, float m, double* s, double* b,
+                          float* e_out = nullptr) {
   constexpr int64_t W = fVec::size();
   const fVec vhi(inv.hi), vlo(inv.lo), vm(m), lo(-200.f), vmin(std::numeric_limits<float>::lowest());
   fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
@@ -179,6 +183,7 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, flo
     const fVec x = fast_max(load_f(p), vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
     const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm));
     const fVec e = vexp(d);
+    if constexpr (kStore) e.store(e_out + (p - src));
     sa = sa + e;
     if constexpr (kEntropy) ba = at::vec::fmadd(fast_max(d, lo), e, ba);
   };
@@ -203,6 +208,7 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, flo
   for (; j < n; ++j) {
     const float d = inv.shifted(static_cast<float>(src[j]), m);  // as the vector loop
     const float e = std::exp(d);
+    if constexpr (kStore) e_out[j] = e;
     st += e;
     if constexpr (kEntropy) bt += static_cast<double>(std::max(d, -200.f)) * e;
   }
@@ -417,24 +423,141 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
   }
 }
 
+// The single-pass fused loss for rows [begin, end) (losses.md 13.1; csrc/cpu/policy_loss.cpp): the forward
+// sweep of fwd_rows_vec, which also keeps exp(z_j - m_c) of every column (m_c = the running maximum when the
+// column's chunk was summed) in a row-sized fp32 scratch buffer; then `rg` turns the row's (lp, H) into the
+// upstream gradients (g_lp, g_H); then one sweep writes the gradient of bwd_rows_vec, re-reading the row from
+// cache (L2 for a 32k fp32 row) and taking p_j = exp(z_j - m_c) * exp(m_c - m - log s) from the scratch
+// buffer instead of a second exponential: one exp per logit instead of two. p_j is within ~3 ulp of the
+// backward kernel's exp(log p_j); log p_j itself (the entropy term) is formed exactly as there. Writes
+// lp, H, LSE and stats like the forward; `a.grad` may alias `a.logits` (each column is read before written).
+template <typename scalar_t>
+void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, const RowGrad& rg) {
+  constexpr int64_t W = fVec::size();
+  const float kInf = std::numeric_limits<float>::infinity();
+  const float kNaN = std::numeric_limits<float>::quiet_NaN();
+  const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
+  std::vector<float> ebuf(static_cast<size_t>(n_chunks * kChunk));
+  std::vector<float> chunk_m(static_cast<size_t>(n_chunks));
+  alignas(64) float buf[kChunk];
+  for (int64_t r = begin; r < end; ++r) {
+    scalar_t* grow = a.grad + r * a.grad_row_stride;
+    const int64_t y = a.labels[r];
+    const float tau = row_temperature(a, r);
+    const bool label_ok = y != a.ignore_index && y >= 0 && y < a.vocab;
+    if (!label_ok || !temperature_ok(tau)) {
+      const float fill = y == a.ignore_index ? 0.f : kNaN;
+      a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = a.entropy[r] = fill;
+      std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0.f));
+      continue;
+    }
+    const scalar_t* row = a.logits + r * a.row_stride;
+    const InvTau inv(tau);
+    const float x_label = static_cast<float>(row[y]);
+    float m = -kInf;
+    double s = 0.0, b = 0.0;
+    int64_t unused_rank = 0;
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t c0 = k * kChunk, n = std::min(kChunk, a.vocab - c0);
+      const float x_max = chunk_max<scalar_t, false>(row + c0, n, x_label, &unused_rank);
+      if (std::isnan(x_max) || x_max == kInf) m = kNaN;
+      chunk_m[k] = -kInf;  // a skipped chunk contributes p = 0 (its scale below is 0)
+      if (std::isnan(m)) continue;
+      const float m_new = std::max(m, x_max * inv.hi);
+      if (m_new == -kInf) continue;
+      if (m != -kInf) {
+        const double delta = static_cast<double>(m) - m_new;
+        const double alpha = std::exp(delta);
+        b = alpha * (b + delta * s);
+        s *= alpha;
+      }
+      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv, m_new, &s, &b, ebuf.data() + c0);
+      chunk_m[k] = m = m_new;
+    }
+    const double log_s = std::log(s);
+    const float d_y = inv.shifted(x_label, m);
+    const float lp = static_cast<float>(static_cast<double>(d_y) - log_s);
+    const float h = static_cast<float>(log_s - b / s);
+    a.lse[r] = static_cast<float>(static_cast<double>(m) + log_s);
+    a.logprobs[r] = lp;
+    a.entropy[r] = h;
+    a.stats[2 * r] = m;
+    a.stats[2 * r + 1] = static_cast<float>(log_s);
+    double g_lp = 0.0, g_h = 0.0;
+    if (!std::isnan(lp)) rg.fn(rg.ctx, r, lp, h, &g_lp, &g_h);  // NaN row: no gradient (reported upstream)
+    if (g_lp == 0.0 && g_h == 0.0) {
+      std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0.f));
+      continue;
+    }
+    const float fg_lp = static_cast<float>(g_lp), fg_h = static_cast<float>(g_h);
+    const float inv_tau = inv.hi;
+    const float ls = static_cast<float>(log_s);
+    const float c0 = -(fg_lp + fg_h * h) * inv_tau, c1 = -fg_h * inv_tau;
+    const fVec vhi(inv.hi), vlo(inv.lo), vm(m), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
+    const fVec vmin(std::numeric_limits<float>::lowest());
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t c = k * kChunk, n = std::min(kChunk, a.vocab - c);
+      // p_j = e_j * exp(m_c - m - log s): the chunk's shift to the final maximum and normaliser.
+      const float scale = chunk_m[k] == -kInf ? 0.f
+          : static_cast<float>(std::exp(static_cast<double>(chunk_m[k]) - m - log_s));
+      const fVec vscale(scale);
+      const scalar_t* src = row + c;
+      const float* e = ebuf.data() + c;
+      float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grow + c) : buf;
+      int64_t j = 0;
+      for (; j + W <= n; j += W) {
+        const fVec x = fast_max(load_f(src + j), vmin);
+        const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
+        const fVec p = fVec::loadu(e + j) * vscale;
+        (p * at::vec::fmadd(vc1, fast_max(d, lo), vc0)).store(dst + j);
+      }
+      for (; j < n; ++j) {
+        const float d = inv.shifted(static_cast<float>(src[j]), m) - ls;
+        dst[j] = (e[j] * scale) * (c0 + c1 * std::max(d, -200.f));
+      }
+      if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
+    }
+    const float dl = d_y - ls;
+    const float p_y = std::exp(dl);
+    const float dz_y = fg_lp * (1.f - p_y) - fg_h * p_y * (std::max(dl, -200.f) + h);
+    grow[y] = static_cast<scalar_t>(dz_y * inv_tau);
+  }
+}
+
+// fp64: the forward and backward row kernels in sequence, row by row (the row stays in cache). The backward
+// reads the upstream gradients from a.grad_logprobs / a.grad_entropy, the arrays the callback fills.
+template <typename scalar_t>
+void fused_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, const RowGrad& rg) {
+  for (int64_t r = begin; r < end; ++r) {
+    fwd_rows_scalar<scalar_t, true, false>(a, r, r + 1);
+    double g_lp = 0.0, g_h = 0.0;
+    if (!std::isnan(a.logprobs[r]) && a.labels[r] != a.ignore_index) {
+      rg.fn(rg.ctx, r, a.logprobs[r], a.entropy[r], &g_lp, &g_h);
+    }
+    bwd_rows_scalar<scalar_t>(a, r, r + 1);
+  }
+}
+
 // The table of entry points this ISA variant exports (see token_logprobs_rows.h).
 inline RowKernels make_row_kernels() {
   RowKernels k;
-#define REASONRL_FILL(T, field_fwd, field_bwd)                     \
+#define REASONRL_FILL(T, field_fwd, field_bwd, field_fused)                     \
   k.field_fwd[0] = &fwd_rows_vec<T, false, false>;                 \
   k.field_fwd[1] = &fwd_rows_vec<T, true, false>;                  \
   k.field_fwd[2] = &fwd_rows_vec<T, false, true>;                  \
   k.field_fwd[3] = &fwd_rows_vec<T, true, true>;                   \
-  k.field_bwd = &bwd_rows_vec<T>;
-  REASONRL_FILL(float, fwd_f32, bwd_f32)
-  REASONRL_FILL(c10::BFloat16, fwd_bf16, bwd_bf16)
-  REASONRL_FILL(c10::Half, fwd_f16, bwd_f16)
+  k.field_bwd = &bwd_rows_vec<T>;                                  \
+  k.field_fused = &fused_rows_vec<T>;
+  REASONRL_FILL(float, fwd_f32, bwd_f32, fused_f32)
+  REASONRL_FILL(c10::BFloat16, fwd_bf16, bwd_bf16, fused_bf16)
+  REASONRL_FILL(c10::Half, fwd_f16, bwd_f16, fused_f16)
 #undef REASONRL_FILL
   k.fwd_f64[0] = &fwd_rows_scalar<double, false, false>;
   k.fwd_f64[1] = &fwd_rows_scalar<double, true, false>;
   k.fwd_f64[2] = &fwd_rows_scalar<double, false, true>;
   k.fwd_f64[3] = &fwd_rows_scalar<double, true, true>;
   k.bwd_f64 = &bwd_rows_scalar<double>;
+  k.fused_f64 = &fused_rows_scalar<double>;
   return k;
 }
 

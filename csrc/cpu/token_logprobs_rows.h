@@ -56,6 +56,13 @@ inline auto row_temperature(const Args& a, int64_t r) {
   return a.temperature ? a.temperature[r] : a.temperature_scalar;
 }
 
+// The fused loss's per-row callback (csrc/cpu/policy_loss.cpp): given a row's log-prob and entropy, the
+// upstream gradients g_lp = dLoss/dlp and g_H = dLoss/dH of that token. Called once per valid row.
+struct RowGrad {
+  void (*fn)(const void* ctx, int64_t row, double lp, double h, double* g_lp, double* g_h);
+  const void* ctx;
+};
+
 // Entry points of one ISA variant. fwd_*[i] with i = want_entropy + 2 * want_rank.
 struct RowKernels {
   using FwdF32 = void (*)(const RowArgs<float>&, int64_t, int64_t);
@@ -70,6 +77,13 @@ struct RowKernels {
   void (*bwd_bf16)(const BwdArgs<c10::BFloat16>&, int64_t, int64_t);
   void (*bwd_f16)(const BwdArgs<c10::Half>&, int64_t, int64_t);
   void (*bwd_f64)(const BwdArgs<double>&, int64_t, int64_t);
+  // Forward, callback and backward of each row in one pass (the fused loss). The callback must also store
+  // the gradients it returns in the [N] arrays a.grad_logprobs / a.grad_entropy point to (zero-filled by
+  // the caller for rows it is not called on): the fp64 variant reads them back.
+  void (*fused_f32)(const BwdArgs<float>&, int64_t, int64_t, const RowGrad&);
+  void (*fused_bf16)(const BwdArgs<c10::BFloat16>&, int64_t, int64_t, const RowGrad&);
+  void (*fused_f16)(const BwdArgs<c10::Half>&, int64_t, int64_t, const RowGrad&);
+  void (*fused_f64)(const BwdArgs<double>&, int64_t, int64_t, const RowGrad&);
 };
 
 // One definition per ISA variant compiled into the extension (csrc/cpu/isa/*.cpp).

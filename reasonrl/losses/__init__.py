@@ -9,8 +9,10 @@ trainer-side entropy-coefficient controller of losses.md section 11.2.
 from reasonrl.losses.entropy import AdaptiveEntropyController
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
 from reasonrl.losses.policy import (
+    FusedLinearPolicyLoss,
     PolicyLoss,
     policy_loss,
+    policy_loss_from_hidden,
     policy_loss_from_logits,
     rollout_is_weights,
     top_entropy_mask,
@@ -29,7 +31,9 @@ __all__ = [
     "Extreme",
     "policy_loss",
     "policy_loss_from_logits",
+    "policy_loss_from_hidden",
     "PolicyLoss",
+    "FusedLinearPolicyLoss",
     "rollout_is_weights",
     "top_entropy_mask",
 ]

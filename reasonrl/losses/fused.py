@@ -224,3 +224,83 @@ def fused_policy_loss_from_logits(
         )
     loss = _PrecomputedGradient.apply(out.loss, logits, grad_logits)
     return LossOutput(loss, out.metrics, None)
+
+
+class _PrecomputedLinearGradients(torch.autograd.Function):
+    """Returns ``value``; its gradients with respect to hidden / weight / bias are the precomputed ones x the
+    upstream scalar (the fused-linear loss computes them during the forward)."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.has_bias = bias is not None
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = list(ctx.saved_tensors)
+        if not ctx.has_bias:
+            grads[2] = None
+        one = not torch.compiler.is_compiling() and grad_out.numel() == 1 and float(grad_out) == 1.0
+        if not one:
+            grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+        return (None, *grads, None, None, None)
+
+
+def fused_policy_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    valid: torch.Tensor,
+    temperature: float | torch.Tensor,
+    ignore_index: int,
+    advantages: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    sampling_logprobs: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
+    normalizers: LossNormalizers,
+    config: PolicyLossConfig,
+    entropy_coef: float | torch.Tensor | None,
+    chunk_rows: int,
+    check_outputs,
+) -> LossOutput:
+    """The fused-linear single pass (``reasonrl::policy_loss_from_hidden_fused``): per row chunk, logits =
+    hidden @ weight.T + bias, the fused row kernel turns them into dLoss/dlogits in place, and two GEMMs
+    accumulate grad_hidden and grad_weight; then the loss value and metrics from the reference formulas
+    over the per-token log-probs and entropies (O(N))."""
+    token_shape = hidden.shape[:-1]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    eta = config.entropy_coef if entropy_coef is None else entropy_coef
+    inputs = token_inputs(
+        valid=valid, advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+        normalizers=normalizers, config=config, entropy_coef=eta, dtype=dtype,
+    )
+    h = hidden.reshape(-1, hidden.shape[-1])
+    labels_flat = labels.reshape(-1)
+    if isinstance(temperature, torch.Tensor):
+        temp_t = temperature.to(device=h.device, dtype=dtype)
+        temp_t = temp_t.reshape(-1) if temp_t.dim() > 0 else temp_t.reshape(1).expand(h.shape[0])
+        temp_scalar = 1.0
+    else:
+        temp_t, temp_scalar = None, float(temperature)
+    lp, ent, _lse, _g_lp, _g_h, grad_h, grad_w, grad_b = torch.ops.reasonrl.policy_loss_from_hidden_fused.default(
+        h.detach(), weight.detach(), None if bias is None else bias.detach(), labels_flat, temp_t, temp_scalar,
+        ignore_index, inputs, loss_kind(config), kl_kind(config), kernel_params(config, old_logprobs is not None),
+        chunk_rows,
+    )
+    check_outputs(lp, labels_flat)
+    with torch.no_grad():
+        out = _reference.policy_loss_reference(
+            lp.reshape(token_shape), advantages=advantages, mask=valid, cu_seqlens=cu_seqlens,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs,
+            is_weights=is_weights, entropies=ent.reshape(token_shape), normalizers=normalizers, config=config,
+            entropy_coef=entropy_coef,
+        )
+    loss = _PrecomputedLinearGradients.apply(
+        out.loss, hidden, weight, bias, grad_h.view(hidden.shape), grad_w, None if bias is None else grad_b)
+    return LossOutput(loss, out.metrics, None)

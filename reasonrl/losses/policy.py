@@ -16,7 +16,11 @@ from torch import nn
 
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
 from reasonrl.losses.types import LossOutput, RolloutISMetrics
-from reasonrl.losses.fused import fused_policy_loss_from_logits, single_pass_blocker
+from reasonrl.losses.fused import (
+    fused_policy_loss_from_hidden,
+    fused_policy_loss_from_logits,
+    single_pass_blocker,
+)
 from reasonrl.ops.policy_loss import fused_op, select_fused_impl
 from reasonrl.ops.token_logprobs import (
     _check_args,
@@ -31,7 +35,8 @@ from reasonrl.ops.token_logprobs import (
 # call time).
 from reasonrl.reference import policy_loss as _reference
 
-__all__ = ["policy_loss", "policy_loss_from_logits", "PolicyLoss", "rollout_is_weights", "top_entropy_mask"]
+__all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", "PolicyLoss", "FusedLinearPolicyLoss",
+           "rollout_is_weights", "top_entropy_mask"]
 
 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int) -> None:
@@ -179,6 +184,102 @@ def policy_loss_from_logits(
                        **common)
 
 
+def policy_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    normalizers: LossNormalizers,
+    config: PolicyLossConfig,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    temperature: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
+    entropy_coef: float | torch.Tensor | None = None,
+    return_per_token: bool = False,
+    process_group=None,
+    chunk_rows: int | None = None,
+    impl: str = "auto",
+    validate: bool | None = None,
+) -> LossOutput:
+    """The policy loss straight from hidden states and the lm_head (losses.md section 2): by definition
+    ``policy_loss`` over ``linear_token_logprobs(hidden, weight, labels, bias=bias, want_entropy=True)``, whose
+    logits are the fp32 matmul accumulator (ops.md section 3). The [N, V] logits never exist.
+
+    Args:
+        hidden: ``[B, T, H]`` (padded, with ``mask [B, T]``) or ``[N, H]`` (packed, with ``cu_seqlens``).
+        weight: the lm_head ``[V, H]`` (tied embeddings: pass the embedding matrix; see
+            ``reasonrl.models.hidden_states_and_lm_head``), same dtype as ``hidden``. bias: ``[V]`` or None.
+        chunk_rows: rows per logits chunk on the fused CPU path (None: about 32 MiB of fp32 logits).
+        process_group: vocab-parallel lm_head shards (not supported yet: raises NotImplementedError).
+        Every other argument as in :func:`policy_loss_from_logits`.
+
+    Cost: when the parameters need gradients and the configuration is token-local (as for
+    :func:`policy_loss_from_logits`), the ``cpp`` implementation runs one sweep of three GEMMs (6NVH FLOP:
+    logits chunk, then grad_hidden and grad_weight from the chunk's dLoss/dlogits, computed in place during
+    the forward) and ``backward()`` hands the gradients over. Otherwise: ``linear_token_logprobs`` (forward
+    2NVH, backward with recompute 6NVH) around the O(N) loss.
+    """
+    if process_group is not None:
+        raise NotImplementedError("policy_loss_from_hidden: vocab-parallel lm_head shards (process_group) are "
+                                  "not supported yet")
+    token_shape = hidden.shape[:-1]
+    if labels.shape != token_shape:
+        raise ValueError(f"policy_loss_from_hidden: labels must have shape hidden.shape[:-1] = "
+                         f"{tuple(token_shape)}, got {tuple(labels.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"policy_loss_from_hidden: weight must be [V, H] with H = hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"policy_loss_from_hidden: bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    valid = labels != ignore_index
+    if mask is not None:
+        if mask.shape != token_shape:
+            raise ValueError(f"policy_loss_from_hidden: mask must have shape {tuple(token_shape)}, got "
+                             f"{tuple(mask.shape)}")
+        valid = valid & mask.bool()
+        labels = labels.masked_fill(~valid, ignore_index)  # masked rows are compacted away before the GEMMs
+    temperature = config.temperature if temperature is None else temperature
+    common = dict(
+        advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs, is_weights=is_weights, normalizers=normalizers, config=config,
+        entropy_coef=entropy_coef,
+    )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if validate is None:
+        validate = validation_enabled()
+    if needs_grad and single_pass_blocker(config, return_per_token=return_per_token) is None:
+        chosen = select_fused_impl(impl, hidden.device.type, hidden.dtype)
+        if chosen == "cpp":
+            _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0)
+            if validate:
+                _validate_values(hidden.new_empty((0, weight.shape[0])), labels.reshape(-1), temperature,
+                                 ignore_index)
+
+            def check_outputs(lp, labels_flat):
+                if validate:
+                    _check_outputs(lp, labels_flat, ignore_index)
+
+            return fused_policy_loss_from_hidden(
+                hidden, weight, labels, bias=bias, valid=valid, temperature=temperature, ignore_index=ignore_index,
+                chunk_rows=0 if chunk_rows is None else int(chunk_rows), check_outputs=check_outputs, **common,
+            )
+        impl = chosen
+    from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
+
+    out = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                ignore_index=ignore_index, want_entropy=True, impl=impl, validate=validate)
+    return policy_loss(out.logprobs, mask=valid, entropies=out.entropy, return_per_token=return_per_token,
+                       **common)
+
+
 def rollout_is_weights(
     old_logprobs: torch.Tensor,
     sampling_logprobs: torch.Tensor,
@@ -240,6 +341,28 @@ class PolicyLoss(nn.Module):
             entropies=entropies, normalizers=normalizers, config=self.config, entropy_coef=entropy_coef,
             return_per_token=return_per_token,
         )
+
+    def extra_repr(self) -> str:
+        return repr(self.config)
+
+
+class FusedLinearPolicyLoss(nn.Module):
+    """``nn.Module`` form of :func:`policy_loss_from_hidden`: holds a ``PolicyLossConfig`` and the lm_head (an
+    ``nn.Linear``, whose weight / bias are used by reference: pass ``model.get_output_embeddings()`` to share
+    it with the model). ``forward(hidden, labels, **loss_kwargs)``."""
+
+    def __init__(self, lm_head: nn.Linear, config: PolicyLossConfig | None = None, *, chunk_rows: int | None = None,
+                 impl: str = "auto") -> None:
+        super().__init__()
+        self.lm_head = lm_head
+        self.config = PolicyLossConfig() if config is None else config
+        self.chunk_rows, self.impl = chunk_rows, impl
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, **kwargs) -> LossOutput:
+        kwargs.setdefault("chunk_rows", self.chunk_rows)
+        kwargs.setdefault("impl", self.impl)
+        return policy_loss_from_hidden(hidden, self.lm_head.weight, labels, bias=self.lm_head.bias,
+                                       config=self.config, **kwargs)
 
     def extra_repr(self) -> str:
         return repr(self.config)
