@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from bench import common
-from bench.common import DTYPES, ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM, UNSUPPORTED, LogitsInputSpec
+from bench.common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM, UNSUPPORTED, LogitsInputSpec
 
 OP = "policy_loss_from_logits"
 MODULE = "bench.bench_policy_loss"
@@ -54,8 +54,12 @@ SEQ_LEN = 256
 PROFILES: dict[str, dict[str, list[tuple[int, int, str]]]] = {
     "quick": {"cpu": [(4096, 32000, "float32")], "cuda": [(16384, 151936, "bfloat16")]},
     "full": {
-        "cpu": [(1024, 32000, "float32"), (4096, 32000, "float32"), (4096, 32000, "bfloat16"),
-                (1024, 151936, "float32")],
+        "cpu": [
+            (1024, 32000, "float32"),
+            (4096, 32000, "float32"),
+            (4096, 32000, "bfloat16"),
+            (1024, 151936, "float32"),
+        ],
         "cuda": [(n, 151936, "bfloat16") for n in (4096, 8192, 16384)] + [(4096, 151936, "float32")],
     },
 }
@@ -66,8 +70,15 @@ _T0 = time.perf_counter()
 def _config():
     from reasonrl.losses import PolicyLossConfig
 
-    return PolicyLossConfig(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, beta=0.04, kl_estimator="k3",
-                            kl_bias_correction=False, temperature=0.9)
+    return PolicyLossConfig(
+        loss_type="dapo",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        beta=0.04,
+        kl_estimator="k3",
+        kl_bias_correction=False,
+        temperature=0.9,
+    )
 
 
 @dataclass
@@ -90,16 +101,27 @@ def _loss_inputs(spec: LogitsInputSpec, device: torch.device, n_sets: int) -> tu
         gen = torch.Generator(device=device).manual_seed(1000 + k)
         n_seq = spec.n // SEQ_LEN
         with torch.no_grad():
-            lp = token_logprobs(s.logits, s.labels, temperature=spec.temperature, ignore_index=spec.ignore_index,
-                                impl="reference" if device.type == "cpu" and spec.dtype == "float64" else "auto",
-                                validate=False).logprobs
+            lp = token_logprobs(
+                s.logits,
+                s.labels,
+                temperature=spec.temperature,
+                ignore_index=spec.ignore_index,
+                impl="reference" if device.type == "cpu" and spec.dtype == "float64" else "auto",
+                validate=False,
+            ).logprobs
         old = lp + 0.1 * torch.randn(spec.n, generator=gen, device=device)
         ref = old - 0.05 * torch.randn(spec.n, generator=gen, device=device).abs()
-        out.append(LossInputs(
-            logits=s.logits.requires_grad_(True), labels=s.labels,
-            cu_seqlens=torch.arange(0, spec.n + 1, SEQ_LEN, device=device),
-            advantages=torch.randn(n_seq, generator=gen, device=device), old_logprobs=old.float(),
-            ref_logprobs=ref.float(), num_items=int(s.valid.sum())))
+        out.append(
+            LossInputs(
+                logits=s.logits.requires_grad_(True),
+                labels=s.labels,
+                cu_seqlens=torch.arange(0, spec.n + 1, SEQ_LEN, device=device),
+                advantages=torch.randn(n_seq, generator=gen, device=device),
+                old_logprobs=old.float(),
+                ref_logprobs=ref.float(),
+                num_items=int(s.valid.sum()),
+            )
+        )
     record["layout"] = f"packed, {spec.n // SEQ_LEN} sequences of {SEQ_LEN} tokens"
     return out, record
 
@@ -117,9 +139,19 @@ def _policy_loss_fn(impl: str, **extra) -> Callable[[LogitsInputSpec, torch.devi
         def loss_of(inp: LossInputs) -> torch.Tensor:
             norms = LossNormalizers(num_items_in_batch=inp.num_items)
             return policy_loss_from_logits(
-                inp.logits, inp.labels, advantages=inp.advantages, cu_seqlens=inp.cu_seqlens,
-                old_logprobs=inp.old_logprobs, ref_logprobs=inp.ref_logprobs, normalizers=norms, config=cfg,
-                ignore_index=spec.ignore_index, impl=impl, validate=False, **extra).loss
+                inp.logits,
+                inp.labels,
+                advantages=inp.advantages,
+                cu_seqlens=inp.cu_seqlens,
+                old_logprobs=inp.old_logprobs,
+                ref_logprobs=inp.ref_logprobs,
+                normalizers=norms,
+                config=cfg,
+                ignore_index=spec.ignore_index,
+                impl=impl,
+                validate=False,
+                **extra,
+            ).loss
 
         return _runner(loss_of)
 
@@ -160,13 +192,25 @@ def _build_compiled(spec, device):
 
     def loss_of(logits, labels, advantages, cu_seqlens, old, ref, num_items):
         return policy_loss_from_logits(
-            logits, labels, advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old, ref_logprobs=ref,
-            normalizers=LossNormalizers(num_items_in_batch=num_items), config=cfg, ignore_index=spec.ignore_index,
-            impl="reference", validate=False).loss
+            logits,
+            labels,
+            advantages=advantages,
+            cu_seqlens=cu_seqlens,
+            old_logprobs=old,
+            ref_logprobs=ref,
+            normalizers=LossNormalizers(num_items_in_batch=num_items),
+            config=cfg,
+            ignore_index=spec.ignore_index,
+            impl="reference",
+            validate=False,
+        ).loss
 
     compiled = torch.compile(loss_of, dynamic=False)
-    return _runner(lambda i: compiled(i.logits, i.labels, i.advantages, i.cu_seqlens, i.old_logprobs,
-                                      i.ref_logprobs, i.num_items))
+    return _runner(
+        lambda i: compiled(
+            i.logits, i.labels, i.advantages, i.cu_seqlens, i.old_logprobs, i.ref_logprobs, i.num_items
+        )
+    )
 
 
 def _build_liger(spec, device):
@@ -185,18 +229,36 @@ def _build_liger(spec, device):
             x[:, :SEQ_LEN] = inp.logits.detach().view(b, SEQ_LEN, v)
             x[:, SEQ_LEN] = 0
             ids = inp.labels.view(b, SEQ_LEN)
-            mask = (ids != spec.ignore_index)
-            cache[key] = (x.requires_grad_(True), ids.clamp_min(0), mask.to(torch.int32),
-                          inp.old_logprobs.view(b, SEQ_LEN), inp.ref_logprobs.view(b, SEQ_LEN))
+            mask = ids != spec.ignore_index
+            cache[key] = (
+                x.requires_grad_(True),
+                ids.clamp_min(0),
+                mask.to(torch.int32),
+                inp.old_logprobs.view(b, SEQ_LEN),
+                inp.ref_logprobs.view(b, SEQ_LEN),
+            )
         return cache[key]
 
     def fn(inp: LossInputs, grad: bool):
         x, ids, mask, old, ref = padded(inp)
 
         def loss():
-            out = triton_grpo_loss(x, old, ref, ids, inp.advantages, mask, temperature=cfg.temperature,
-                                   beta=cfg.beta, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high_value,
-                                   inplace=False, loss_type="dapo", reduce=True, num_items_in_batch=inp.num_items)
+            out = triton_grpo_loss(
+                x,
+                old,
+                ref,
+                ids,
+                inp.advantages,
+                mask,
+                temperature=cfg.temperature,
+                beta=cfg.beta,
+                eps_low=cfg.epsilon_low,
+                eps_high=cfg.epsilon_high_value,
+                inplace=False,
+                loss_type="dapo",
+                reduce=True,
+                num_items_in_batch=inp.num_items,
+            )
             return out[0] if isinstance(out, tuple) else out
 
         if not grad:
@@ -220,17 +282,39 @@ class Provider:
     traffic_full: tuple[int, int] = (1, 1)
 
 
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    Provider("reasonrl", _build_reasonrl, strict=True,
-             note="single pass: impl='cpp' on CPU, 'triton' on CUDA; validate=False"),
-    Provider("reasonrl-two-phase", _build_two_phase, strict=True, traffic_full=(2, 1),
-             note="return_per_token=True: token_logprobs forward + backward around the O(N) loss"),
-    Provider("reference-eager", _build_eager, traffic_full=(2, 1), note="impl='reference' (autograd)"),
-    Provider("reference-compiled", _build_compiled, traffic_full=(2, 1),
-             note="torch.compile(reference chain, dynamic=False); compiled by the gate call, not timed"),
-    Provider("liger-triton", _build_liger, cuda_only=True, module="liger_kernel", traffic_full=(2, 1),
-             note="liger_kernel triton_grpo_loss, padded [B, L+1, V] layout, no entropy"),
-)}
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider(
+            "reasonrl",
+            _build_reasonrl,
+            strict=True,
+            note="single pass: impl='cpp' on CPU, 'triton' on CUDA; validate=False",
+        ),
+        Provider(
+            "reasonrl-two-phase",
+            _build_two_phase,
+            strict=True,
+            traffic_full=(2, 1),
+            note="return_per_token=True: token_logprobs forward + backward around the O(N) loss",
+        ),
+        Provider("reference-eager", _build_eager, traffic_full=(2, 1), note="impl='reference' (autograd)"),
+        Provider(
+            "reference-compiled",
+            _build_compiled,
+            traffic_full=(2, 1),
+            note="torch.compile(reference chain, dynamic=False); compiled by the gate call, not timed",
+        ),
+        Provider(
+            "liger-triton",
+            _build_liger,
+            cuda_only=True,
+            module="liger_kernel",
+            traffic_full=(2, 1),
+            note="liger_kernel triton_grpo_loss, padded [B, L+1, V] layout, no entropy",
+        ),
+    )
+}
 EAGER, COMPILED = "reference-eager", "reference-compiled"
 
 
@@ -250,13 +334,21 @@ def _oracle(spec: LogitsInputSpec, inp: LossInputs) -> tuple[torch.Tensor, torch
         seqs = slice(start // SEQ_LEN, rows.stop // SEQ_LEN)
         x = inp.logits[rows].detach().double().requires_grad_(True)
         labels = inp.labels[rows]
-        out = token_logprobs_reference(x, labels, temperature=cfg.temperature, ignore_index=spec.ignore_index,
-                                       want_entropy=True)
-        cu = inp.cu_seqlens[seqs.start:seqs.stop + 1] - start
-        loss = policy_loss(out.logprobs, advantages=inp.advantages[seqs].double(), mask=labels != spec.ignore_index,
-                           cu_seqlens=cu, old_logprobs=inp.old_logprobs[rows].double(),
-                           ref_logprobs=inp.ref_logprobs[rows].double(), entropies=out.entropy,
-                           normalizers=norms, config=cfg).loss
+        out = token_logprobs_reference(
+            x, labels, temperature=cfg.temperature, ignore_index=spec.ignore_index, want_entropy=True
+        )
+        cu = inp.cu_seqlens[seqs.start : seqs.stop + 1] - start
+        loss = policy_loss(
+            out.logprobs,
+            advantages=inp.advantages[seqs].double(),
+            mask=labels != spec.ignore_index,
+            cu_seqlens=cu,
+            old_logprobs=inp.old_logprobs[rows].double(),
+            ref_logprobs=inp.ref_logprobs[rows].double(),
+            entropies=out.entropy,
+            normalizers=norms,
+            config=cfg,
+        ).loss
         grad[rows] = torch.autograd.grad(loss, x)[0]
         total += loss.detach().cpu()
     return total, grad
@@ -265,13 +357,20 @@ def _oracle(spec: LogitsInputSpec, inp: LossInputs) -> tuple[torch.Tensor, torch
 def _check(provider: Provider, loss, grad, oracle_loss, oracle_grad, dtype: str) -> dict[str, Any]:
     loss_err = abs(float(loss) - float(oracle_loss)) / max(abs(float(oracle_loss)), 1e-12)
     scale = float(oracle_grad.abs().max())
-    grad_err = float((grad.double() - oracle_grad).abs().max()) / max(scale, 1e-30) if grad is not None else 0.0
+    grad_err = (
+        float((grad.double() - oracle_grad).abs().max()) / max(scale, 1e-30) if grad is not None else 0.0
+    )
     if provider.strict:
         bound_loss, bound_grad = 1e-5 if dtype == "float32" else 2e-3, 1e-4 if dtype == "float32" else 2e-2
     else:
         bound_loss = bound_grad = common.PEER_RTOL[dtype]
-    return {"loss_rel_err": loss_err, "grad_err_rel_max": grad_err, "bound_loss": bound_loss,
-            "bound_grad": bound_grad, "ok": loss_err <= bound_loss and grad_err <= bound_grad}
+    return {
+        "loss_rel_err": loss_err,
+        "grad_err_rel_max": grad_err,
+        "bound_loss": bound_loss,
+        "bound_grad": bound_grad,
+        "ok": loss_err <= bound_loss and grad_err <= bound_grad,
+    }
 
 
 def _memcase(payload: dict[str, Any]) -> dict[str, Any]:
@@ -299,12 +398,28 @@ def _short(exc: BaseException) -> str:
 
 
 def _row(spec, mode, p: Provider, status, detail=""):
-    return {"op": OP, "case": spec.label, "n": spec.n, "v": spec.v, "dtype": spec.dtype, "mode": mode,
-            "provider": p.name, "status": status, "status_detail": detail, "note": p.note}
+    return {
+        "op": OP,
+        "case": spec.label,
+        "n": spec.n,
+        "v": spec.v,
+        "dtype": spec.dtype,
+        "mode": mode,
+        "provider": p.name,
+        "status": status,
+        "status_detail": detail,
+        "note": p.note,
+    }
 
 
-def run_case(spec: LogitsInputSpec, providers: list[Provider], modes: list[str], device: torch.device,
-             ceilings: dict[str, Any], threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_case(
+    spec: LogitsInputSpec,
+    providers: list[Provider],
+    modes: list[str],
+    device: torch.device,
+    ceilings: dict[str, Any],
+    threads: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     t_case = time.perf_counter()
     n_sets = common.n_rotating_sets(spec.logits_bytes, device)
     sets, record = _loss_inputs(spec, device, n_sets)
@@ -337,26 +452,47 @@ def run_case(spec: LogitsInputSpec, providers: list[Provider], modes: list[str],
                 first_s = time.perf_counter() - t0
                 check = _check(p, loss, grad, oracle_loss, oracle_grad, spec.dtype)
                 del loss, grad
-                row.update(errors=check, max_err=check["grad_err_rel_max"] if mode == "full" else
-                           check["loss_rel_err"], first_call_s=first_s)
+                row.update(
+                    errors=check,
+                    max_err=check["grad_err_rel_max"] if mode == "full" else check["loss_rel_err"],
+                    first_call_s=first_s,
+                )
                 if not check["ok"]:
                     row["status"] = INCORRECT
                     continue
-                timing = common.time_fn(lambda k, m=mode: fn(sets[k], m == "full"), n_sets, device,
-                                        grad_to_none=[s.logits for s in sets], prior_calls=1, prior_s=first_s)
+                timing = common.time_fn(
+                    lambda k, m=mode, f=fn: f(sets[k], m == "full"),
+                    n_sets,
+                    device,
+                    grad_to_none=[s.logits for s in sets],
+                    prior_calls=1,
+                    prior_s=first_s,
+                )
             except torch.OutOfMemoryError as exc:
                 row.update(status=OOM, status_detail=_short(exc))
                 continue
             except Exception as exc:
                 row.update(status=ERROR, status_detail=_short(exc))
                 continue
-            reads, writes = (k * spec.logits_bytes for k in (TRAFFIC["fwd"] if mode == "fwd" else p.traffic_full))
-            floor = common.floor_ms(spec.logits_bytes * TRAFFIC[mode][0], spec.logits_bytes * TRAFFIC[mode][1],
-                                    ceilings, device)
-            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                       repeats=timing.repeats, warmups=timing.warmups, timing_method=timing.method,
-                       bytes=reads + writes, unit="GB/s", throughput=(reads + writes) / timing.median_ms / 1e6,
-                       floor_ms=floor, pct_ceiling=100 * floor / timing.median_ms)
+            reads, writes = (
+                k * spec.logits_bytes for k in (TRAFFIC["fwd"] if mode == "fwd" else p.traffic_full)
+            )
+            floor = common.floor_ms(
+                spec.logits_bytes * TRAFFIC[mode][0], spec.logits_bytes * TRAFFIC[mode][1], ceilings, device
+            )
+            row.update(
+                median_ms=timing.median_ms,
+                p20_ms=timing.p20_ms,
+                p80_ms=timing.p80_ms,
+                repeats=timing.repeats,
+                warmups=timing.warmups,
+                timing_method=timing.method,
+                bytes=reads + writes,
+                unit="GB/s",
+                throughput=(reads + writes) / timing.median_ms / 1e6,
+                floor_ms=floor,
+                pct_ceiling=100 * floor / timing.median_ms,
+            )
             _log(f"{spec.label}: {name} {mode} {timing.median_ms:.1f} ms")
 
     measured = [n for n in fns if any(rows[n, m]["status"] == OK for m in modes)]
@@ -369,23 +505,37 @@ def run_case(spec: LogitsInputSpec, providers: list[Provider], modes: list[str],
             if device.type == "cuda":
                 mem = {}
                 for mode in modes:
-                    _, delta, peak = common.peak_memory(lambda m=mode: fns[name](sets[0], m == "full"), device)
+                    _, delta, peak = common.peak_memory(
+                        lambda m=mode, f=fns[name]: f(sets[0], m == "full"), device
+                    )
                     mem[mode] = {"delta_mib": delta / MIB, "peak_mib": peak / MIB}
                 method = "torch.cuda.max_memory_allocated - allocated before (incremental)"
             else:
-                mem = common.run_memory_subprocess(MODULE, {"provider": name, "spec": asdict(spec),
-                                                            "inputs": str(path), "threads": threads,
-                                                            "modes": modes})
+                mem = common.run_memory_subprocess(
+                    MODULE,
+                    {
+                        "provider": name,
+                        "spec": asdict(spec),
+                        "inputs": str(path),
+                        "threads": threads,
+                        "modes": modes,
+                    },
+                )
                 method = "peak RSS (VmHWM) - RSS before, fresh subprocess per provider and case"
             for mode in modes:
                 row = rows[name, mode]
                 if "error" in mem:
                     row["mem_error"] = mem["error"]
                 else:
-                    row.update(mem_delta_mib=mem[mode]["delta_mib"], mem_peak_mib=mem[mode]["peak_mib"],
-                               mem_method=method,
-                               mem_vs_logits=mem[mode]["delta_mib"] * MIB / spec.logits_bytes)
-            _log(f"{spec.label}: {name} memory {mem.get('error') or {m: round(mem[m]['delta_mib']) for m in modes}}")
+                    row.update(
+                        mem_delta_mib=mem[mode]["delta_mib"],
+                        mem_peak_mib=mem[mode]["peak_mib"],
+                        mem_method=method,
+                        mem_vs_logits=mem[mode]["delta_mib"] * MIB / spec.logits_bytes,
+                    )
+            _log(
+                f"{spec.label}: {name} memory {mem.get('error') or {m: round(mem[m]['delta_mib']) for m in modes}}"
+            )
     record["wall_s"] = time.perf_counter() - t_case
     order = {p.name: i for i, p in enumerate(providers)}
     return sorted(rows.values(), key=lambda r: (MODES.index(r["mode"]), order[r["provider"]])), record
@@ -393,11 +543,16 @@ def run_case(spec: LogitsInputSpec, providers: list[Provider], modes: list[str],
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                    help="quick: fp32 [4096, 32000] on CPU (the issue's acceptance shape), bf16 [16384, 151936] "
-                         "on CUDA; full: more shapes")
-    ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help=f"comma-separated subset of {', '.join(PROVIDERS)}")
+    ap.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="quick",
+        help="quick: fp32 [4096, 32000] on CPU (the issue's acceptance shape), bf16 [16384, 151936] "
+        "on CUDA; full: more shapes",
+    )
+    ap.add_argument(
+        "--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {', '.join(PROVIDERS)}"
+    )
     ap.add_argument("--modes", default="full", help="comma-separated subset of fwd,full (default: full)")
     ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_OUT_DIR)
     ap.add_argument("--threads", type=int, help=f"torch CPU threads (default on CPU: {DEFAULT_CPU_THREADS})")
@@ -418,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     report = common.new_report(OP, device, PEER_DISTS, args.profile, argv)
     report["ceilings"] = common.measure_ceilings(device)
-    report["workload"] = {"config": repr(_config()), "seq_len": SEQ_LEN, "modes": modes,
-                          "traffic_nvb": {p.name: p.traffic_full for p in providers}}
+    report["workload"] = {
+        "config": repr(_config()),
+        "seq_len": SEQ_LEN,
+        "modes": modes,
+        "traffic_nvb": {p.name: p.traffic_full for p in providers},
+    }
     t_start = time.perf_counter()
     for n, v, dtype in PROFILES[args.profile][device.type]:
         spec = LogitsInputSpec(n=n, v=v, dtype=dtype)
@@ -431,7 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = common.write_results(report, args.out_dir, device)
     common.print_tables(report["rows"], report)
     print(f"wrote {', '.join(str(p) for p in paths.values())} ({report['wall_s']:.0f} s)")
-    failed = [r for r in report["rows"] if r["provider"].startswith("reasonrl") and r["status"] in (INCORRECT, ERROR)]
+    failed = [
+        r
+        for r in report["rows"]
+        if r["provider"].startswith("reasonrl") and r["status"] in (INCORRECT, ERROR)
+    ]
     return 1 if failed else 0
 
 

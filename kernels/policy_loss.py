@@ -21,8 +21,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from reasonrl.kernels.token_logprobs import _block_v, _direct_launch, _row_grad, _row_setup, _row_stats, _row_zero
+from reasonrl.kernels.token_logprobs import (
+    _block_v,
+    _direct_launch,
+    _row_grad,
+    _row_setup,
+    _row_stats,
+    _row_zero,
+)
 
 # Codes of csrc/cpu/policy_loss.cpp (LossKind / KlKind).
 _CLIP, _CISPO_UPPER, _CISPO_TWO_SIDED, _SAPO, _REINFORCE = 0, 1, 2, 3, 4
@@ -30,10 +36,28 @@ _K1, _ABS, _K2, _K3, _LOW_VAR_KL, _STRAIGHT_THROUGH = 1, 2, 3, 4, 5, 8
 
 
 @triton.jit
-def _token_grad(lp, a, old, ref, c_pg, c_kl, eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp,
-                cispo_max, tau_pos, tau_neg, LOSS_KIND: tl.constexpr, KL_BASE: tl.constexpr,
-                KL_ST: tl.constexpr, HAS_OLD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-                DUAL_CLIP: tl.constexpr):
+def _token_grad(
+    lp,
+    a,
+    old,
+    ref,
+    c_pg,
+    c_kl,
+    eps_low,
+    eps_high,
+    delta_cap,
+    dual_clip_c,
+    log_ratio_clamp,
+    cispo_max,
+    tau_pos,
+    tau_neg,
+    LOSS_KIND: tl.constexpr,
+    KL_BASE: tl.constexpr,
+    KL_ST: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+):
     """dLoss/dlp of one token: d(c_pg l_pg + c_kl kappa)/dlp (losses.md 6, 7, 9), torch.clamp's convention
     at the bounds (the gradient passes on a bound) and the unclipped branch on the clip's tie."""
     delta = 0.0
@@ -99,16 +123,50 @@ def _token_grad(lp, a, old, ref, c_pg, c_kl, eps_low, eps_high, delta_cap, dual_
 
 @triton.jit(do_not_specialize=["vocab", "ignore_index"])
 def _policy_loss_fused_kernel(
-    logits_ptr, labels_ptr, temperature_ptr, inputs_ptr,
-    logprobs_ptr, entropy_ptr, lse_ptr, grad_lp_ptr, grad_h_ptr, grad_ptr,
-    stride_logits_n, stride_grad_n, stride_temperature_n, temperature_scalar, vocab, ignore_index,
-    eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
-    HAS_TEMP: tl.constexpr, LOSS_KIND: tl.constexpr, KL_BASE: tl.constexpr, KL_ST: tl.constexpr,
-    HAS_OLD: tl.constexpr, BIAS_CORRECTION: tl.constexpr, DUAL_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    temperature_ptr,
+    inputs_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    lse_ptr,
+    grad_lp_ptr,
+    grad_h_ptr,
+    grad_ptr,
+    stride_logits_n,
+    stride_grad_n,
+    stride_temperature_n,
+    temperature_scalar,
+    vocab,
+    ignore_index,
+    eps_low,
+    eps_high,
+    delta_cap,
+    dual_clip_c,
+    log_ratio_clamp,
+    cispo_max,
+    tau_pos,
+    tau_neg,
+    HAS_TEMP: tl.constexpr,
+    LOSS_KIND: tl.constexpr,
+    KL_BASE: tl.constexpr,
+    KL_ST: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
-                                   vocab, ignore_index, HAS_TEMP)
+    label, tau, valid = _row_setup(
+        labels_ptr,
+        temperature_ptr,
+        row,
+        stride_temperature_n,
+        temperature_scalar,
+        vocab,
+        ignore_index,
+        HAS_TEMP,
+    )
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     if valid:
@@ -123,9 +181,26 @@ def _policy_loss_fused_kernel(
         tl.store(lse_ptr + row, m + log_s)
         inp = inputs_ptr + row * 6
         g_lp = _token_grad(
-            lp, tl.load(inp + 0), tl.load(inp + 1), tl.load(inp + 2), tl.load(inp + 3), tl.load(inp + 4),
-            eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
-            LOSS_KIND, KL_BASE, KL_ST, HAS_OLD, BIAS_CORRECTION, DUAL_CLIP,
+            lp,
+            tl.load(inp + 0),
+            tl.load(inp + 1),
+            tl.load(inp + 2),
+            tl.load(inp + 3),
+            tl.load(inp + 4),
+            eps_low,
+            eps_high,
+            delta_cap,
+            dual_clip_c,
+            log_ratio_clamp,
+            cispo_max,
+            tau_pos,
+            tau_neg,
+            LOSS_KIND,
+            KL_BASE,
+            KL_ST,
+            HAS_OLD,
+            BIAS_CORRECTION,
+            DUAL_CLIP,
         )
         g_h = tl.load(inp + 5)
         if lp != lp:  # NaN row (NaN / +inf logits): no gradient; the Python layer reports it
@@ -144,8 +219,19 @@ def _policy_loss_fused_kernel(
         _row_zero(grad_row_ptr, vocab, BLOCK_V)
 
 
-def policy_loss_fused(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind,
-                      kl_kind, params, *, launch=_direct_launch):
+def policy_loss_fused(
+    logits,
+    labels,
+    temperature,
+    temperature_scalar,
+    ignore_index,
+    token_inputs,
+    loss_kind,
+    kl_kind,
+    params,
+    *,
+    launch=_direct_launch,
+):
     """Launch the fused kernel; returns (logprobs, entropy, lse, grad_logprobs, grad_entropy, grad_logits)
     like the C++ op ``reasonrl::policy_loss_fused``."""
     n, vocab = logits.shape
@@ -156,20 +242,56 @@ def policy_loss_fused(logits, labels, temperature, temperature_scalar, ignore_in
     if n == 0:
         return lp, ent, lse, g_lp, g_h, grad
     if token_inputs.dtype != torch.float32 or tuple(token_inputs.shape) != (n, 6):
-        raise ValueError(f"policy_loss_fused: token_inputs must be float32 [N, 6] = [{n}, 6], got "
-                         f"{token_inputs.dtype} {tuple(token_inputs.shape)}")
-    (eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg, has_old,
-     bias_correction) = params
+        raise ValueError(
+            f"policy_loss_fused: token_inputs must be float32 [N, 6] = [{n}, 6], got "
+            f"{token_inputs.dtype} {tuple(token_inputs.shape)}"
+        )
+    (
+        eps_low,
+        eps_high,
+        delta_cap,
+        dual_clip_c,
+        log_ratio_clamp,
+        cispo_max,
+        tau_pos,
+        tau_neg,
+        has_old,
+        bias_correction,
+    ) = params
     has_temp = temperature is not None
     launch(_policy_loss_fused_kernel)[(n,)](
-        logits, labels, temperature if has_temp else lp, token_inputs.contiguous(),
-        lp, ent, lse, g_lp, g_h, grad,
-        logits.stride(0), grad.stride(0), temperature.stride(0) if has_temp else 0, float(temperature_scalar),
-        vocab, ignore_index,
-        float(eps_low), float(eps_high), float(delta_cap), float(dual_clip_c), float(log_ratio_clamp),
-        float(cispo_max), float(tau_pos), float(tau_neg),
-        HAS_TEMP=has_temp, LOSS_KIND=int(loss_kind), KL_BASE=int(kl_kind) & ~_STRAIGHT_THROUGH,
-        KL_ST=bool(int(kl_kind) & _STRAIGHT_THROUGH), HAS_OLD=bool(has_old), BIAS_CORRECTION=bool(bias_correction),
-        DUAL_CLIP=float(dual_clip_c) > 0, BLOCK_V=_block_v(vocab), num_warps=8,
+        logits,
+        labels,
+        temperature if has_temp else lp,
+        token_inputs.contiguous(),
+        lp,
+        ent,
+        lse,
+        g_lp,
+        g_h,
+        grad,
+        logits.stride(0),
+        grad.stride(0),
+        temperature.stride(0) if has_temp else 0,
+        float(temperature_scalar),
+        vocab,
+        ignore_index,
+        float(eps_low),
+        float(eps_high),
+        float(delta_cap),
+        float(dual_clip_c),
+        float(log_ratio_clamp),
+        float(cispo_max),
+        float(tau_pos),
+        float(tau_neg),
+        HAS_TEMP=has_temp,
+        LOSS_KIND=int(loss_kind),
+        KL_BASE=int(kl_kind) & ~_STRAIGHT_THROUGH,
+        KL_ST=bool(int(kl_kind) & _STRAIGHT_THROUGH),
+        HAS_OLD=bool(has_old),
+        BIAS_CORRECTION=bool(bias_correction),
+        DUAL_CLIP=float(dual_clip_c) > 0,
+        BLOCK_V=_block_v(vocab),
+        num_warps=8,
     )
     return lp, ent, lse, g_lp, g_h, grad

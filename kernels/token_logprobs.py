@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 def _block_v(vocab: int) -> int:
     # Two buckets, not one block size per vocabulary (which would recompile for every V): large blocks
     # amortise the per-block max/rescale on real vocabularies; small ones keep tiny vocabularies cheap.

@@ -6,8 +6,8 @@
 trainer-side entropy-coefficient controller of losses.md section 11.2.
 """
 
-from reasonrl.losses.entropy import AdaptiveEntropyController
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
+from reasonrl.losses.entropy import AdaptiveEntropyController
 from reasonrl.losses.policy import (
     FusedLinearPolicyLoss,
     PolicyLoss,

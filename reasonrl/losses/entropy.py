@@ -30,13 +30,24 @@ __all__ = ["AdaptiveEntropyController"]
 
 
 class AdaptiveEntropyController:
-    def __init__(self, initial_coef: float, target: float = 0.2, delta: float = 0.005, coef_min: float = 0.0,
-                 coef_max: float = 1.0) -> None:
+    def __init__(
+        self,
+        initial_coef: float,
+        target: float = 0.2,
+        delta: float = 0.005,
+        coef_min: float = 0.0,
+        coef_max: float = 1.0,
+    ) -> None:
         if not coef_min <= coef_max:
             raise ValueError(f"coef_min must be <= coef_max, got {coef_min} > {coef_max}")
         if delta < 0:
             raise ValueError(f"delta must be >= 0, got {delta}")
-        self.target, self.delta, self.coef_min, self.coef_max = float(target), float(delta), coef_min, coef_max
+        self.target, self.delta, self.coef_min, self.coef_max = (
+            float(target),
+            float(delta),
+            coef_min,
+            coef_max,
+        )
         self.entropy_coef = float(initial_coef)  # TRL's self.entropy_coef: updated at every step boundary
         self.last_window_entropy = math.inf  # H_w of the previous window (+inf before the first one)
         self._window: torch.Tensor | None = None  # [sum, count] of the current window, on the metric's device
@@ -60,7 +71,9 @@ class AdaptiveEntropyController:
         if self._window is None:
             return self.last_window_entropy
         stats = self._window
-        if process_group is not None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if process_group is not None or (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
             stats = stats.clone()
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM, group=process_group)
         total, count = (float(v) for v in stats.cpu())  # one host sync per optimiser step
@@ -83,5 +96,7 @@ class AdaptiveEntropyController:
         self._window = None
 
     def __repr__(self) -> str:
-        return (f"AdaptiveEntropyController(coef={self.entropy_coef}, target={self.target}, delta={self.delta}, "
-                f"range=[{self.coef_min}, {self.coef_max}], last_window_entropy={self.last_window_entropy})")
+        return (
+            f"AdaptiveEntropyController(coef={self.entropy_coef}, target={self.target}, delta={self.delta}, "
+            f"range=[{self.coef_min}, {self.coef_max}], last_window_entropy={self.last_window_entropy})"
+        )

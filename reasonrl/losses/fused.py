@@ -30,8 +30,14 @@ from reasonrl.losses.config import CLIP_FAMILY, LossNormalizers, PolicyLossConfi
 from reasonrl.losses.types import LossOutput
 from reasonrl.reference import policy_loss as _reference
 
-__all__ = ["single_pass_blocker", "token_inputs", "fused_policy_loss_from_logits", "LOSS_KIND", "kl_kind",
-           "kernel_params"]
+__all__ = [
+    "single_pass_blocker",
+    "token_inputs",
+    "fused_policy_loss_from_logits",
+    "LOSS_KIND",
+    "kl_kind",
+    "kernel_params",
+]
 
 # Codes shared with csrc/cpu/policy_loss.cpp (enum LossKind / KlKind) and kernels/policy_loss.py.
 LOSS_KIND = {"clip": 0, "cispo_upper": 1, "cispo_two_sided": 2, "sapo": 3, "reinforce": 4}
@@ -43,7 +49,9 @@ NUM_INPUTS = 6  # token_inputs columns: A, old, ref, c_pg, c_kl, g_H
 def single_pass_blocker(config: PolicyLossConfig, *, return_per_token: bool = False) -> str | None:
     """Why ``config`` needs the two-phase path (losses.md 13.2), or None when one sweep suffices."""
     if config.importance_sampling_level != "token":
-        return f"importance_sampling_level={config.importance_sampling_level!r} couples the tokens of a sequence"
+        return (
+            f"importance_sampling_level={config.importance_sampling_level!r} couples the tokens of a sequence"
+        )
     if config.loss_type == "vespo":
         return "vespo's weight is a function of the whole sequence's log-ratio"
     if config.off_policy_mask_threshold is not None:
@@ -126,8 +134,11 @@ def token_inputs(
     agg_pg = _reference._agg_coef(pg_mode, cfg, s, normalizers)
     c_pg = agg_pg if rho is None else agg_pg * s.masked(rho)
     if cfg.beta != 0.0:
-        agg_kl = agg_pg if cfg.loss_agg_mode == pg_mode else _reference._agg_coef(cfg.loss_agg_mode, cfg, s,
-                                                                                   normalizers)
+        agg_kl = (
+            agg_pg
+            if cfg.loss_agg_mode == pg_mode
+            else _reference._agg_coef(cfg.loss_agg_mode, cfg, s, normalizers)
+        )
         c_kl = cfg.beta * agg_kl
     else:
         c_kl = zero
@@ -205,21 +216,44 @@ def fused_policy_loss_from_logits(
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     eta = config.entropy_coef if entropy_coef is None else entropy_coef
     inputs = token_inputs(
-        valid=valid, advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
-        normalizers=normalizers, config=config, entropy_coef=eta, dtype=dtype,
+        valid=valid,
+        advantages=advantages,
+        cu_seqlens=cu_seqlens,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs,
+        is_weights=is_weights,
+        normalizers=normalizers,
+        config=config,
+        entropy_coef=eta,
+        dtype=dtype,
     )
     x, labels_flat, temp_t, temp_scalar = flatten_rows(logits, labels, temperature)
     lp, ent, _lse, _g_lp, _g_h, grad_logits = kernel(
-        x.detach(), labels_flat, temp_t, temp_scalar, ignore_index, inputs, loss_kind(config), kl_kind(config),
+        x.detach(),
+        labels_flat,
+        temp_t,
+        temp_scalar,
+        ignore_index,
+        inputs,
+        loss_kind(config),
+        kl_kind(config),
         kernel_params(config, old_logprobs is not None),
     )
     check_outputs(lp, labels_flat)
     with torch.no_grad():
         out = _reference.policy_loss_reference(
-            lp.reshape(token_shape), advantages=advantages, mask=valid, cu_seqlens=cu_seqlens,
-            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs,
-            is_weights=is_weights, entropies=ent.reshape(token_shape), normalizers=normalizers, config=config,
+            lp.reshape(token_shape),
+            advantages=advantages,
+            mask=valid,
+            cu_seqlens=cu_seqlens,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            sampling_logprobs=sampling_logprobs,
+            is_weights=is_weights,
+            entropies=ent.reshape(token_shape),
+            normalizers=normalizers,
+            config=config,
             entropy_coef=entropy_coef,
         )
     loss = _PrecomputedGradient.apply(out.loss, logits, grad_logits)
@@ -276,9 +310,17 @@ def fused_policy_loss_from_hidden(
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     eta = config.entropy_coef if entropy_coef is None else entropy_coef
     inputs = token_inputs(
-        valid=valid, advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
-        normalizers=normalizers, config=config, entropy_coef=eta, dtype=dtype,
+        valid=valid,
+        advantages=advantages,
+        cu_seqlens=cu_seqlens,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs,
+        is_weights=is_weights,
+        normalizers=normalizers,
+        config=config,
+        entropy_coef=eta,
+        dtype=dtype,
     )
     h = hidden.reshape(-1, hidden.shape[-1])
     labels_flat = labels.reshape(-1)
@@ -288,19 +330,39 @@ def fused_policy_loss_from_hidden(
         temp_scalar = 1.0
     else:
         temp_t, temp_scalar = None, float(temperature)
-    lp, ent, _lse, _g_lp, _g_h, grad_h, grad_w, grad_b = torch.ops.reasonrl.policy_loss_from_hidden_fused.default(
-        h.detach(), weight.detach(), None if bias is None else bias.detach(), labels_flat, temp_t, temp_scalar,
-        ignore_index, inputs, loss_kind(config), kl_kind(config), kernel_params(config, old_logprobs is not None),
-        chunk_rows,
+    lp, ent, _lse, _g_lp, _g_h, grad_h, grad_w, grad_b = (
+        torch.ops.reasonrl.policy_loss_from_hidden_fused.default(
+            h.detach(),
+            weight.detach(),
+            None if bias is None else bias.detach(),
+            labels_flat,
+            temp_t,
+            temp_scalar,
+            ignore_index,
+            inputs,
+            loss_kind(config),
+            kl_kind(config),
+            kernel_params(config, old_logprobs is not None),
+            chunk_rows,
+        )
     )
     check_outputs(lp, labels_flat)
     with torch.no_grad():
         out = _reference.policy_loss_reference(
-            lp.reshape(token_shape), advantages=advantages, mask=valid, cu_seqlens=cu_seqlens,
-            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs,
-            is_weights=is_weights, entropies=ent.reshape(token_shape), normalizers=normalizers, config=config,
+            lp.reshape(token_shape),
+            advantages=advantages,
+            mask=valid,
+            cu_seqlens=cu_seqlens,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            sampling_logprobs=sampling_logprobs,
+            is_weights=is_weights,
+            entropies=ent.reshape(token_shape),
+            normalizers=normalizers,
+            config=config,
             entropy_coef=entropy_coef,
         )
     loss = _PrecomputedLinearGradients.apply(
-        out.loss, hidden, weight, bias, grad_h.view(hidden.shape), grad_w, None if bias is None else grad_b)
+        out.loss, hidden, weight, bias, grad_h.view(hidden.shape), grad_w, None if bias is None else grad_b
+    )
     return LossOutput(loss, out.metrics, None)

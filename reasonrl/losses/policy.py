@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
-from reasonrl.losses.types import LossOutput, RolloutISMetrics
 from reasonrl.losses.fused import (
     fused_policy_loss_from_hidden,
     fused_policy_loss_from_logits,
     single_pass_blocker,
 )
+from reasonrl.losses.types import LossOutput, RolloutISMetrics
 from reasonrl.ops.policy_loss import fused_op, select_fused_impl
 from reasonrl.ops.token_logprobs import (
     _check_args,

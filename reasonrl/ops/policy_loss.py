@@ -24,7 +24,9 @@ from reasonrl._backend import load_extension, resolve_impl
 __all__ = ["fused_kernel", "fused_op", "select_fused_impl"]
 
 
-def _fake(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind, params):
+def _fake(
+    logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind, params
+):
     n = logits.shape[0]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     rows = [logits.new_empty((n,), dtype=acc) for _ in range(5)]
@@ -49,12 +51,27 @@ def _triton_ops():
 
     @torch.library.triton_op("reasonrl::policy_loss_fused_triton", mutates_args=())
     def fused(
-        logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor | None, temperature_scalar: float,
-        ignore_index: int, token_inputs: torch.Tensor, loss_kind: int, kl_kind: int, params: list[float],
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: torch.Tensor | None,
+        temperature_scalar: float,
+        ignore_index: int,
+        token_inputs: torch.Tensor,
+        loss_kind: int,
+        kl_kind: int,
+        params: list[float],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return kernels.policy_loss_fused(
-            logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
-            params, launch=torch.library.wrap_triton,
+            logits,
+            labels,
+            temperature,
+            temperature_scalar,
+            ignore_index,
+            token_inputs,
+            loss_kind,
+            kl_kind,
+            params,
+            launch=torch.library.wrap_triton,
         )
 
     return torch.ops.reasonrl.policy_loss_fused_triton.default

@@ -351,7 +351,6 @@ def token_logprobs(
     if validate is None:
         validate = _VALIDATE
     lead_shape = logits.shape[:-1]
-    vocab = logits.shape[-1]
     if validate:
         _validate_values(logits, labels.reshape(-1), temperature, ignore_index)
 

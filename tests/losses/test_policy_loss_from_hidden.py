@@ -19,11 +19,19 @@ from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 F64 = torch.float64
 CONFIGS = {
-    "dapo+kl+entropy": PolicyLossConfig(loss_type="dapo", epsilon_high=0.28, beta=0.04, entropy_coef=0.01,
-                                        temperature=0.9),
-    "verl-vanilla": PolicyLossConfig(loss_type="dapo", dual_clip=True, log_ratio_clamp=20.0, beta=0.1,
-                                     kl_estimator="low_var_kl", kl_bias_correction=False,
-                                     loss_agg_mode="seq-mean-token-mean", entropy_coef=0.02),
+    "dapo+kl+entropy": PolicyLossConfig(
+        loss_type="dapo", epsilon_high=0.28, beta=0.04, entropy_coef=0.01, temperature=0.9
+    ),
+    "verl-vanilla": PolicyLossConfig(
+        loss_type="dapo",
+        dual_clip=True,
+        log_ratio_clamp=20.0,
+        beta=0.1,
+        kl_estimator="low_var_kl",
+        kl_bias_correction=False,
+        loss_agg_mode="seq-mean-token-mean",
+        entropy_coef=0.02,
+    ),
     "sapo": PolicyLossConfig(loss_type="sapo", temperature=1.1),
 }
 
@@ -45,14 +53,21 @@ def _case(layout, *, b=4, t=6, h=24, v=83, dtype=torch.float32, bias=True, seed=
     mask[2, :] = False  # a fully masked sequence
     labels[1, 1] = -100
     logits = hidden.double() @ weight.double().T + (0 if bias_t is None else bias_t.double())
-    old = token_logprobs_reference(logits, labels.clamp_min(0)).logprobs.float() + 0.2 * torch.randn(b, t, generator=g)
+    old = token_logprobs_reference(logits, labels.clamp_min(0)).logprobs.float() + 0.2 * torch.randn(
+        b, t, generator=g
+    )
     kw = dict(advantages=torch.tensor([1.0, -0.7, 0.4, -1.5])[:b], old_logprobs=old, ref_logprobs=old - 0.05)
     if layout == "padded":
         return hidden, weight, bias_t, labels, dict(mask=mask, **kw)
     cu = torch.arange(0, (b + 1) * t, t)
     flat = {k: x.reshape(-1) if x.dim() == 2 else x for k, x in kw.items()}
-    return (hidden.reshape(b * t, h), weight, bias_t, labels.reshape(-1),
-            dict(mask=mask.reshape(-1), cu_seqlens=cu, **flat))
+    return (
+        hidden.reshape(b * t, h),
+        weight,
+        bias_t,
+        labels.reshape(-1),
+        dict(mask=mask.reshape(-1), cu_seqlens=cu, **flat),
+    )
 
 
 def _oracle(hidden, weight, bias, labels, kw, cfg, norms, temperature=None):
@@ -61,9 +76,12 @@ def _oracle(hidden, weight, bias, labels, kw, cfg, norms, temperature=None):
         leaves.append(bias.double().requires_grad_(True))
     logits = leaves[0] @ leaves[1].T + (leaves[2] if bias is not None else 0)
     valid = kw["mask"] & (labels != -100)
-    tl = token_logprobs_reference(logits, labels.masked_fill(~valid, -100),
-                                  temperature=cfg.temperature if temperature is None else temperature,
-                                  want_entropy=True)
+    tl = token_logprobs_reference(
+        logits,
+        labels.masked_fill(~valid, -100),
+        temperature=cfg.temperature if temperature is None else temperature,
+        want_entropy=True,
+    )
     kw64 = {k: (x.double() if torch.is_tensor(x) and x.is_floating_point() else x) for k, x in kw.items()}
     kw64["mask"] = valid
     out = policy_loss(tl.logprobs, entropies=tl.entropy, normalizers=norms, config=cfg, **kw64)
@@ -74,8 +92,17 @@ def _run(hidden, weight, bias, labels, kw, cfg, norms, **extra):
     leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
     if bias is not None:
         leaves.append(bias.clone().requires_grad_(True))
-    out = policy_loss_from_hidden(leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
-                                  normalizers=norms, config=cfg, impl="cpp", **kw, **extra)
+    out = policy_loss_from_hidden(
+        leaves[0],
+        leaves[1],
+        labels,
+        bias=leaves[2] if bias is not None else None,
+        normalizers=norms,
+        config=cfg,
+        impl="cpp",
+        **kw,
+        **extra,
+    )
     return out, torch.autograd.grad(out.loss, leaves)
 
 
@@ -92,8 +119,9 @@ def test_matches_float64_oracle(name, layout, chunk_rows):
     torch.testing.assert_close(out.loss.detach().double(), oracle.loss.detach(), rtol=1e-5, atol=1e-7)
     for name_, mine, theirs in zip(("hidden", "weight", "bias"), grads, oracle_grads, strict=True):
         scale = float(theirs.abs().max())
-        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, n=name_: f"grad_{n}: {m}")
+        torch.testing.assert_close(
+            mine.double(), theirs, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name_: f"grad_{n}: {m}"
+        )
     for field in ("entropy", "kl", "ratio_mean", "clip_region"):
         mine, theirs = getattr(out.metrics, field), getattr(oracle.metrics, field)
         if theirs is not None:
@@ -127,8 +155,9 @@ def test_gradcheck_float64():
     norms = LossNormalizers()
 
     def f(h, w, b):
-        return policy_loss_from_hidden(h, w, labels, bias=b, normalizers=norms, config=cfg, impl="cpp",
-                                       chunk_rows=2, **kw).loss
+        return policy_loss_from_hidden(
+            h, w, labels, bias=b, normalizers=norms, config=cfg, impl="cpp", chunk_rows=2, **kw
+        ).loss
 
     args = tuple(x.double().requires_grad_(True) for x in (hidden, weight, bias))
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
@@ -167,12 +196,21 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="weight"):
         policy_loss_from_hidden(h, weight[:, :-1], labels, normalizers=LossNormalizers(), config=cfg, **kw)
     with pytest.raises(ValueError, match="bias"):
-        policy_loss_from_hidden(h, weight, labels, bias=bias[:-1], normalizers=LossNormalizers(), config=cfg, **kw)
+        policy_loss_from_hidden(
+            h, weight, labels, bias=bias[:-1], normalizers=LossNormalizers(), config=cfg, **kw
+        )
     with pytest.raises(ValueError, match="labels"):
         policy_loss_from_hidden(h, weight, labels[:, :-1], normalizers=LossNormalizers(), config=cfg, **kw)
     with pytest.raises(ValueError, match="labels"):
-        policy_loss_from_hidden(h, weight, labels.masked_fill(labels == labels[0, 0], 10**6),
-                                normalizers=LossNormalizers(), config=cfg, **kw)
+        policy_loss_from_hidden(
+            h,
+            weight,
+            labels.masked_fill(labels == labels[0, 0], 10**6),
+            normalizers=LossNormalizers(),
+            config=cfg,
+            **kw,
+        )
     with pytest.raises(NotImplementedError, match="process_group"):
-        policy_loss_from_hidden(h, weight, labels, normalizers=LossNormalizers(), config=cfg, process_group=object(),
-                                **kw)
+        policy_loss_from_hidden(
+            h, weight, labels, normalizers=LossNormalizers(), config=cfg, process_group=object(), **kw
+        )

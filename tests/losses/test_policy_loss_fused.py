@@ -20,11 +20,18 @@ import warnings
 import pytest
 import torch
 
-from reasonrl.losses import ISCorrection, LossNormalizers, PolicyLossConfig, policy_loss, policy_loss_from_logits
+from reasonrl.losses import (
+    ISCorrection,
+    LossNormalizers,
+    PolicyLossConfig,
+    policy_loss,
+    policy_loss_from_logits,
+)
 from reasonrl.losses import fused as fused_mod
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 F64 = torch.float64
+
 
 def _quiet(fn, *args, **kw):
     """``fn(*args, **kw)`` without the config's advisory UserWarnings (luspo at token level is allowed)."""
@@ -42,25 +49,61 @@ CONFIGS = {
     "dapo+kl+entropy": PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01, **BASE),
     "luspo": _quiet(PolicyLossConfig, loss_type="luspo", **BASE),  # token level: warned, allowed
     "dapo+delta": PolicyLossConfig(loss_type="dapo", delta=1.6, **BASE),
-    "verl-vanilla": PolicyLossConfig(loss_type="dapo", dual_clip=True, dual_clip_c=1.6, log_ratio_clamp=0.15,
-                                     loss_agg_mode="token-mean", kl_bias_correction=False, beta=0.1,
-                                     kl_estimator="low_var_kl", entropy_coef=0.02, **BASE),
+    "verl-vanilla": PolicyLossConfig(
+        loss_type="dapo",
+        dual_clip=True,
+        dual_clip_c=1.6,
+        log_ratio_clamp=0.15,
+        loss_agg_mode="token-mean",
+        kl_bias_correction=False,
+        beta=0.1,
+        kl_estimator="low_var_kl",
+        entropy_coef=0.02,
+        **BASE,
+    ),
     "cispo-upper": PolicyLossConfig(loss_type="cispo", cispo_ratio_max=1.1, beta=0.05, kl_estimator="k2"),
-    "cispo-two-sided": PolicyLossConfig(loss_type="cispo", cispo_mode="two_sided", loss_agg_mode="seq-mean-token-sum",
-                                        **BASE),
+    "cispo-two-sided": PolicyLossConfig(
+        loss_type="cispo", cispo_mode="two_sided", loss_agg_mode="seq-mean-token-sum", **BASE
+    ),
     "sapo": PolicyLossConfig(loss_type="sapo", beta=0.05, kl_estimator="k1", entropy_coef=0.03),
-    "sapo-verl": PolicyLossConfig(loss_type="sapo", loss_agg_mode="token-mean", policy_agg_mode="seq-mean-token-mean",
-                                  beta=0.02, kl_estimator="k3+", kl_bias_correction=False),
-    "reinforce": PolicyLossConfig(loss_type="reinforce", beta=0.1, kl_estimator="abs", loss_agg_mode="token-sum"),
-    "grpo-seq-mean-token-sum-norm": PolicyLossConfig(loss_type="grpo", loss_agg_mode="seq-mean-token-sum-norm",
-                                                     loss_scale_factor=9.0, entropy_coef=0.01, **BASE),
-    "dapo-legacy-token-mean": PolicyLossConfig(loss_type="dapo", loss_agg_mode="token-mean", agg_version="legacy",
-                                               beta=0.03, kl_estimator="abs+", **BASE),
-    "dapo+is-token-mask": PolicyLossConfig(loss_type="dapo", is_correction=ISCorrection(level="token", mode="mask",
-                                                                                        c_min=0.9, c_max=1.05), **BASE),
-    "grpo+is-seq-truncate": PolicyLossConfig(loss_type="grpo", is_correction=ISCorrection(level="sequence",
-                                                                                           mode="truncate", c_max=1.1),
-                                             beta=0.02, kl_estimator="k1+", **BASE),
+    "sapo-verl": PolicyLossConfig(
+        loss_type="sapo",
+        loss_agg_mode="token-mean",
+        policy_agg_mode="seq-mean-token-mean",
+        beta=0.02,
+        kl_estimator="k3+",
+        kl_bias_correction=False,
+    ),
+    "reinforce": PolicyLossConfig(
+        loss_type="reinforce", beta=0.1, kl_estimator="abs", loss_agg_mode="token-sum"
+    ),
+    "grpo-seq-mean-token-sum-norm": PolicyLossConfig(
+        loss_type="grpo",
+        loss_agg_mode="seq-mean-token-sum-norm",
+        loss_scale_factor=9.0,
+        entropy_coef=0.01,
+        **BASE,
+    ),
+    "dapo-legacy-token-mean": PolicyLossConfig(
+        loss_type="dapo",
+        loss_agg_mode="token-mean",
+        agg_version="legacy",
+        beta=0.03,
+        kl_estimator="abs+",
+        **BASE,
+    ),
+    "dapo+is-token-mask": PolicyLossConfig(
+        loss_type="dapo",
+        is_correction=ISCorrection(level="token", mode="mask", c_min=0.9, c_max=1.05),
+        **BASE,
+    ),
+    "grpo+is-seq-truncate": PolicyLossConfig(
+        loss_type="grpo",
+        is_correction=ISCorrection(level="sequence", mode="truncate", c_max=1.1),
+        beta=0.02,
+        kl_estimator="k1+",
+        **BASE,
+    ),
 }
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl", "k1+", "abs+", "k3+", "low_var_kl+")
 
@@ -79,29 +122,57 @@ def _batch(seed: int, b: int = 4, t: int = 6, dtype=F64):
     mask[0, 4:] = False
     mask[2, :] = False  # fully masked sequence
     mask[3, 1] = False
-    return dict(lp=lp.to(dtype), old=old.to(dtype), ref=ref.to(dtype), samp=samp.to(dtype), h=h.to(dtype),
-                adv=adv.to(dtype), mask=mask)
+    return dict(
+        lp=lp.to(dtype),
+        old=old.to(dtype),
+        ref=ref.to(dtype),
+        samp=samp.to(dtype),
+        h=h.to(dtype),
+        adv=adv.to(dtype),
+        mask=mask,
+    )
 
 
 def _reference_token_grads(cfg, b, norms, advantages, is_weights=None):
     lp = b["lp"].clone().requires_grad_(True)
     h = b["h"].clone().requires_grad_(True)
-    out = policy_loss(lp, advantages=advantages, mask=b["mask"], old_logprobs=b["old"], ref_logprobs=b["ref"],
-                      sampling_logprobs=b["samp"], is_weights=is_weights, entropies=h, normalizers=norms,
-                      config=cfg)
+    out = policy_loss(
+        lp,
+        advantages=advantages,
+        mask=b["mask"],
+        old_logprobs=b["old"],
+        ref_logprobs=b["ref"],
+        sampling_logprobs=b["samp"],
+        is_weights=is_weights,
+        entropies=h,
+        normalizers=norms,
+        config=cfg,
+    )
     g_lp, g_h = torch.autograd.grad(out.loss, (lp, h), allow_unused=True)
     return g_lp, (torch.zeros_like(h) if g_h is None else g_h)
 
 
 def _functor_grads(cfg, b, norms, advantages, is_weights=None):
     inputs = fused_mod.token_inputs(
-        valid=b["mask"], advantages=advantages, cu_seqlens=None, old_logprobs=b["old"], ref_logprobs=b["ref"],
-        sampling_logprobs=b["samp"], is_weights=is_weights, normalizers=norms, config=cfg,
-        entropy_coef=cfg.entropy_coef, dtype=b["lp"].dtype,
+        valid=b["mask"],
+        advantages=advantages,
+        cu_seqlens=None,
+        old_logprobs=b["old"],
+        ref_logprobs=b["ref"],
+        sampling_logprobs=b["samp"],
+        is_weights=is_weights,
+        normalizers=norms,
+        config=cfg,
+        entropy_coef=cfg.entropy_coef,
+        dtype=b["lp"].dtype,
     )
     g_lp = torch.ops.reasonrl.policy_loss_token_grad(
-        b["lp"].reshape(-1), inputs, fused_mod.loss_kind(cfg), fused_mod.kl_kind(cfg),
-        fused_mod.kernel_params(cfg, has_old=True))
+        b["lp"].reshape(-1),
+        inputs,
+        fused_mod.loss_kind(cfg),
+        fused_mod.kl_kind(cfg),
+        fused_mod.kernel_params(cfg, has_old=True),
+    )
     return g_lp.reshape(b["lp"].shape), inputs[:, 5].reshape(b["lp"].shape)
 
 
@@ -115,7 +186,9 @@ def cpp_ops(available_impls):
 
 
 def _close(actual, expected, name, rtol=1e-10, atol=1e-13):
-    torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.to(F64), expected.to(F64), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,7 +201,9 @@ def _close(actual, expected, name, rtol=1e-10, atol=1e-13):
 def test_functor_matches_reference_autograd(name, adv_kind, cpp_ops):
     cfg = CONFIGS[name]
     b = _batch(seed=hash(name) % 1000)
-    adv = b["adv"] if adv_kind == "per_sequence" else b["adv"][:, None] * torch.linspace(-1, 1.5, 6, dtype=F64)
+    adv = (
+        b["adv"] if adv_kind == "per_sequence" else b["adv"][:, None] * torch.linspace(-1, 1.5, 6, dtype=F64)
+    )
     norms = LossNormalizers(global_num_seqs=6, num_items_in_batch=17, grad_accum_steps=2)
     ref_lp, ref_h = _reference_token_grads(cfg, b, norms, adv)
     g_lp, g_h = _functor_grads(cfg, b, norms, adv)
@@ -139,8 +214,13 @@ def test_functor_matches_reference_autograd(name, adv_kind, cpp_ops):
 @pytest.mark.parametrize("estimator", KL_ESTIMATORS)
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_functor_every_kl_estimator(estimator, bias_correction, cpp_ops):
-    cfg = PolicyLossConfig(loss_type="dapo", beta=0.3, kl_estimator=estimator, kl_bias_correction=bias_correction,
-                           log_ratio_clamp=0.3)
+    cfg = PolicyLossConfig(
+        loss_type="dapo",
+        beta=0.3,
+        kl_estimator=estimator,
+        kl_bias_correction=bias_correction,
+        log_ratio_clamp=0.3,
+    )
     b = _batch(seed=7)
     # low_var_kl: spread x = ref - lp across its +-20 input and +-10 output clamps. The unclamped estimators
     # stay within |x| <= 6: with bias correction, w d(kappa)/dlp + kappa dw/dlp cancels terms of size e^|x|,
@@ -188,19 +268,29 @@ def test_functor_at_clip_boundaries(bound, cpp_ops):
         cfg = PolicyLossConfig(loss_type="cispo", cispo_ratio_max=math.exp(lp))
 
     def grads(x):
-        b = dict(lp=torch.tensor([[x]], dtype=F64), old=torch.tensor([[old]], dtype=F64),
-                 ref=torch.zeros(1, 1, dtype=F64), samp=torch.zeros(1, 1, dtype=F64), h=torch.ones(1, 1, dtype=F64),
-                 mask=torch.ones(1, 1, dtype=torch.bool))
+        b = dict(
+            lp=torch.tensor([[x]], dtype=F64),
+            old=torch.tensor([[old]], dtype=F64),
+            ref=torch.zeros(1, 1, dtype=F64),
+            samp=torch.zeros(1, 1, dtype=F64),
+            h=torch.ones(1, 1, dtype=F64),
+            mask=torch.ones(1, 1, dtype=torch.bool),
+        )
         adv = torch.tensor([a], dtype=F64)
-        return _functor_grads(cfg, b, LossNormalizers(), adv)[0], _reference_token_grads(cfg, b, LossNormalizers(),
-                                                                                            adv)[0]
+        return _functor_grads(cfg, b, LossNormalizers(), adv)[0], _reference_token_grads(
+            cfg, b, LossNormalizers(), adv
+        )[0]
 
     g_at, r_at = grads(lp)
     _close(g_at, r_at, f"{bound}: on the bound, vs reference")
     if bound == "cispo_max":
         _close(g_at, torch.tensor([[-a * math.exp(lp)]], dtype=F64), "cispo: -min(w, R) A")
         return
-    _close(g_at, torch.tensor([[-a * math.exp(min(lp, cfg.log_ratio_clamp or lp))]], dtype=F64), f"{bound}: passes on the bound")
+    _close(
+        g_at,
+        torch.tensor([[-a * math.exp(min(lp, cfg.log_ratio_clamp or lp))]], dtype=F64),
+        f"{bound}: passes on the bound",
+    )
     g_beyond, r_beyond = grads(lp + beyond)
     assert float(g_beyond) == 0.0 == float(r_beyond), f"{bound}: gradient beyond the bound {float(g_beyond)}"
 
@@ -221,8 +311,12 @@ def _logits_case(layout, seed=0, b=4, t=5, v=97, dtype=torch.float32):
     adv = torch.tensor([1.0, -0.5, 0.3, -1.2])[:b]
     base = token_logprobs_reference(logits.double(), labels.clamp_min(0), temperature=0.9).logprobs
     old = (base + 0.3 * torch.randn(b, t, generator=g, dtype=F64)).float()
-    kw = dict(advantages=adv, old_logprobs=old, ref_logprobs=old - 0.05,
-              sampling_logprobs=old + 0.02 * torch.randn(b, t, generator=g))
+    kw = dict(
+        advantages=adv,
+        old_logprobs=old,
+        ref_logprobs=old - 0.05,
+        sampling_logprobs=old + 0.02 * torch.randn(b, t, generator=g),
+    )
     if layout == "padded":
         return logits, labels, dict(mask=mask, **kw)
     cu = torch.arange(0, (b + 1) * t, t)
@@ -233,8 +327,9 @@ def _logits_case(layout, seed=0, b=4, t=5, v=97, dtype=torch.float32):
 def _oracle(logits, labels, kw, cfg, norms):
     x64 = logits.double().requires_grad_(True)
     valid = kw["mask"] & (labels != -100)
-    tl = token_logprobs_reference(x64, labels.masked_fill(~valid, -100), temperature=cfg.temperature,
-                                  want_entropy=True)
+    tl = token_logprobs_reference(
+        x64, labels.masked_fill(~valid, -100), temperature=cfg.temperature, want_entropy=True
+    )
     kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
     kw64["mask"] = valid
     out = policy_loss(tl.logprobs, entropies=tl.entropy, normalizers=norms, config=cfg, **kw64)
@@ -259,10 +354,12 @@ def _check_end_to_end(impl, name, layout, temperature=0.9):
         if theirs is None:
             assert mine is None, field
             continue
-        torch.testing.assert_close(mine.sum.double(), theirs.sum.double(), rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"metric {field}: {m}")
-    torch.testing.assert_close(out.metrics.ratio_max.value.double(), oracle.metrics.ratio_max.value, rtol=1e-5,
-                               atol=0)
+        torch.testing.assert_close(
+            mine.sum.double(), theirs.sum.double(), rtol=1e-5, atol=1e-6, msg=lambda m, f=field: f"metric {f}: {m}"
+        )
+    torch.testing.assert_close(
+        out.metrics.ratio_max.value.double(), oracle.metrics.ratio_max.value, rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -271,8 +368,9 @@ def test_cpp_matches_float64_oracle(name, layout, cpp_ops):
     _check_end_to_end("cpp", name, layout)
 
 
-@pytest.mark.parametrize("name", ["dapo+kl+entropy", "verl-vanilla", "cispo-upper", "sapo", "reinforce",
-                                  "dapo-legacy-token-mean"])
+@pytest.mark.parametrize(
+    "name", ["dapo+kl+entropy", "verl-vanilla", "cispo-upper", "sapo", "reinforce", "dapo-legacy-token-mean"]
+)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_triton_matches_float64_oracle(name, layout, available_impls):
     if "triton" not in available_impls:
@@ -286,11 +384,21 @@ def test_cpp_bf16_and_per_row_temperature(cpp_ops):
     logits, labels, kw = _logits_case("padded", seed=5)
     temp = torch.linspace(0.7, 1.3, labels.numel()).reshape(labels.shape)
     x = logits.bfloat16().requires_grad_(True)
-    out = policy_loss_from_logits(x, labels, normalizers=norms, config=cfg, temperature=temp, impl="cpp", **kw)
+    out = policy_loss_from_logits(
+        x, labels, normalizers=norms, config=cfg, temperature=temp, impl="cpp", **kw
+    )
     out.loss.backward()
     x_ref = logits.bfloat16().requires_grad_(True)
-    two_phase = policy_loss_from_logits(x_ref, labels, normalizers=norms, config=cfg, temperature=temp,
-                                        impl="cpp", return_per_token=True, **kw)
+    two_phase = policy_loss_from_logits(
+        x_ref,
+        labels,
+        normalizers=norms,
+        config=cfg,
+        temperature=temp,
+        impl="cpp",
+        return_per_token=True,
+        **kw,
+    )
     two_phase.loss.backward()
     # Same row kernels, same per-token coefficients: the single pass equals the two-phase path up to the
     # rounding of the per-token gradient (fp64 functor vs fp32 autograd) and one bf16 rounding of dlogits.
@@ -322,12 +430,30 @@ def _opcheck_args(dtype=torch.float32):
     logits, labels, kw = _logits_case("packed", b=2, t=3, v=37, seed=4, dtype=dtype)
     valid = kw["mask"] & (labels != -100)
     inputs = fused_mod.token_inputs(
-        valid=valid, advantages=kw["advantages"], cu_seqlens=kw["cu_seqlens"], old_logprobs=kw["old_logprobs"],
-        ref_logprobs=kw["ref_logprobs"], sampling_logprobs=None, is_weights=None, normalizers=LossNormalizers(),
-        config=cfg, entropy_coef=cfg.entropy_coef, dtype=torch.float64 if dtype == F64 else torch.float32)
+        valid=valid,
+        advantages=kw["advantages"],
+        cu_seqlens=kw["cu_seqlens"],
+        old_logprobs=kw["old_logprobs"],
+        ref_logprobs=kw["ref_logprobs"],
+        sampling_logprobs=None,
+        is_weights=None,
+        normalizers=LossNormalizers(),
+        config=cfg,
+        entropy_coef=cfg.entropy_coef,
+        dtype=torch.float64 if dtype == F64 else torch.float32,
+    )
     params = fused_mod.kernel_params(cfg, True)
-    return (logits, labels.masked_fill(~valid, -100), None, 0.9, -100, inputs, fused_mod.loss_kind(cfg),
-            fused_mod.kl_kind(cfg), params)
+    return (
+        logits,
+        labels.masked_fill(~valid, -100),
+        None,
+        0.9,
+        -100,
+        inputs,
+        fused_mod.loss_kind(cfg),
+        fused_mod.kl_kind(cfg),
+        params,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -348,8 +474,9 @@ def test_torch_compile_fullgraph(cpp_ops):
     logits, labels, kw = _logits_case("padded", seed=9)
 
     def step(x):
-        return policy_loss_from_logits(x, labels, normalizers=norms, config=cfg, impl="cpp", validate=False,
-                                       **kw).loss
+        return policy_loss_from_logits(
+            x, labels, normalizers=norms, config=cfg, impl="cpp", validate=False, **kw
+        ).loss
 
     x = logits.clone().requires_grad_(True)
     eager = step(x)
@@ -387,29 +514,51 @@ def test_bad_input_names_the_argument(cpp_ops):
     logits, labels, kw = _logits_case("padded")
     x = logits.clone().requires_grad_(True)
     with pytest.raises(ValueError, match="advantages"):
-        policy_loss_from_logits(x, labels, normalizers=LossNormalizers(), config=cfg, impl="cpp",
-                                **{**kw, "advantages": torch.zeros(7)})
+        policy_loss_from_logits(
+            x,
+            labels,
+            normalizers=LossNormalizers(),
+            config=cfg,
+            impl="cpp",
+            **{**kw, "advantages": torch.zeros(7)},
+        )
     with pytest.raises(ValueError, match="old_logprobs"):
-        policy_loss_from_logits(x, labels, normalizers=LossNormalizers(), config=cfg, impl="cpp",
-                                **{**kw, "old_logprobs": torch.zeros(3, 3)})
+        policy_loss_from_logits(
+            x,
+            labels,
+            normalizers=LossNormalizers(),
+            config=cfg,
+            impl="cpp",
+            **{**kw, "old_logprobs": torch.zeros(3, 3)},
+        )
     with pytest.raises(ValueError, match="labels"):
-        policy_loss_from_logits(x, labels.masked_fill(labels == labels[0, 0], 10_000), normalizers=LossNormalizers(),
-                                config=cfg, impl="cpp", **kw)
+        policy_loss_from_logits(
+            x,
+            labels.masked_fill(labels == labels[0, 0], 10_000),
+            normalizers=LossNormalizers(),
+            config=cfg,
+            impl="cpp",
+            **kw,
+        )
     bad = logits.clone()
     bad[1, 2, 3] = float("nan")
     with pytest.raises(FloatingPointError):
-        policy_loss_from_logits(bad.requires_grad_(True), labels, normalizers=LossNormalizers(), config=cfg,
-                                impl="cpp", **kw)
+        policy_loss_from_logits(
+            bad.requires_grad_(True), labels, normalizers=LossNormalizers(), config=cfg, impl="cpp", **kw
+        )
 
 
-@pytest.mark.parametrize("cfg,blocked", [
-    (PolicyLossConfig(), False),
-    (PolicyLossConfig(importance_sampling_level="sequence", loss_type="grpo"), True),
-    (PolicyLossConfig(importance_sampling_level="sequence_token", loss_type="grpo"), True),
-    (PolicyLossConfig(loss_type="vespo"), True),
-    (PolicyLossConfig(off_policy_mask_threshold=0.5), True),
-    (PolicyLossConfig(top_entropy_quantile=0.2), True),
-])
+@pytest.mark.parametrize(
+    "cfg,blocked",
+    [
+        (PolicyLossConfig(), False),
+        (PolicyLossConfig(importance_sampling_level="sequence", loss_type="grpo"), True),
+        (PolicyLossConfig(importance_sampling_level="sequence_token", loss_type="grpo"), True),
+        (PolicyLossConfig(loss_type="vespo"), True),
+        (PolicyLossConfig(off_policy_mask_threshold=0.5), True),
+        (PolicyLossConfig(top_entropy_quantile=0.2), True),
+    ],
+)
 def test_dispatch_rule(cfg, blocked, cpp_ops):
     assert (fused_mod.single_pass_blocker(cfg) is not None) == blocked
     logits, labels, kw = _logits_case("padded")
@@ -418,6 +567,7 @@ def test_dispatch_rule(cfg, blocked, cpp_ops):
     single = type(out.loss.grad_fn).__name__ == "_PrecomputedGradientBackward"
     assert single != blocked
     with torch.no_grad():  # nothing needs a gradient: the forward alone, no gradient buffer
-        out = policy_loss_from_logits(logits, labels, normalizers=LossNormalizers(), config=cfg, impl="cpp", **kw)
+        out = policy_loss_from_logits(
+            logits, labels, normalizers=LossNormalizers(), config=cfg, impl="cpp", **kw
+        )
     assert out.loss.grad_fn is None
-

@@ -41,30 +41,52 @@ def test_triton_matches_float64_oracle(vocab, dtype):
     assert type(out.loss.grad_fn).__name__ == "_PrecomputedGradientBackward"
     out.loss.backward()
     x64 = logits.double().requires_grad_(True)
-    tl = token_logprobs_reference(x64, labels.masked_fill(~kw["mask"], -100), temperature=CONFIG.temperature,
-                                  want_entropy=True)
+    tl = token_logprobs_reference(
+        x64, labels.masked_fill(~kw["mask"], -100), temperature=CONFIG.temperature, want_entropy=True
+    )
     kw64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
     oracle = policy_loss(tl.logprobs, entropies=tl.entropy, normalizers=norms, config=CONFIG, **kw64)
     oracle.loss.backward()
     torch.testing.assert_close(out.loss.double(), oracle.loss.detach(), rtol=1e-4, atol=1e-6)
     atol = 1e-2 * float(x64.grad.abs().max()) if dtype == torch.bfloat16 else 1e-6
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, atol=atol)
+    torch.testing.assert_close(
+        x.grad.double(), x64.grad, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, atol=atol
+    )
 
 
 def test_triton_opcheck_and_compile():
     logits, labels, kw = _case(2, 8, 1000, torch.float32)
     valid = kw["mask"]
     inputs = fused_mod.token_inputs(
-        valid=valid, advantages=kw["advantages"], cu_seqlens=None, old_logprobs=kw["old_logprobs"],
-        ref_logprobs=kw["ref_logprobs"], sampling_logprobs=None, is_weights=None, normalizers=LossNormalizers(),
-        config=CONFIG, entropy_coef=CONFIG.entropy_coef, dtype=torch.float32)
-    args = (logits.reshape(-1, 1000), labels.masked_fill(~valid, -100).reshape(-1), None, 0.9, -100, inputs,
-            fused_mod.loss_kind(CONFIG), fused_mod.kl_kind(CONFIG), fused_mod.kernel_params(CONFIG, True))
+        valid=valid,
+        advantages=kw["advantages"],
+        cu_seqlens=None,
+        old_logprobs=kw["old_logprobs"],
+        ref_logprobs=kw["ref_logprobs"],
+        sampling_logprobs=None,
+        is_weights=None,
+        normalizers=LossNormalizers(),
+        config=CONFIG,
+        entropy_coef=CONFIG.entropy_coef,
+        dtype=torch.float32,
+    )
+    args = (
+        logits.reshape(-1, 1000),
+        labels.masked_fill(~valid, -100).reshape(-1),
+        None,
+        0.9,
+        -100,
+        inputs,
+        fused_mod.loss_kind(CONFIG),
+        fused_mod.kl_kind(CONFIG),
+        fused_mod.kernel_params(CONFIG, True),
+    )
     torch.library.opcheck(fused_kernel("triton"), args)
 
     def step(x):
-        return policy_loss_from_logits(x, labels, normalizers=LossNormalizers(), config=CONFIG, impl="triton",
-                                       validate=False, **kw).loss
+        return policy_loss_from_logits(
+            x, labels, normalizers=LossNormalizers(), config=CONFIG, impl="triton", validate=False, **kw
+        ).loss
 
     x = logits.clone().requires_grad_(True)
     step(x).backward()
