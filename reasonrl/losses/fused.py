@@ -300,12 +300,13 @@ def fused_policy_loss_from_hidden(
     config: PolicyLossConfig,
     entropy_coef: float | torch.Tensor | None,
     chunk_rows: int,
+    kernel,
     check_outputs,
 ) -> LossOutput:
-    """The fused-linear single pass (``reasonrl::policy_loss_from_hidden_fused``): per row chunk, logits =
-    hidden @ weight.T + bias, the fused row kernel turns them into dLoss/dlogits in place, and two GEMMs
-    accumulate grad_hidden and grad_weight; then the loss value and metrics from the reference formulas
-    over the per-token log-probs and entropies (O(N))."""
+    """The fused-linear loss (``kernel``: ``reasonrl::policy_loss_from_hidden_fused`` or its Triton twin)
+    computes lp, H and grad_hidden / grad_weight / grad_bias in one call (C++: per row chunk, logits =
+    hidden @ weight.T + bias, turned into dLoss/dlogits in place, then two GEMMs); then the loss value and
+    metrics from the reference formulas over the per-token log-probs and entropies (O(N))."""
     token_shape = hidden.shape[:-1]
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     eta = config.entropy_coef if entropy_coef is None else entropy_coef
@@ -331,7 +332,7 @@ def fused_policy_loss_from_hidden(
     else:
         temp_t, temp_scalar = None, float(temperature)
     lp, ent, _lse, _g_lp, _g_h, grad_h, grad_w, grad_b = (
-        torch.ops.reasonrl.policy_loss_from_hidden_fused.default(
+        kernel(
             h.detach(),
             weight.detach(),
             None if bias is None else bias.detach(),

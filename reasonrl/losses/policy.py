@@ -21,7 +21,7 @@ from reasonrl.losses.fused import (
     single_pass_blocker,
 )
 from reasonrl.losses.types import LossOutput, RolloutISMetrics
-from reasonrl.ops.policy_loss import fused_op, select_fused_impl
+from reasonrl.ops.policy_loss import fused_hidden_op, fused_op, select_fused_impl
 from reasonrl.ops.token_logprobs import (
     _check_args,
     _check_outputs,
@@ -221,9 +221,11 @@ def policy_loss_from_hidden(
         Every other argument as in :func:`policy_loss_from_logits`.
 
     Cost: when the parameters need gradients and the configuration is token-local (as for
-    :func:`policy_loss_from_logits`), the ``cpp`` implementation runs one sweep of three GEMMs (6NVH FLOP:
-    logits chunk, then grad_hidden and grad_weight from the chunk's dLoss/dlogits, computed in place during
-    the forward) and ``backward()`` hands the gradients over. Otherwise: ``linear_token_logprobs`` (forward
+    :func:`policy_loss_from_logits`), the gradients are computed inside the forward call and ``backward()``
+    hands them over: ``cpp`` runs one sweep of three GEMMs per row chunk (6NVH FLOP: logits chunk, then
+    grad_hidden and grad_weight from the chunk's dLoss/dlogits, formed in place); ``triton`` runs the
+    statistics sweep, the per-token loss gradient and the recompute sweep (8NVH,
+    kernels/linear_policy_loss.py). Otherwise: ``linear_token_logprobs`` (forward
     2NVH, backward with recompute 6NVH) around the O(N) loss.
     """
     if process_group is not None:
@@ -257,7 +259,7 @@ def policy_loss_from_hidden(
         validate = validation_enabled()
     if needs_grad and single_pass_blocker(config, return_per_token=return_per_token) is None:
         chosen = select_fused_impl(impl, hidden.device.type, hidden.dtype)
-        if chosen == "cpp":
+        if chosen in ("cpp", "triton"):
             _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0)
             if validate:
                 _validate_values(hidden.new_empty((0, weight.shape[0])), labels.reshape(-1), temperature,
@@ -269,7 +271,8 @@ def policy_loss_from_hidden(
 
             return fused_policy_loss_from_hidden(
                 hidden, weight, labels, bias=bias, valid=valid, temperature=temperature, ignore_index=ignore_index,
-                chunk_rows=0 if chunk_rows is None else int(chunk_rows), check_outputs=check_outputs, **common,
+                chunk_rows=0 if chunk_rows is None else int(chunk_rows), kernel=fused_hidden_op(chosen),
+                check_outputs=check_outputs, **common,
             )
         impl = chosen
     from reasonrl.ops.linear_token_logprobs import linear_token_logprobs

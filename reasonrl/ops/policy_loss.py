@@ -21,7 +21,7 @@ import torch
 
 from reasonrl._backend import load_extension, resolve_impl
 
-__all__ = ["fused_kernel", "fused_op", "select_fused_impl"]
+__all__ = ["fused_hidden_op", "fused_kernel", "fused_op", "select_fused_impl"]
 
 
 def _fake(
@@ -47,6 +47,7 @@ def _cpp_ops():
 
 @functools.cache
 def _triton_ops():
+    from reasonrl.kernels import linear_policy_loss as linear_kernels
     from reasonrl.kernels import policy_loss as kernels
 
     @torch.library.triton_op("reasonrl::policy_loss_fused_triton", mutates_args=())
@@ -62,17 +63,31 @@ def _triton_ops():
         params: list[float],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return kernels.policy_loss_fused(
-            logits,
-            labels,
-            temperature,
-            temperature_scalar,
-            ignore_index,
-            token_inputs,
-            loss_kind,
-            kl_kind,
-            params,
-            launch=torch.library.wrap_triton,
-        )
+            logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
+            params, launch=torch.library.wrap_triton,
+        )  # fmt: skip
+
+    @torch.library.triton_op("reasonrl::policy_loss_from_hidden_fused_triton", mutates_args=())
+    def fused_hidden(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        temperature: torch.Tensor | None,
+        temperature_scalar: float,
+        ignore_index: int,
+        token_inputs: torch.Tensor,
+        loss_kind: int,
+        kl_kind: int,
+        params: list[float],
+        chunk_rows: int,  # the C++ op's row chunk; the Triton kernels tile by themselves
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor]:  # fmt: skip
+        return linear_kernels.linear_policy_loss(
+            hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            labels.to(torch.int64), temperature, temperature_scalar, ignore_index, token_inputs, loss_kind,
+            kl_kind, params, launch=torch.library.wrap_triton,
+        )  # fmt: skip
 
     return torch.ops.reasonrl.policy_loss_fused_triton.default
 
@@ -105,3 +120,10 @@ def fused_op(impl: str):
     if impl == "triton":
         return torch.ops.reasonrl.policy_loss_fused_triton.default
     return torch.ops.reasonrl.policy_loss_fused.default
+
+
+def fused_hidden_op(impl: str):
+    """The fused-linear loss op of ``impl`` (registered by :func:`select_fused_impl`)."""
+    if impl == "triton":
+        return torch.ops.reasonrl.policy_loss_from_hidden_fused_triton.default
+    return torch.ops.reasonrl.policy_loss_from_hidden_fused.default
