@@ -78,8 +78,8 @@ struct Shard {
 
 Shard make_shard(const at::Tensor& logits, int64_t vocab_start, int64_t vocab_global,
                  const std::optional<at::Tensor>& label_logit) {
-  TORCH_CHECK(vocab_start >= 0 && vocab_global >= 0, "token_logprobs: vocab_start and vocab_global must be >= 0, got ",
-              vocab_start, " and ", vocab_global);
+  TORCH_CHECK(vocab_start >= 0 && vocab_global >= 0,
+              "token_logprobs: vocab_start and vocab_global must be >= 0, got ", vocab_start, " and ", vocab_global);
   TORCH_CHECK(vocab_global == 0 || vocab_start + logits.size(1) <= vocab_global,
               "token_logprobs: the shard [vocab_start, vocab_start + V) = [", vocab_start, ", ",
               vocab_start + logits.size(1), ") does not fit in the global vocabulary of vocab_global = ",
@@ -208,7 +208,8 @@ void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optiona
   const RowKernels& k = token_logprobs_kernels();
   switch (x.scalar_type()) {
     case at::kFloat:
-      run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c, shard, grad);
+      run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
+                     shard, grad);
       break;
     case at::kBFloat16:
       run_bwd<c10::BFloat16>(k.bwd_bf16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c,

@@ -48,8 +48,15 @@ def _dist():
     return dist
 
 
-def resolve_vocab_shard(process_group, vocab: int, vocab_start: int | None, *, validate: bool,
-                        device: torch.device, op: str = "token_logprobs") -> VocabShard:
+def resolve_vocab_shard(
+    process_group,
+    vocab: int,
+    vocab_start: int | None,
+    *,
+    validate: bool,
+    device: torch.device,
+    op: str = "token_logprobs",
+) -> VocabShard:
     """The shard layout of this rank (see the module docstring for the collectives it issues).
 
     Raises ``ValueError`` naming ``vocab_start`` on every rank when the shards of the group do not tile
@@ -75,8 +82,8 @@ def resolve_vocab_shard(process_group, vocab: int, vocab_start: int | None, *, v
     if vocab_start is None:
         if len({v for _, v in layout}) != 1:
             raise ValueError(
-                f"{op}: without vocab_start the vocabulary shards must have equal sizes (v_r = rank * V_r), but "
-                f"the local V differ across the group ({shown}); pass vocab_start for unequal shards"
+                f"{op}: without vocab_start the vocabulary shards must have equal sizes (v_r = rank * V_r), "
+                f"but the local V differ across the group ({shown}); pass vocab_start for unequal shards"
             )
     else:
         tiles = sorted(layout)
@@ -84,8 +91,9 @@ def resolve_vocab_shard(process_group, vocab: int, vocab_start: int | None, *, v
         for s, v in tiles:
             if s != pos:
                 raise ValueError(
-                    f"{op}: vocab_start does not match the shard layout: the shards [vocab_start, vocab_start + V) "
-                    f"of the group must tile [0, {vocab_global}) without gaps or overlaps; got {shown}"
+                    f"{op}: vocab_start does not match the shard layout: the shards "
+                    f"[vocab_start, vocab_start + V) of the group must tile [0, {vocab_global}) without gaps "
+                    f"or overlaps; got {shown}"
                 )
             pos = s + v
     return VocabShard(process_group, rank, world, start, vocab, vocab_global)
@@ -112,13 +120,15 @@ def combine_vocab_shards(
     ignore_index: int,
     shard: VocabShard,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Global ``(logprobs, entropy, rank, lse, stats)`` from this shard's kernel outputs (ops.md 3.3 steps 2-5).
+    """Global ``(logprobs, entropy, rank, lse, stats)`` from this shard's kernel outputs (ops.md 3.3,
+    steps 2-5).
 
     Inputs, per row, from the local kernel in vocab-parallel mode: ``lp_r = (z_y - m_r) - log s_r`` (-inf
-    where another rank owns the label), ``stats_r = (m_r, log s_r)``, ``entropy_r = H_r = log s_r - b_r / s_r``
-    and ``rank_r = 1 + c_r`` (0 for invalid rows). The kernels do not expose the shifted entropy accumulator
-    b_r itself; b_r / s_r = log s_r - H_r is recovered from the two fp32 outputs (both O(log V), so the
-    absolute error is a few fp32 ulps of log V, far inside the 1e-5 atol of ops.md section 8).
+    where another rank owns the label), ``stats_r = (m_r, log s_r)``,
+    ``entropy_r = H_r = log s_r - b_r / s_r`` and ``rank_r = 1 + c_r`` (0 for invalid rows). The kernels
+    do not expose the shifted entropy accumulator b_r itself; b_r / s_r = log s_r - H_r is recovered from
+    the two fp32 outputs (both O(log V), so the absolute error is a few fp32 ulps of log V, far inside the
+    1e-5 atol of ops.md section 8).
 
     In float64, with M = max_r m_r and delta_r = m_r - M <= 0:
 

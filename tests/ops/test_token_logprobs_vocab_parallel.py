@@ -101,11 +101,18 @@ def _cases() -> list[Sharded]:
     # Unequal shards, V odd, via vocab_start; the second also with the ranks in reverse vocabulary order
     # (rank 1 holds the low ids), so v_r != r * V_r.
     c = make_token_logprobs_inputs(20, 1001, dtype=F32, temperature="row", seed=13)
-    cases.append(Sharded("cpp-f32-unequal", _labels_on_both_sides(c, 300), (0, 300, 1001), pass_vocab_start=True))
+    cases.append(
+        Sharded("cpp-f32-unequal", _labels_on_both_sides(c, 300), (0, 300, 1001), pass_vocab_start=True)
+    )
     c = make_token_logprobs_inputs(20, 1001, dtype=BF16, temperature="row", seed=14)
     cases.append(
-        Sharded("cpp-bf16-unequal-reversed", _labels_on_both_sides(c, 700), (0, 700, 1001), order=(1, 0),
-                pass_vocab_start=True)
+        Sharded(
+            "cpp-bf16-unequal-reversed",
+            _labels_on_both_sides(c, 700),
+            (0, 700, 1001),
+            order=(1, 0),
+            pass_vocab_start=True,
+        )
     )
     # fp64 (gradcheck dtype) with an odd vocabulary; lp-only / entropy-only gradients without rank.
     c = make_token_logprobs_inputs(10, 37, dtype=F64, temperature="row", seed=15)
@@ -121,8 +128,15 @@ def _cases() -> list[Sharded]:
     cases.append(Sharded("cpp-f32-N0", c, (0, 32, 64)))
     # Triton under the interpreter: tiny shapes (one BLOCK_V per shard).
     c = make_token_logprobs_inputs(6, 81, dtype=F32, temperature="row", seed=18)
-    cases.append(Sharded("triton-f32-unequal", _labels_on_both_sides(c, 40), (0, 40, 81), impl="triton",
-                         pass_vocab_start=True))
+    cases.append(
+        Sharded(
+            "triton-f32-unequal",
+            _labels_on_both_sides(c, 40),
+            (0, 40, 81),
+            impl="triton",
+            pass_vocab_start=True,
+        )
+    )
     c = make_token_logprobs_inputs(6, 80, dtype=BF16, temperature=0.8, seed=19)
     cases.append(Sharded("triton-bf16-equal", _labels_on_both_sides(c, 40), (0, 40, 80), impl="triton"))
     return cases
@@ -161,10 +175,17 @@ def _run_one(spec: Sharded, rank: int, group):
     if spec.grad is not None:
         x.requires_grad_(True)
     out = token_logprobs(
-        x, case.labels, temperature=case.temperature, ignore_index=case.ignore_index,
-        want_entropy=spec.want_entropy, want_rank=spec.want_rank, return_lse=True,
-        inplace_backward=spec.inplace_backward, process_group=group,
-        vocab_start=lo if spec.pass_vocab_start else None, impl=spec.impl,
+        x,
+        case.labels,
+        temperature=case.temperature,
+        ignore_index=case.ignore_index,
+        want_entropy=spec.want_entropy,
+        want_rank=spec.want_rank,
+        return_lse=True,
+        inplace_backward=spec.inplace_backward,
+        process_group=group,
+        vocab_start=lo if spec.pass_vocab_start else None,
+        impl=spec.impl,
     )
     grad = None
     if spec.grad is not None:
@@ -184,8 +205,9 @@ def _worker(rank: int, init_method: str, out_dir: str, cases: list[Sharded], bad
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
     try:
         results = {}
         for spec in cases:
@@ -202,8 +224,9 @@ def _worker(rank: int, init_method: str, out_dir: str, cases: list[Sharded], bad
             if b.label is not None:
                 labels[0] = b.label
             try:
-                token_logprobs(x, labels, process_group=dist.group.WORLD, vocab_start=b.vocab_start[rank],
-                               validate=True)
+                token_logprobs(
+                    x, labels, process_group=dist.group.WORLD, vocab_start=b.vocab_start[rank], validate=True
+                )
                 errors[b.name] = None
             except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
                 errors[b.name] = (type(e).__name__, str(e))
@@ -243,8 +266,14 @@ def _unsharded(spec: Sharded):
     case = spec.case
     x = case.logits.detach().clone().requires_grad_(spec.grad is not None)
     out = token_logprobs(
-        x, case.labels, temperature=case.temperature, ignore_index=case.ignore_index,
-        want_entropy=spec.want_entropy, want_rank=spec.want_rank, return_lse=True, impl="cpp",
+        x,
+        case.labels,
+        temperature=case.temperature,
+        ignore_index=case.ignore_index,
+        want_entropy=spec.want_entropy,
+        want_rank=spec.want_rank,
+        return_lse=True,
+        impl="cpp",
     )
     grad = None
     if spec.grad is not None:
@@ -270,9 +299,18 @@ def _same(a, b) -> bool:
 # Spelled out (not [c.name for c in _cases()]) so that collecting this module, which the spawned workers also
 # import, does not build the inputs; the fixture checks that the two lists agree.
 CASE_NAMES = [
-    "cpp-f32-equal", "cpp-bf16-equal", "cpp-f32-unequal", "cpp-bf16-unequal-reversed", "cpp-f64-odd",
-    "cpp-f32-lp-only", "cpp-f32-entropy-only", "cpp-f32-inplace", "cpp-f32-no-grad", "cpp-f32-N0",
-    "triton-f32-unequal", "triton-bf16-equal",
+    "cpp-f32-equal",
+    "cpp-bf16-equal",
+    "cpp-f32-unequal",
+    "cpp-bf16-unequal-reversed",
+    "cpp-f64-odd",
+    "cpp-f32-lp-only",
+    "cpp-f32-entropy-only",
+    "cpp-f32-inplace",
+    "cpp-f32-no-grad",
+    "cpp-f32-N0",
+    "triton-f32-unequal",
+    "triton-bf16-equal",
 ]
 
 
@@ -308,12 +346,16 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     fields = [("logprobs", 0), ("lse", 3)] + ([("entropy", 1)] if spec.want_entropy else [])
     for f, i in fields:
         got = out[i]
-        assert_stat_close(got, getattr(oracle, f), getattr(ref, f), dtype=dtype, name=f"{name} {f}", valid=valid)
+        assert_stat_close(
+            got, getattr(oracle, f), getattr(ref, f), dtype=dtype, name=f"{name} {f}", valid=valid
+        )
         # Same non-finite pattern as the unsharded op (lp = -inf where the label logit is -inf).
         assert torch.equal(torch.isfinite(got), torch.isfinite(getattr(ref_out, f))), f"{name} {f} non-finite"
         assert bool((got[~valid] == 0).all()), f"{name} {f}: ignored rows must be 0"
         fin = valid & torch.isfinite(got)
-        torch.testing.assert_close(got[fin], getattr(ref_out, f)[fin], rtol=1e-5, atol=2e-5 if acc == F32 else 1e-10)
+        torch.testing.assert_close(
+            got[fin], getattr(ref_out, f)[fin], rtol=1e-5, atol=2e-5 if acc == F32 else 1e-10
+        )
     if spec.want_rank:
         assert torch.equal(out[2], ref_out.rank), f"{name}: rank differs from the unsharded op"
 
@@ -327,12 +369,17 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     full = _full_gradient(spec, grads)
     g_lp = case.g_lp if spec.grad in ("both", "lp") else None
     g_h = case.g_h if spec.grad in ("both", "h") else None
-    assert_grad_close(full, oracle.grad, ref.grad, dtype=dtype, g_lp=g_lp, g_h=g_h, name=f"{name} grad_logits",
-                      valid=valid)
+    assert_grad_close(
+        full, oracle.grad, ref.grad, dtype=dtype, g_lp=g_lp, g_h=g_h, name=f"{name} grad_logits", valid=valid
+    )
     assert bool((full[~valid] == 0).all()), f"{name}: ignored rows must have a zero gradient"
     tol = {F32: (1e-5, 1e-6), BF16: (1.6e-2, 1e-5), F64: (1e-10, 1e-12)}[dtype]
-    torch.testing.assert_close(full.float() if dtype == BF16 else full, ref_grad.float() if dtype == BF16 else ref_grad,
-                               rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(
+        full.float() if dtype == BF16 else full,
+        ref_grad.float() if dtype == BF16 else ref_grad,
+        rtol=tol[0],
+        atol=tol[1],
+    )
 
 
 @pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
@@ -368,8 +415,10 @@ def test_sharded_kernels_single_process(impl):
     v = x.shape[-1]
     bounds = [(0, 33), (33, 97)]
     pivot = x.gather(1, labels.clamp(0, v - 1)[:, None]).squeeze(1).float()
-    parts = [fwd(x[:, lo:hi].contiguous(), labels, temp, 1.0, case.ignore_index, True, True, False, lo, v, pivot)
-             for lo, hi in bounds]
+    parts = [
+        fwd(x[:, lo:hi].contiguous(), labels, temp, 1.0, case.ignore_index, True, True, False, lo, v, pivot)
+        for lo, hi in bounds
+    ]
     f64 = F64
     m = torch.stack([p[4][:, 0] for p in parts]).to(f64)
     log_s = torch.stack([p[4][:, 1] for p in parts]).to(f64)
@@ -396,7 +445,32 @@ def test_sharded_kernels_single_process(impl):
     assert torch.equal(rank[valid], oracle.rank[valid].to(torch.int64)), f"{impl} rank"
 
     stats = torch.stack([big_m, torch.log(big_s)], 1).float()
-    grad = torch.cat([bwd(case.g_lp, case.g_h, x[:, lo:hi].contiguous(), labels, temp, 1.0, case.ignore_index,
-                          stats, h.float(), lo, v) for lo, hi in bounds], dim=1)
-    assert_grad_close(grad, oracle.grad, ref.grad, dtype=F32, g_lp=case.g_lp, g_h=case.g_h,
-                      name=f"{impl} sharded grad", valid=valid)
+    grad = torch.cat(
+        [
+            bwd(
+                case.g_lp,
+                case.g_h,
+                x[:, lo:hi].contiguous(),
+                labels,
+                temp,
+                1.0,
+                case.ignore_index,
+                stats,
+                h.float(),
+                lo,
+                v,
+            )
+            for lo, hi in bounds
+        ],
+        dim=1,
+    )
+    assert_grad_close(
+        grad,
+        oracle.grad,
+        ref.grad,
+        dtype=F32,
+        g_lp=case.g_lp,
+        g_h=case.g_h,
+        name=f"{impl} sharded grad",
+        valid=valid,
+    )
