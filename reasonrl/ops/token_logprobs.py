@@ -441,7 +441,8 @@ def token_logprobs(
             forward issues two O(N) all-reduces (MAX of ``[m_r, t_r]``, SUM of ``[s_r, b_r, c_r]``; a third,
             MAX of the label logit, with ``want_rank``); the backward communicates nothing (the upstream
             gradients must be identical on all ranks). Needs ``impl`` cpp / cuda / triton (not reference).
-            Every rank must make the call, also with N = 0 rows.
+            Every rank must make the call, also with N = 0 rows. Eager mode: the collectives run in a
+            ``torch.autograd.Function`` and are not meant for ``torch.compile(fullgraph=True)``.
         vocab_start: ``v_r`` for unequal shards. Default ``None``: equal shards, ``v_r = rank * V_r`` and
             ``V_glob = P * V_r``. When given, ``V_glob`` is the sum of the ``V_r``, found by one all-gather of
             ``(v_r, V_r)`` over the group and a host sync per call, which also checks that the shards tile
