@@ -13,17 +13,22 @@ TORCH_LIBRARY(reasonrl, m) {
   // inplace_backward is not used by the forward kernel: it is recorded so that the autograd backward knows
   // whether to write the gradient into the storage of logits. `stats` [N, 2] holds what the backward needs
   // per row: m = max_j x_j / tau and log sum_j exp(x_j / tau - m); only the paired backward reads it.
+  // Vocab-parallel mode (ops.md 3.3): logits hold global columns [vocab_start, vocab_start + V) of
+  // vocab_global ids (0 = unsharded), labels are global ids; label_logit [N] (fp32, optional) is the raw label
+  // logit shared by its owner rank, the pivot of the rank count. The defaults are the unsharded op.
   m.def(
       "token_logprobs_fwd(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
-      "int ignore_index, bool want_entropy, bool want_rank, bool inplace_backward) -> (Tensor logprobs, "
-      "Tensor entropy, Tensor rank, Tensor lse, Tensor stats)");
+      "int ignore_index, bool want_entropy, bool want_rank, bool inplace_backward, int vocab_start=0, "
+      "int vocab_global=0, Tensor? label_logit=None) -> (Tensor logprobs, Tensor entropy, Tensor rank, "
+      "Tensor lse, Tensor stats)");
   m.def(
       "token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
-      "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, Tensor entropy) -> Tensor");
+      "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, Tensor entropy, "
+      "int vocab_start=0, int vocab_global=0) -> Tensor");
   m.def(
       "token_logprobs_bwd_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
       "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, "
-      "Tensor entropy) -> ()");
+      "Tensor entropy, int vocab_start=0, int vocab_global=0) -> ()");
   // The single-pass fused policy loss (losses.md section 13.1; csrc/cpu/policy_loss.cpp documents the
   // token_inputs columns, loss_kind / kl_kind codes and the params order). Returns lp, H, LSE, the per-token
   // upstream gradients it used, and dLoss/dlogits, all computed in one sweep over the logits.

@@ -21,6 +21,13 @@ exponent the forward summed (so gradient rows sum to 0 to fp32 rounding even for
 dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau in the logits dtype. Reading a block
 before writing the same addresses makes the in-place variant (grad aliasing logits) safe.
 
+Vocab-parallel mode (ops.md 3.3): ``logits`` are the global columns [vocab_start, vocab_start + V) of a
+vocabulary of ``vocab_global`` ids and labels are global ids (``vocab_global = V, vocab_start = 0`` is the
+unsharded op; both are runtime arguments, never specialised). A row whose label another rank owns gets this
+shard's statistics and lp = -inf (no label logit here); its rank count uses the pivot ``label_logit`` [N]
+(HAS_LABEL_LOGIT) shared by the owner; its backward has no one-hot term. The collectives live in
+``reasonrl/ops/token_logprobs.py``.
+
 Known limits: one program per row leaves SMs idle when N is below a few hundred rows of a 150k vocabulary
 (a split-V variant is future work); float64 is not supported (use the cpp or reference implementation).
 """
@@ -91,6 +98,21 @@ def _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY: tl.constexpr, HAS_
 
 
 @triton.jit
+def _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LABEL_LOGIT: tl.constexpr):
+    """The label's local column (-1 when another rank owns it), its raw logit (-inf then) and the rank
+    pivot (the shared label logit when HAS_LABEL_LOGIT, else the local one)."""
+    local = label - vocab_start
+    owner = (local >= 0) & (local < vocab)
+    local = tl.where(owner, local, -1)
+    x_label = tl.load(row_ptr + tl.where(owner, local, 0), mask=owner, other=-float("inf")).to(tl.float32)
+    if HAS_LABEL_LOGIT:
+        pivot = tl.load(label_logit_ptr + row).to(tl.float32)
+    else:
+        pivot = x_label
+    return local, x_label, pivot
+
+
+@triton.jit
 def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V: tl.constexpr):
     """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row (ops.md 2.3),
     with ln p_j = (z_j - m) - ln s formed exactly as the forward formed every exponent."""
@@ -116,7 +138,7 @@ def _row_zero(grad_row_ptr, vocab, BLOCK_V: tl.constexpr):
         tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty), mask=offs < vocab)
 
 
-@triton.jit(do_not_specialize=["vocab", "ignore_index"])
+@triton.jit(do_not_specialize=["vocab", "ignore_index", "vocab_start", "vocab_global"])
 def _token_logprobs_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -126,26 +148,32 @@ def _token_logprobs_fwd_kernel(
     rank_ptr,
     lse_ptr,
     stats_ptr,
+    label_logit_ptr,
     stride_logits_n,
     stride_temperature_n,
     temperature_scalar,
     vocab,
     ignore_index,
+    vocab_start,
+    vocab_global,
     HAS_TEMP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_RANK: tl.constexpr,
+    HAS_LABEL_LOGIT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # Labels are checked against the global vocabulary (= vocab unless vocab-parallel).
     label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
-                                   vocab, ignore_index, HAS_TEMP)
+                                   vocab_global, ignore_index, HAS_TEMP)
     if valid:
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row * stride_logits_n
-        x_label = tl.load(row_ptr + label).to(tl.float32)
-        m, s, b, count = _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V)
+        _, x_label, pivot = _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LABEL_LOGIT)
+        m, s, b, count = _row_stats(row_ptr, pivot, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V)
         log_s = tl.log(s)
-        # lp = (z_y - m) - log s, z_y rounded exactly as every z in the loop: exact near the maximum.
+        # lp = (z_y - m) - log s, z_y rounded exactly as every z in the loop: exact near the maximum
+        # (-inf on a rank that does not own the label).
         tl.store(logprobs_ptr + row, (x_label * inv_tau - m) - log_s)
         tl.store(lse_ptr + row, m + log_s)
         tl.store(stats_ptr + 2 * row, m)
@@ -166,7 +194,7 @@ def _token_logprobs_fwd_kernel(
             tl.store(rank_ptr + row, 0)
 
 
-@triton.jit(do_not_specialize=["vocab", "ignore_index"])
+@triton.jit(do_not_specialize=["vocab", "ignore_index", "vocab_start", "vocab_global"])
 def _token_logprobs_bwd_kernel(
     grad_logprobs_ptr,
     grad_entropy_ptr,
@@ -182,6 +210,8 @@ def _token_logprobs_bwd_kernel(
     temperature_scalar,
     vocab,
     ignore_index,
+    vocab_start,
+    vocab_global,
     HAS_TEMP: tl.constexpr,
     HAS_GRAD_LP: tl.constexpr,
     HAS_GRAD_H: tl.constexpr,
@@ -189,7 +219,7 @@ def _token_logprobs_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
-                                   vocab, ignore_index, HAS_TEMP)
+                                   vocab_global, ignore_index, HAS_TEMP)
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     if valid:
@@ -204,7 +234,10 @@ def _token_logprobs_bwd_kernel(
         if HAS_GRAD_H:
             g_h = tl.load(grad_entropy_ptr + row).to(tl.float32)
             h = tl.load(entropy_ptr + row)
-        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V)
+        # The one-hot term only where this shard holds the label (local column -1 matches no column).
+        local = label - vocab_start
+        local = tl.where((local >= 0) & (local < vocab), local, -1)
+        _row_grad(row_ptr, grad_row_ptr, local, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V)
     else:
         _row_zero(grad_row_ptr, vocab, BLOCK_V)
 
@@ -214,8 +247,9 @@ def _direct_launch(kernel):
 
 
 def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank,
-                       *, launch=_direct_launch):
-    """Launch the forward kernel; returns (logprobs, entropy, rank, lse, stats) like the C++ op."""
+                       vocab_start=0, vocab_global=0, label_logit=None, *, launch=_direct_launch):
+    """Launch the forward kernel; returns (logprobs, entropy, rank, lse, stats) like the C++ op.
+    ``vocab_global = 0`` means unsharded (the global vocabulary is the local one)."""
     n, vocab = logits.shape
     lp = torch.empty((n,), device=logits.device, dtype=torch.float32)
     lse = torch.empty((n,), device=logits.device, dtype=torch.float32)
@@ -225,6 +259,7 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
     if n == 0:
         return lp, ent, rank, lse, stats
     has_temp = temperature is not None
+    has_pivot = label_logit is not None
     launch(_token_logprobs_fwd_kernel)[(n,)](
         logits,
         labels,
@@ -234,14 +269,18 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         rank if want_rank else lp,
         lse,
         stats,
+        label_logit if has_pivot else lp,
         logits.stride(0),
         temperature.stride(0) if has_temp else 0,
         float(temperature_scalar),
         vocab,
         ignore_index,
+        vocab_start,
+        vocab_global if vocab_global > 0 else vocab,
         HAS_TEMP=has_temp,
         HAS_ENTROPY=want_entropy,
         HAS_RANK=want_rank,
+        HAS_LABEL_LOGIT=has_pivot,
         BLOCK_V=_block_v(vocab),
         num_warps=8,
     )
@@ -249,7 +288,7 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
 
 
 def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar,
-                       ignore_index, stats, entropy, grad, *, launch=_direct_launch):
+                       ignore_index, stats, entropy, grad, vocab_start=0, vocab_global=0, *, launch=_direct_launch):
     """Launch the backward kernel, writing into ``grad`` (which may be ``logits`` itself)."""
     n, vocab = logits.shape
     if n == 0:
@@ -272,6 +311,8 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature,
         float(temperature_scalar),
         vocab,
         ignore_index,
+        vocab_start,
+        vocab_global if vocab_global > 0 else vocab,
         HAS_TEMP=has_temp,
         HAS_GRAD_LP=has_lp,
         HAS_GRAD_H=has_h,

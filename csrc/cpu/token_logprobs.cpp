@@ -7,6 +7,13 @@
 //                                stats, entropy) -> grad_logits [N, V] (logits dtype, contiguous)
 //   reasonrl::token_logprobs_bwd_inplace(...): same, written into the storage of `logits`.
 //
+// Vocab-parallel mode (ops.md 3.3; the defaults vocab_start = 0, vocab_global = 0 are the unsharded op):
+// `logits` are the global columns [vocab_start, vocab_start + V) of a vocabulary of vocab_global ids and
+// labels are global ids. The forward then returns this shard's statistics (rows whose label another rank
+// owns get logprobs = -inf) and, given `label_logit` [N] (the raw label logit, fp32), counts the rank against
+// it; the backward takes the GLOBAL (M, log S) and entropy and writes the one-hot term on the owner only.
+// The collectives that combine the shards live in reasonrl/ops/token_logprobs.py.
+//
 // The Python layer (reasonrl/ops/token_logprobs.py) flattens leading dimensions to N, validates values
 // (label range, temperature, NaN) and joins forward and backward with torch.library.register_autograd.
 // This file only checks what would otherwise be memory-unsafe. Outputs are fp32 (fp64 for fp64 logits);
@@ -56,13 +63,49 @@ const char* token_logprobs_isa() {
 
 namespace {
 
+// The vocab-parallel arguments of the ops, checked once and copied into the row arguments.
+struct Shard {
+  int64_t vocab_start = 0;
+  int64_t vocab_global = 0;
+  at::Tensor label_logit;  // fp32 [N] contiguous, or undefined
+  template <typename Args>
+  void fill(Args& a) const {
+    a.vocab_start = vocab_start;
+    a.vocab_global = vocab_global;
+    a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<float>() : nullptr;
+  }
+};
+
+Shard make_shard(const at::Tensor& logits, int64_t vocab_start, int64_t vocab_global,
+                 const std::optional<at::Tensor>& label_logit) {
+  TORCH_CHECK(vocab_start >= 0 && vocab_global >= 0,
+              "token_logprobs: vocab_start and vocab_global must be >= 0, got ", vocab_start, " and ", vocab_global);
+  TORCH_CHECK(vocab_global == 0 || vocab_start + logits.size(1) <= vocab_global,
+              "token_logprobs: the shard [vocab_start, vocab_start + V) = [", vocab_start, ", ",
+              vocab_start + logits.size(1), ") does not fit in the global vocabulary of vocab_global = ",
+              vocab_global, " ids");
+  TORCH_CHECK(vocab_global > 0 || vocab_start == 0,
+              "token_logprobs: vocab_start = ", vocab_start, " needs vocab_global (the global vocabulary size)");
+  Shard s;
+  s.vocab_start = vocab_start;
+  s.vocab_global = vocab_global;
+  if (label_logit.has_value() && label_logit->defined()) {
+    TORCH_CHECK(label_logit->numel() == logits.size(0) && label_logit->device().is_cpu(),
+                "token_logprobs (cpp): label_logit must be a CPU tensor of N = ", logits.size(0),
+                " elements, got ", label_logit->sizes(), " on ", label_logit->device());
+    s.label_logit = label_logit->to(at::kFloat).reshape({-1}).contiguous();
+  }
+  return s;
+}
+
 template <typename scalar_t, typename Kern>
 void run_fwd(const Kern (&table)[4], const at::Tensor& x, const at::Tensor& labels64, const at::Tensor& temp,
              double temperature_scalar, int64_t ignore_index, at::Tensor& lp, at::Tensor& ent, at::Tensor& rank,
-             at::Tensor& lse, at::Tensor& stats, bool want_entropy, bool want_rank) {
+             at::Tensor& lse, at::Tensor& stats, bool want_entropy, bool want_rank, const Shard& shard) {
   using acc_t = typename RowArgs<scalar_t>::acc_t;
   RowArgs<scalar_t> a{};
   fill_row_args(a, x, labels64, temp, temperature_scalar, ignore_index);
+  shard.fill(a);
   a.logprobs = lp.mutable_data_ptr<acc_t>();
   a.entropy = want_entropy ? ent.mutable_data_ptr<acc_t>() : nullptr;
   a.rank = want_rank ? rank.mutable_data_ptr<int32_t>() : nullptr;
@@ -77,8 +120,10 @@ void run_fwd(const Kern (&table)[4], const at::Tensor& x, const at::Tensor& labe
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
     double temperature_scalar, int64_t ignore_index, bool want_entropy, bool want_rank,
-    bool /*inplace_backward: read by the autograd backward only*/) {
+    bool /*inplace_backward: read by the autograd backward only*/, int64_t vocab_start, int64_t vocab_global,
+    const std::optional<at::Tensor>& label_logit) {
   check_common(logits, labels, temperature, temperature_scalar);
+  const Shard shard = make_shard(logits, vocab_start, vocab_global, label_logit);
   const int64_t n = logits.size(0);
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = logits.options().dtype(acc);
@@ -95,19 +140,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_log
   switch (x.scalar_type()) {
     case at::kFloat:
       run_fwd<float>(k.fwd_f32, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
-                     want_entropy, want_rank);
+                     want_entropy, want_rank, shard);
       break;
     case at::kBFloat16:
       run_fwd<c10::BFloat16>(k.fwd_bf16, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank,
-                             lse, stats, want_entropy, want_rank);
+                             lse, stats, want_entropy, want_rank, shard);
       break;
     case at::kHalf:
       run_fwd<c10::Half>(k.fwd_f16, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
-                         want_entropy, want_rank);
+                         want_entropy, want_rank, shard);
       break;
     default:
       run_fwd<double>(k.fwd_f64, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
-                      want_entropy, want_rank);
+                      want_entropy, want_rank, shard);
   }
   return {lp, ent, rank, lse, stats};
 }
@@ -117,10 +162,12 @@ namespace {
 template <typename scalar_t, typename Kern>
 void run_bwd(Kern kern, const std::optional<at::Tensor>& g_lp, const std::optional<at::Tensor>& g_h,
              const at::Tensor& x, const at::Tensor& labels64, const at::Tensor& temp, double temperature_scalar,
-             int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy, at::Tensor& grad) {
+             int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy, const Shard& shard,
+             at::Tensor& grad) {
   using acc_t = typename RowArgs<scalar_t>::acc_t;
   BwdArgs<scalar_t> a{};
   fill_row_args(a, x, labels64, temp, temperature_scalar, ignore_index);
+  shard.fill(a);
   a.stats = const_cast<acc_t*>(stats.const_data_ptr<acc_t>());
   a.entropy = g_h.has_value() ? const_cast<acc_t*>(entropy.const_data_ptr<acc_t>()) : nullptr;
   a.grad_logprobs = g_lp.has_value() ? g_lp->const_data_ptr<acc_t>() : nullptr;
@@ -141,8 +188,9 @@ std::optional<at::Tensor> upstream(const std::optional<at::Tensor>& g, int64_t n
 void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
               const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
               double temperature_scalar, int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy,
-              at::Tensor& grad) {
+              int64_t vocab_start, int64_t vocab_global, at::Tensor& grad) {
   check_common(logits, labels, temperature, temperature_scalar);
+  const Shard shard = make_shard(logits, vocab_start, vocab_global, std::nullopt);
   const int64_t n = logits.size(0);
   if (n == 0) return;
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -160,19 +208,20 @@ void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optiona
   const RowKernels& k = token_logprobs_kernels();
   switch (x.scalar_type()) {
     case at::kFloat:
-      run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c, grad);
+      run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
+                     shard, grad);
       break;
     case at::kBFloat16:
       run_bwd<c10::BFloat16>(k.bwd_bf16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c,
-                             ent_c, grad);
+                             ent_c, shard, grad);
       break;
     case at::kHalf:
       run_bwd<c10::Half>(k.bwd_f16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
-                         grad);
+                         shard, grad);
       break;
     default:
       run_bwd<double>(k.bwd_f64, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
-                      grad);
+                      shard, grad);
   }
 }
 
@@ -182,10 +231,10 @@ at::Tensor token_logprobs_bwd_cpu(const std::optional<at::Tensor>& grad_logprobs
                                   const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
                                   const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
                                   double temperature_scalar, int64_t ignore_index, const at::Tensor& stats,
-                                  const at::Tensor& entropy) {
+                                  const at::Tensor& entropy, int64_t vocab_start, int64_t vocab_global) {
   at::Tensor grad = empty_gradient(logits);
   bwd_into(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-           entropy, grad);
+           entropy, vocab_start, vocab_global, grad);
   return grad;
 }
 
@@ -193,12 +242,12 @@ void token_logprobs_bwd_inplace_cpu(const std::optional<at::Tensor>& grad_logpro
                                     const std::optional<at::Tensor>& grad_entropy, at::Tensor& logits,
                                     const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
                                     double temperature_scalar, int64_t ignore_index, const at::Tensor& stats,
-                                    const at::Tensor& entropy) {
+                                    const at::Tensor& entropy, int64_t vocab_start, int64_t vocab_global) {
   // Safe in place: the kernels read each chunk of a row before writing the same addresses, and read the
   // label logit before the row loop starts.
   TORCH_CHECK(logits.is_contiguous(), "token_logprobs: inplace_backward=True needs contiguous logits");
   bwd_into(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-           entropy, logits);
+           entropy, vocab_start, vocab_global, logits);
 }
 
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {

@@ -224,7 +224,8 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
   const float kNaN = std::numeric_limits<float>::quiet_NaN();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
-    if (y == a.ignore_index || y < 0 || y >= a.vocab) {
+    const LabelSlot slot = label_slot(a, y);
+    if (!slot.valid) {
       const float fill = y == a.ignore_index ? 0.f : kNaN;
       a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = fill;
       if constexpr (kEntropy) a.entropy[r] = fill;
@@ -240,13 +241,16 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     }
     const scalar_t* row = a.logits + r * a.row_stride;
     const InvTau inv(tau);
-    const float x_label = static_cast<float>(row[y]);
+    // x_label = -inf on a rank that does not own the label (vocab-parallel): lp = -inf below, and the rank
+    // count uses the pivot shared by the owner instead.
+    const float x_label = slot.local >= 0 ? static_cast<float>(row[slot.local]) : -kInf;
+    const float x_pivot = a.label_logit ? a.label_logit[r] : x_label;
     float m = -kInf;  // running maximum of z = x / tau
     double s = 0.0, b = 0.0;
     int64_t rank_count = 0;
     for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - c0);
-      const float x_max = chunk_max<scalar_t, kRank>(row + c0, n, x_label, &rank_count);
+      const float x_max = chunk_max<scalar_t, kRank>(row + c0, n, x_pivot, &rank_count);
       // NaN or +inf logits make the row NaN (ops.md section 7); keep scanning only to finish the rank.
       if (std::isnan(x_max) || x_max == kInf) m = kNaN;
       if (std::isnan(m)) continue;
@@ -266,7 +270,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const double log_s = std::log(s);
     const float d_y = inv.shifted(x_label, m);
     a.lse[r] = static_cast<float>(static_cast<double>(m) + log_s);
-    a.logprobs[r] = static_cast<float>(static_cast<double>(d_y) - log_s);
+    a.logprobs[r] = slot.local >= 0 ? static_cast<float>(static_cast<double>(d_y) - log_s) : -kInf;
     a.stats[2 * r] = m;
     a.stats[2 * r + 1] = static_cast<float>(log_s);
     if constexpr (kEntropy) a.entropy[r] = static_cast<float>(log_s - b / s);
@@ -282,8 +286,9 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
   const acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
+    const LabelSlot slot = label_slot(a, y);
     const acc_t tau = static_cast<acc_t>(row_temperature(a, r));
-    if (y == a.ignore_index || y < 0 || y >= a.vocab || !temperature_ok(tau)) {
+    if (!slot.valid || !temperature_ok(tau)) {
       const acc_t fill = y == a.ignore_index ? acc_t(0) : kNaN;
       a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = fill;
       if constexpr (kEntropy) a.entropy[r] = fill;
@@ -291,8 +296,9 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const acc_t x_label = static_cast<acc_t>(row[y]);
-    const float x_label_f = static_cast<float>(row[y]);
+    const bool owner = slot.local >= 0;  // vocab-parallel: the label may live on another rank
+    const acc_t x_label = owner ? static_cast<acc_t>(row[slot.local]) : -kInf;
+    const float x_label_f = a.label_logit ? a.label_logit[r] : static_cast<float>(x_label);
     acc_t m = -kInf, s = 0, b = 0;
     int64_t rank_count = 0;
     bool saw_nan = false;
@@ -325,7 +331,7 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     if (saw_nan) m = kNaN;
     const acc_t log_s = std::log(s);
     a.lse[r] = m + log_s;
-    a.logprobs[r] = (x_label / tau - m) - log_s;
+    a.logprobs[r] = owner ? (x_label / tau - m) - log_s : -kInf;
     a.stats[2 * r] = m;
     a.stats[2 * r + 1] = log_s;
     if constexpr (kEntropy) a.entropy[r] = log_s - b / s;
@@ -351,7 +357,8 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const float g_lp = a.grad_logprobs ? a.grad_logprobs[r] : 0.f;
     const float g_h = a.grad_entropy ? a.grad_entropy[r] : 0.f;
     const float tau = row_temperature(a, r);
-    if (y == a.ignore_index || y < 0 || y >= a.vocab || !temperature_ok(tau) || (g_lp == 0.f && g_h == 0.f)) {
+    const LabelSlot slot = label_slot(a, y);
+    if (!slot.valid || !temperature_ok(tau) || (g_lp == 0.f && g_h == 0.f)) {
       std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0.f));
       continue;
     }
@@ -361,7 +368,9 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const float m = a.stats[2 * r], log_sum = a.stats[2 * r + 1];
     const float h = a.grad_entropy ? a.entropy[r] : 0.f;
     // Read the label logit before the row is overwritten (the in-place backward aliases grad and logits).
-    const float d_y = inv.shifted(static_cast<float>(row[y]), m) - log_sum;
+    // A rank that does not own the label (vocab-parallel) has no one-hot term: every column is j != y.
+    const bool owner = slot.local >= 0;
+    const float d_y = owner ? inv.shifted(static_cast<float>(row[slot.local]), m) - log_sum : 0.f;
     const float c0 = -(g_lp + g_h * h) * inv_tau;
     const float c1 = -g_h * inv_tau;
     const fVec vhi(inv.hi), vlo(inv.lo), vm(m), vlog_sum(log_sum), vc0(c0), vc1(c1), lo(-200.f);
@@ -391,9 +400,11 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
     }
-    const float p_y = std::exp(d_y);
-    const float dz_y = g_lp * (1.f - p_y) - g_h * p_y * (std::max(d_y, -200.f) + h);
-    grow[y] = static_cast<scalar_t>(dz_y * inv_tau);
+    if (owner) {
+      const float p_y = std::exp(d_y);
+      const float dz_y = g_lp * (1.f - p_y) - g_h * p_y * (std::max(d_y, -200.f) + h);
+      grow[slot.local] = static_cast<scalar_t>(dz_y * inv_tau);
+    }
   }
 }
 
@@ -406,7 +417,8 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const acc_t g_lp = a.grad_logprobs ? a.grad_logprobs[r] : acc_t(0);
     const acc_t g_h = a.grad_entropy ? a.grad_entropy[r] : acc_t(0);
     const acc_t tau = static_cast<acc_t>(row_temperature(a, r));
-    if (y == a.ignore_index || y < 0 || y >= a.vocab || !temperature_ok(tau)) {
+    const LabelSlot slot = label_slot(a, y);
+    if (!slot.valid || !temperature_ok(tau)) {
       std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0));
       continue;
     }
@@ -416,7 +428,7 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     for (int64_t j = 0; j < a.vocab; ++j) {
       const acc_t d = (static_cast<acc_t>(row[j]) / tau - m) - log_sum;  // log p_j
       const acc_t p = std::exp(d);
-      acc_t dz = (j == y) ? g_lp : acc_t(0);
+      acc_t dz = (j == slot.local) ? g_lp : acc_t(0);  // local = -1: the label is on another rank
       if (d != -std::numeric_limits<acc_t>::infinity()) dz -= p * (g_lp + g_h * (d + h));
       grow[j] = static_cast<scalar_t>(dz / tau);
     }

@@ -33,7 +33,35 @@ struct RowArgs {
   // their sum, LSE) keeps the exponent exact near the maximum: rounding LSE to fp32 would cost up to half an
   // ulp of |LSE| in every p_j (1e-5 relative at LSE ~ 200), the error log_softmax avoids.
   acc_t* stats;
+  // Vocab-parallel mode (ops.md 3.3). The fields default to the unsharded op, so code that fills a
+  // RowArgs with fill_row_args and leaves these alone (or zero-initialises it, `RowArgs<T> a{}`) behaves as
+  // before. The logits are then columns [vocab_start, vocab_start + vocab) of a vocabulary of vocab_global
+  // ids, and labels are global ids: a label in [0, vocab_global) outside the local columns is legal (another
+  // rank owns it). For such a row the forward writes the local statistics (stats, entropy, lse of this shard)
+  // and logprobs = -inf (no label logit here), and the backward omits the one-hot term.
+  int64_t vocab_start = 0;               // global id of local column 0
+  int64_t vocab_global = 0;              // size of the global vocabulary; 0 = unsharded (vocab)
+  // [N] raw label logit upcast to fp32 (the owner's value, shared by an all-reduce), or nullptr: the pivot
+  // of the rank count, which a non-owner rank cannot read from its own row. With nullptr an owner row reads
+  // logits[label] and a non-owner row counts against -inf (meaningless: pass the pivot with want_rank).
+  const float* label_logit = nullptr;
 };
+
+// Where a row's label lives (ops.md 3.3). `valid`: the label is a vocabulary id (not ignore_index, inside
+// [0, vocab_global) or [0, vocab) when unsharded); `local`: its column in this shard, or -1 when another
+// rank owns it.
+struct LabelSlot {
+  bool valid;
+  int64_t local;
+};
+
+template <typename Args>
+inline LabelSlot label_slot(const Args& a, int64_t y) {
+  const int64_t v_glob = a.vocab_global > 0 ? a.vocab_global : a.vocab;
+  if (y == a.ignore_index || y < 0 || y >= v_glob) return {false, -1};
+  const int64_t local = y - a.vocab_start;
+  return {true, (local >= 0 && local < a.vocab) ? local : int64_t(-1)};
+}
 
 // The per-row temperature is valid when finite and > 0; otherwise the row's outputs are NaN and its
 // gradient is 0 (ops.md section 7, validate=False).

@@ -14,6 +14,11 @@ Forward and backward are separate registered ops joined by ``torch.library.regis
 forward saves the logits by reference plus O(N) statistics (LSE and entropy, from which mu = LSE - H);
 the backward recomputes the softmax on the fly, so no [N, V] fp32 tensor is ever allocated. Gradients flow
 to ``logits`` through ``logprobs`` and ``entropy``; ``rank`` and ``lse`` are not differentiable.
+
+Vocab-parallel mode (``process_group`` given, ops.md 3.3) is a composition in :class:`_VocabParallel`: the
+same registered forward op run on this rank's shard (``vocab_start`` / ``vocab_global`` arguments), the
+collectives of ``reasonrl.ops.vocab_parallel``, and a backward that calls the registered backward op with the
+GLOBAL statistics (no communication in the backward: the upstream gradients are identical on all ranks).
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import functools
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from reasonrl._backend import load_extension, resolve_impl
+from reasonrl.ops.vocab_parallel import VocabShard, combine_vocab_shards, label_pivot, resolve_vocab_shard
 from reasonrl.reference.token_logprobs import TokenLogprobs, token_logprobs_reference
 
 __all__ = ["TokenLogprobs", "token_logprobs", "set_validation", "validation_enabled"]
@@ -48,43 +55,55 @@ def validation_enabled() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Autograd shared by the cpp and triton registrations: both forward ops have the signature
 #   (logits [N, V], labels [N], temperature [N] | None, temperature_scalar, ignore_index,
-#    want_entropy, want_rank, inplace_backward) -> (logprobs, entropy, rank, lse, stats)
+#    want_entropy, want_rank, inplace_backward, vocab_start=0, vocab_global=0, label_logit=None)
+#   -> (logprobs, entropy, rank, lse, stats)
 # where stats [N, 2] = (m, log-sum) of the scaled logits, read only by the paired backward: it forms
 # log p_j = (x_j / tau - m) - log_sum, exact near the maximum (see csrc/cpu/token_logprobs_rows.h).
+# With vocab_start / vocab_global (a vocab shard) this autograd is the derivative of the LOCAL outputs; the
+# vocab-parallel op (_VocabParallel) instead calls the backward op with the global statistics.
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, inplace = inputs
+    # `inputs` has the schema defaults filled in (torch.library adds them back for setup_context).
+    logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, inplace = inputs[:8]
+    vocab_start, vocab_global = (*inputs[8:10], 0, 0)[:2]
     _, entropy, rank, lse, stats = output
     ctx.save_for_backward(logits, labels, temperature, stats, entropy)
     ctx.temperature_scalar = temperature_scalar
     ctx.ignore_index = ignore_index
     ctx.want_entropy = want_entropy
     ctx.inplace = inplace
+    ctx.shard = (vocab_start, vocab_global)
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(rank, lse, stats)
 
 
 def _make_backward(bwd_op, bwd_inplace_op):
     def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse, _grad_stats):
         logits, labels, temperature, stats, entropy = ctx.saved_tensors
+        # Trailing Nones for inputs the dispatcher left at their defaults are trimmed by autograd.
+        nones = (None,) * (ctx.n_inputs - 1)
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return None, *nones
         if not ctx.want_entropy:
             grad_entropy = None
         args = (grad_logprobs, grad_entropy)
         rest = (labels, temperature, ctx.temperature_scalar, ctx.ignore_index, stats, entropy)
+        if ctx.shard != (0, 0):
+            rest = (*rest, *ctx.shard)
         if ctx.inplace:
             bwd_inplace_op(*args, logits, *rest)
             grad_logits = logits
         else:
             grad_logits = bwd_op(*args, logits, *rest)
-        return grad_logits, None, None, None, None, None, None, None
+        return grad_logits, *nones
 
     return backward
 
 
-def _fake_fwd(logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank, inplace):
+def _fake_fwd(logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank, inplace,
+              vocab_start=0, vocab_global=0, label_logit=None):
     n = logits.shape[0]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return (
@@ -97,12 +116,12 @@ def _fake_fwd(logits, labels, temperature, temperature_scalar, ignore_index, wan
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-              entropy):
+              entropy, vocab_start=0, vocab_global=0):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _fake_bwd_inplace(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar,
-                      ignore_index, stats, entropy):
+                      ignore_index, stats, entropy, vocab_start=0, vocab_global=0):
     return None
 
 
@@ -138,10 +157,13 @@ def _triton_ops():
         want_entropy: bool,
         want_rank: bool,
         inplace_backward: bool,
+        vocab_start: int = 0,
+        vocab_global: int = 0,
+        label_logit: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return tk.token_logprobs_fwd(
             logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank,
-            launch=torch.library.wrap_triton,
+            vocab_start, vocab_global, label_logit, launch=torch.library.wrap_triton,
         )
 
     @torch.library.triton_op("reasonrl::token_logprobs_bwd_triton", mutates_args=())
@@ -155,11 +177,13 @@ def _triton_ops():
         ignore_index: int,
         stats: torch.Tensor,
         entropy: torch.Tensor,
+        vocab_start: int = 0,
+        vocab_global: int = 0,
     ) -> torch.Tensor:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         tk.token_logprobs_bwd(
             grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-            entropy, grad, launch=torch.library.wrap_triton,
+            entropy, grad, vocab_start, vocab_global, launch=torch.library.wrap_triton,
         )
         return grad
 
@@ -174,10 +198,12 @@ def _triton_ops():
         ignore_index: int,
         stats: torch.Tensor,
         entropy: torch.Tensor,
+        vocab_start: int = 0,
+        vocab_global: int = 0,
     ) -> None:
         tk.token_logprobs_bwd(
             grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-            entropy, logits, launch=torch.library.wrap_triton,
+            entropy, logits, vocab_start, vocab_global, launch=torch.library.wrap_triton,
         )
 
     fwd.register_autograd(_make_backward(bwd, bwd_inplace), setup_context=_setup_context)
@@ -257,15 +283,17 @@ def _check_args(logits, labels, temperature, ignore_index):
         raise TypeError(f"token_logprobs: temperature must be a float or a tensor, got {type(temperature).__name__}")
 
 
-def _validate_values(x, labels_flat, temperature, ignore_index):
-    """The checks that need a host sync (only with validate=True)."""
-    vocab = x.shape[-1]
+def _validate_values(x, labels_flat, temperature, ignore_index, vocab_global=None):
+    """The checks that need a host sync (only with validate=True). ``vocab_global``: the size of the global
+    vocabulary in vocab-parallel mode (labels are global ids there)."""
+    vocab = x.shape[-1] if vocab_global is None else vocab_global
+    what = "V" if vocab_global is None else "V_glob (the global vocabulary of the process_group)"
     bad = (labels_flat != ignore_index) & ((labels_flat < 0) | (labels_flat >= vocab))
     n_bad = int(bad.sum())
     if n_bad:
         first = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"token_logprobs: {n_bad} labels are outside [0, V={vocab}) and not ignore_index={ignore_index}; "
+            f"token_logprobs: {n_bad} labels are outside [0, {what}={vocab}) and not ignore_index={ignore_index}; "
             f"first at flattened row {first} (label {int(labels_flat[first])})"
         )
     if isinstance(temperature, torch.Tensor):
@@ -307,6 +335,73 @@ def flatten_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Vocab-parallel mode (ops.md 3.3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ShardedCall:
+    """The non-tensor arguments of one vocab-parallel call."""
+
+    impl: str
+    shard: VocabShard
+    temperature_scalar: float
+    ignore_index: int
+    want_entropy: bool
+    want_rank: bool
+    inplace_backward: bool
+
+
+class _VocabParallel(torch.autograd.Function):
+    """Local forward op on the shard -> collectives -> global outputs; the backward is the local backward op
+    with the global (M, log S) and entropy, the one-hot term on the label's owner only, and no communication.
+    The collectives run on detached tensors inside ``forward`` (autograd is off there)."""
+
+    @staticmethod
+    def forward(ctx, x, labels, temperature, call: _ShardedCall):
+        shard = call.shard
+        ops = torch.ops.reasonrl
+        fwd = ops.token_logprobs_fwd_triton.default if call.impl == "triton" else ops.token_logprobs_fwd.default
+        pivot = label_pivot(x, labels, call.ignore_index, shard) if call.want_rank else None
+        lp_r, ent_r, rank_r, _, stats_r = fwd(
+            x, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy, call.want_rank,
+            False, shard.vocab_start, shard.vocab_global, pivot,
+        )
+        lp, ent, rank, lse, stats = combine_vocab_shards(
+            lp_r, stats_r, ent_r if call.want_entropy else None, rank_r if call.want_rank else None, labels,
+            call.ignore_index, shard,
+        )
+        ent = ent if ent is not None else ent_r  # empty [0] when not wanted, as the unsharded op
+        rank = rank if rank is not None else rank_r
+        ctx.save_for_backward(x, labels, temperature, stats, ent)
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(rank, lse)
+        return lp, ent, rank, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):
+        call = ctx.call
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        x, labels, temperature, stats, ent = ctx.saved_tensors
+        if not call.want_entropy:
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:
+            return torch.zeros_like(x, memory_format=torch.contiguous_format), None, None, None
+        ops = torch.ops.reasonrl
+        triton = call.impl == "triton"
+        rest = (labels, temperature, call.temperature_scalar, call.ignore_index, stats, ent,
+                call.shard.vocab_start, call.shard.vocab_global)
+        if call.inplace_backward:
+            bwd = ops.token_logprobs_bwd_inplace_triton if triton else ops.token_logprobs_bwd_inplace
+            bwd.default(grad_logprobs, grad_entropy, x, *rest)
+            return x, None, None, None
+        bwd = ops.token_logprobs_bwd_triton if triton else ops.token_logprobs_bwd
+        return bwd.default(grad_logprobs, grad_entropy, x, *rest), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------------
 
@@ -321,6 +416,8 @@ def token_logprobs(
     want_rank: bool = False,
     return_lse: bool = False,
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_start: int | None = None,
     impl: str = "auto",
     validate: bool | None = None,
 ) -> TokenLogprobs:
@@ -337,11 +434,28 @@ def token_logprobs(
         return_lse: also return the (detached) log-sum-exp of ``logits / temperature``.
         inplace_backward: write the gradient into the storage of ``logits`` (saves one logits-sized buffer;
             ``logits`` must be contiguous and must not be used again). Ignored by ``impl='reference'``.
+        process_group: vocab-parallel mode (ops.md 3.3). ``logits`` ``[..., V_r]`` is then this rank's
+            contiguous shard of global vocabulary ids ``[v_r, v_r + V_r)``; ``labels`` are GLOBAL ids and, with
+            ``temperature``, ``ignore_index`` and every keyword, identical on all ranks. Outputs are identical on
+            all ranks and equal the op on the full logits; the gradient is with respect to the local shard. The
+            forward issues two O(N) all-reduces (MAX of ``[m_r, t_r]``, SUM of ``[s_r, b_r, c_r]``; a third,
+            MAX of the label logit, with ``want_rank``); the backward communicates nothing (the upstream
+            gradients must be identical on all ranks). Needs ``impl`` cpp / cuda / triton (not reference).
+            Every rank must make the call, also with N = 0 rows. Eager mode: the collectives run in a
+            ``torch.autograd.Function`` and are not meant for ``torch.compile(fullgraph=True)``.
+        vocab_start: ``v_r`` for unequal shards. Default ``None``: equal shards, ``v_r = rank * V_r`` and
+            ``V_glob = P * V_r``. When given, ``V_glob`` is the sum of the ``V_r``, found by one all-gather of
+            ``(v_r, V_r)`` over the group and a host sync per call, which also checks that the shards tile
+            ``[0, V_glob)`` (``ValueError`` naming ``vocab_start`` on every rank otherwise). With ``validate``
+            the all-gather runs for equal shards too and checks that the ``V_r`` are equal. Labels outside
+            ``[0, V_glob)`` other than ``ignore_index`` are a ``ValueError`` on every rank (``validate``), or
+            NaN rows with a zero gradient (``validate=False``).
         impl: ``"auto" | "triton" | "cuda" | "cpp" | "reference"``; env ``REASONRL_IMPL`` sets the default.
             An explicit choice that cannot run raises ``RuntimeError``.
         validate: check label range / temperature values and report NaN rows (host syncs). ``None`` uses the
             global setting (:func:`set_validation`, env ``REASONRL_VALIDATE``; on by default). Must be False
-            under ``torch.compile(fullgraph=True)`` and CUDA graphs.
+            under ``torch.compile(fullgraph=True)`` and CUDA graphs, and the same on every rank of a
+            ``process_group`` (it decides which collectives run).
 
     Returns:
         ``TokenLogprobs(logprobs, entropy, rank, lse)``: ``[...]`` tensors, fp32 (fp64 for fp64 logits),
@@ -351,10 +465,21 @@ def token_logprobs(
     if validate is None:
         validate = _VALIDATE
     lead_shape = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    shard = None
+    if process_group is not None:
+        shard = resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=logits.device)
+    elif vocab_start is not None:
+        raise ValueError("token_logprobs: vocab_start is only meaningful with a process_group (vocab-parallel "
+                         f"mode); got vocab_start={vocab_start!r} and process_group=None")
     if validate:
-        _validate_values(logits, labels.reshape(-1), temperature, ignore_index)
+        _validate_values(logits, labels.reshape(-1), temperature, ignore_index,
+                         None if shard is None else shard.vocab_global)
 
     impl = _select_impl(impl, logits.device.type, logits.dtype)
+    if shard is not None and impl == "reference":
+        raise RuntimeError("token_logprobs: vocab-parallel mode (process_group given) needs impl='cpp', 'cuda' "
+                           "or 'triton'; the reference implementation has no sharded path")
     if impl == "reference":
         out = token_logprobs_reference(
             logits, labels, temperature=temperature, ignore_index=ignore_index, want_entropy=want_entropy,
@@ -368,6 +493,18 @@ def token_logprobs(
     if inplace_backward and not (x.is_contiguous() and x.data_ptr() == logits.data_ptr()):
         raise ValueError("token_logprobs: inplace_backward=True needs contiguous logits (the gradient is "
                          "written into their storage)")
+
+    if shard is not None:
+        call = _ShardedCall(impl, shard, temp_scalar, ignore_index, want_entropy, want_rank, inplace_backward)
+        lp, ent, rank, lse = _VocabParallel.apply(x, labels_flat, temp_t, call)
+        if validate:
+            _check_outputs(lp, labels_flat, ignore_index)
+        return TokenLogprobs(
+            lp.reshape(lead_shape),
+            ent.reshape(lead_shape) if want_entropy else None,
+            rank.reshape(lead_shape) if want_rank else None,
+            lse.reshape(lead_shape) if return_lse else None,
+        )
 
     # 'cpp' and 'cuda' are the same dispatcher ops (TORCH_LIBRARY_IMPL per device); 'triton' are triton_ops.
     # Both were registered by _select_impl; plain torch.ops attribute access keeps this traceable.

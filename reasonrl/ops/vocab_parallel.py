@@ -1,0 +1,183 @@
+"""Vocab-parallel plumbing shared by the log-prob ops (ops.md section 3.3): the shard layout and the exact
+combination of per-shard streaming statistics into the global log-sum-exp, label log-prob, entropy and rank.
+
+Each of the P ranks of a process group holds the global vocabulary ids ``[v_r, v_r + V_r)`` (a contiguous
+shard). Labels are global ids and identical on all ranks, as are temperature and ignore_index; outputs are
+identical on all ranks.
+
+Collectives per call, all O(N) (rows), never O(N x V):
+
+* layout (:func:`resolve_vocab_shard`): none for equal shards with ``validate=False`` (``v_r = r V_r``,
+  ``V_glob = P V_r``); otherwise one all-gather of ``(v_r, V_r)`` (``[P, 2]`` int64) and a host sync, which
+  checks that the shards tile ``[0, V_glob)`` and yields ``V_glob = sum_r V_r``. It is issued per call rather
+  than cached: a cache hit on one rank and a miss on another would deadlock, and a call that validates already
+  syncs for the label check. Unequal shards (``vocab_start`` given) therefore always cost this one sync.
+* ``want_rank``: one all-reduce MAX of the raw label logit ``[N]`` (non-owners send -inf), the pivot of the
+  rank count, which must be known before the local streaming pass.
+* one all-reduce MAX of ``[m_r, t_r]`` (``[N, 2]``) and one all-reduce SUM of ``[s_r', b_r' (entropy),
+  c_r (rank)]``, all in float64 (the rescale and the label log-prob are formed there, see
+  :func:`combine_vocab_shards`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["VocabShard", "resolve_vocab_shard", "label_pivot", "combine_vocab_shards"]
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's place in the vocab-parallel layout."""
+
+    group: object
+    rank: int
+    world_size: int
+    vocab_start: int  # v_r: global id of local column 0
+    vocab: int  # V_r: local columns
+    vocab_global: int  # V_glob
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("vocab-parallel mode (process_group given) needs torch.distributed")
+    return dist
+
+
+def resolve_vocab_shard(
+    process_group,
+    vocab: int,
+    vocab_start: int | None,
+    *,
+    validate: bool,
+    device: torch.device,
+    op: str = "token_logprobs",
+) -> VocabShard:
+    """The shard layout of this rank (see the module docstring for the collectives it issues).
+
+    Raises ``ValueError`` naming ``vocab_start`` on every rank when the shards of the group do not tile
+    ``[0, V_glob)``: the check runs on the gathered table, which every rank sees identically, so no rank
+    is left waiting in a later collective.
+    """
+    dist = _dist()
+    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
+        raise TypeError(f"{op}: vocab_start must be an int or None, got {type(vocab_start).__name__}")
+    rank = dist.get_rank(process_group)
+    world = dist.get_world_size(process_group)
+    start = rank * vocab if vocab_start is None else vocab_start
+    if vocab_start is None and not validate:
+        return VocabShard(process_group, rank, world, start, vocab, world * vocab)
+
+    # Gloo reduces CPU tensors, NCCL CUDA tensors: the table lives where the logits do.
+    mine = torch.tensor([start, vocab], dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=process_group)
+    layout = [tuple(int(v) for v in t.tolist()) for t in table]  # one host sync
+    vocab_global = sum(v for _, v in layout)
+    shown = ", ".join(f"rank {r}: [{s}, {s + v})" for r, (s, v) in enumerate(layout))
+    if vocab_start is None:
+        if len({v for _, v in layout}) != 1:
+            raise ValueError(
+                f"{op}: without vocab_start the vocabulary shards must have equal sizes (v_r = rank * V_r), "
+                f"but the local V differ across the group ({shown}); pass vocab_start for unequal shards"
+            )
+    else:
+        tiles = sorted(layout)
+        pos = 0
+        for s, v in tiles:
+            if s != pos:
+                raise ValueError(
+                    f"{op}: vocab_start does not match the shard layout: the shards "
+                    f"[vocab_start, vocab_start + V) of the group must tile [0, {vocab_global}) without gaps "
+                    f"or overlaps; got {shown}"
+                )
+            pos = s + v
+    return VocabShard(process_group, rank, world, start, vocab, vocab_global)
+
+
+def label_pivot(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, shard: VocabShard) -> torch.Tensor:
+    """The raw label logit ``[N]`` (fp32, as the rank is defined on raw logits upcast to fp32) on every rank:
+    read by the owner, -inf elsewhere, combined by one all-reduce MAX."""
+    dist = _dist()
+    local = labels - shard.vocab_start
+    owner = (labels != ignore_index) & (local >= 0) & (local < shard.vocab)
+    idx = torch.where(owner, local, 0).to(torch.int64).unsqueeze(1)
+    pivot = x.gather(1, idx).squeeze(1).float().masked_fill(~owner, float("-inf"))
+    dist.all_reduce(pivot, op=dist.ReduceOp.MAX, group=shard.group)
+    return pivot
+
+
+def combine_vocab_shards(
+    lp_r: torch.Tensor,
+    stats_r: torch.Tensor,
+    entropy_r: torch.Tensor | None,
+    rank_r: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    shard: VocabShard,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Global ``(logprobs, entropy, rank, lse, stats)`` from this shard's kernel outputs (ops.md 3.3,
+    steps 2-5).
+
+    Inputs, per row, from the local kernel in vocab-parallel mode: ``lp_r = (z_y - m_r) - log s_r`` (-inf
+    where another rank owns the label), ``stats_r = (m_r, log s_r)``,
+    ``entropy_r = H_r = log s_r - b_r / s_r`` and ``rank_r = 1 + c_r`` (0 for invalid rows). The kernels
+    do not expose the shifted entropy accumulator b_r itself; b_r / s_r = log s_r - H_r is recovered from
+    the two fp32 outputs (both O(log V), so the absolute error is a few fp32 ulps of log V, far inside the
+    1e-5 atol of ops.md section 8).
+
+    In float64, with M = max_r m_r and delta_r = m_r - M <= 0:
+
+    * t_r = lp_r + log s_r + m_r = z_y on the owner, -inf elsewhere; MAX over ranks gives t.
+    * s_r' = exp(log s_r + delta_r) (never exp of a positive number), b_r' = s_r' (b_r / s_r + delta_r);
+      both 0 for a shard whose columns are all -inf (m_r = -inf), which also keeps -inf - -inf out.
+    * LSE = M + log S, lp = (t - M) - log S, H = log S - Bs / S, rank = 1 + sum_r c_r.
+
+    A NaN statistic (NaN/+inf logits, an invalid label or temperature with validate=False) is kept out of
+    the MAX (whose NaN semantics differ between backends) and put into the SUM instead, so every rank
+    gets NaN for that row, as the unsharded op does. Ignored rows are 0 (rank 0).
+
+    ``stats`` [N, 2] = (M, log S) in the dtype of ``stats_r``: what the local backward kernel needs to form
+    the global p_j = exp((z_j - M) - log S) on its own columns.
+    """
+    dist = _dist()
+    f64 = torch.float64
+    inf = float("inf")
+    m = stats_r[:, 0].to(f64)
+    log_s = stats_r[:, 1].to(f64)
+    nan_row = torch.isnan(m) | torch.isnan(log_s)
+    m_in = m.masked_fill(nan_row, -inf)
+    live = m_in > -inf  # this shard has a finite column in the row
+    t = torch.where(live, lp_r.to(f64) + log_s + m, -inf)
+    mt = torch.stack([m_in, t], dim=1)
+    dist.all_reduce(mt, op=dist.ReduceOp.MAX, group=shard.group)
+    big_m, t = mt[:, 0], mt[:, 1]
+
+    delta = torch.where(live, m - big_m, 0.0)
+    s_p = torch.where(live, torch.exp(log_s + delta), 0.0).masked_fill(nan_row, float("nan"))
+    cols = [s_p]
+    if entropy_r is not None:
+        mu_rel = log_s - entropy_r.to(f64)  # b_r / s_r
+        cols.append(torch.where(live, s_p * (mu_rel + delta), 0.0))
+    if rank_r is not None:
+        cols.append((rank_r.to(f64) - 1.0).clamp_min(0.0))
+    sums = torch.stack(cols, dim=1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
+
+    log_big_s = torch.log(sums[:, 0])
+    acc = stats_r.dtype
+    ignored = labels == ignore_index
+    lse = (big_m + log_big_s).masked_fill(ignored, 0.0).to(acc)
+    lp = ((t - big_m) - log_big_s).masked_fill(ignored, 0.0).to(acc)
+    entropy = None
+    if entropy_r is not None:
+        entropy = (log_big_s - sums[:, 1] / sums[:, 0]).masked_fill(ignored, 0.0).to(acc)
+    rank = None
+    if rank_r is not None:
+        rank = torch.where(rank_r == 0, 0.0, 1.0 + sums[:, -1]).to(torch.int32)
+    stats = torch.stack([big_m, log_big_s], dim=1).to(acc)
+    return lp, entropy, rank, lse, stats

@@ -1,0 +1,476 @@
+"""Vocab-parallel ``token_logprobs`` (ops.md section 3.3): two gloo ranks on the loopback, each holding a
+contiguous shard of the vocabulary, must give the unsharded op's outputs on both ranks and, concatenated,
+its gradient.
+
+One ``torch.multiprocessing.spawn`` (world size 2, a ``file://`` store in a temporary directory) runs every
+case: a spawned process pays the import of torch and reasonrl, so the cases share it. The workers only run the
+op and save what it returned (outputs per rank, local gradients, errors raised); the comparisons run here, in
+the pytest process, against the unsharded ``cpp`` op and the float64 oracle by the rule of ops.md section 8.
+
+The Triton kernels' sharded mode runs twice under the interpreter: through the gloo path (tiny shapes), and
+in-process by calling the kernels on each shard with its offset and combining the statistics by hand, which
+checks the kernel contract without the collectives.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import traceback
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from reasonrl._backend import unavailable_reason
+from reasonrl.ops.token_logprobs import token_logprobs
+from reasonrl.testing import (
+    TokenLogprobsCase,
+    assert_grad_close,
+    assert_stat_close,
+    make_token_logprobs_inputs,
+    run_token_logprobs_reference,
+    valid_rows,
+)
+
+CPU = torch.device("cpu")
+F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+WORLD = 2
+
+
+def _skip_unless(impl: str, dtype: torch.dtype = F32) -> None:
+    why = unavailable_reason(impl, CPU, dtype)
+    if why is not None:
+        pytest.skip(f"impl={impl!r} cannot run {dtype} on CPU here: {why}")
+
+
+@dataclass
+class Sharded:
+    """One vocab-parallel call: the full case, how the vocabulary is split and the op's options."""
+
+    name: str
+    case: TokenLogprobsCase
+    bounds: tuple[int, ...]  # rank r holds columns [bounds[r], bounds[r + 1]) ... of the ORDER below
+    order: tuple[int, ...] = (0, 1)  # order[k] = the rank holding the k-th slice of the vocabulary
+    pass_vocab_start: bool = False
+    impl: str = "cpp"
+    want_entropy: bool = True
+    want_rank: bool = True
+    grad: str | None = "both"  # "both" | "lp" | "h" | None
+    inplace_backward: bool = False
+    kwargs: dict = field(default_factory=dict)
+
+    def shard(self, rank: int) -> tuple[int, int]:
+        k = self.order.index(rank)
+        return self.bounds[k], self.bounds[k + 1]
+
+
+def _with_neg_inf_shards(case: TokenLogprobsCase, split: int) -> TokenLogprobsCase:
+    """Row 0: the whole first shard is -inf and the label is in it (lp = -inf, a legal finite-gradient row).
+    Row 1: the whole first shard is -inf, the label on the other shard (m_r = -inf contributes nothing)."""
+    x = case.logits.clone()
+    labels = case.labels.clone()
+    x[0, :split] = float("-inf")
+    labels[0] = split // 2
+    x[1, :split] = float("-inf")
+    labels[1] = split + (x.shape[-1] - split) // 2
+    return case._replace(logits=x, labels=labels)
+
+
+def _labels_on_both_sides(case: TokenLogprobsCase, split: int) -> TokenLogprobsCase:
+    """Sampled labels cluster on a few ids; make sure both shards own some rows, at the shard edges too."""
+    labels = case.labels.clone()
+    v = case.logits.shape[-1]
+    edges = [0, split - 1, split, v - 1]
+    for i, y in zip(range(2, 2 + len(edges)), edges, strict=False):
+        if i < labels.numel() and labels[i] != case.ignore_index:
+            labels[i] = y
+    return case._replace(labels=labels)
+
+
+def _cases() -> list[Sharded]:
+    cases = []
+    # Equal shards across a C++ chunk boundary (kChunk = 2048: each shard has 2 chunks), per-row temperature,
+    # ignored rows, entropy, rank and both upstream gradients; -inf shards in rows 0 and 1.
+    c = make_token_logprobs_inputs(24, 4200, dtype=F32, temperature="row", seed=11)
+    c = _with_neg_inf_shards(_labels_on_both_sides(c, 2100), 2100)
+    cases.append(Sharded("cpp-f32-equal", c, (0, 2100, 4200)))
+    c = make_token_logprobs_inputs(24, 4200, dtype=BF16, temperature=0.7, seed=12)
+    cases.append(Sharded("cpp-bf16-equal", _labels_on_both_sides(c, 2100), (0, 2100, 4200)))
+    # Unequal shards, V odd, via vocab_start; the second also with the ranks in reverse vocabulary order
+    # (rank 1 holds the low ids), so v_r != r * V_r.
+    c = make_token_logprobs_inputs(20, 1001, dtype=F32, temperature="row", seed=13)
+    cases.append(
+        Sharded("cpp-f32-unequal", _labels_on_both_sides(c, 300), (0, 300, 1001), pass_vocab_start=True)
+    )
+    c = make_token_logprobs_inputs(20, 1001, dtype=BF16, temperature="row", seed=14)
+    cases.append(
+        Sharded(
+            "cpp-bf16-unequal-reversed",
+            _labels_on_both_sides(c, 700),
+            (0, 700, 1001),
+            order=(1, 0),
+            pass_vocab_start=True,
+        )
+    )
+    # fp64 (gradcheck dtype) with an odd vocabulary; lp-only / entropy-only gradients without rank.
+    c = make_token_logprobs_inputs(10, 37, dtype=F64, temperature="row", seed=15)
+    cases.append(Sharded("cpp-f64-odd", _labels_on_both_sides(c, 18), (0, 18, 37), pass_vocab_start=True))
+    c = make_token_logprobs_inputs(12, 500, dtype=F32, seed=16)
+    c = _labels_on_both_sides(c, 250)
+    cases.append(Sharded("cpp-f32-lp-only", c, (0, 250, 500), want_entropy=False, want_rank=False, grad="lp"))
+    cases.append(Sharded("cpp-f32-entropy-only", c, (0, 250, 500), want_rank=False, grad="h"))
+    cases.append(Sharded("cpp-f32-inplace", c, (0, 250, 500), inplace_backward=True))
+    cases.append(Sharded("cpp-f32-no-grad", c, (0, 250, 500), grad=None))
+    # N = 0: the collectives still run, outputs are empty.
+    c = make_token_logprobs_inputs(0, 64, dtype=F32, seed=17)
+    cases.append(Sharded("cpp-f32-N0", c, (0, 32, 64)))
+    # Triton under the interpreter: tiny shapes (one BLOCK_V per shard).
+    c = make_token_logprobs_inputs(6, 81, dtype=F32, temperature="row", seed=18)
+    cases.append(
+        Sharded(
+            "triton-f32-unequal",
+            _labels_on_both_sides(c, 40),
+            (0, 40, 81),
+            impl="triton",
+            pass_vocab_start=True,
+        )
+    )
+    c = make_token_logprobs_inputs(6, 80, dtype=BF16, temperature=0.8, seed=19)
+    cases.append(Sharded("triton-bf16-equal", _labels_on_both_sides(c, 40), (0, 40, 80), impl="triton"))
+    return cases
+
+
+@dataclass
+class Bad:
+    """A call that must raise on every rank: ``vocab_start[r]`` per rank (None = default), label overrides."""
+
+    name: str
+    vocab_start: tuple[int | None, int | None]
+    local_vocab: tuple[int, int]
+    label: int | None = None  # written into row 0
+    expected: str = ""  # a substring of the message
+
+
+BAD = [
+    Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
+    Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
+    Bad("not-from-zero", (10, 40), (30, 30), expected="vocab_start"),
+    Bad("unequal-without-vocab-start", (None, None), (30, 31), expected="vocab_start"),
+    Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
+    Bad("negative-label", (None, None), (30, 30), label=-3, expected="outside [0, V_glob"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The spawned workers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _run_one(spec: Sharded, rank: int, group):
+    case = spec.case
+    lo, hi = spec.shard(rank)
+    x = case.logits[..., lo:hi].detach().clone()
+    if spec.grad is not None:
+        x.requires_grad_(True)
+    out = token_logprobs(
+        x,
+        case.labels,
+        temperature=case.temperature,
+        ignore_index=case.ignore_index,
+        want_entropy=spec.want_entropy,
+        want_rank=spec.want_rank,
+        return_lse=True,
+        inplace_backward=spec.inplace_backward,
+        process_group=group,
+        vocab_start=lo if spec.pass_vocab_start else None,
+        impl=spec.impl,
+    )
+    grad = None
+    if spec.grad is not None:
+        outs, gs = [], []
+        if spec.grad in ("both", "lp"):
+            outs.append(out.logprobs)
+            gs.append(case.g_lp.to(out.logprobs.dtype))
+        if spec.grad in ("both", "h"):
+            outs.append(out.entropy)
+            gs.append(case.g_h.to(out.entropy.dtype))
+        (grad,) = torch.autograd.grad(outs, [x], gs)
+    detached = tuple(None if t is None else t.detach() for t in out)
+    return detached, grad
+
+
+def _worker(rank: int, init_method: str, out_dir: str, cases: list[Sharded], bad: list[Bad]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        results = {}
+        for spec in cases:
+            try:
+                results[spec.name] = _run_one(spec, rank, dist.group.WORLD)
+            except Exception:  # reported by the test of this case, not by the spawn
+                results[spec.name] = traceback.format_exc()
+        errors = {}
+        for b in bad:
+            g = torch.Generator().manual_seed(0)
+            v = b.local_vocab[rank]
+            x = torch.randn(4, v, generator=g)
+            labels = torch.tensor([1, 2, 3, -100])
+            if b.label is not None:
+                labels[0] = b.label
+            try:
+                token_logprobs(
+                    x, labels, process_group=dist.group.WORLD, vocab_start=b.vocab_start[rank], validate=True
+                )
+                errors[b.name] = None
+            except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
+                errors[b.name] = (type(e).__name__, str(e))
+        torch.save({"results": results, "errors": errors}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """Run every case and bad input on two gloo ranks in one spawn; {rank: {"results", "errors"}}."""
+    _skip_unless("cpp")
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp = tmp_path_factory.mktemp("vocab_parallel")
+    init_method = f"file://{tmp / 'store'}"
+    cases = _cases()
+    assert [c.name for c in cases] == CASE_NAMES
+    if unavailable_reason("triton", CPU, F32) is not None:
+        cases = [c for c in cases if c.impl != "triton"]
+    mp.spawn(_worker, args=(init_method, str(tmp), cases, BAD), nprocs=WORLD, join=True)
+    runs = {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
+    return {c.name: c for c in cases}, runs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _unsharded(spec: Sharded):
+    """The unsharded cpp op on the full logits, with the same upstream gradients."""
+    case = spec.case
+    x = case.logits.detach().clone().requires_grad_(spec.grad is not None)
+    out = token_logprobs(
+        x,
+        case.labels,
+        temperature=case.temperature,
+        ignore_index=case.ignore_index,
+        want_entropy=spec.want_entropy,
+        want_rank=spec.want_rank,
+        return_lse=True,
+        impl="cpp",
+    )
+    grad = None
+    if spec.grad is not None:
+        outs, gs = [], []
+        if spec.grad in ("both", "lp"):
+            outs.append(out.logprobs)
+            gs.append(case.g_lp.to(out.logprobs.dtype))
+        if spec.grad in ("both", "h"):
+            outs.append(out.entropy)
+            gs.append(case.g_h.to(out.entropy.dtype))
+        (grad,) = torch.autograd.grad(outs, [x], gs)
+    return out, grad
+
+
+def _full_gradient(spec: Sharded, grads: dict[int, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([grads[spec.order[k]] for k in range(WORLD)], dim=-1)
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+# Spelled out (not [c.name for c in _cases()]) so that collecting this module, which the spawned workers also
+# import, does not build the inputs; the fixture checks that the two lists agree.
+CASE_NAMES = [
+    "cpp-f32-equal",
+    "cpp-bf16-equal",
+    "cpp-f32-unequal",
+    "cpp-bf16-unequal-reversed",
+    "cpp-f64-odd",
+    "cpp-f32-lp-only",
+    "cpp-f32-entropy-only",
+    "cpp-f32-inplace",
+    "cpp-f32-no-grad",
+    "cpp-f32-N0",
+    "triton-f32-unequal",
+    "triton-bf16-equal",
+]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_sharded_equals_unsharded(sharded_runs, name):
+    """Outputs identical (bitwise) on both ranks and equal to the unsharded op; gradient shards concatenate to
+    the unsharded gradient. Both within ops.md section 8 of the float64 oracle."""
+    specs, runs = sharded_runs
+    if name not in specs:
+        pytest.skip("impl='triton' is not runnable here (no interpreter)")
+    spec = specs[name]
+    per_rank = {r: runs[r]["results"][name] for r in range(WORLD)}
+    for r, res in per_rank.items():
+        assert not isinstance(res, str), f"rank {r} raised:\n{res}"
+    (outs0, _), (outs1, _) = per_rank[0], per_rank[1]
+    for f, a, b in zip(("logprobs", "entropy", "rank", "lse"), outs0, outs1, strict=True):
+        assert _same(a, b), f"{name}: {f} differs between ranks"
+
+    case = spec.case
+    dtype = case.logits.dtype
+    acc = F64 if dtype == F64 else F32
+    out = outs0
+    lead = case.labels.shape
+    assert out[0].shape == lead and out[0].dtype == acc
+    assert (out[1] is None) == (not spec.want_entropy) and (out[2] is None) == (not spec.want_rank)
+    if case.labels.numel() == 0:
+        return
+    ref_out, ref_grad = _unsharded(spec)
+    valid = valid_rows(case)
+    oracle = run_token_logprobs_reference(case, compute_dtype=F64, grad=spec.grad)
+    ref = run_token_logprobs_reference(case, compute_dtype=acc, grad=spec.grad)
+
+    fields = [("logprobs", 0), ("lse", 3)] + ([("entropy", 1)] if spec.want_entropy else [])
+    for f, i in fields:
+        got = out[i]
+        assert_stat_close(
+            got, getattr(oracle, f), getattr(ref, f), dtype=dtype, name=f"{name} {f}", valid=valid
+        )
+        # Same non-finite pattern as the unsharded op (lp = -inf where the label logit is -inf).
+        assert torch.equal(torch.isfinite(got), torch.isfinite(getattr(ref_out, f))), f"{name} {f} non-finite"
+        assert bool((got[~valid] == 0).all()), f"{name} {f}: ignored rows must be 0"
+        fin = valid & torch.isfinite(got)
+        torch.testing.assert_close(
+            got[fin], getattr(ref_out, f)[fin], rtol=1e-5, atol=2e-5 if acc == F32 else 1e-10
+        )
+    if spec.want_rank:
+        assert torch.equal(out[2], ref_out.rank), f"{name}: rank differs from the unsharded op"
+
+    if spec.grad is None:
+        assert per_rank[0][1] is None
+        return
+    grads = {r: per_rank[r][1] for r in range(WORLD)}
+    for r in range(WORLD):
+        lo, hi = spec.shard(r)
+        assert grads[r].dtype == dtype and grads[r].shape == (*lead, hi - lo)
+    full = _full_gradient(spec, grads)
+    g_lp = case.g_lp if spec.grad in ("both", "lp") else None
+    g_h = case.g_h if spec.grad in ("both", "h") else None
+    assert_grad_close(
+        full, oracle.grad, ref.grad, dtype=dtype, g_lp=g_lp, g_h=g_h, name=f"{name} grad_logits", valid=valid
+    )
+    assert bool((full[~valid] == 0).all()), f"{name}: ignored rows must have a zero gradient"
+    tol = {F32: (1e-5, 1e-6), BF16: (1.6e-2, 1e-5), F64: (1e-10, 1e-12)}[dtype]
+    torch.testing.assert_close(
+        full.float() if dtype == BF16 else full,
+        ref_grad.float() if dtype == BF16 else ref_grad,
+        rtol=tol[0],
+        atol=tol[1],
+    )
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
+def test_bad_layout_or_labels_raise_on_every_rank(sharded_runs, bad):
+    _, runs = sharded_runs
+    for r in range(WORLD):
+        err = runs[r]["errors"][bad.name]
+        assert err is not None, f"rank {r}: {bad.name} did not raise"
+        kind, msg = err
+        assert kind == "ValueError", f"rank {r}: {kind}: {msg}"
+        assert bad.expected in msg, f"rank {r}: {msg!r} does not mention {bad.expected!r}"
+
+
+def test_vocab_start_without_process_group_raises():
+    x = torch.randn(3, 10)
+    labels = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="vocab_start"):
+        token_logprobs(x, labels, vocab_start=0)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_sharded_kernels_single_process(impl):
+    """The kernel contract without collectives: each shard run with its offset (registered ops, in-process),
+    combined by hand in float64 as ops.md 3.3 says, equals the fp64 oracle; and the backward ops given the
+    global statistics give the oracle gradient shard by shard."""
+    _skip_unless(impl)
+    from reasonrl.ops.token_logprobs import registered_ops
+
+    fwd, bwd, _ = registered_ops(impl)
+    case = make_token_logprobs_inputs(8, 97, dtype=F32, temperature="row", seed=21)
+    case = _labels_on_both_sides(case, 33)
+    x, labels, temp = case.logits, case.labels, case.temperature.to(F32)
+    v = x.shape[-1]
+    bounds = [(0, 33), (33, 97)]
+    pivot = x.gather(1, labels.clamp(0, v - 1)[:, None]).squeeze(1).float()
+    parts = [
+        fwd(x[:, lo:hi].contiguous(), labels, temp, 1.0, case.ignore_index, True, True, False, lo, v, pivot)
+        for lo, hi in bounds
+    ]
+    f64 = F64
+    m = torch.stack([p[4][:, 0] for p in parts]).to(f64)
+    log_s = torch.stack([p[4][:, 1] for p in parts]).to(f64)
+    lp_r = torch.stack([p[0] for p in parts]).to(f64)
+    h_r = torch.stack([p[1] for p in parts]).to(f64)
+    big_m = m.max(0).values
+    t = torch.where(torch.isfinite(lp_r), lp_r + log_s + m, -math.inf).max(0).values
+    s = torch.exp(log_s + m - big_m)
+    big_s = s.sum(0)
+    bs = (s * (log_s - h_r + m - big_m)).sum(0)
+    lp = (t - big_m) - torch.log(big_s)
+    h = torch.log(big_s) - bs / big_s
+    rank = 1 + sum(p[2].to(torch.int64) - 1 for p in parts)
+
+    valid = valid_rows(case)
+    oracle = run_token_logprobs_reference(case, compute_dtype=f64)
+    ref = run_token_logprobs_reference(case, compute_dtype=F32)
+    # Owner ranks: the local lp is finite exactly where the shard holds the label; -inf elsewhere.
+    for (lo, hi), p in zip(bounds, parts, strict=True):
+        owns = valid & (labels >= lo) & (labels < hi)
+        assert bool(torch.isfinite(p[0][owns]).all()) and bool((p[0][valid & ~owns] == -math.inf).all())
+    assert_stat_close(lp.float(), oracle.logprobs, ref.logprobs, dtype=F32, name=f"{impl} lp", valid=valid)
+    assert_stat_close(h.float(), oracle.entropy, ref.entropy, dtype=F32, name=f"{impl} H", valid=valid)
+    assert torch.equal(rank[valid], oracle.rank[valid].to(torch.int64)), f"{impl} rank"
+
+    stats = torch.stack([big_m, torch.log(big_s)], 1).float()
+    grad = torch.cat(
+        [
+            bwd(
+                case.g_lp,
+                case.g_h,
+                x[:, lo:hi].contiguous(),
+                labels,
+                temp,
+                1.0,
+                case.ignore_index,
+                stats,
+                h.float(),
+                lo,
+                v,
+            )
+            for lo, hi in bounds
+        ],
+        dim=1,
+    )
+    assert_grad_close(
+        grad,
+        oracle.grad,
+        ref.grad,
+        dtype=F32,
+        g_lp=case.g_lp,
+        g_h=case.g_h,
+        name=f"{impl} sharded grad",
+        valid=valid,
+    )
