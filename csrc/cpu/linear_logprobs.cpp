@@ -154,6 +154,8 @@ struct Chunker {
     hidden = hidden_;
     rows = &rows_;
     weight = weight_.to(acc);
+    // MKL needs a unit stride in one dimension; otherwise ATen would copy the weight for every chunk GEMM.
+    if (weight.stride(0) != 1 && weight.stride(1) != 1) weight = weight.contiguous();
     if (bias_.has_value()) bias = bias_->to(acc);
     const int64_t vocab = weight.size(0), h = weight.size(1);
     chunk = chunk_rows_for(chunk_rows, rows_.m, vocab, h, at::elementSize(acc));
