@@ -29,6 +29,19 @@ TORCH_LIBRARY(reasonrl, m) {
       "token_logprobs_bwd_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
       "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, "
       "Tensor entropy, int vocab_start=0, int vocab_global=0) -> ()");
+  // linear_token_logprobs (ops.md section 3): token_logprobs(hidden @ weight.T + bias, labels) without the
+  // [N, V] logits. hidden [N, H], weight [V, H], bias [V]?; outputs as token_logprobs_fwd (stats [N, 2]).
+  // chunk_rows: rows per GEMM chunk (0 = the default workspace). The backward recomputes the logits chunk by
+  // chunk; output_mask selects (grad_hidden, grad_weight, grad_bias); gradients not requested are [0].
+  m.def(
+      "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? temperature, "
+      "float temperature_scalar, int ignore_index, bool want_entropy, bool want_rank, int chunk_rows) -> "
+      "(Tensor logprobs, Tensor entropy, Tensor rank, Tensor lse, Tensor stats)");
+  m.def(
+      "linear_token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
+      "Tensor stats, Tensor entropy, int chunk_rows, bool[3] output_mask) -> (Tensor grad_hidden, "
+      "Tensor grad_weight, Tensor grad_bias)");
   // The single-pass fused policy loss (losses.md section 13.1; csrc/cpu/policy_loss.cpp documents the
   // token_inputs columns, loss_kind / kl_kind codes and the params order). Returns lp, H, LSE, the per-token
   // upstream gradients it used, and dLoss/dlogits, all computed in one sweep over the logits.

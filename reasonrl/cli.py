@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _print_info()
         print()
-        return _run_bench(["--only", "policy_loss", "--profile", "quick", *rest])
+        return _run_bench(["--demo", "--profile", "quick", *rest])
     parser.error(f"unknown command {args.command}")
     return 2
 

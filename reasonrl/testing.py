@@ -41,6 +41,7 @@ __all__ = [
     "assert_stat_close",
     "assert_grad_close",
     "assert_grad_row_sums",
+    "assert_param_grad_close",
     "make_logits",
     "sample_labels",
     "make_token_logprobs_inputs",
@@ -85,6 +86,12 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("grad", torch.float64): Tolerance(ref_factor=2.0, atol_scale=1e-12),
     ("row_sum", torch.float32): Tolerance(ref_factor=0.0, atol_scale=1e-5),
     ("row_sum", torch.float64): Tolerance(ref_factor=0.0, atol_scale=1e-12),
+    # grad_hidden / grad_weight / grad_bias of linear_token_logprobs (ops.md section 8: 2 x the error of the
+    # reference in the input dtype with fp32 accumulation, + atol); magnitude max |oracle gradient|.
+    ("grad_param", torch.float32): Tolerance(ref_factor=2.0, atol_scale=1e-6),
+    ("grad_param", torch.bfloat16): Tolerance(ref_factor=2.0, atol_scale=1e-6, ulps=1.0),
+    ("grad_param", torch.float16): Tolerance(ref_factor=2.0, atol_scale=1e-6, ulps=1.0),
+    ("grad_param", torch.float64): Tolerance(ref_factor=2.0, atol_scale=1e-12),
 }
 
 
@@ -261,6 +268,24 @@ def assert_grad_close(actual, oracle, reference_same_dtype, *, dtype, g_lp, g_h,
         name=name,
         valid=valid,
         magnitude=_grad_magnitude(g_lp, g_h, valid),
+        ulp_dtype=dtype if tol.ulps else None,
+        ref_factor=tol.ref_factor,
+    )
+
+
+def assert_param_grad_close(actual, oracle, reference_same_dtype, *, dtype, name) -> None:
+    """``assert_close_to_oracle`` for a parameter gradient (grad_hidden / grad_weight / grad_bias of
+    linear_token_logprobs): the ``grad_param`` line of ``TOLERANCES``, magnitude max |oracle|, + 1 ulp of
+    the gradient dtype for 16-bit inputs."""
+    __tracebackhide__ = True
+    tol = tolerance("grad_param", dtype)
+    assert_close_to_oracle(
+        actual,
+        oracle,
+        reference_same_dtype,
+        atol_scale=tol.atol_scale,
+        name=name,
+        magnitude=float(oracle.detach().abs().max()) if oracle.numel() else 0.0,
         ulp_dtype=dtype if tol.ulps else None,
         ref_factor=tol.ref_factor,
     )

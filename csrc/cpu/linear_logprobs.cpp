@@ -1,0 +1,379 @@
+// linear_token_logprobs on CPU (ops.md section 3): token_logprobs(hidden @ weight.T + bias, labels, ...)
+// without ever materialising the N x V logits.
+//
+//   reasonrl::linear_token_logprobs_fwd(hidden [N, H], weight [V, H], bias [V]?, labels [N], temperature [N]?,
+//       temperature_scalar, ignore_index, want_entropy, want_rank, chunk_rows)
+//       -> (logprobs, entropy, rank, lse, stats [N, 2] = (row max, log-sum))
+//   reasonrl::linear_token_logprobs_bwd(grad_logprobs?, grad_entropy?, hidden, weight, bias?, labels,
+//       temperature?, temperature_scalar, ignore_index, stats, entropy, chunk_rows, output_mask[3])
+//       -> (grad_hidden [N, H] | [0], grad_weight [V, H] | [0], grad_bias [V] | [0])
+//
+// Strategy (one chunk of rows at a time; the Python layer in reasonrl/ops/linear_token_logprobs.py flattens
+// leading dimensions, validates values and joins the two ops with torch.library.register_autograd):
+//  * Compaction (ops.md 3.1): rows whose label is ignore_index are dropped before any GEMM, so the cost is
+//    proportional to the number of valid rows; their outputs, stats and gradient rows are 0.
+//  * Forward, per chunk of C valid rows: the rows of hidden are gathered into a [C, H] buffer, the logits
+//    chunk x = h W^T (+ b) is computed by ATen's GEMM (at::mm_out / at::addmm_out, its own threading) into
+//    a preallocated [C, V] buffer in the compute dtype, and the token_logprobs row kernels
+//    (token_logprobs_kernels(), at::parallel_for over the rows) reduce it to log-prob, entropy, rank, LSE
+//    and the per-row stats (m, log s) that the backward needs. The logits are the GEMM's fp32 accumulator,
+//    never rounded to the input dtype.
+//  * Backward, per chunk: recompute x (the same GEMM on the same rows, so bitwise the forward's x), turn it
+//    into dlogits IN PLACE with the backward row kernel (ops.md 2.3, including 1/tau), then
+//    grad_hidden[rows] = dx W, grad_weight += dx^T h, grad_bias += sum_rows dx, all fp32 (fp64) GEMMs
+//    accumulating in fp32 (fp64).
+//  * Extra memory: the [C, V] chunk buffer and a [C, H] gather buffer (the workspace, default
+//    kDefaultWorkspaceBytes: see chunk_rows_for), O(N) statistics, and when gradients are needed the fp32
+//    grad_weight accumulator (V H 4 bytes; for fp32 weights it IS the returned gradient) and grad_hidden.
+//  * bf16 / fp16 inputs: the GEMMs run in fp32 on upcast operands: the weight is converted once per call
+//    (V H 4 bytes, the size of the fp32 grad_weight accumulator the backward needs anyway) and each chunk
+//    of hidden when it is gathered. ATen's CPU bf16 GEMM would round the logits (and dlogits) to bf16,
+//    which the contract of ops.md 3 forbids, and an fp32-output mixed GEMM is not available on CPU.
+//    Gradients are rounded to the input dtype once, at the end.
+//  * fp64 inputs: everything in fp64 (the scalar fp64 row kernels), for gradcheck.
+//
+// Limits: chunking is over rows only (each chunk holds full vocabulary rows, which is what lets the
+// token_logprobs row kernels run unchanged as the epilogue); the weight is streamed once per chunk, so
+// chunks must be tall enough for the GEMM to be compute-bound (see chunk_rows_for). No process_group here.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+
+#include "token_logprobs_rows.h"
+
+namespace reasonrl {
+
+namespace {
+
+// Default workspace of the [C, V] logits chunk. Measured on the 2-core AVX2 machine of the CPU targets
+// (MKL sgemm, H = 512, V = 32000): the h W^T GEMM reaches ~70 GFLOP/s at C = 128, ~105 at 256, ~130 at 512
+// and ~145 at C >= 1024, because each chunk streams the whole weight once; the two backward GEMMs need
+// C >= 512 for the same reason (dx^T h is a rank-C update of the V x H accumulator). 64 MiB is C = 512 at
+// V = 32000 and C = 110 at V = 151936, well inside the 256 MiB of ops.md 3.1.
+constexpr int64_t kDefaultWorkspaceBytes = int64_t(64) << 20;
+
+// Rows per chunk: `requested`, or as many as the default workspace holds ([C, V] logits + [C, H] rows).
+int64_t chunk_rows_for(int64_t requested, int64_t rows, int64_t vocab, int64_t hidden, int64_t elem_bytes) {
+  const int64_t c = requested > 0 ? requested : kDefaultWorkspaceBytes / ((vocab + hidden) * elem_bytes);
+  return std::clamp<int64_t>(c, 1, std::max<int64_t>(rows, 1));
+}
+
+// Rows per parallel_for task of the epilogue: ~64k elements per task, as in token_logprobs.cpp.
+int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
+
+void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
+                  double temperature_scalar) {
+  TORCH_CHECK(hidden.dim() == 2, "linear_token_logprobs: hidden must be 2-D [N, H] at this level, got ",
+              hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "linear_token_logprobs: weight must be 2-D [V, H], got ", weight.sizes());
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(),
+              "linear_token_logprobs (cpp): hidden and weight must be CPU tensors");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "linear_token_logprobs (cpp): hidden must be float32, bfloat16, float16 or float64, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, "linear_token_logprobs: weight dtype ", weight.scalar_type(),
+              " differs from hidden dtype ", dt);
+  TORCH_CHECK(weight.size(0) > 0, "linear_token_logprobs: the vocabulary size V = weight.size(0) must be > 0");
+  TORCH_CHECK(hidden.size(1) > 0 && weight.size(1) == hidden.size(1),
+              "linear_token_logprobs: weight must be [V, H] with H = hidden.size(-1) = ", hidden.size(1),
+              " > 0, got ", weight.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "linear_token_logprobs: bias must be [V] = [",
+                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dt, "linear_token_logprobs: bias dtype ", bias->scalar_type(),
+                " differs from hidden dtype ", dt);
+    TORCH_CHECK(bias->device().is_cpu(), "linear_token_logprobs (cpp): bias must be a CPU tensor");
+  }
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "linear_token_logprobs: labels must be [N] = [",
+              hidden.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+              "linear_token_logprobs: labels must be int32 or int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.device().is_cpu(), "linear_token_logprobs (cpp): labels must be on the CPU");
+  if (temperature.has_value()) {
+    const auto& t = *temperature;
+    TORCH_CHECK(t.device().is_cpu(), "linear_token_logprobs (cpp): temperature must be on the CPU");
+    TORCH_CHECK(t.is_floating_point(), "linear_token_logprobs: temperature must be a floating tensor");
+    TORCH_CHECK(t.numel() == 1 || (t.dim() == 1 && t.size(0) == hidden.size(0)),
+                "linear_token_logprobs: temperature must be a scalar or [N] = [", hidden.size(0), "], got ",
+                t.sizes());
+  } else {
+    TORCH_CHECK(temperature_scalar > 0, "linear_token_logprobs: temperature must be > 0, got ",
+                temperature_scalar);
+  }
+}
+
+at::ScalarType compute_type(const at::Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The valid rows (label != ignore_index) and their per-row inputs, compacted. `idx` is undefined when every
+// row is valid (no gathers then: chunks are plain row ranges).
+struct Rows {
+  at::Tensor idx;          // [M] int64 or undefined
+  at::Tensor labels;       // [M] int64, contiguous
+  at::Tensor temperature;  // [M] compute dtype, or undefined (scalar temperature)
+  int64_t m = 0;
+
+  at::Tensor select(const at::Tensor& full) const { return idx.defined() ? full.index_select(0, idx) : full; }
+};
+
+Rows valid_rows(const at::Tensor& labels, const std::optional<at::Tensor>& temperature, int64_t ignore_index,
+                at::ScalarType acc) {
+  const int64_t n = labels.size(0);
+  Rows r;
+  const at::Tensor labels64 = labels.to(at::kLong).contiguous();
+  const at::Tensor idx = labels64.ne(ignore_index).nonzero().squeeze(1);
+  r.m = idx.size(0);
+  if (r.m < n) r.idx = idx.contiguous();
+  r.labels = r.select(labels64).contiguous();
+  if (temperature.has_value()) {
+    r.temperature = r.select(temperature->to(acc).reshape({-1}).expand({n})).contiguous();
+  }
+  return r;
+}
+
+// Per-call state shared by the forward and the backward: operands in the compute dtype and the workspace.
+struct Chunker {
+  at::Tensor weight;   // [V, H] compute dtype (the input itself for fp32 / fp64)
+  at::Tensor bias;     // [V] compute dtype or undefined
+  at::Tensor hidden;   // [N, H] input
+  const Rows* rows;
+  int64_t chunk;       // rows per chunk
+  at::Tensor logits;   // [chunk, V] compute dtype: the workspace
+  at::Tensor hbuf;     // [chunk, H] compute dtype: gathered / converted rows of hidden
+  at::Tensor hbuf_in;  // [chunk, H] input dtype: gather target before the conversion (16-bit inputs only)
+
+  Chunker(const at::Tensor& hidden_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
+          const Rows& rows_, int64_t chunk_rows) {
+    const at::ScalarType acc = compute_type(hidden_);
+    hidden = hidden_;
+    rows = &rows_;
+    weight = weight_.to(acc);
+    // MKL needs a unit stride in one dimension; otherwise ATen would copy the weight for every chunk GEMM.
+    if (weight.stride(0) != 1 && weight.stride(1) != 1) weight = weight.contiguous();
+    if (bias_.has_value()) bias = bias_->to(acc);
+    const int64_t vocab = weight.size(0), h = weight.size(1);
+    chunk = chunk_rows_for(chunk_rows, rows_.m, vocab, h, at::elementSize(acc));
+    const auto opts = hidden_.options().dtype(acc);
+    logits = at::empty({chunk, vocab}, opts);
+    hbuf = at::empty({chunk, h}, opts);
+    if (hidden_.scalar_type() != acc && rows_.idx.defined()) hbuf_in = at::empty({chunk, h}, hidden_.options());
+  }
+
+  // Rows [s, s + len) of the compacted row list, as a contiguous [len, H] matrix in the compute dtype.
+  at::Tensor gather(int64_t s, int64_t len) {
+    at::Tensor out = hbuf.narrow(0, 0, len);
+    if (!rows->idx.defined()) {
+      at::Tensor src = hidden.narrow(0, s, len);
+      if (src.scalar_type() == out.scalar_type() && src.is_contiguous()) return src;
+      out.copy_(src);
+      return out;
+    }
+    const at::Tensor idx = rows->idx.narrow(0, s, len);
+    if (hidden.scalar_type() == out.scalar_type()) {
+      at::index_select_out(out, hidden, 0, idx);
+    } else {
+      at::Tensor tmp = hbuf_in.narrow(0, 0, len);
+      at::index_select_out(tmp, hidden, 0, idx);
+      out.copy_(tmp);
+    }
+    return out;
+  }
+
+  // x = h W^T (+ b) for the rows of the chunk, into the workspace.
+  at::Tensor logits_of(const at::Tensor& h) {
+    at::Tensor x = logits.narrow(0, 0, h.size(0));
+    if (bias.defined()) {
+      at::addmm_out(x, bias, h, weight.t());
+    } else {
+      at::mm_out(x, h, weight.t());
+    }
+    return x;
+  }
+};
+
+template <typename acc_t>
+using FwdKern = void (*)(const RowArgs<acc_t>&, int64_t, int64_t);
+
+template <typename acc_t>
+void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int64_t ignore_index,
+                at::Tensor& lp, at::Tensor& ent, at::Tensor& rank, at::Tensor& lse, at::Tensor& stats) {
+  const Rows& rows = *ck.rows;
+  const int64_t vocab = ck.weight.size(0);
+  for (int64_t s = 0; s < rows.m; s += ck.chunk) {
+    const int64_t len = std::min(ck.chunk, rows.m - s);
+    const at::Tensor x = ck.logits_of(ck.gather(s, len));
+    RowArgs<acc_t> a{};
+    a.logits = x.const_data_ptr<acc_t>();
+    a.row_stride = x.stride(0);
+    a.vocab = vocab;
+    a.labels = rows.labels.const_data_ptr<int64_t>() + s;
+    a.ignore_index = ignore_index;
+    a.temperature = rows.temperature.defined() ? rows.temperature.const_data_ptr<acc_t>() + s : nullptr;
+    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+    a.logprobs = lp.mutable_data_ptr<acc_t>() + s;
+    a.entropy = ent.numel() ? ent.mutable_data_ptr<acc_t>() + s : nullptr;
+    a.rank = rank.numel() ? rank.mutable_data_ptr<int32_t>() + s : nullptr;
+    a.lse = lse.mutable_data_ptr<acc_t>() + s;
+    a.stats = stats.mutable_data_ptr<acc_t>() + 2 * s;
+    at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
+  }
+}
+
+// Scatter [M, ...] compacted results into zero-filled [N, ...] tensors (ignored rows are 0).
+at::Tensor expand_rows(const at::Tensor& compact, const Rows& rows, int64_t n) {
+  if (!rows.idx.defined()) return compact;
+  std::vector<int64_t> shape(compact.sizes().begin(), compact.sizes().end());
+  shape[0] = n;
+  return at::zeros(shape, compact.options()).index_copy_(0, rows.idx, compact);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const std::optional<at::Tensor>& temperature, double temperature_scalar,
+    int64_t ignore_index, bool want_entropy, bool want_rank, int64_t chunk_rows) {
+  check_linear(hidden, weight, bias, labels, temperature, temperature_scalar);
+  const int64_t n = hidden.size(0);
+  const at::ScalarType acc = compute_type(hidden);
+  const Rows rows = valid_rows(labels, temperature, ignore_index, acc);
+  const int64_t m = rows.m;
+  const auto opts = hidden.options().dtype(acc);
+  at::Tensor lp = at::empty({m}, opts), lse = at::empty({m}, opts), stats = at::empty({m, 2}, opts);
+  at::Tensor ent = at::empty({want_entropy ? m : 0}, opts);
+  at::Tensor rank = at::empty({want_rank ? m : 0}, opts.dtype(at::kInt));
+  if (m > 0) {
+    Chunker ck(hidden, weight, bias, rows, chunk_rows);
+    const RowKernels& k = token_logprobs_kernels();
+    const int which = int(want_entropy) + 2 * int(want_rank);
+    if (acc == at::kDouble) {
+      fwd_chunks<double>(ck, k.fwd_f64[which], temperature_scalar, ignore_index, lp, ent, rank, lse, stats);
+    } else {
+      fwd_chunks<float>(ck, k.fwd_f32[which], temperature_scalar, ignore_index, lp, ent, rank, lse, stats);
+    }
+  }
+  if (!rows.idx.defined()) return {lp, ent, rank, lse, stats};
+  return {expand_rows(lp, rows, n), want_entropy ? expand_rows(ent, rows, n) : ent,
+          want_rank ? expand_rows(rank, rows, n) : rank, expand_rows(lse, rows, n), expand_rows(stats, rows, n)};
+}
+
+namespace {
+
+template <typename acc_t>
+void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_t), const at::Tensor& g_lp,
+                const at::Tensor& g_h, const at::Tensor& stats, const at::Tensor& entropy, double temperature_scalar,
+                int64_t ignore_index, at::Tensor& grad_hidden, at::Tensor& gw_acc, at::Tensor& gb_acc) {
+  const Rows& rows = *ck.rows;
+  const int64_t vocab = ck.weight.size(0);
+  // grad_hidden rows are written straight into the result when the chunk is a plain row range of the same
+  // dtype; otherwise through this buffer and one index_copy_ / copy_ per chunk.
+  const bool direct = grad_hidden.defined() && !rows.idx.defined() && grad_hidden.scalar_type() == ck.hbuf.scalar_type();
+  at::Tensor ghbuf = grad_hidden.defined() && !direct ? at::empty_like(ck.hbuf) : at::Tensor();
+  at::Tensor colsum = gb_acc.defined() ? at::empty_like(gb_acc) : at::Tensor();
+  for (int64_t s = 0; s < rows.m; s += ck.chunk) {
+    const int64_t len = std::min(ck.chunk, rows.m - s);
+    const at::Tensor h = ck.gather(s, len);
+    at::Tensor x = ck.logits_of(h);
+    BwdArgs<acc_t> a{};
+    a.logits = x.const_data_ptr<acc_t>();
+    a.row_stride = x.stride(0);
+    a.vocab = vocab;
+    a.labels = rows.labels.const_data_ptr<int64_t>() + s;
+    a.ignore_index = ignore_index;
+    a.temperature = rows.temperature.defined() ? rows.temperature.const_data_ptr<acc_t>() + s : nullptr;
+    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+    a.stats = const_cast<acc_t*>(stats.const_data_ptr<acc_t>()) + 2 * s;
+    a.entropy = g_h.defined() ? const_cast<acc_t*>(entropy.const_data_ptr<acc_t>()) + s : nullptr;
+    a.grad_logprobs = g_lp.defined() ? g_lp.const_data_ptr<acc_t>() + s : nullptr;
+    a.grad_entropy = g_h.defined() ? g_h.const_data_ptr<acc_t>() + s : nullptr;
+    // In place (safe: the row kernels read each piece of a row before writing it, and the label logit
+    // before the row loop): x becomes dx.
+    a.grad = x.mutable_data_ptr<acc_t>();
+    a.grad_row_stride = x.stride(0);
+    at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
+    const at::Tensor& dx = x;
+    if (grad_hidden.defined()) {
+      if (direct) {
+        at::Tensor dst = grad_hidden.narrow(0, s, len);
+        at::mm_out(dst, dx, ck.weight);
+      } else {
+        at::Tensor gh = ghbuf.narrow(0, 0, len);
+        at::mm_out(gh, dx, ck.weight);
+        if (rows.idx.defined()) {
+          grad_hidden.index_copy_(0, rows.idx.narrow(0, s, len), gh.to(grad_hidden.scalar_type()));
+        } else {
+          grad_hidden.narrow(0, s, len).copy_(gh);
+        }
+      }
+    }
+    if (gw_acc.defined()) gw_acc.addmm_(dx.t(), h);
+    if (gb_acc.defined()) gb_acc.add_(at::sum_out(colsum, dx, {0}));
+  }
+}
+
+at::Tensor upstream(const std::optional<at::Tensor>& g, int64_t n, const Rows& rows, at::ScalarType acc,
+                    const char* name) {
+  if (!g.has_value() || !g->defined()) return at::Tensor();
+  TORCH_CHECK(g->numel() == n, "linear_token_logprobs backward: ", name, " must have N = ", n, " elements, got ",
+              g->sizes());
+  return rows.select(g->to(acc).reshape({n})).contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
+    const std::optional<at::Tensor>& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const std::optional<at::Tensor>& temperature, double temperature_scalar,
+    int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy, int64_t chunk_rows,
+    std::array<bool, 3> output_mask) {
+  check_linear(hidden, weight, bias, labels, temperature, temperature_scalar);
+  const int64_t n = hidden.size(0);
+  const at::ScalarType acc = compute_type(hidden);
+  TORCH_CHECK(stats.numel() == 2 * n, "linear_token_logprobs backward: stats must be the forward's [N, 2] = [", n,
+              ", 2], got ", stats.sizes());
+  TORCH_CHECK(output_mask[2] == false || bias.has_value(),
+              "linear_token_logprobs backward: a bias gradient was requested without a bias");
+  const Rows rows = valid_rows(labels, temperature, ignore_index, acc);
+  const at::Tensor g_lp = upstream(grad_logprobs, n, rows, acc, "grad_logprobs");
+  const at::Tensor g_h = upstream(grad_entropy, n, rows, acc, "grad_entropy");
+  TORCH_CHECK(!g_h.defined() || entropy.numel() == n,
+              "linear_token_logprobs backward: a gradient for entropy needs the forward's entropy (want_entropy=True)");
+
+  // Results: gradients in the dtype of their tensor; ignored rows of grad_hidden are 0. Not requested: [0].
+  at::Tensor grad_hidden = output_mask[0] ? at::zeros(hidden.sizes(), hidden.options()) : at::Tensor();
+  // fp32 / fp64 weights accumulate straight into the returned gradient; 16-bit ones into an fp32 buffer.
+  at::Tensor gw_acc = output_mask[1] ? at::zeros(weight.sizes(), weight.options().dtype(acc)) : at::Tensor();
+  at::Tensor gb_acc = output_mask[2] ? at::zeros({weight.size(0)}, weight.options().dtype(acc)) : at::Tensor();
+  const bool any = output_mask[0] || output_mask[1] || output_mask[2];
+  if (rows.m > 0 && any && (g_lp.defined() || g_h.defined())) {
+    const at::Tensor stats_c = rows.select(stats.to(acc).reshape({n, 2})).contiguous();
+    const at::Tensor ent_c = g_h.defined() ? rows.select(entropy.to(acc).reshape({n})).contiguous() : at::Tensor();
+    Chunker ck(hidden, weight, bias, rows, chunk_rows);
+    const RowKernels& k = token_logprobs_kernels();
+    if (acc == at::kDouble) {
+      bwd_chunks<double>(ck, k.bwd_f64, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, grad_hidden,
+                         gw_acc, gb_acc);
+    } else {
+      bwd_chunks<float>(ck, k.bwd_f32, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, grad_hidden,
+                        gw_acc, gb_acc);
+    }
+  }
+  const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  return {output_mask[0] ? grad_hidden : empty(hidden),
+          output_mask[1] ? gw_acc.to(weight.scalar_type()) : empty(weight),
+          output_mask[2] ? gb_acc.to(weight.scalar_type()) : empty(weight)};
+}
+
+TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
+  m.impl("linear_token_logprobs_fwd", &linear_token_logprobs_fwd_cpu);
+  m.impl("linear_token_logprobs_bwd", &linear_token_logprobs_bwd_cpu);
+}
+
+}  // namespace reasonrl

@@ -1,0 +1,345 @@
+"""``linear_token_logprobs``: per-token log-probabilities, entropy and rank straight from hidden states and the
+lm_head weight, never materialising the ``N x V`` logits (ops.md section 3).
+
+Semantics are exactly ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` where the logits are the
+fp32 accumulator of the matmul (never rounded to a 16-bit input dtype). Shapes: ``hidden [..., H]``,
+``weight [V, H]``, ``bias [V]`` or None, ``labels [...]``; outputs ``[...]`` fp32 (fp64 for fp64 inputs),
+``rank`` int32. Gradients flow to ``hidden``, ``weight`` and ``bias`` through ``logprobs`` and ``entropy``.
+
+Implementations, all with the semantics of ``reasonrl/reference/linear_token_logprobs.py``:
+
+* ``cpp``: ``torch.ops.reasonrl.linear_token_logprobs_{fwd,bwd}`` from csrc/cpu/linear_logprobs.cpp. Rows
+  whose label is ``ignore_index`` are dropped first; the rest are processed in chunks of rows: ATen's GEMM
+  computes the chunk's logits into a preallocated workspace (``workspace_bytes``, default 64 MiB), the
+  token_logprobs row kernels reduce it; the backward recomputes each chunk, turns it into dlogits in place
+  and accumulates ``grad_hidden``, ``grad_weight`` (fp32) and ``grad_bias`` with GEMMs. Extra memory: the
+  workspace, O(N) statistics, and with gradients the fp32 weight-gradient accumulator. Saved for
+  backward: hidden, weight, bias (by reference), labels, temperature and the [N, 2] row statistics; nothing
+  when no input requires grad.
+* ``triton``: not written yet (``kernels/linear_logprobs.py``; see ``_triton_ops``). ``auto`` on CUDA uses
+  the reference until it exists; an explicit ``impl="triton"`` raises.
+* ``reference``: matmul + ``token_logprobs_reference`` (O(N x V) memory).
+
+Known limits: no vocab-parallel mode yet (``process_group`` raises NotImplementedError); no ``softcap`` /
+``logit_scale``; the CPU path chunks over rows only (each chunk holds whole vocabulary rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+import os
+
+import torch
+
+from reasonrl._backend import load_extension, resolve_impl
+from reasonrl.ops.token_logprobs import validation_enabled
+from reasonrl.reference.linear_token_logprobs import linear_token_logprobs_reference
+from reasonrl.reference.token_logprobs import TokenLogprobs
+
+__all__ = ["linear_token_logprobs"]
+
+logger = logging.getLogger("reasonrl")
+OP = "linear_token_logprobs"
+# Where the Triton implementation will live (another engineer's part of issue 4).
+TRITON_MODULE = "reasonrl.kernels.linear_logprobs"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd for the registered forward op
+#   (hidden [N, H], weight [V, H], bias [V] | None, labels [N], temperature [N] | None, temperature_scalar,
+#    ignore_index, want_entropy, want_rank, chunk_rows) -> (logprobs, entropy, rank, lse, stats [N, 2])
+# stats = (row max, log-sum) of the scaled logits, read only by the paired backward op.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, chunk = inputs
+    _, entropy, rank, lse, stats = output
+    ctx.save_for_backward(hidden, weight, bias, labels, temperature, stats, entropy)
+    ctx.temperature_scalar = temperature_scalar
+    ctx.ignore_index = ignore_index
+    ctx.want_entropy = want_entropy
+    ctx.chunk_rows = chunk
+    ctx.mark_non_differentiable(rank, lse, stats)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse, _grad_stats):
+        hidden, weight, bias, labels, temperature, stats, entropy = ctx.saved_tensors
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                bias is not None and bool(ctx.needs_input_grad[2])]
+        if not any(mask):
+            return (None,) * 10
+        if not ctx.want_entropy:
+            grad_entropy = None
+        gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature,
+                            ctx.temperature_scalar, ctx.ignore_index, stats, entropy, ctx.chunk_rows, mask)
+        return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + (None,) * 7
+
+    return backward
+
+
+def _fake_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy,
+              want_rank, chunk_rows):
+    n = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (
+        hidden.new_empty((n,), dtype=acc),
+        hidden.new_empty((n if want_entropy else 0,), dtype=acc),
+        hidden.new_empty((n if want_rank else 0,), dtype=torch.int32),
+        hidden.new_empty((n,), dtype=acc),
+        hidden.new_empty((n, 2), dtype=acc),
+    )
+
+
+def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature, temperature_scalar,
+              ignore_index, stats, entropy, chunk_rows, output_mask):
+    return (
+        hidden.new_empty(hidden.shape if output_mask[0] else (0,)),
+        weight.new_empty(weight.shape if output_mask[1] else (0,)),
+        weight.new_empty((weight.shape[0],) if output_mask[2] else (0,)),
+    )
+
+
+@functools.cache
+def _cpp_ops():
+    """The C++ ops (schemas in csrc/reasonrl.cpp) with fake impls and autograd attached, or None."""
+    if load_extension() is None:
+        return None
+    fwd = torch.ops.reasonrl.linear_token_logprobs_fwd.default
+    bwd = torch.ops.reasonrl.linear_token_logprobs_bwd.default
+    torch.library.register_fake("reasonrl::linear_token_logprobs_fwd")(_fake_fwd)
+    torch.library.register_fake("reasonrl::linear_token_logprobs_bwd")(_fake_bwd)
+    torch.library.register_autograd("reasonrl::linear_token_logprobs_fwd", _make_backward(bwd),
+                                    setup_context=_setup_context)
+    return fwd, bwd
+
+
+def _triton_unavailable() -> str | None:
+    """Why the Triton implementation cannot be used (None once kernels/linear_logprobs.py exists).
+
+    Hook for the Triton engineer: define ``triton_op``s ``reasonrl::linear_token_logprobs_{fwd,bwd}_triton``
+    with the signatures of the C++ ops in ``_triton_ops`` (attach ``_make_backward``), and dispatch to them
+    in ``linear_token_logprobs`` where ``impl == "triton"``.
+    """
+    if importlib.util.find_spec(TRITON_MODULE) is None:
+        return "the Triton kernels (kernels/linear_logprobs.py) are not written yet"
+    return None
+
+
+@functools.cache
+def _triton_ops():
+    raise NotImplementedError("linear_token_logprobs: the Triton implementation is not registered yet")
+
+
+def _select_impl(impl: str, device_type: str, dtype: torch.dtype) -> str:
+    """Resolve ``impl`` (explicit choices raise when unavailable, ``auto`` falls back) and register its ops.
+
+    Runs eagerly even under torch.compile (a dynamo constant, as token_logprobs' ``_select_impl``).
+    """
+    requested = impl if impl not in (None, "auto") else (os.environ.get("REASONRL_IMPL", "auto") or "auto")
+    chosen = resolve_impl(requested, torch.device(device_type), dtype, OP)
+    if chosen in ("triton", "cuda"):
+        reason = (_triton_unavailable() if chosen == "triton"
+                  else "there is no CUDA C++ kernel for linear_token_logprobs (use 'triton' or 'reference')")
+        if reason is not None:
+            if requested != "auto":
+                raise RuntimeError(f"reasonrl.{OP}: impl={chosen!r} is unavailable: {reason}")
+            logger.info("reasonrl.%s: auto picked reference (%s)", OP, reason)
+            chosen = "reference"
+    if chosen == "cpp":
+        _cpp_ops()
+    elif chosen == "triton":
+        _triton_ops()
+    return chosen
+
+
+_select_impl._dynamo_marked_constant = True  # see reasonrl/ops/token_logprobs.py
+
+
+def registered_ops(impl: str = "cpp"):
+    """(fwd, bwd) registered ops of ``impl``; used by tests (opcheck)."""
+    ops = _cpp_ops() if impl == "cpp" else None
+    if ops is None:
+        raise RuntimeError(f"no registered {OP} ops for impl={impl!r}")
+    return ops
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checking (ops.md section 7)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_args(hidden, weight, labels, bias, temperature, ignore_index):
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{OP}: {name} must be a floating tensor (float32, bfloat16, float16 or float64), "
+                            f"got {getattr(t, 'dtype', type(t).__name__)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{OP}: labels must be an int32 or int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{OP}: hidden must have shape [..., H] with at least 1 dimension, got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"{OP}: weight must have shape [V, H], got {tuple(weight.shape)}")
+    h = hidden.shape[-1]
+    if h == 0 or weight.shape[0] == 0:
+        raise ValueError(f"{OP}: H = hidden.shape[-1] and V = weight.shape[0] must be > 0, got hidden "
+                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if weight.shape[1] != h:
+        raise ValueError(f"{OP}: weight must have shape [V, H] = [V, {h}] (H = hidden.shape[-1]), got "
+                         f"{tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{OP}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}")
+    for name, t in (("weight", weight), ("labels", labels)):
+        if t.device != hidden.device:
+            raise ValueError(f"{OP}: {name} is on {t.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{OP}: bias must be a tensor or None, got {type(bias).__name__}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{OP}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{OP}: bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"{OP}: bias is on {bias.device} but hidden is on {hidden.device}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"{OP}: temperature must be a floating tensor, got {temperature.dtype}")
+        if temperature.dim() > 0 and temperature.shape != hidden.shape[:-1]:
+            raise ValueError(f"{OP}: a temperature tensor must be 0-d or have shape hidden.shape[:-1] = "
+                             f"{tuple(hidden.shape[:-1])}, got {tuple(temperature.shape)}")
+        if temperature.device != hidden.device and not (temperature.dim() == 0 and temperature.device.type == "cpu"):
+            raise ValueError(f"{OP}: temperature is on {temperature.device} but hidden is on {hidden.device}")
+    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"{OP}: temperature must be finite and > 0, got {temperature}")
+    else:
+        raise TypeError(f"{OP}: temperature must be a float or a tensor, got {type(temperature).__name__}")
+
+
+def _validate_values(vocab, labels_flat, temperature, ignore_index):
+    """The checks that need a host sync (only with validate=True)."""
+    bad = (labels_flat != ignore_index) & ((labels_flat < 0) | (labels_flat >= vocab))
+    n_bad = int(bad.sum())
+    if n_bad:
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{OP}: {n_bad} labels are outside [0, V={vocab}) (V = weight.shape[0]) and not "
+                         f"ignore_index={ignore_index}; first at flattened row {first} (label "
+                         f"{int(labels_flat[first])})")
+    if isinstance(temperature, torch.Tensor):
+        ok = torch.isfinite(temperature) & (temperature > 0)
+        if not bool(ok.all()):
+            first = int((~ok).reshape(-1).nonzero()[0, 0])
+            raise ValueError(f"{OP}: temperature must be finite and > 0 everywhere; got "
+                             f"{float(temperature.reshape(-1)[first])} at row {first}")
+
+
+def _check_outputs(lp, labels_flat, ignore_index):
+    """NaN in a valid row: NaN / inf in hidden, weight or bias (O(N) check of the outputs)."""
+    nan_rows = torch.isnan(lp) & (labels_flat != ignore_index)
+    if bool(nan_rows.any()):
+        first = int(nan_rows.nonzero()[0, 0])
+        raise FloatingPointError(
+            f"{OP}: {int(nan_rows.sum())} rows have a NaN log-prob (NaN or inf in hidden, weight or bias); "
+            f"first at flattened row {first}. Pass validate=False to propagate NaN instead.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    want_entropy: bool = False,
+    want_rank: bool = False,
+    return_lse: bool = False,
+    process_group=None,
+    workspace_bytes: int | None = None,
+    impl: str = "auto",
+    validate: bool | None = None,
+) -> TokenLogprobs:
+    """``token_logprobs(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16 (float64 on ``cpp`` and ``reference``), any strides.
+        weight: ``[V, H]`` lm_head weight, same dtype as ``hidden``.
+        labels: ``[...]`` int32 / int64 vocabulary ids; rows equal to ``ignore_index`` are skipped (removed
+            before the matmul: they cost nothing).
+        bias: ``[V]`` or None, same dtype as ``hidden``.
+        temperature: Python float, 0-d tensor or ``[...]`` tensor (per-row); every value finite and > 0.
+            A tensor temperature is a constant: no gradient flows to it.
+        ignore_index: label value of rows to skip (their outputs and gradient rows are 0).
+        want_entropy: also return the entropy of the temperature-scaled distribution (differentiable).
+        want_rank: also return ``1 + #{j != y : x_j > x_y}`` on the fp32 logits (int32, not differentiable).
+        return_lse: also return the (detached) log-sum-exp of ``logits / temperature``.
+        process_group: vocab-parallel mode (ops.md 3.3); not implemented yet, must be None.
+        workspace_bytes: ``cpp`` only: size of the logits chunk buffer, which sets the rows per GEMM chunk
+            (``workspace_bytes // ((V + H) * 4)``; default 64 MiB). Larger chunks make the GEMMs more
+            efficient; the extra memory grows with the chunk, never with N x V.
+        impl: ``"auto" | "triton" | "cpp" | "reference"``; env ``REASONRL_IMPL`` sets the default. An
+            explicit choice that cannot run raises ``RuntimeError``.
+        validate: check label range / temperature values and report NaN rows (host syncs). ``None`` uses the
+            global setting (``reasonrl.set_validation``). Must be False under ``torch.compile(fullgraph=True)``.
+
+    Returns:
+        ``TokenLogprobs(logprobs, entropy, rank, lse)``: ``[...]`` tensors, fp32 (fp64 for fp64 inputs), rank
+        int32; fields not requested are None.
+    """
+    if process_group is not None:
+        raise NotImplementedError(f"{OP}: vocab-parallel mode (process_group) is not implemented yet")
+    _check_args(hidden, weight, labels, bias, temperature, ignore_index)
+    if validate is None:
+        validate = validation_enabled()
+    lead_shape = hidden.shape[:-1]
+    vocab, h = weight.shape
+    labels_flat = labels.reshape(-1)
+    if validate:
+        _validate_values(vocab, labels_flat, temperature, ignore_index)
+
+    impl = _select_impl(impl, hidden.device.type, hidden.dtype)
+    if impl == "reference":
+        out = linear_token_logprobs_reference(
+            hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            want_entropy=want_entropy, want_rank=want_rank, return_lse=return_lse,
+        )
+        if validate:
+            _check_outputs(out.logprobs.reshape(-1), labels_flat, ignore_index)
+        return out
+
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    x = hidden.reshape(-1, h)
+    if isinstance(temperature, torch.Tensor):
+        temp_t = temperature.to(device=x.device, dtype=acc)
+        temp_t = temp_t.reshape(-1) if temp_t.dim() > 0 else temp_t.reshape(1).expand(x.shape[0])
+        temp_scalar = 1.0
+    else:
+        temp_t, temp_scalar = None, float(temperature)
+    chunk_rows = 0 if workspace_bytes is None else max(1, int(workspace_bytes) // ((vocab + h) * acc.itemsize))
+
+    # impl == "cpp" (registered by _select_impl); the Triton ops will be dispatched here as well.
+    fwd = torch.ops.reasonrl.linear_token_logprobs_fwd.default
+    lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
+                                want_rank, chunk_rows)
+    if validate:
+        _check_outputs(lp, labels_flat, ignore_index)
+    return TokenLogprobs(
+        lp.reshape(lead_shape),
+        ent.reshape(lead_shape) if want_entropy else None,
+        rank.reshape(lead_shape) if want_rank else None,
+        lse.reshape(lead_shape) if return_lse else None,
+    )
