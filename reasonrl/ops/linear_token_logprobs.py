@@ -16,8 +16,9 @@ Implementations, all with the semantics of ``reasonrl/reference/linear_token_log
   workspace, O(N) statistics, and with gradients the fp32 weight-gradient accumulator. Saved for
   backward: hidden, weight, bias (by reference), labels, temperature and the [N, 2] row statistics; nothing
   when no input requires grad.
-* ``triton``: not written yet (``kernels/linear_logprobs.py``; see ``_triton_ops``). ``auto`` on CUDA uses
-  the reference until it exists; an explicit ``impl="triton"`` raises.
+* ``triton``: ``torch.ops.reasonrl.linear_token_logprobs_{fwd,bwd}_triton``, ``triton_op``s launching
+  kernels/linear_logprobs.py (split-vocabulary tiled forward with the online statistics in the epilogue;
+  deterministic chunked backward with recompute). ``auto`` picks it on CUDA.
 * ``reference``: matmul + ``token_logprobs_reference`` (O(N x V) memory).
 
 Known limits: no vocab-parallel mode yet (``process_group`` raises NotImplementedError); no ``softcap`` /
@@ -119,20 +120,51 @@ def _cpp_ops():
 
 
 def _triton_unavailable() -> str | None:
-    """Why the Triton implementation cannot be used (None once kernels/linear_logprobs.py exists).
-
-    Hook for the Triton engineer: define ``triton_op``s ``reasonrl::linear_token_logprobs_{fwd,bwd}_triton``
-    with the signatures of the C++ ops in ``_triton_ops`` (attach ``_make_backward``), and dispatch to them
-    in ``linear_token_logprobs`` where ``impl == "triton"``.
-    """
+    """Why the Triton implementation cannot be used (None when kernels/linear_logprobs.py imports)."""
     if importlib.util.find_spec(TRITON_MODULE) is None:
-        return "the Triton kernels (kernels/linear_logprobs.py) are not written yet"
+        return "the Triton kernels (reasonrl.kernels.linear_logprobs) are not installed"
     return None
 
 
 @functools.cache
 def _triton_ops():
-    raise NotImplementedError("linear_token_logprobs: the Triton implementation is not registered yet")
+    """``triton_op``s with the signatures of the C++ ops, launching kernels/linear_logprobs.py."""
+    from reasonrl.kernels import linear_logprobs as kernels
+
+    @torch.library.triton_op("reasonrl::linear_token_logprobs_fwd_triton", mutates_args=())
+    def fwd(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+        temperature: torch.Tensor | None, temperature_scalar: float, ignore_index: int, want_entropy: bool,
+        want_rank: bool, chunk_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return kernels.linear_logprobs_fwd(
+            hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            labels.to(torch.int64), temperature, temperature_scalar, ignore_index, want_entropy, want_rank,
+            launch=torch.library.wrap_triton,
+        )
+
+    @torch.library.triton_op("reasonrl::linear_token_logprobs_bwd_triton", mutates_args=())
+    def bwd(
+        grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+        weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, temperature: torch.Tensor | None,
+        temperature_scalar: float, ignore_index: int, stats: torch.Tensor, entropy: torch.Tensor,
+        chunk_rows: int, output_mask: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gh, gw, gb = kernels.linear_logprobs_bwd(
+            None if grad_logprobs is None else grad_logprobs.float().contiguous(),
+            None if grad_entropy is None else grad_entropy.float().contiguous(),
+            hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            labels.to(torch.int64), temperature, temperature_scalar, ignore_index, stats, entropy,
+            launch=torch.library.wrap_triton,
+        )
+        # The kernels always produce all three (one sweep); the ones not asked for are returned empty.
+        empty = hidden.new_empty((0,))
+        return (gh if output_mask[0] else empty, gw if output_mask[1] else empty,
+                gb if output_mask[2] and gb is not None else empty)
+
+    torch.library.register_autograd("reasonrl::linear_token_logprobs_fwd_triton", _make_backward(bwd),
+                                    setup_context=_setup_context)
+    return fwd, bwd
 
 
 def _select_impl(impl: str, device_type: str, dtype: torch.dtype) -> str:
@@ -162,7 +194,7 @@ _select_impl._dynamo_marked_constant = True  # see reasonrl/ops/token_logprobs.p
 
 def registered_ops(impl: str = "cpp"):
     """(fwd, bwd) registered ops of ``impl``; used by tests (opcheck)."""
-    ops = _cpp_ops() if impl == "cpp" else None
+    ops = _cpp_ops() if impl == "cpp" else _triton_ops() if impl == "triton" else None
     if ops is None:
         raise RuntimeError(f"no registered {OP} ops for impl={impl!r}")
     return ops
@@ -331,8 +363,11 @@ def linear_token_logprobs(
         temp_t, temp_scalar = None, float(temperature)
     chunk_rows = 0 if workspace_bytes is None else max(1, int(workspace_bytes) // ((vocab + h) * acc.itemsize))
 
-    # impl == "cpp" (registered by _select_impl); the Triton ops will be dispatched here as well.
-    fwd = torch.ops.reasonrl.linear_token_logprobs_fwd.default
+    # Registered by _select_impl; plain torch.ops attribute access keeps this traceable.
+    if impl == "triton":
+        fwd = torch.ops.reasonrl.linear_token_logprobs_fwd_triton.default
+    else:
+        fwd = torch.ops.reasonrl.linear_token_logprobs_fwd.default
     lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
                                 want_rank, chunk_rows)
     if validate:

@@ -230,3 +230,17 @@ def test_bad_input_names_the_argument():
         policy_loss_from_hidden(
             h, weight, labels, normalizers=LossNormalizers(), config=cfg, process_group=object(), **kw
         )
+
+
+def test_sequence_level_config_takes_the_two_phase_path():
+    """GSPO couples the tokens of a sequence: linear_token_logprobs + the loss with autograd (still no [N, V]
+    logits), against the same float64 oracle."""
+    cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.02, entropy_coef=0.01)
+    norms = LossNormalizers()
+    hidden, weight, bias, labels, kw = _case("packed", seed=8)
+    out, grads = _run(hidden, weight, bias, labels, kw, cfg, norms, chunk_rows=None)
+    assert type(out.loss.grad_fn).__name__ != "_PrecomputedLinearGradientsBackward"
+    oracle, oracle_grads = _oracle(hidden, weight, bias, labels, kw, cfg, norms)
+    torch.testing.assert_close(out.loss.detach().double(), oracle.loss.detach(), rtol=1e-5, atol=1e-7)
+    for mine, theirs in zip(grads, oracle_grads, strict=True):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))

@@ -152,6 +152,9 @@ ACCURACY = [
     for vocab in (1000, 2049)
     for ws, wsid in ((None, "ws-default"), (7 * (vocab + 64) * 8, "ws-7rows"))
     if impl == "cpp" or ws is None
+] + [  # the Triton kernels through the public op (triton_ops + autograd), under the interpreter
+    pytest.param("triton", dtype, 1000, None, id=f"triton-{str(dtype).removeprefix('torch.')}-V1000")
+    for dtype in (F32, BF16)
 ]
 
 
