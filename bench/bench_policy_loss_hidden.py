@@ -40,7 +40,7 @@ import torch
 from bench import common
 from bench.bench_linear import LinearSpec, gemm_ceiling, make_inputs
 from bench.bench_policy_loss import SEQ_LEN, _config
-from bench.common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM, UNSUPPORTED
+from bench.common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM
 
 OP = "policy_loss_from_hidden"
 MODULE = "bench.bench_policy_loss_hidden"
