@@ -374,15 +374,21 @@ class _LinearVocabParallel(torch.autograd.Function):
             gh, gw, gb = torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
         else:
             shard = call.shard
+            # 16-bit inputs with a reduced grad_hidden: run the op on fp32 operands (what its GEMMs do anyway:
+            # it upcasts the weight once and each hidden chunk) so that the partial grad_hidden stays fp32
+            # and the sum over ranks is rounded to the input dtype once, as the unsharded gradient is.
+            # Costs an fp32 copy of hidden (N H 4 bytes); the weight copy replaces the op's own.
+            upcast = mask[0] and call.reduce_grad_hidden and x.dtype in (torch.bfloat16, torch.float16)
+            xs, ws, bs = (x.float(), weight.float(), None if bias is None else bias.float()) if upcast else (
+                x, weight, bias)
             gh, gw, gb = torch.ops.reasonrl.linear_token_logprobs_bwd.default(
-                grad_logprobs, grad_entropy, x, weight, bias, labels, temperature, call.temperature_scalar,
+                grad_logprobs, grad_entropy, xs, ws, bs, labels, temperature, call.temperature_scalar,
                 call.ignore_index, stats, ent, call.chunk_rows, mask, shard.vocab_start, shard.vocab_global,
             )
             if mask[0] and call.reduce_grad_hidden:
-                if gh.dtype in (torch.float32, torch.float64):
-                    all_reduce_sum_(gh, shard)
-                else:  # 16-bit: sum the partials in fp32 (and not every backend reduces bf16)
-                    gh = all_reduce_sum_(gh.float(), shard).to(gh.dtype)
+                gh = all_reduce_sum_(gh, shard).to(x.dtype)
+            if upcast:
+                gw, gb = gw.to(weight.dtype), gb.to(weight.dtype)
         return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
 
 

@@ -25,7 +25,7 @@ from reasonrl.losses import LossNormalizers, PolicyLossConfig, policy_loss_from_
 from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
 
 CPU = torch.device("cpu")
-F32, F64 = torch.float32, torch.float64
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 WORLD = 2
 IGNORE = -100
 
@@ -77,7 +77,8 @@ def _inputs(lead, h, v, *, dtype, bias, temperature, split, seed):
 def _cases() -> list[Case]:
     # Chosen on purpose: equal shards (default layout) with bias, a per-row temperature and several row
     # chunks; an odd V split unequally and in reversed rank order (vocab_start) without bias; fp64 with an
-    # odd V; the unsummed partial grad_hidden; log-prob only; N = 0 rows.
+    # odd V; the unsummed partial grad_hidden; log-prob only; N = 0 rows; bf16 (grad_hidden partials summed
+    # in fp32 and rounded once, as the unsharded bf16 gradient).
     def inp(lead, h, v, split, seed, *, dtype=F32, bias=True, temperature=1.0):
         return _inputs(lead, h, v, dtype=dtype, bias=bias, temperature=temperature, split=split, seed=seed)
 
@@ -92,6 +93,7 @@ def _cases() -> list[Case]:
         Case("f32-lp-only", **inp((12,), 16, 121, 50, 5), bounds=(0, 50, 121), pass_vocab_start=True,
              want_entropy=False, want_rank=False),
         Case("f32-N0", **inp((0,), 16, 64, 32, 6), bounds=(0, 32, 64)),
+        Case("bf16-equal", **inp((10,), 16, 100, 50, 9, dtype=BF16, temperature="row"), bounds=(0, 50, 100)),
     ]
 
 
@@ -228,8 +230,12 @@ def _same(a, b) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
-def _tol(dtype):
-    return dict(rtol=1e-10, atol=1e-10) if dtype == F64 else dict(rtol=1e-4, atol=2e-5)
+def _tol(dtype, grad=False):
+    if dtype == F64:
+        return dict(rtol=1e-10, atol=1e-10)
+    if dtype == BF16 and grad:  # bf16 gradients: a couple of bf16 ulps (2^-8 relative)
+        return dict(rtol=1.6e-2, atol=1e-3)
+    return dict(rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", [c.name for c in _cases()])
@@ -266,6 +272,7 @@ def test_sharded_equals_unsharded(sharded_runs, name):
         got_gh = gh[0]
     else:
         got_gh = gh[0] + gh[1]
+    tol = _tol(c.hidden.dtype, grad=True)
     torch.testing.assert_close(got_gh, ref_grads[0], **tol, msg=lambda m: f"{name}: grad_hidden: {m}")
     for i, what in ((1, "grad_weight"), (2, "grad_bias")):
         if i >= len(ref_grads):
