@@ -105,7 +105,9 @@ def resolve_vocab_shard(
     return VocabShard(process_group, rank, world, start, vocab, vocab_global)
 
 
-def label_owner(labels: torch.Tensor, ignore_index: int, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+def label_owner(
+    labels: torch.Tensor, ignore_index: int, shard: VocabShard
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(owner [N] bool, local [N] int64)``: which rows' labels lie in this shard, and their local column
     (0 where not owned, so it can index)."""
     local = labels.to(torch.int64) - shard.vocab_start
@@ -137,7 +139,11 @@ def all_reduce_sum_(t: torch.Tensor, shard: VocabShard) -> torch.Tensor:
 
 
 def combine_local_outputs(
-    local: tuple[torch.Tensor, ...], labels: torch.Tensor, ignore_index: int, want_entropy: bool, want_rank: bool,
+    local: tuple[torch.Tensor, ...],
+    labels: torch.Tensor,
+    ignore_index: int,
+    want_entropy: bool,
+    want_rank: bool,
     shard: VocabShard,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logprobs, entropy, rank, lse, stats)`` global, from the 5 outputs of a local forward op run in
@@ -146,7 +152,8 @@ def combine_local_outputs(
     ops.md 3.3 for both ops."""
     lp_r, ent_r, rank_r, _, stats_r = local
     lp, ent, rank, lse, stats = combine_vocab_shards(
-        lp_r, stats_r, ent_r if want_entropy else None, rank_r if want_rank else None, labels, ignore_index, shard,
+        lp_r, stats_r, ent_r if want_entropy else None, rank_r if want_rank else None, labels, ignore_index,
+        shard,
     )
     return lp, ent if ent is not None else ent_r, rank if rank is not None else rank_r, lse, stats
 
