@@ -2,10 +2,12 @@
 // without ever materialising the N x V logits.
 //
 //   reasonrl::linear_token_logprobs_fwd(hidden [N, H], weight [V, H], bias [V]?, labels [N], temperature [N]?,
-//       temperature_scalar, ignore_index, want_entropy, want_rank, chunk_rows)
+//       temperature_scalar, ignore_index, want_entropy, want_rank, chunk_rows,
+//       vocab_start = 0, vocab_global = 0, label_logit [N]? = None)
 //       -> (logprobs, entropy, rank, lse, stats [N, 2] = (row max, log-sum))
 //   reasonrl::linear_token_logprobs_bwd(grad_logprobs?, grad_entropy?, hidden, weight, bias?, labels,
-//       temperature?, temperature_scalar, ignore_index, stats, entropy, chunk_rows, output_mask[3])
+//       temperature?, temperature_scalar, ignore_index, stats, entropy, chunk_rows, output_mask[3],
+//       vocab_start = 0, vocab_global = 0)
 //       -> (grad_hidden [N, H] | [0], grad_weight [V, H] | [0], grad_bias [V] | [0])
 //
 // Strategy (one chunk of rows at a time; the Python layer in reasonrl/ops/linear_token_logprobs.py flattens
@@ -34,7 +36,13 @@
 //
 // Limits: chunking is over rows only (each chunk holds full vocabulary rows, which is what lets the
 // token_logprobs row kernels run unchanged as the epilogue); the weight is streamed once per chunk, so
-// chunks must be tall enough for the GEMM to be compute-bound (see chunk_rows_for). No process_group here.
+// chunks must be tall enough for the GEMM to be compute-bound (see chunk_rows_for).
+//
+// Vocab-parallel mode (ops.md 3.3; vocab_start / vocab_global, defaults = unsharded): weight and bias are the
+// rows [vocab_start, vocab_start + V) of the global lm_head and labels are global ids. The ops only fill the
+// RowArgs sharded-label fields: the row kernels then write this shard's statistics (logprobs = -inf on rows
+// whose label another rank owns) and the backward omits the one-hot term there. The collectives and the
+// combine are in Python (reasonrl/ops/vocab_parallel.py); the backward is handed the global statistics.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -105,6 +113,16 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
     TORCH_CHECK(temperature_scalar > 0, "linear_token_logprobs: temperature must be > 0, got ",
                 temperature_scalar);
   }
+}
+
+void check_shard(int64_t vocab, int64_t vocab_start, int64_t vocab_global) {
+  TORCH_CHECK(vocab_start >= 0 && vocab_global >= 0, "linear_token_logprobs: vocab_start and vocab_global must be "
+              ">= 0, got ", vocab_start, " and ", vocab_global);
+  TORCH_CHECK(vocab_global == 0 || vocab_start + vocab <= vocab_global,
+              "linear_token_logprobs: the shard [vocab_start, vocab_start + V) = [", vocab_start, ", ",
+              vocab_start + vocab, ") does not fit in the global vocabulary of vocab_global = ", vocab_global, " ids");
+  TORCH_CHECK(vocab_global > 0 || vocab_start == 0, "linear_token_logprobs: vocab_start = ", vocab_start,
+              " needs vocab_global (the global vocabulary size)");
 }
 
 at::ScalarType compute_type(const at::Tensor& hidden) {
@@ -202,7 +220,8 @@ using FwdKern = void (*)(const RowArgs<acc_t>&, int64_t, int64_t);
 
 template <typename acc_t>
 void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int64_t ignore_index,
-                at::Tensor& lp, at::Tensor& ent, at::Tensor& rank, at::Tensor& lse, at::Tensor& stats) {
+                int64_t vocab_start, int64_t vocab_global, const at::Tensor& label_logit, at::Tensor& lp,
+                at::Tensor& ent, at::Tensor& rank, at::Tensor& lse, at::Tensor& stats) {
   const Rows& rows = *ck.rows;
   const int64_t vocab = ck.weight.size(0);
   for (int64_t s = 0; s < rows.m; s += ck.chunk) {
@@ -221,6 +240,9 @@ void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int
     a.rank = rank.numel() ? rank.mutable_data_ptr<int32_t>() + s : nullptr;
     a.lse = lse.mutable_data_ptr<acc_t>() + s;
     a.stats = stats.mutable_data_ptr<acc_t>() + 2 * s;
+    a.vocab_start = vocab_start;
+    a.vocab_global = vocab_global;
+    a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<float>() + s : nullptr;
     at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
   }
 }
@@ -238,8 +260,10 @@ at::Tensor expand_rows(const at::Tensor& compact, const Rows& rows, int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, const std::optional<at::Tensor>& temperature, double temperature_scalar,
-    int64_t ignore_index, bool want_entropy, bool want_rank, int64_t chunk_rows) {
+    int64_t ignore_index, bool want_entropy, bool want_rank, int64_t chunk_rows, int64_t vocab_start,
+    int64_t vocab_global, const std::optional<at::Tensor>& label_logit) {
   check_linear(hidden, weight, bias, labels, temperature, temperature_scalar);
+  check_shard(weight.size(0), vocab_start, vocab_global);
   const int64_t n = hidden.size(0);
   const at::ScalarType acc = compute_type(hidden);
   const Rows rows = valid_rows(labels, temperature, ignore_index, acc);
@@ -250,12 +274,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_to
   at::Tensor rank = at::empty({want_rank ? m : 0}, opts.dtype(at::kInt));
   if (m > 0) {
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
+    at::Tensor pivot;  // fp32 [M], compacted like the rows
+    if (label_logit.has_value() && label_logit->defined()) {
+      TORCH_CHECK(label_logit->numel() == n && label_logit->device().is_cpu(),
+                  "linear_token_logprobs (cpp): label_logit must be a CPU tensor of N = ", n, " elements, got ",
+                  label_logit->sizes(), " on ", label_logit->device());
+      pivot = rows.select(label_logit->to(at::kFloat).reshape({n})).contiguous();
+    }
     const RowKernels& k = token_logprobs_kernels();
     const int which = int(want_entropy) + 2 * int(want_rank);
     if (acc == at::kDouble) {
-      fwd_chunks<double>(ck, k.fwd_f64[which], temperature_scalar, ignore_index, lp, ent, rank, lse, stats);
+      fwd_chunks<double>(ck, k.fwd_f64[which], temperature_scalar, ignore_index, vocab_start, vocab_global,
+                         pivot, lp, ent, rank, lse, stats);
     } else {
-      fwd_chunks<float>(ck, k.fwd_f32[which], temperature_scalar, ignore_index, lp, ent, rank, lse, stats);
+      fwd_chunks<float>(ck, k.fwd_f32[which], temperature_scalar, ignore_index, vocab_start, vocab_global,
+                        pivot, lp, ent, rank, lse, stats);
     }
   }
   if (!rows.idx.defined()) return {lp, ent, rank, lse, stats};
@@ -268,7 +301,8 @@ namespace {
 template <typename acc_t>
 void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_t), const at::Tensor& g_lp,
                 const at::Tensor& g_h, const at::Tensor& stats, const at::Tensor& entropy, double temperature_scalar,
-                int64_t ignore_index, at::Tensor& grad_hidden, at::Tensor& gw_acc, at::Tensor& gb_acc) {
+                int64_t ignore_index, int64_t vocab_start, int64_t vocab_global, at::Tensor& grad_hidden,
+                at::Tensor& gw_acc, at::Tensor& gb_acc) {
   const Rows& rows = *ck.rows;
   const int64_t vocab = ck.weight.size(0);
   // grad_hidden rows are written straight into the result when the chunk is a plain row range of the same
@@ -292,6 +326,8 @@ void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_
     a.entropy = g_h.defined() ? const_cast<acc_t*>(entropy.const_data_ptr<acc_t>()) + s : nullptr;
     a.grad_logprobs = g_lp.defined() ? g_lp.const_data_ptr<acc_t>() + s : nullptr;
     a.grad_entropy = g_h.defined() ? g_h.const_data_ptr<acc_t>() + s : nullptr;
+    a.vocab_start = vocab_start;
+    a.vocab_global = vocab_global;
     // In place (safe: the row kernels read each piece of a row before writing it, and the label logit
     // before the row loop): x becomes dx.
     a.grad = x.mutable_data_ptr<acc_t>();
@@ -332,8 +368,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, const std::optional<at::Tensor>& temperature, double temperature_scalar,
     int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy, int64_t chunk_rows,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_global) {
   check_linear(hidden, weight, bias, labels, temperature, temperature_scalar);
+  check_shard(weight.size(0), vocab_start, vocab_global);
   const int64_t n = hidden.size(0);
   const at::ScalarType acc = compute_type(hidden);
   TORCH_CHECK(stats.numel() == 2 * n, "linear_token_logprobs backward: stats must be the forward's [N, 2] = [", n,
@@ -358,11 +395,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
     const RowKernels& k = token_logprobs_kernels();
     if (acc == at::kDouble) {
-      bwd_chunks<double>(ck, k.bwd_f64, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, grad_hidden,
-                         gw_acc, gb_acc);
+      bwd_chunks<double>(ck, k.bwd_f64, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, vocab_start,
+                         vocab_global, grad_hidden, gw_acc, gb_acc);
     } else {
-      bwd_chunks<float>(ck, k.bwd_f32, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, grad_hidden,
-                        gw_acc, gb_acc);
+      bwd_chunks<float>(ck, k.bwd_f32, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, vocab_start,
+                        vocab_global, grad_hidden, gw_acc, gb_acc);
     }
   }
   const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };

@@ -274,7 +274,9 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     a.stats[2 * r] = m;
     a.stats[2 * r + 1] = static_cast<float>(log_s);
     if constexpr (kEntropy) a.entropy[r] = static_cast<float>(log_s - b / s);
-    if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count);
+    // The label column is excluded by index (ops.md 3.3): with a shared pivot (vocab-parallel linear op: a
+    // dot product, not this tile's x_y) the owner's own x_y may exceed the pivot by GEMM rounding.
+    if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
   }
 }
 
@@ -335,7 +337,10 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     a.stats[2 * r] = m;
     a.stats[2 * r + 1] = log_s;
     if constexpr (kEntropy) a.entropy[r] = log_s - b / s;
-    if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count);
+    // The label column is excluded by index (ops.md 3.3), as above.
+    if constexpr (kRank) {
+      a.rank[r] = static_cast<int32_t>(1 + rank_count - (owner && static_cast<float>(x_label) > x_label_f));
+    }
   }
 }
 

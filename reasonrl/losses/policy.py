@@ -204,6 +204,7 @@ def policy_loss_from_hidden(
     entropy_coef: float | torch.Tensor | None = None,
     return_per_token: bool = False,
     process_group=None,
+    vocab_start: int | None = None,
     chunk_rows: int | None = None,
     impl: str = "auto",
     validate: bool | None = None,
@@ -217,7 +218,15 @@ def policy_loss_from_hidden(
         weight: the lm_head ``[V, H]`` (tied embeddings: pass the embedding matrix; see
             ``reasonrl.models.hidden_states_and_lm_head``), same dtype as ``hidden``. bias: ``[V]`` or None.
         chunk_rows: rows per logits chunk on the fused CPU path (None: about 32 MiB of fp32 logits).
-        process_group: vocab-parallel lm_head shards (not supported yet: raises NotImplementedError).
+        process_group: vocab-parallel lm_head shards (ops.md 3.3): ``weight`` ``[V_r, H]`` / ``bias`` ``[V_r]``
+            are this rank's rows ``[v_r, v_r + V_r)`` of the lm_head; every other argument (labels are global
+            ids) is identical on all ranks. Takes the two-phase path: the sharded
+            ``linear_token_logprobs(..., want_entropy=True, process_group=...)`` (``cpp``), then the reference
+            ``policy_loss`` over its global per-token log-probs and entropies, computed redundantly (and
+            identically) on every rank. The loss equals the unsharded call's; each rank gets its weight / bias
+            shard's gradient and the full ``grad_hidden`` (summed over the group in the backward). The
+            single-pass fused kernels have no sharded mode.
+        vocab_start: ``v_r`` for unequal shards (with ``process_group``), as in ``linear_token_logprobs``.
         Every other argument as in :func:`policy_loss_from_logits`.
 
     Cost: when the parameters need gradients and the configuration is token-local (as for
@@ -228,9 +237,6 @@ def policy_loss_from_hidden(
     kernels/linear_policy_loss.py). Otherwise: ``linear_token_logprobs`` (forward
     2NVH, backward with recompute 6NVH) around the O(N) loss.
     """
-    if process_group is not None:
-        raise NotImplementedError("policy_loss_from_hidden: vocab-parallel lm_head shards (process_group) are "
-                                  "not supported yet")
     token_shape = hidden.shape[:-1]
     if labels.shape != token_shape:
         raise ValueError(f"policy_loss_from_hidden: labels must have shape hidden.shape[:-1] = "
@@ -257,7 +263,8 @@ def policy_loss_from_hidden(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if validate is None:
         validate = validation_enabled()
-    if needs_grad and single_pass_blocker(config, return_per_token=return_per_token) is None:
+    sharded = process_group is not None
+    if needs_grad and not sharded and single_pass_blocker(config, return_per_token=return_per_token) is None:
         chosen = select_fused_impl(impl, hidden.device.type, hidden.dtype)
         if chosen in ("cpp", "triton"):
             _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0)
@@ -278,7 +285,8 @@ def policy_loss_from_hidden(
     from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
 
     out = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                ignore_index=ignore_index, want_entropy=True, impl=impl, validate=validate)
+                                ignore_index=ignore_index, want_entropy=True, impl=impl, validate=validate,
+                                process_group=process_group, vocab_start=vocab_start)
     return policy_loss(out.logprobs, mask=valid, entropies=out.entropy, return_per_token=return_per_token,
                        **common)
 

@@ -21,7 +21,14 @@ Implementations, all with the semantics of ``reasonrl/reference/linear_token_log
   deterministic chunked backward with recompute). ``auto`` picks it on CUDA.
 * ``reference``: matmul + ``token_logprobs_reference`` (O(N x V) memory).
 
-Known limits: no vocab-parallel mode yet (``process_group`` raises NotImplementedError); no ``softcap`` /
+Vocab-parallel mode (``process_group`` given, ops.md 3.3): ``weight`` / ``bias`` are this rank's shard of
+lm_head rows. :class:`_LinearVocabParallel` runs the C++ ops in their sharded-label mode (``vocab_start``,
+``vocab_global``, ``label_logit``) on the shard, combines the statistics with the same code as
+``token_logprobs`` (``reasonrl.ops.vocab_parallel.combine_local_outputs``: all-reduces MAX and SUM of O(N)
+fp64 statistics), and in the backward sums the partial ``grad_hidden`` with one all-reduce.
+
+Known limits: the vocab-parallel mode is ``cpp`` only (``triton`` / ``reference`` raise NotImplementedError)
+and eager only; no ``softcap`` /
 ``logit_scale``; the CPU path chunks over rows only (each chunk holds whole vocabulary rows).
 """
 
@@ -32,11 +39,20 @@ import importlib.util
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from reasonrl._backend import load_extension, resolve_impl
 from reasonrl.ops.token_logprobs import validation_enabled
+from reasonrl.ops.vocab_parallel import (
+    VocabShard,
+    all_reduce_sum_,
+    combine_local_outputs,
+    label_owner,
+    resolve_vocab_shard,
+    share_label_logit,
+)
 from reasonrl.reference.linear_token_logprobs import linear_token_logprobs_reference
 from reasonrl.reference.token_logprobs import TokenLogprobs
 
@@ -57,7 +73,9 @@ TRITON_MODULE = "reasonrl.kernels.linear_logprobs"
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, chunk = inputs
+    # inputs[10:] (cpp only): vocab_start, vocab_global, label_logit, left at their unsharded defaults here:
+    # the vocab-parallel mode has its own autograd (_LinearVocabParallel).
+    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, chunk = inputs[:10]
     _, entropy, rank, lse, stats = output
     ctx.save_for_backward(hidden, weight, bias, labels, temperature, stats, entropy)
     ctx.temperature_scalar = temperature_scalar
@@ -72,19 +90,21 @@ def _make_backward(bwd_op):
         hidden, weight, bias, labels, temperature, stats, entropy = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                 bias is not None and bool(ctx.needs_input_grad[2])]
+        # One gradient per input the dispatcher passed (arguments equal to their schema default are dropped).
+        rest = (None,) * (len(ctx.needs_input_grad) - 3)
         if not any(mask):
-            return (None,) * 10
+            return (None,) * 3 + rest
         if not ctx.want_entropy:
             grad_entropy = None
         gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature,
                             ctx.temperature_scalar, ctx.ignore_index, stats, entropy, ctx.chunk_rows, mask)
-        return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + (None,) * 7
+        return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + rest
 
     return backward
 
 
 def _fake_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy,
-              want_rank, chunk_rows):
+              want_rank, chunk_rows, vocab_start=0, vocab_global=0, label_logit=None):
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (
@@ -97,7 +117,7 @@ def _fake_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ign
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature, temperature_scalar,
-              ignore_index, stats, entropy, chunk_rows, output_mask):
+              ignore_index, stats, entropy, chunk_rows, output_mask, vocab_start=0, vocab_global=0):
     return (
         hidden.new_empty(hidden.shape if output_mask[0] else (0,)),
         weight.new_empty(weight.shape if output_mask[1] else (0,)),
@@ -257,13 +277,16 @@ def _check_args(hidden, weight, labels, bias, temperature, ignore_index):
         raise TypeError(f"{OP}: temperature must be a float or a tensor, got {type(temperature).__name__}")
 
 
-def _validate_values(vocab, labels_flat, temperature, ignore_index):
-    """The checks that need a host sync (only with validate=True)."""
+def _validate_values(vocab, labels_flat, temperature, ignore_index, sharded=False):
+    """The checks that need a host sync (only with validate=True). ``sharded``: ``vocab`` is V_glob of the
+    process_group (labels are global ids)."""
     bad = (labels_flat != ignore_index) & ((labels_flat < 0) | (labels_flat >= vocab))
     n_bad = int(bad.sum())
     if n_bad:
         first = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{OP}: {n_bad} labels are outside [0, V={vocab}) (V = weight.shape[0]) and not "
+        what = (f"V_glob={vocab}) (the global vocabulary of the process_group" if sharded
+                else f"V={vocab}) (V = weight.shape[0]")
+        raise ValueError(f"{OP}: {n_bad} labels are outside [0, {what}) and not "
                          f"ignore_index={ignore_index}; first at flattened row {first} (label "
                          f"{int(labels_flat[first])})")
     if isinstance(temperature, torch.Tensor):
@@ -285,6 +308,91 @@ def _check_outputs(lp, labels_flat, ignore_index):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Vocab-parallel mode (ops.md 3.3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ShardedLinearCall:
+    """The non-tensor arguments of one vocab-parallel call."""
+
+    shard: VocabShard
+    temperature_scalar: float
+    ignore_index: int
+    want_entropy: bool
+    want_rank: bool
+    chunk_rows: int
+    reduce_grad_hidden: bool
+
+
+def _label_logit(x, weight, bias, labels, ignore_index, shard):
+    """The raw label logit h . W[y] (+ b[y]) on every rank (ops.md 3.3, the pivot of the sharded rank count):
+    a per-row dot product with the label's weight row on its owner, in the accumulation dtype, shared by one
+    all-reduce MAX. O(N H) work and memory (the gathered weight rows)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    owner, local = label_owner(labels, ignore_index, shard)
+    value = (x.to(acc) * weight.index_select(0, local).to(acc)).sum(-1)
+    if bias is not None:
+        value = value + bias.index_select(0, local).to(acc)
+    return share_label_logit(value, owner, shard)
+
+
+class _LinearVocabParallel(torch.autograd.Function):
+    """Local C++ forward op on the lm_head shard (sharded-label mode) -> the shared combine of
+    ``reasonrl.ops.vocab_parallel`` -> global outputs. The backward runs the local backward op with the global
+    ``(M, log S)`` and entropy, which gives this rank's ``grad_weight`` / ``grad_bias`` shard and its partial
+    ``grad_hidden`` (its columns' share of ``dx W``); the partials are summed by one all-reduce over the group
+    (``reduce_grad_hidden``). The upstream gradients are identical on all ranks and are not communicated."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, temperature, call: _ShardedLinearCall):
+        shard = call.shard
+        pivot = _label_logit(x, weight, bias, labels, call.ignore_index, shard) if call.want_rank else None
+        local = torch.ops.reasonrl.linear_token_logprobs_fwd.default(
+            x, weight, bias, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy,
+            call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot,
+        )
+        lp, ent, rank, lse, stats = combine_local_outputs(
+            local, labels, call.ignore_index, call.want_entropy, call.want_rank, shard)
+        ctx.save_for_backward(x, weight, bias, labels, temperature, stats, ent)
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(rank, lse)
+        return lp, ent, rank, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):
+        call = ctx.call
+        x, weight, bias, labels, temperature, stats, ent = ctx.saved_tensors
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                bias is not None and bool(ctx.needs_input_grad[2])]
+        if not any(mask):
+            return (None,) * 6
+        if not call.want_entropy:
+            grad_entropy = None
+        if grad_logprobs is None and grad_entropy is None:  # the same on every rank: no collective either
+            gh, gw, gb = torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
+        else:
+            shard = call.shard
+            # 16-bit inputs with a reduced grad_hidden: run the op on fp32 operands (what its GEMMs do anyway:
+            # it upcasts the weight once and each hidden chunk) so that the partial grad_hidden stays fp32
+            # and the sum over ranks is rounded to the input dtype once, as the unsharded gradient is.
+            # Costs an fp32 copy of hidden (N H 4 bytes); the weight copy replaces the op's own.
+            upcast = mask[0] and call.reduce_grad_hidden and x.dtype in (torch.bfloat16, torch.float16)
+            xs, ws, bs = (x.float(), weight.float(), None if bias is None else bias.float()) if upcast else (
+                x, weight, bias)
+            gh, gw, gb = torch.ops.reasonrl.linear_token_logprobs_bwd.default(
+                grad_logprobs, grad_entropy, xs, ws, bs, labels, temperature, call.temperature_scalar,
+                call.ignore_index, stats, ent, call.chunk_rows, mask, shard.vocab_start, shard.vocab_global,
+            )
+            if mask[0] and call.reduce_grad_hidden:
+                gh = all_reduce_sum_(gh, shard).to(x.dtype)
+            if upcast:
+                gw, gb = gw.to(weight.dtype), gb.to(weight.dtype)
+        return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------------
 
@@ -301,6 +409,8 @@ def linear_token_logprobs(
     want_rank: bool = False,
     return_lse: bool = False,
     process_group=None,
+    vocab_start: int | None = None,
+    reduce_grad_hidden: bool = True,
     workspace_bytes: int | None = None,
     impl: str = "auto",
     validate: bool | None = None,
@@ -319,7 +429,24 @@ def linear_token_logprobs(
         want_entropy: also return the entropy of the temperature-scaled distribution (differentiable).
         want_rank: also return ``1 + #{j != y : x_j > x_y}`` on the fp32 logits (int32, not differentiable).
         return_lse: also return the (detached) log-sum-exp of ``logits / temperature``.
-        process_group: vocab-parallel mode (ops.md 3.3); not implemented yet, must be None.
+        process_group: vocab-parallel mode (ops.md 3.3). ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``) are
+            then this rank's contiguous shard of lm_head rows, global ids ``[v_r, v_r + V_r)``; ``hidden``,
+            ``labels`` (GLOBAL ids), ``temperature``, ``ignore_index`` and every keyword are identical on all
+            ranks. Outputs are identical on all ranks and equal the op on the full weight; each rank gets the
+            gradient of its weight / bias shard, and ``grad_hidden`` is the sum over ranks of the partial
+            gradients (one all-reduce SUM in the backward). Forward collectives are those of
+            ``token_logprobs`` with a process_group (two O(N) all-reduces; a third, MAX of the label logit
+            ``h . W[y]`` computed by its owner, with ``want_rank``). ``cpp`` only: ``triton`` and ``reference``
+            raise NotImplementedError. Every rank must make the call (also with N = 0 rows) and run the
+            backward with identical upstream gradients. Eager mode only (an autograd.Function with
+            collectives).
+        vocab_start: ``v_r`` for unequal shards (default: equal shards, ``v_r = rank * V_r``); given, one
+            all-gather checks that the shards tile ``[0, V_glob)`` (``ValueError`` naming ``vocab_start`` on every
+            rank otherwise), as for ``token_logprobs``. Labels outside ``[0, V_glob)`` other than
+            ``ignore_index`` are a ``ValueError`` on every rank (``validate``).
+        reduce_grad_hidden: with a process_group, sum the partial ``grad_hidden`` over the group in the
+            backward (default). False returns this rank's partial (for a caller that reduce-scatters it
+            itself, e.g. in a sequence-parallel region).
         workspace_bytes: ``cpp`` only: size of the logits chunk buffer, which sets the rows per GEMM chunk
             (``workspace_bytes // ((V + H) * 4)``; default 64 MiB). Larger chunks make the GEMMs more
             efficient; the extra memory grows with the chunk, never with N x V.
@@ -332,18 +459,27 @@ def linear_token_logprobs(
         ``TokenLogprobs(logprobs, entropy, rank, lse)``: ``[...]`` tensors, fp32 (fp64 for fp64 inputs), rank
         int32; fields not requested are None.
     """
-    if process_group is not None:
-        raise NotImplementedError(f"{OP}: vocab-parallel mode (process_group) is not implemented yet")
     _check_args(hidden, weight, labels, bias, temperature, ignore_index)
     if validate is None:
         validate = validation_enabled()
     lead_shape = hidden.shape[:-1]
     vocab, h = weight.shape
     labels_flat = labels.reshape(-1)
+    shard = None
+    if process_group is not None:
+        shard = resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=hidden.device,
+                                    op=OP)
+    elif vocab_start is not None:
+        raise ValueError(f"{OP}: vocab_start is only meaningful with a process_group (vocab-parallel mode); got "
+                         f"vocab_start={vocab_start!r} and process_group=None")
     if validate:
-        _validate_values(vocab, labels_flat, temperature, ignore_index)
+        _validate_values(vocab if shard is None else shard.vocab_global, labels_flat, temperature, ignore_index,
+                         sharded=shard is not None)
 
     impl = _select_impl(impl, hidden.device.type, hidden.dtype)
+    if shard is not None and impl != "cpp":
+        raise NotImplementedError(f"{OP}: vocab-parallel mode (process_group) is implemented by impl='cpp' only "
+                                  f"(CPU); impl={impl!r} has no sharded path")
     if impl == "reference":
         out = linear_token_logprobs_reference(
             hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
@@ -368,8 +504,13 @@ def linear_token_logprobs(
         fwd = torch.ops.reasonrl.linear_token_logprobs_fwd_triton.default
     else:
         fwd = torch.ops.reasonrl.linear_token_logprobs_fwd.default
-    lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
-                                want_rank, chunk_rows)
+    if shard is not None:
+        call = _ShardedLinearCall(shard, temp_scalar, ignore_index, want_entropy, want_rank, chunk_rows,
+                                  reduce_grad_hidden)
+        lp, ent, rank, lse = _LinearVocabParallel.apply(x, weight, bias, labels_flat, temp_t, call)
+    else:
+        lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
+                                    want_rank, chunk_rows)
     if validate:
         _check_outputs(lp, labels_flat, ignore_index)
     return TokenLogprobs(

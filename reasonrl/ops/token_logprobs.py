@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from reasonrl._backend import load_extension, resolve_impl
-from reasonrl.ops.vocab_parallel import VocabShard, combine_vocab_shards, label_pivot, resolve_vocab_shard
+from reasonrl.ops.vocab_parallel import VocabShard, combine_local_outputs, label_pivot, resolve_vocab_shard
 from reasonrl.reference.token_logprobs import TokenLogprobs, token_logprobs_reference
 
 __all__ = ["TokenLogprobs", "token_logprobs", "set_validation", "validation_enabled"]
@@ -363,16 +363,12 @@ class _VocabParallel(torch.autograd.Function):
         ops = torch.ops.reasonrl
         fwd = ops.token_logprobs_fwd_triton.default if call.impl == "triton" else ops.token_logprobs_fwd.default
         pivot = label_pivot(x, labels, call.ignore_index, shard) if call.want_rank else None
-        lp_r, ent_r, rank_r, _, stats_r = fwd(
+        local = fwd(
             x, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy, call.want_rank,
             False, shard.vocab_start, shard.vocab_global, pivot,
         )
-        lp, ent, rank, lse, stats = combine_vocab_shards(
-            lp_r, stats_r, ent_r if call.want_entropy else None, rank_r if call.want_rank else None, labels,
-            call.ignore_index, shard,
-        )
-        ent = ent if ent is not None else ent_r  # empty [0] when not wanted, as the unsharded op
-        rank = rank if rank is not None else rank_r
+        lp, ent, rank, lse, stats = combine_local_outputs(
+            local, labels, call.ignore_index, call.want_entropy, call.want_rank, shard)
         ctx.save_for_backward(x, labels, temperature, stats, ent)
         ctx.call = call
         ctx.set_materialize_grads(False)

@@ -1,5 +1,6 @@
-"""Vocab-parallel plumbing shared by the log-prob ops (ops.md section 3.3): the shard layout and the exact
-combination of per-shard streaming statistics into the global log-sum-exp, label log-prob, entropy and rank.
+"""Vocab-parallel plumbing shared by the log-prob ops (ops.md section 3.3), ``token_logprobs`` on a logits
+shard and ``linear_token_logprobs`` on an lm_head shard: the shard layout and the exact combination of
+per-shard streaming statistics into the global log-sum-exp, label log-prob, entropy and rank.
 
 Each of the P ranks of a process group holds the global vocabulary ids ``[v_r, v_r + V_r)`` (a contiguous
 shard). Labels are global ids and identical on all ranks, as are temperature and ignore_index; outputs are
@@ -17,6 +18,8 @@ Collectives per call, all O(N) (rows), never O(N x V):
 * one all-reduce MAX of ``[m_r, t_r]`` (``[N, 2]``) and one all-reduce SUM of ``[s_r', b_r' (entropy),
   c_r (rank)]``, all in float64 (the rescale and the label log-prob are formed there, see
   :func:`combine_vocab_shards`).
+* ``linear_token_logprobs`` only, in the backward: one all-reduce SUM of the partial ``grad_hidden``
+  ``[N, H]`` (:func:`all_reduce_sum_`), skipped with ``reduce_grad_hidden=False``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VocabShard", "resolve_vocab_shard", "label_pivot", "combine_vocab_shards"]
+__all__ = [
+    "VocabShard", "resolve_vocab_shard", "label_owner", "share_label_logit", "label_pivot", "all_reduce_sum_",
+    "combine_vocab_shards", "combine_local_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -99,16 +105,57 @@ def resolve_vocab_shard(
     return VocabShard(process_group, rank, world, start, vocab, vocab_global)
 
 
-def label_pivot(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, shard: VocabShard) -> torch.Tensor:
-    """The raw label logit ``[N]`` (fp32, as the rank is defined on raw logits upcast to fp32) on every rank:
-    read by the owner, -inf elsewhere, combined by one all-reduce MAX."""
-    dist = _dist()
-    local = labels - shard.vocab_start
+def label_owner(
+    labels: torch.Tensor, ignore_index: int, shard: VocabShard
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(owner [N] bool, local [N] int64)``: which rows' labels lie in this shard, and their local column
+    (0 where not owned, so it can index)."""
+    local = labels.to(torch.int64) - shard.vocab_start
     owner = (labels != ignore_index) & (local >= 0) & (local < shard.vocab)
-    idx = torch.where(owner, local, 0).to(torch.int64).unsqueeze(1)
-    pivot = x.gather(1, idx).squeeze(1).float().masked_fill(~owner, float("-inf"))
+    return owner, torch.where(owner, local, 0)
+
+
+def share_label_logit(value: torch.Tensor, owner: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """The owner's raw label logit ``value [N]`` on every rank (fp32): non-owners send -inf to one
+    all-reduce MAX. The pivot of the sharded rank count (ops.md 3.3)."""
+    dist = _dist()
+    pivot = value.float().masked_fill(~owner, float("-inf")).contiguous()
     dist.all_reduce(pivot, op=dist.ReduceOp.MAX, group=shard.group)
     return pivot
+
+
+def label_pivot(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, shard: VocabShard) -> torch.Tensor:
+    """The raw label logit ``[N]`` (fp32, as the rank is defined on raw logits upcast to fp32) on every rank,
+    read from the logits shard ``x [N, V_r]`` by the owner and shared by :func:`share_label_logit`."""
+    owner, local = label_owner(labels, ignore_index, shard)
+    return share_label_logit(x.gather(1, local.unsqueeze(1)).squeeze(1), owner, shard)
+
+
+def all_reduce_sum_(t: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """In-place SUM over the group (the partial ``grad_hidden`` of the vocab-parallel linear op)."""
+    dist = _dist()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=shard.group)
+    return t
+
+
+def combine_local_outputs(
+    local: tuple[torch.Tensor, ...],
+    labels: torch.Tensor,
+    ignore_index: int,
+    want_entropy: bool,
+    want_rank: bool,
+    shard: VocabShard,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs, entropy, rank, lse, stats)`` global, from the 5 outputs of a local forward op run in
+    vocab-parallel mode (``token_logprobs_fwd`` or ``linear_token_logprobs_fwd``: same layout). Entropy and
+    rank stay the op's empty ``[0]`` tensors when not wanted, as in the unsharded op. The one combine of
+    ops.md 3.3 for both ops."""
+    lp_r, ent_r, rank_r, _, stats_r = local
+    lp, ent, rank, lse, stats = combine_vocab_shards(
+        lp_r, stats_r, ent_r if want_entropy else None, rank_r if want_rank else None, labels, ignore_index,
+        shard,
+    )
+    return lp, ent if ent is not None else ent_r, rank if rank is not None else rank_r, lse, stats
 
 
 def combine_vocab_shards(

@@ -226,10 +226,6 @@ def test_bad_input_names_the_argument():
             config=cfg,
             **kw,
         )
-    with pytest.raises(NotImplementedError, match="process_group"):
-        policy_loss_from_hidden(
-            h, weight, labels, normalizers=LossNormalizers(), config=cfg, process_group=object(), **kw
-        )
 
 
 def test_sequence_level_config_takes_the_two_phase_path():

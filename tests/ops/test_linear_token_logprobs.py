@@ -383,8 +383,6 @@ def test_auto_picks_cpp_and_explicit_triton_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="triton"):
         linear_token_logprobs(h, w, y, impl="triton")
-    with pytest.raises(NotImplementedError, match="process_group"):
-        linear_token_logprobs(h, w, y, process_group=object())
     monkeypatch.setenv("REASONRL_IMPL", "reference")
     linear_token_logprobs(h, w, y)
     assert called
