@@ -39,9 +39,10 @@ __all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", 
            "rollout_is_weights", "top_entropy_mask"]
 
 
-def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int) -> None:
-    """ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync)."""
-    if cu_seqlens is None or not validation_enabled():
+def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int, validate: bool | None = None) -> None:
+    """ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync). ``validate`` None: the
+    global setting."""
+    if cu_seqlens is None or not (validation_enabled() if validate is None else validate):
         return
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens: expected an int32/int64 [B + 1] tensor, got {cu_seqlens.dtype} "
@@ -159,9 +160,9 @@ def policy_loss_from_logits(
         and single_pass_blocker(config, return_per_token=return_per_token) is None
     ):
         _check_args(logits, labels, temperature, ignore_index)
-        _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0)
         if validate is None:
             validate = validation_enabled()
+        _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
         chosen = select_fused_impl(impl, logits.device.type, logits.dtype)
         if chosen in ("cpp", "triton"):
             if validate:
@@ -180,8 +181,9 @@ def policy_loss_from_logits(
         logits, labels, temperature=temperature, ignore_index=ignore_index, want_entropy=True, impl=impl,
         validate=validate,
     )
-    return policy_loss(out.logprobs, mask=valid, entropies=out.entropy, return_per_token=return_per_token,
-                       **common)
+    _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
+    return _reference.policy_loss_reference(out.logprobs, mask=valid, entropies=out.entropy,
+                                            return_per_token=return_per_token, **common)
 
 
 def policy_loss_from_hidden(
@@ -267,7 +269,7 @@ def policy_loss_from_hidden(
     if needs_grad and not sharded and single_pass_blocker(config, return_per_token=return_per_token) is None:
         chosen = select_fused_impl(impl, hidden.device.type, hidden.dtype)
         if chosen in ("cpp", "triton"):
-            _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0)
+            _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
             if validate:
                 _validate_values(hidden.new_empty((0, weight.shape[0])), labels.reshape(-1), temperature,
                                  ignore_index)
@@ -287,8 +289,9 @@ def policy_loss_from_hidden(
     out = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                 ignore_index=ignore_index, want_entropy=True, impl=impl, validate=validate,
                                 process_group=process_group, vocab_start=vocab_start)
-    return policy_loss(out.logprobs, mask=valid, entropies=out.entropy, return_per_token=return_per_token,
-                       **common)
+    _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
+    return _reference.policy_loss_reference(out.logprobs, mask=valid, entropies=out.entropy,
+                                            return_per_token=return_per_token, **common)
 
 
 def rollout_is_weights(
