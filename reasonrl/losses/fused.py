@@ -185,6 +185,28 @@ class _PrecomputedGradient(torch.autograd.Function):
         return None, grad * grad_out.to(grad.dtype), None
 
 
+def _kernel_inputs(valid: torch.Tensor, dtype: torch.dtype, entropy_coef, loss_kw: dict) -> torch.Tensor:
+    """:func:`token_inputs` for one call; ``loss_kw``: advantages, cu_seqlens, old / ref / sampling log-probs,
+    is_weights, normalizers, config (the keywords of the reference loss)."""
+    eta = loss_kw["config"].entropy_coef if entropy_coef is None else entropy_coef
+    return token_inputs(valid=valid, entropy_coef=eta, dtype=dtype, **loss_kw)
+
+
+def _kernel_codes(loss_kw: dict) -> tuple[int, int, list[float]]:
+    """(loss_kind, kl_kind, params) of the kernels for the call's config."""
+    config = loss_kw["config"]
+    return loss_kind(config), kl_kind(config), kernel_params(config, loss_kw["old_logprobs"] is not None)
+
+
+def _reference_value(lp, ent, token_shape, valid, entropy_coef, loss_kw: dict) -> LossOutput:
+    """Loss value and metrics by the reference formulas over the kernel's per-token outputs (O(N))."""
+    with torch.no_grad():
+        return _reference.policy_loss_reference(
+            lp.reshape(token_shape), mask=valid, entropies=ent.reshape(token_shape), entropy_coef=entropy_coef,
+            **loss_kw,
+        )
+
+
 def fused_policy_loss_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -193,69 +215,28 @@ def fused_policy_loss_from_logits(
     valid: torch.Tensor,
     temperature: float | torch.Tensor,
     ignore_index: int,
-    advantages: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    sampling_logprobs: torch.Tensor | None,
-    is_weights: torch.Tensor | None,
-    normalizers: LossNormalizers,
-    config: PolicyLossConfig,
-    entropy_coef: float | torch.Tensor | None,
     check_outputs,
+    entropy_coef: float | torch.Tensor | None = None,
+    **loss_kw,
 ) -> LossOutput:
     """One kernel sweep (``kernel`` = the registered ``policy_loss_fused`` op of an implementation), then the
     loss value and metrics from the reference formulas over the kernel's per-token outputs.
 
     ``labels`` must already carry ``ignore_index`` at every token outside ``valid`` (the kernel skips those
-    rows); ``check_outputs(lp, labels_flat)`` reports NaN rows when validation is on.
+    rows); ``check_outputs(lp, labels_flat)`` reports NaN rows when validation is on. ``loss_kw``: advantages,
+    cu_seqlens, old_logprobs, ref_logprobs, sampling_logprobs, is_weights, normalizers, config.
     """
     from reasonrl.ops.token_logprobs import flatten_rows
 
     token_shape = logits.shape[:-1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    eta = config.entropy_coef if entropy_coef is None else entropy_coef
-    inputs = token_inputs(
-        valid=valid,
-        advantages=advantages,
-        cu_seqlens=cu_seqlens,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs,
-        is_weights=is_weights,
-        normalizers=normalizers,
-        config=config,
-        entropy_coef=eta,
-        dtype=dtype,
-    )
+    inputs = _kernel_inputs(valid, dtype, entropy_coef, loss_kw)
     x, labels_flat, temp_t, temp_scalar = flatten_rows(logits, labels, temperature)
     lp, ent, _lse, _g_lp, _g_h, grad_logits = kernel(
-        x.detach(),
-        labels_flat,
-        temp_t,
-        temp_scalar,
-        ignore_index,
-        inputs,
-        loss_kind(config),
-        kl_kind(config),
-        kernel_params(config, old_logprobs is not None),
+        x.detach(), labels_flat, temp_t, temp_scalar, ignore_index, inputs, *_kernel_codes(loss_kw)
     )
     check_outputs(lp, labels_flat)
-    with torch.no_grad():
-        out = _reference.policy_loss_reference(
-            lp.reshape(token_shape),
-            advantages=advantages,
-            mask=valid,
-            cu_seqlens=cu_seqlens,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            sampling_logprobs=sampling_logprobs,
-            is_weights=is_weights,
-            entropies=ent.reshape(token_shape),
-            normalizers=normalizers,
-            config=config,
-            entropy_coef=entropy_coef,
-        )
+    out = _reference_value(lp, ent, token_shape, valid, entropy_coef, loss_kw)
     loss = _PrecomputedGradient.apply(out.loss, logits, grad_logits)
     return LossOutput(loss, out.metrics, None)
 
@@ -290,18 +271,11 @@ def fused_policy_loss_from_hidden(
     valid: torch.Tensor,
     temperature: float | torch.Tensor,
     ignore_index: int,
-    advantages: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    sampling_logprobs: torch.Tensor | None,
-    is_weights: torch.Tensor | None,
-    normalizers: LossNormalizers,
-    config: PolicyLossConfig,
-    entropy_coef: float | torch.Tensor | None,
     chunk_rows: int,
     kernel,
     check_outputs,
+    entropy_coef: float | torch.Tensor | None = None,
+    **loss_kw,
 ) -> LossOutput:
     """The fused-linear loss (``kernel``: ``reasonrl::policy_loss_from_hidden_fused`` or its Triton twin)
     computes lp, H and grad_hidden / grad_weight / grad_bias in one call (C++: per row chunk, logits =
@@ -309,20 +283,7 @@ def fused_policy_loss_from_hidden(
     metrics from the reference formulas over the per-token log-probs and entropies (O(N))."""
     token_shape = hidden.shape[:-1]
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    eta = config.entropy_coef if entropy_coef is None else entropy_coef
-    inputs = token_inputs(
-        valid=valid,
-        advantages=advantages,
-        cu_seqlens=cu_seqlens,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs,
-        is_weights=is_weights,
-        normalizers=normalizers,
-        config=config,
-        entropy_coef=eta,
-        dtype=dtype,
-    )
+    inputs = _kernel_inputs(valid, dtype, entropy_coef, loss_kw)
     h = hidden.reshape(-1, hidden.shape[-1])
     labels_flat = labels.reshape(-1)
     if isinstance(temperature, torch.Tensor):
@@ -331,38 +292,12 @@ def fused_policy_loss_from_hidden(
         temp_scalar = 1.0
     else:
         temp_t, temp_scalar = None, float(temperature)
-    lp, ent, _lse, _g_lp, _g_h, grad_h, grad_w, grad_b = (
-        kernel(
-            h.detach(),
-            weight.detach(),
-            None if bias is None else bias.detach(),
-            labels_flat,
-            temp_t,
-            temp_scalar,
-            ignore_index,
-            inputs,
-            loss_kind(config),
-            kl_kind(config),
-            kernel_params(config, old_logprobs is not None),
-            chunk_rows,
-        )
+    lp, ent, _lse, _g_lp, _g_h, grad_h, grad_w, grad_b = kernel(
+        h.detach(), weight.detach(), None if bias is None else bias.detach(), labels_flat, temp_t, temp_scalar,
+        ignore_index, inputs, *_kernel_codes(loss_kw), chunk_rows,
     )
     check_outputs(lp, labels_flat)
-    with torch.no_grad():
-        out = _reference.policy_loss_reference(
-            lp.reshape(token_shape),
-            advantages=advantages,
-            mask=valid,
-            cu_seqlens=cu_seqlens,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            sampling_logprobs=sampling_logprobs,
-            is_weights=is_weights,
-            entropies=ent.reshape(token_shape),
-            normalizers=normalizers,
-            config=config,
-            entropy_coef=entropy_coef,
-        )
+    out = _reference_value(lp, ent, token_shape, valid, entropy_coef, loss_kw)
     loss = _PrecomputedLinearGradients.apply(
         out.loss, hidden, weight, bias, grad_h.view(hidden.shape), grad_w, None if bias is None else grad_b
     )
