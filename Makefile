@@ -17,7 +17,7 @@ endif
 .PHONY: demo test bench setup clean
 
 demo: .setup-done
-	$(PY) -m reasonrl.cli demo
+	$(PY) -m reasonrl.cli demo --out-dir bench/results
 
 test: .setup-done .parity-done
 	$(PY) -m pytest -q $(PYTEST_ARGS)

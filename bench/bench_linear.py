@@ -27,7 +27,7 @@ peers within ``bench.common.peer_bound``. Throughput counts 2 N V H FLOP for ``f
 (forward, recomputed logits, two gradient GEMMs; what a fused kernel does) for every provider, against the
 measured GEMM ceiling (``at::mm`` at [1024, H] x [H, V], preallocated output).
 
-Usage (from the repository root): ``python -m bench.bench_linear --profile quick``.
+Usage: ``python -m reasonrl.bench.bench_linear --profile quick``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from typing import Any
 
 import torch
 
-from bench import common
-from bench.common import (
+from . import common
+from .common import (
     DTYPE_SHORT,
     DTYPES,
     ERROR,
@@ -62,7 +62,7 @@ from bench.common import (
 from reasonrl.reference import linear_token_logprobs_reference
 
 OP = "linear_token_logprobs"
-MODULE = "bench.bench_linear"
+MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
 MODES = ("fwd", "full")
 FLOPS_NVH = {"fwd": 2, "full": 8}
 PEER_DISTS = ("trl", "liger-kernel", "transformers")

@@ -24,7 +24,7 @@ chain in float64, computed one sequence-aligned row chunk at a time, which is ex
 coefficient of the loss is fixed by ``num_items_in_batch``). reasonrl must be within 1e-5 relative on the
 loss and 1e-4 x max|oracle gradient| on dlogits (the test-suite bound); others within the peer bound.
 
-Usage: ``python -m bench.bench_policy_loss --profile quick``.
+Usage: ``python -m reasonrl.bench.bench_policy_loss --profile quick``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from typing import Any
 
 import torch
 
-from bench import common
-from bench.common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM, UNSUPPORTED, LogitsInputSpec
+from . import common
+from .common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM, UNSUPPORTED, LogitsInputSpec
 
 OP = "policy_loss_from_logits"
-MODULE = "bench.bench_policy_loss"
+MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
 MODES = ("fwd", "full")
 TRAFFIC = {"fwd": (1, 0), "full": (1, 1)}  # the single pass; the two-phase path moves (2, 1)
 PEER_DISTS = ("liger-kernel", "trl", "transformers")

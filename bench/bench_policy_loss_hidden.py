@@ -19,7 +19,7 @@ Correctness gate: loss, grad_hidden and grad_weight of set 0 against the float64
 reference chain, one sequence-aligned row chunk at a time); reasonrl within 1e-5 (loss) / 1e-4 x max|grad|,
 the others within the peer bound. Throughput counts 6NVH (the FLOP of 3 GEMMs) for every provider.
 
-Usage: ``python -m bench.bench_policy_loss_hidden --profile quick``.
+Usage: ``python -m reasonrl.bench.bench_policy_loss_hidden --profile quick``.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from typing import Any
 
 import torch
 
-from bench import common
-from bench.bench_linear import LinearSpec, gemm_ceiling, make_inputs
-from bench.bench_policy_loss import SEQ_LEN, _config
-from bench.common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM
+from . import common
+from .bench_linear import LinearSpec, gemm_ceiling, make_inputs
+from .bench_policy_loss import SEQ_LEN, _config
+from .common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM
 
 OP = "policy_loss_from_hidden"
-MODULE = "bench.bench_policy_loss_hidden"
+MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
 PEER_DISTS = ("liger-kernel", "trl", "transformers")
 DEFAULT_CPU_THREADS = 2
 PROFILES: dict[str, dict[str, list[tuple[int, int, int, str]]]] = {

@@ -28,7 +28,7 @@ must meet ops.md section 8 (the tolerance table of ``reasonrl.testing``), every 
 ``bench.common.peer_bound`` (the compiled reference is fused and reordered by inductor: its fp32 gradient
 error is a few times the eager one's). A provider failing a mode is ``incorrect`` there and not timed.
 
-Usage (from the repository root): ``python -m bench.bench_token_logprobs --profile quick``.
+Usage: ``python -m reasonrl.bench.bench_token_logprobs --profile quick``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from bench import common
-from bench.common import (
+from . import common
+from .common import (
     DTYPES,
     ERROR,
     INCORRECT,
@@ -66,7 +66,7 @@ from reasonrl import testing
 from reasonrl.reference import token_logprobs_reference
 
 OP = "token_logprobs"
-MODULE = "bench.bench_token_logprobs"  # run as `python -m MODULE` (memory subprocesses too)
+MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
 MODES = ("fwd", "bwd", "full")
 # performance.md section 1: (reads, writes) of the logits, in units of N*V*b.
 TRAFFIC = {"fwd": (1, 0), "bwd": (1, 1), "full": (2, 1)}
@@ -652,7 +652,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated subset of fwd,bwd,full (default: all; the CPU quick profile times "
                          "fwd and full only, so that `make demo` stays under 3 minutes on 2 cores: the eager "
                          "reference and TRL's pair take seconds per backward)")
-    ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_OUT_DIR, help="default: bench/results")
+    ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_OUT_DIR,
+                    help="folder for the JSON / Markdown / PNG results (default: the current directory)")
     ap.add_argument("--threads", type=int,
                     help=f"torch CPU threads (default on CPU: {DEFAULT_CPU_THREADS}, the setting of the CPU "
                          "targets; on CUDA: torch's default)")

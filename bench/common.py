@@ -45,8 +45,11 @@ from reasonrl import testing
 from reasonrl.reference import token_logprobs_reference
 
 SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT_DIR = REPO_ROOT / "bench" / "results"
+# The folder holding this package: the source checkout for ``python -m bench.<name>`` run from it, the
+# installed ``reasonrl`` package for ``python -m reasonrl.bench.<name>`` / ``reasonrl bench``.
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+# Results go where the user runs the benchmark unless --out-dir says otherwise (never into site-packages).
+DEFAULT_OUT_DIR = Path(".")
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80 (the order triton.testing.do_bench returns them in)
 MIB = 1 << 20
 GIB = 1 << 30
@@ -92,10 +95,14 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_info() -> dict[str, Any]:
-    """SHA of HEAD and whether tracked or untracked (non-ignored) files differ from it."""
+    """SHA of HEAD and whether tracked or untracked (non-ignored) files differ from it (source checkouts only:
+    an installed package has no commit of its own, and a git repository around site-packages is not it)."""
+    if not (PACKAGE_PARENT / "setup.py").is_file():
+        return {"sha": None, "dirty": None}
+
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+            out = subprocess.run(["git", *args], cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -566,14 +573,17 @@ MEMCASE_MARKER = "REASONRL_MEMCASE_RESULT "
 
 
 def run_memory_subprocess(module: str, payload: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
-    """Run ``python -m <module> --_memcase <json>`` from the repository root and return its JSON answer.
+    """Run ``python -m <module> --_memcase <json>`` in a fresh process and return its JSON answer.
 
     The child prints one line ``MEMCASE_MARKER + json`` (:func:`emit_memcase_result`); anything else it
     prints (library warnings) is ignored. Failures come back as ``{"error": ...}``.
     """
     cmd = [sys.executable, "-m", module, "--_memcase", json.dumps(payload)]
+    # ``bench.<name>`` resolves from the checkout that holds it; ``reasonrl.bench.<name>`` from wherever
+    # reasonrl is installed, so the child keeps the parent's working directory.
+    cwd = PACKAGE_PARENT if module.startswith("bench.") else None
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"memory subprocess timed out after {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):

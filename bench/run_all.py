@@ -1,4 +1,4 @@
-"""Run every registered benchmark: ``python -m bench.run_all [--only OP] [benchmark options]``.
+"""Run every registered benchmark: ``python -m reasonrl.bench.run_all [--only OP] [benchmark options]``.
 
 ``reasonrl bench`` calls :func:`run`. Options other than ``--only`` are passed to each benchmark's
 ``main(argv)``; the ones every benchmark accepts are ``--profile``, ``--modes``, ``--out-dir`` and
@@ -13,10 +13,10 @@ import sys
 
 # op name -> module exposing main(argv: list[str] | None) -> int
 BENCHMARKS: dict[str, str] = {
-    "token_logprobs": "bench.bench_token_logprobs",
-    "policy_loss": "bench.bench_policy_loss",
-    "linear": "bench.bench_linear",
-    "policy_loss_hidden": "bench.bench_policy_loss_hidden",
+    "token_logprobs": ".bench_token_logprobs",
+    "policy_loss": ".bench_policy_loss",
+    "linear": ".bench_linear",
+    "policy_loss_hidden": ".bench_policy_loss_hidden",
 }
 # What `make demo` (`reasonrl demo`, which passes --demo) runs: it must stay under 3 minutes on 2 cores. The
 # policy-loss quick profile (the training step's hot path, every baseline) takes ~2 min there; the others
@@ -33,7 +33,7 @@ def run(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     status = 0
     for name in args.only or (list(DEMO_BENCHMARKS) if args.demo else list(BENCHMARKS)):
-        module = importlib.import_module(BENCHMARKS[name])
+        module = importlib.import_module(BENCHMARKS[name], __package__)
         status |= 1 if module.main(list(rest)) else 0
     return status
 

@@ -1,8 +1,9 @@
 """Command line: ``reasonrl info | bench | demo``.
 
 * ``info``  versions, which backends are active on this machine and why the others are not.
-* ``bench`` the benchmarks of bench/ (a source checkout is needed: they are not part of the wheel);
-  arguments after ``bench`` are passed to ``bench/run_all.py``.
+* ``bench`` the benchmarks (``reasonrl.bench``, installed with the package from the checkout's bench/);
+  arguments after ``bench`` are passed to ``reasonrl.bench.run_all``; results go to ``--out-dir``
+  (default: the current directory).
 * ``demo``  what ``make demo`` runs: ``info``, then the quick profile of the fused policy-loss benchmark
   (the training step's hot path; ``reasonrl bench`` runs every benchmark).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _print_info() -> None:
@@ -38,16 +38,7 @@ def _print_info() -> None:
 
 
 def _run_bench(argv: list[str]) -> int:
-    # The benchmarks live in the source checkout (bench/), next to the package in an editable install.
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "run_all.py").is_file():
-        print("reasonrl bench needs a source checkout (bench/ next to reasonrl/); "
-              "clone the repository and install it with `pip install --no-build-isolation -e .`",
-              file=sys.stderr)
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench.run_all import run
+    from reasonrl.bench.run_all import run
 
     return run(argv)
 

@@ -466,7 +466,7 @@ def test_exports():
 _MEMORY_CHILD = textwrap.dedent(
     """
     import json, sys, torch
-    from bench.common import peak_memory
+    from reasonrl.bench.common import peak_memory
     from reasonrl import linear_token_logprobs
 
     torch.set_num_threads(2)
@@ -504,7 +504,7 @@ def test_peak_memory_bounded_by_workspace():
     bench/bench_linear.py), and it grows with the workspace, not with N x V: from N = 1024 to 8192 the logits
     would grow by 875 MiB, the measured peak grows by the O(N H) grad_hidden and statistics only."""
     skip_unless("cpp")
-    from bench.common import cpu_peak_supported
+    from reasonrl.bench.common import cpu_peak_supported
 
     if (why := cpu_peak_supported()) is not None:
         pytest.skip(f"peak RSS not measurable: {why}")
