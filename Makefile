@@ -1,50 +1,78 @@
-# The README's commands. On a fresh machine `make demo` / `make test` create .venv (unless a virtual
-# environment is already active), install torch if it is not importable, install reasonrl in editable mode
-# with its compiled extension, then run the job.
+# The README's commands. On a fresh machine `make demo` / `make test` create a virtual environment (unless one
+# is already active), install torch if it is not importable, then install reasonrl in editable mode with its
+# compiled extension and its test / benchmark / parity dependencies at the exact versions of
+# requirements/lock.txt, and run the job.
 #   TORCH_SPEC   pip requirement used when torch is missing (default torch==2.13.0: a CPU build on this
 #                machine class's local disk; set e.g. TORCH_SPEC="torch --index-url ..." elsewhere)
 #   PYTEST_ARGS  extra pytest arguments for `make test`
+#   LOCK         constraints file (default requirements/lock.txt); `make test-latest` empties it
+#   VENV         the environment to create (default .venv; `make test-latest` uses .venv-latest)
+# Installs go through uv (seconds instead of minutes) and fall back to pip when uv cannot be installed.
 SHELL := /bin/bash
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+LOCK ?= requirements/lock.txt
+UV_SPEC ?= uv==0.13.9
+VENV ?= .venv
 
 ifdef VIRTUAL_ENV
-PY := $(VIRTUAL_ENV)/bin/python
-else
-PY := $(CURDIR)/.venv/bin/python
+VENV := $(VIRTUAL_ENV)
 endif
+PY := $(abspath $(VENV))/bin/python
+STAMP := $(abspath $(VENV))/.reasonrl
+# The lock, plus the torch already installed (never replaced: uv / pip would otherwise be free to swap the
+# local CPU build for another one while resolving torch>=2.6).
+CONSTRAINTS := $(if $(LOCK),-c $(abspath $(LOCK))) -c $(STAMP)-torch.txt
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup test-latest lock clean
 
-demo: .setup-done
+demo: $(STAMP)-setup
 	$(PY) -m reasonrl.cli demo --out-dir bench/results
 
-test: .setup-done .parity-done
+test: $(STAMP)-setup $(STAMP)-parity
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: .setup-done
-	$(PY) -m reasonrl.cli bench --profile full
+bench: $(STAMP)-setup
+	$(PY) -m reasonrl.cli bench --profile full --out-dir bench/results
 
-setup: .setup-done
+setup: $(STAMP)-setup
 
-# Re-run the install whenever the build inputs change.
-.setup-done: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.cpp csrc/*/*.cu)
-	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
+# The suite against the newest releases of every dependency (no lock), in its own environment.
+test-latest:
+	$(MAKE) test VENV=.venv-latest LOCK=
+
+# Refresh the lock from the environment `make test-latest` validated (torch stays unpinned: TORCH_SPEC).
+lock:
+	@test -x .venv-latest/bin/python || { echo "run make test-latest first"; exit 1; }
+	@{ sed -n '1,/^# Regenerate/p' requirements/lock.txt; \
+	  .venv-latest/bin/python -m pip freeze --exclude-editable --all | grep -viE '^(torch|reasonrl)=='; \
+	} > requirements/lock.txt.new && mv requirements/lock.txt.new requirements/lock.txt
+	@echo "requirements/lock.txt updated: review the diff, run make test, commit"
+
+# `install` is uv when it could be installed, pip otherwise; both read the same constraints.
+define INSTALL
+if $(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q $(UV_SPEC) >/dev/null 2>&1; then \
+  $(PY) -m uv pip install -q --python $(PY) $(CONSTRAINTS) $(1); \
+else $(PY) -m pip install -q $(CONSTRAINTS) $(1); fi
+endef
+
+# Re-run the install whenever the build inputs or the lock change.
+$(STAMP)-setup: pyproject.toml setup.py $(LOCK) $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.cpp)
+	@if [ ! -x $(PY) ]; then python3 -m venv $(VENV); fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q ninja pybind11 numpy
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,trl]"
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(STAMP)-torch.txt
+	@$(call INSTALL,pip setuptools wheel ninja pybind11 numpy)
+	$(call INSTALL,--no-build-isolation -e ".[test,bench,trl]")
 	@touch $@
 
 # Parity tests compare the losses and advantages with verl's own core_algos. verl is installed without its
 # dependencies (it pins versions that would replace torch and transformers), plus the few modules its
-# core_algos import needs; pip's note about verl's other unmet pins is expected. If this step cannot run,
-# those tests skip with the reason.
-.parity-done: .setup-done
-	$(PY) -m pip install -q --no-deps "verl==0.9.1" && \
-	  $(PY) -m pip install -q omegaconf codetiming "tensordict==0.8.3" ray || \
+# core_algos import needs. If this step cannot run, those tests skip with the reason.
+$(STAMP)-parity: $(STAMP)-setup
+	@{ $(call INSTALL,--no-deps "verl==0.9.1") && \
+	  $(call INSTALL,omegaconf codetiming "tensordict==0.8.3" ray); } || \
 	  echo "reasonrl: verl parity dependencies unavailable; those tests will be skipped"
 	@touch $@
 
 clean:
-	rm -rf build .setup-done .parity-done reasonrl/_C*.so *.egg-info
+	rm -rf build reasonrl/_C*.so *.egg-info .setup-done .parity-done
