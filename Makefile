@@ -20,6 +20,7 @@ VENV := $(VIRTUAL_ENV)
 endif
 PY := $(abspath $(VENV))/bin/python
 STAMP := $(abspath $(VENV))/.reasonrl
+EXTRAS := .[test,bench,trl]
 # The lock, plus the torch already installed (never replaced: uv / pip would otherwise be free to swap the
 # local CPU build for another one while resolving torch>=2.6).
 CONSTRAINTS := $(if $(LOCK),-c $(abspath $(LOCK))) -c $(STAMP)-torch.txt
@@ -62,7 +63,7 @@ $(STAMP)-setup: pyproject.toml setup.py $(LOCK) $(wildcard csrc/*.cpp csrc/*/*.c
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(STAMP)-torch.txt
 	@$(call INSTALL,pip setuptools wheel ninja pybind11 numpy)
-	$(call INSTALL,--no-build-isolation -e ".[test,bench,trl]")
+	$(call INSTALL,--no-build-isolation -e "$(EXTRAS)")
 	@touch $@
 
 # Parity tests compare the losses and advantages with verl's own core_algos. verl is installed without its
