@@ -191,6 +191,17 @@ def test_index_lists_every_page():
     assert not unlisted, f"docs/index.md does not link these pages: {unlisted}"
 
 
+def test_site_navigation_lists_every_page():
+    """mkdocs.yml (the documentation site) names every page of docs/ in its nav, and only existing ones."""
+    config = ROOT / "mkdocs.yml"
+    if not config.exists():
+        pytest.skip("no mkdocs.yml")
+    nav = set(re.findall(r"^\s*-\s*[^:\n]+:\s*([\w./-]+\.md)\s*$", config.read_text(encoding="utf-8"), re.M))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert nav <= pages, f"mkdocs.yml nav names missing pages: {sorted(nav - pages)}"
+    assert pages <= nav, f"mkdocs.yml nav does not list: {sorted(pages - nav)}"
+
+
 def test_sources_cite_docs_by_path():
     """A citation such as 'ops.md section 3.3' must read 'docs/ops.md section 3.3' (and 'style.md' is
     'docs/contributing.md'), so that a reader of the code can open the page it points at."""
