@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (DEVELOPERS.md): run through the device tool from the repo root, e.g.
+# The one prepared GPU check: run on a GPU machine from the repository root, e.g. through a remote runner:
 #   run(command="bash bench/gpu_check.sh", timeout_s=480)
 # It installs reasonrl on the device machine (building the CUDA sources there, if any), runs the GPU test
 # suite and the benchmarks, and leaves everything under $OUT: pytest log, benchmark JSON / Markdown / PNG.

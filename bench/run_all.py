@@ -1,7 +1,7 @@
 """Run every registered benchmark: ``python -m reasonrl.bench.run_all [--only OP] [benchmark options]``.
 
 ``reasonrl bench`` calls :func:`run`. Options other than ``--only`` are passed to each benchmark's
-``main(argv)``; the ones every benchmark accepts are ``--profile``, ``--modes``, ``--out-dir`` and
+``main(argv)``; the ones every benchmark accepts are ``--profile``, ``--out-dir`` and
 ``--threads``. Each benchmark writes its own ``<device>-<timestamp>`` results.
 """
 
