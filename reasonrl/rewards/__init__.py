@@ -1,0 +1,6 @@
+"""Reward functions (docs/rewards.md): DRO's R3 with its data filter, PEAR, the LASER family, a numeric-answer
+verifier, a weighted-sum combinator, and adapters for TRL and verl."""
+
+from reasonrl.rewards.functional import PhaseEntropy, R3Output, find_boundary, phase_entropy, r3_reward
+
+__all__ = ["r3_reward", "phase_entropy", "find_boundary", "R3Output", "PhaseEntropy"]
