@@ -4,3 +4,7 @@ verifier, a weighted-sum combinator, and adapters for TRL and verl."""
 from reasonrl.rewards.functional import PhaseEntropy, R3Output, find_boundary, phase_entropy, r3_reward
 
 __all__ = ["r3_reward", "phase_entropy", "find_boundary", "R3Output", "PhaseEntropy"]
+from reasonrl.rewards.numeric import NumericAnswerConfig, NumericAnswerReward  # noqa: E402
+from reasonrl.rewards.types import RewardOutput  # noqa: E402
+
+__all__ += ["RewardOutput", "NumericAnswerConfig", "NumericAnswerReward"]
