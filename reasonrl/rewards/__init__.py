@@ -8,3 +8,6 @@ from reasonrl.rewards.numeric import NumericAnswerConfig, NumericAnswerReward  #
 from reasonrl.rewards.types import RewardOutput  # noqa: E402
 
 __all__ += ["RewardOutput", "NumericAnswerConfig", "NumericAnswerReward"]
+from reasonrl.rewards.pear import PEARConfig, PEARReward  # noqa: E402
+
+__all__ += ["PEARConfig", "PEARReward"]
