@@ -11,3 +11,6 @@ __all__ += ["RewardOutput", "NumericAnswerConfig", "NumericAnswerReward"]
 from reasonrl.rewards.pear import PEARConfig, PEARReward  # noqa: E402
 
 __all__ += ["PEARConfig", "PEARReward"]
+from reasonrl.rewards.laser import LaserConfig, LaserLengthMonitor, LaserReward  # noqa: E402
+
+__all__ += ["LaserConfig", "LaserLengthMonitor", "LaserReward"]
