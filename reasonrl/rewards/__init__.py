@@ -14,3 +14,6 @@ __all__ += ["PEARConfig", "PEARReward"]
 from reasonrl.rewards.laser import LaserConfig, LaserLengthMonitor, LaserReward  # noqa: E402
 
 __all__ += ["LaserConfig", "LaserLengthMonitor", "LaserReward"]
+from reasonrl.rewards.r3 import R3Config, R3Reward  # noqa: E402
+
+__all__ += ["R3Config", "R3Reward"]
