@@ -25,3 +25,7 @@ from reasonrl.rewards.filtering import (  # noqa: E402
 )
 
 __all__ += ["R3FilterConfig", "FilterResult", "r3_filter_round", "r3_filter_select"]
+from reasonrl.rewards.adapters import as_trl_reward, as_verl_score  # noqa: E402
+from reasonrl.rewards.combine import WeightedSumReward  # noqa: E402
+
+__all__ += ["WeightedSumReward", "as_trl_reward", "as_verl_score"]
