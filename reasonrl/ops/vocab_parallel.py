@@ -116,10 +116,12 @@ def label_owner(
 
 
 def share_label_logit(value: torch.Tensor, owner: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """The owner's raw label logit ``value [N]`` on every rank (fp32): non-owners send -inf to one
-    all-reduce MAX. The pivot of the sharded rank count (ops.md 3.3)."""
+    """The owner's raw label logit ``value [N]`` on every rank (fp32; fp64 for fp64 logits, so the rank
+    compares raw logits in their own precision): non-owners send -inf to one all-reduce MAX. The pivot of
+    the sharded rank count (ops.md 3.3)."""
     dist = _dist()
-    pivot = value.float().masked_fill(~owner, float("-inf")).contiguous()
+    pivot = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+    pivot = pivot.masked_fill(~owner, float("-inf")).contiguous()
     dist.all_reduce(pivot, op=dist.ReduceOp.MAX, group=shard.group)
     return pivot
 
