@@ -221,10 +221,13 @@ def combine_vocab_shards(
     acc = stats_r.dtype
     ignored = labels == ignore_index
     lse = (big_m + log_big_s).masked_fill(ignored, 0.0).to(acc)
-    lp = ((t - big_m) - log_big_s).masked_fill(ignored, 0.0).to(acc)
+    # lp <= 0 and H >= 0 hold exactly in every shard's kernel (docs/numerics.md); this float64 combine can
+    # overshoot them by an fp64 ulp (log S rounds; t - M <= log s_owner' <= log S only mathematically), which
+    # the clamps remove. They never move a value by more than that rounding (NaN stays NaN).
+    lp = ((t - big_m) - log_big_s).clamp(max=0.0).masked_fill(ignored, 0.0).to(acc)
     entropy = None
     if entropy_r is not None:
-        entropy = (log_big_s - sums[:, 1] / sums[:, 0]).masked_fill(ignored, 0.0).to(acc)
+        entropy = (log_big_s - sums[:, 1] / sums[:, 0]).clamp(min=0.0).masked_fill(ignored, 0.0).to(acc)
     rank = None
     if rank_r is not None:
         rank = torch.where(rank_r == 0, 0.0, 1.0 + sums[:, -1]).to(torch.int32)
