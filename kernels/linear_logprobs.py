@@ -19,14 +19,21 @@ Forward (``linear_logprobs_fwd``): split-vocabulary tiling, two kernels.
   [BLOCK_N, BLOCK_V] with ``tl.dot`` over H in BLOCK_K steps (input dtype, fp32 accumulator; fp32 inputs use
   ``input_precision="ieee"`` so no TF32 rounding), adds the bias, scales by 1/tau (held as two floats
   hi + lo, z - m = fma(x, lo, fma(x, hi, -m)), see ``_rows_setup``) and folds the tile into the
-  online state of ops.md 2.2 per row: m (max, from -inf), s = sum exp(z - m), the shifted entropy
-  accumulator b = sum (z - m) exp(z - m), the label logit t (gathered when its tile passes) and, with
-  HAS_RANK, the count of columns j != y with x_j > x_y. The partial (m, s, b, t[, count]) of every split is
-  written to a workspace [splits, 4, N] fp32 (+ [splits, N] int32).
+  online state of ops.md 2.2 per row: the raw maximum x_m (from -inf) and the shift m it defines,
+  s = sum exp(z - m), the shifted entropy accumulator b = sum (z - m) exp(z - m), the raw label logit x_y
+  (gathered when its tile passes) and, with HAS_RANK, the count of columns j != y with x_j > x_y. The
+  partial (x_m, s, b, x_y[, count]) of every split is written to a workspace [splits, 4, N] fp32
+  (+ [splits, N] int32).
 * ``_linear_logprobs_combine_kernel``: one program per 128 rows merges the splits exactly as the
-  vocab-parallel combine of ops.md 3.3 (M = max m_r, S = sum s_r e^(m_r - M),
+  vocab-parallel combine of ops.md 3.3 (M = the shift of max x_m, S = sum s_r e^(m_r - M),
   B = sum e^(m_r - M) (b_r + (m_r - M) s_r)) and writes logprobs, entropy = ln S - B / S, rank, LSE and
-  ``stats`` [N, 2] = (M, ln S), the pair the backward needs (the logits path writes the same pair).
+  ``stats`` [N, 2] = (M_hi, ln S + M_lo), the pair the backward needs (the logits path writes the same pair).
+
+One consistent scaling (docs/numerics.md, as csrc/cpu/token_logprobs_kernel.h): z - m is formed by ONE
+expression, d(x) = fma(x, lo, fma(x, hi, -m_hi)) - m_lo, and the shift (m_hi, m_lo) of a raw maximum x_m is
+m_hi = x_m hi, m_lo = fma(x_m, lo, fma(x_m, hi, -m_hi)), so d(x_m) = 0 exactly and d <= 0 elsewhere: s >= 1,
+lp = d(x_y) - ln S <= 0 and H >= 0 hold exactly. The splits store the RAW maximum, so the combine recomputes
+every shift with the same expression and the split holding the maximum gets the factor e^0 = 1 exactly.
 
 Why split the vocabulary: one program per row block sweeping all of V gives only N / BLOCK_N programs
 (128 at N = 16k, 32 at N = 4k) for 132 SMs on an H100; splitting V into ``splits`` ranges fills the machine
@@ -137,7 +144,8 @@ def _rows_setup(
         tau = tl.load(temperature_ptr + rows * stride_temperature_n, mask=row_ok, other=1.0).to(tl.float32)
     else:
         tau = tl.zeros(rows.shape, dtype=tl.float32) + temperature_scalar
-    tau_ok = (tau > 0) & (tau < float("inf"))
+    # A subnormal tau has no finite reciprocal: the smallest valid tau is the smallest normal fp32.
+    tau_ok = (tau >= 1.1754943508222875e-38) & (tau < float("inf"))
     valid = row_ok & (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
     tau = tl.where(valid, tau, 1.0)
     inv_hi = 1.0 / tau
@@ -205,6 +213,24 @@ def _logits_tile(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _shift_of(x_max, inv_hi, inv_lo):
+    """The row shift (m_hi, m_lo) of a raw maximum ``x_max`` (see the module docstring); (0, 0) while the row
+    has seen only -inf, which keeps every d = -inf (never -inf - -inf)."""
+    fin = x_max > -float("inf")
+    m_hi = tl.where(fin, x_max * inv_hi, 0.0)
+    m_lo = tl.where(fin, tl.fma(x_max, inv_lo, tl.fma(x_max, inv_hi, -m_hi)), 0.0)
+    return m_hi, m_lo
+
+
+@triton.jit
+def _shifted(x, inv_hi, inv_lo, m_hi, m_lo):
+    """d(x) = z - m (the one expression of the module docstring); -inf stays -inf (x lo would be NaN for
+    lo = 0 and -inf + inf for lo < 0)."""
+    d = tl.fma(x, inv_lo, tl.fma(x, inv_hi, -m_hi)) - m_lo
+    return tl.where(x == -float("inf"), -float("inf"), d)
+
+
 @triton.jit(do_not_specialize=["n_rows", "vocab", "hdim", "ignore_index", "blocks_per_split"])
 def _linear_logprobs_fwd_kernel(
     hidden_ptr,
@@ -212,7 +238,7 @@ def _linear_logprobs_fwd_kernel(
     bias_ptr,
     labels_ptr,
     temperature_ptr,
-    part_ptr,  # [splits, 4, N] fp32: m, s, b, t
+    part_ptr,  # [splits, 4, N] fp32: x_m (raw maximum), s, b, x_y (raw label logit)
     count_ptr,  # [splits, N] int32 (HAS_RANK)
     n_rows,
     vocab,
@@ -251,7 +277,9 @@ def _linear_logprobs_fwd_kernel(
         HAS_TEMP,
     )
 
-    m = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
+    xm = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)  # raw running maximum
+    m_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # its shift (0, 0 while xm = -inf)
+    m_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     b = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -300,34 +328,34 @@ def _linear_logprobs_fwd_kernel(
             if HAS_RANK:
                 above = (x > x_label[:, None]) & (cols[None, :] != label[:, None]) & col_ok[None, :]
                 count += tl.sum(above.to(tl.int32), axis=1)
-            # z_y, gathered when its tile passes (only the owning split sees it; the others keep 0).
-            z_label = tl.fma(x, inv_lo[:, None], x * inv_hi[:, None])
-            t += tl.sum(tl.where(cols[None, :] == label[:, None], z_label, 0.0), axis=1)
-            # ops.md 2.2 per row, one maximum per tile: tau > 0, so the tile's max z is its max x over tau.
-            # While a row has seen only -inf, m_new = -inf: then m_sub = 0 keeps d = -inf and e = 0 (never
-            # -inf - -inf), alpha = 0 and s, b stay 0. NaN / +inf logits make d NaN for that column, so s and
-            # everything after it become NaN.
+            # The raw x_y, gathered when its tile passes (only the owning split sees it; the others keep 0).
+            t += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
+            # ops.md 2.2 per row, one maximum per tile: tau > 0, so the raw maximum is also that of z.
+            # While a row has seen only -inf, the shift is (0, 0): d = -inf and e = 0 (never -inf - -inf),
+            # alpha = 0 and s, b stay 0. NaN / +inf logits make d NaN for that column, so s and everything
+            # after it become NaN.
             x_max = tl.max(tl.where(col_ok[None, :], x, -float("inf")), axis=1)
-            z_max = tl.where(x_max == -float("inf"), x_max, tl.fma(x_max, inv_lo, x_max * inv_hi))
-            m_new = tl.maximum(m, z_max)
-            m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
-            m_fin = m > -float("inf")
-            alpha = tl.where(m_fin, tl.exp2((m - m_sub) * 1.4426950408889634), 0.0)
-            # d = z - m in the two-term form (see _rows_setup), exact near the maximum, and it is the
-            # difference (not z) that is scaled to base 2 (see kernels/token_logprobs.py): the exponent's
-            # rounding error stays proportional to |d|. Columns past the vocabulary end are -inf.
-            d = tl.fma(x, inv_lo[:, None], tl.fma(x, inv_hi[:, None], -m_sub[:, None]))
+            xm_new = tl.maximum(xm, x_max)
+            mh_new, ml_new = _shift_of(xm_new, inv_hi, inv_lo)
+            m_fin = xm > -float("inf")
+            # m <= m_new (a larger raw maximum); the minimum only guards the sign of b (<= 0).
+            delta = tl.where(m_fin, tl.minimum((m_hi - mh_new) + (m_lo - ml_new), 0.0), 0.0)
+            alpha = tl.where(m_fin, tl.exp2(delta * 1.4426950408889634), 0.0)
+            # d = z - m, 0 exactly at the maximum, and it is the difference (not z) that is scaled to base 2
+            # (see kernels/token_logprobs.py): the exponent's rounding error stays proportional to |d|.
+            # Columns past the vocabulary end are -inf.
+            d = _shifted(x, inv_hi[:, None], inv_lo[:, None], mh_new[:, None], ml_new[:, None])
             d = tl.where(col_ok[None, :], d, -float("inf"))
             e = tl.exp2(d * 1.4426950408889634)
             if HAS_ENTROPY:
-                b = alpha * (b + tl.where(m_fin, (m - m_sub) * s, 0.0)) + tl.sum(
-                    tl.where(e > 0, d * e, 0.0), axis=1
-                )
+                b = alpha * (b + delta * s) + tl.sum(tl.where(e > 0, d * e, 0.0), axis=1)
             s = alpha * s + tl.sum(e, axis=1)
-            m = m_new
+            xm = xm_new
+            m_hi = mh_new
+            m_lo = ml_new
 
     base = part_ptr + split * 4 * n_rows + rows
-    tl.store(base, m, mask=row_ok)
+    tl.store(base, xm, mask=row_ok)
     tl.store(base + n_rows, s, mask=row_ok)
     tl.store(base + 2 * n_rows, b, mask=row_ok)
     tl.store(base + 3 * n_rows, t, mask=row_ok)
@@ -370,21 +398,26 @@ def _linear_logprobs_combine_kernel(
         ignore_index,
         HAS_TEMP,
     )
-    big_m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
+    big_xm = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
     for r in range(0, n_splits):
-        big_m = tl.maximum(big_m, tl.load(part_ptr + r * 4 * n_rows + rows, mask=row_ok, other=-float("inf")))
+        xm_r = tl.load(part_ptr + r * 4 * n_rows + rows, mask=row_ok, other=-float("inf"))
+        big_xm = tl.maximum(big_xm, xm_r)
+    # The global shift, by the expression every split used: the split holding the maximum gets dm = 0.
+    big_m, big_m_lo = _shift_of(big_xm, inv_hi, inv_lo)
+    big_m = tl.where(big_xm > -float("inf"), big_m, -float("inf"))
     big_s = tl.zeros([BLOCK_R], dtype=tl.float32)
     big_b = tl.zeros([BLOCK_R], dtype=tl.float32)
     t = tl.zeros([BLOCK_R], dtype=tl.float32)
     count = tl.zeros([BLOCK_R], dtype=tl.int32)
     for r in range(0, n_splits):
         base = part_ptr + r * 4 * n_rows + rows
-        m_r = tl.load(base, mask=row_ok, other=-float("inf"))
+        xm_r = tl.load(base, mask=row_ok, other=-float("inf"))
         s_r = tl.load(base + n_rows, mask=row_ok, other=0.0)
         t += tl.load(base + 3 * n_rows, mask=row_ok, other=0.0)  # only the owning split is non-zero
-        # ops.md 3.3 step 3: a split that saw only -inf (m_r = -inf) contributes 0, never exp(-inf + inf).
-        fin = m_r > -float("inf")
-        dm = tl.where(fin, m_r - big_m, 0.0)
+        # ops.md 3.3 step 3: a split that saw only -inf (x_m = -inf) contributes 0, never exp(-inf + inf).
+        fin = xm_r > -float("inf")
+        m_r, m_r_lo = _shift_of(xm_r, inv_hi, inv_lo)
+        dm = tl.where(fin, tl.minimum((m_r - big_m) + (m_r_lo - big_m_lo), 0.0), 0.0)
         f = tl.where(fin, tl.exp2(dm * 1.4426950408889634), 0.0)
         big_s += f * s_r
         if HAS_ENTROPY:
@@ -395,10 +428,13 @@ def _linear_logprobs_combine_kernel(
     big_s = tl.where(valid, big_s, 1.0)  # ignored / padding lanes: no log(0) (their outputs are filled below)
     log_s = tl.log(big_s)
     fill = tl.where(label == ignore_index, 0.0, float("nan"))
-    tl.store(logprobs_ptr + rows, tl.where(valid, (t - big_m) - log_s, fill), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(valid, big_m + log_s, fill), mask=row_ok)
+    # lp = d(x_y) - ln S <= 0 (the label's exponent as its split summed it); stats fold M_lo into ln S so
+    # that the backward's fma(x, lo, fma(x, hi, -M)) - stats[1] is that same d minus ln S.
+    d_y = _shifted(t, inv_hi, inv_lo, tl.where(big_xm > -float("inf"), big_m, 0.0), big_m_lo)
+    tl.store(logprobs_ptr + rows, tl.where(valid, d_y - log_s, fill), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(valid, big_m + (big_m_lo + log_s), fill), mask=row_ok)
     tl.store(stats_ptr + 2 * rows, tl.where(valid, big_m, fill), mask=row_ok)
-    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s, fill), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s + big_m_lo, fill), mask=row_ok)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + rows, tl.where(valid, log_s - big_b / big_s, fill), mask=row_ok)
     if HAS_RANK:

@@ -172,13 +172,13 @@ def _policy_loss_fused_kernel(
     if valid:
         inv_tau = 1.0 / tau
         x_label = tl.load(row_ptr + label).to(tl.float32)
-        m, s, b, _ = _row_stats(row_ptr, x_label, inv_tau, vocab, True, False, BLOCK_V)
+        m, m_lo, s, b, _ = _row_stats(row_ptr, x_label, inv_tau, vocab, True, False, BLOCK_V)
         log_s = tl.log(s)
-        lp = (x_label * inv_tau - m) - log_s
+        lp = (tl.fma(x_label, inv_tau, -m) - m_lo) - log_s  # as kernels/token_logprobs.py: <= 0 exactly
         h = log_s - b / s
         tl.store(logprobs_ptr + row, lp)
         tl.store(entropy_ptr + row, h)
-        tl.store(lse_ptr + row, m + log_s)
+        tl.store(lse_ptr + row, m + (m_lo + log_s))
         inp = inputs_ptr + row * 6
         g_lp = _token_grad(
             lp,
@@ -208,7 +208,7 @@ def _policy_loss_fused_kernel(
             g_h = 0.0
         tl.store(grad_lp_ptr + row, g_lp)
         tl.store(grad_h_ptr + row, g_h)
-        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V)
+        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s + m_lo, g_lp, g_h, h, vocab, BLOCK_V)
     else:
         fill = tl.where(label == ignore_index, 0.0, float("nan"))
         tl.store(logprobs_ptr + row, fill)

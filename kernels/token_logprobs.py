@@ -14,11 +14,19 @@ z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are 
 sequence length or vocabulary never recompiles; only BLOCK_V and the feature flags (HAS_ENTROPY, HAS_RANK,
 HAS_TEMP) are constexpr.
 
-The forward also writes ``stats`` [N, 2] = (m, ln s), for the backward only.
+One consistent scaling (docs/numerics.md): d_j = z_j - m is formed by ONE expression everywhere,
+d(x) = fma(x, 1/tau, -m) - m_lo, with the shift m + m_lo defined by that expression at the row's RAW maximum
+x_max (m = x_max / tau rounded, m_lo = fma(x_max, 1/tau, -m) its exact rounding error). So d = 0 exactly at
+the maximum and d <= 0 elsewhere (d is a rounded monotone function of x), s >= 1, lp = d_y - ln s <= 0 and
+H >= 0 exactly, and a row with one finite logit (V = 1 included) gets lp = H = 0 and a zero gradient. Writing
+the products as explicit FMAs also keeps these exact when the compiler contracts x * (1/tau) - m into an
+FMA, which would otherwise leave d(x_max) = the rounding error of m (up to 6e-8 |m|, of either sign).
 
-Backward: the same grid; each program recomputes ln p_j = (z_j - m) - ln s block by block, exactly the
-exponent the forward summed (so gradient rows sum to 0 to fp32 rounding even for |logits| ~ 1e4), and writes
-dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau in the logits dtype. Reading a block
+The forward also writes ``stats`` [N, 2] = (m, ln s + m_lo), for the backward only.
+
+Backward: the same grid; each program recomputes ln p_j = fma(x_j, 1/tau, -m) - (ln s + m_lo) block by
+block, the exponent the forward summed (so gradient rows sum to 0 to fp32 rounding even for |logits| ~ 1e4),
+and writes dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau in the logits dtype. Reading a block
 before writing the same addresses makes the in-place variant (grad aliasing logits) safe.
 
 Vocab-parallel mode (ops.md 3.3): ``logits`` are the global columns [vocab_start, vocab_start + V) of a
@@ -56,7 +64,8 @@ def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperatu
         tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
     else:
         tau = temperature_scalar
-    tau_ok = (tau > 0) & (tau < float("inf"))
+    # A subnormal tau has no finite reciprocal: the smallest valid tau is the smallest normal fp32.
+    tau_ok = (tau >= 1.1754943508222875e-38) & (tau < float("inf"))
     valid = (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
     return label, tau, valid
 
@@ -64,9 +73,12 @@ def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperatu
 @triton.jit
 def _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY: tl.constexpr, HAS_RANK: tl.constexpr,
                BLOCK_V: tl.constexpr):
-    """One streaming sweep over a row (ops.md 2.2): the maximum m of z = x / tau, s = sum exp(z - m), the
-    shifted entropy accumulator b = sum (z - m) exp(z - m) and the rank count #{j : x_j > x_label}."""
+    """One streaming sweep over a row (ops.md 2.2): the shift m + m_lo of z = x / tau (see the module
+    docstring), s = sum exp(d), the shifted entropy accumulator b = sum d exp(d), d = z - m - m_lo <= 0, and
+    the rank count #{j : x_j > x_label}."""
+    xm = -float("inf")  # running RAW maximum: tau > 0, so it is also the maximum of z
     m = -float("inf")
+    m_lo = 0.0
     s = 0.0
     b = 0.0
     count = 0
@@ -77,24 +89,29 @@ def _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY: tl.constexpr, HAS_
         x = tl.load(row_ptr + offs, mask=in_v, other=-float("inf")).to(tl.float32)
         if HAS_RANK:
             count += tl.sum((x > x_label).to(tl.int32), axis=0)
-        z = x * inv_tau
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        xm_new = tl.maximum(xm, tl.max(x, axis=0))
         # NaN / +inf logits need no extra check: whether or not the max propagates NaN, d = NaN for that
-        # column (NaN - m or inf - inf), so s becomes NaN and so do LSE, lp and H. The test is != -inf
-        # (not > -inf) so that a NaN maximum also enters the branch.
-        if m_new != -float("inf"):
-            alpha = tl.where(m > -float("inf"), tl.exp2((m - m_new) * 1.4426950408889634), 0.0)
-            # d = z - m is exact near the maximum; scaling the DIFFERENCE by log2(e) (not z itself) keeps
-            # the exponent's rounding error proportional to |d|, small exactly where p is large.
-            d = z - m_new
+        # column (NaN - m or inf - inf, and m_lo = NaN for an infinite maximum), so s becomes NaN and so do
+        # LSE, lp and H. The test is != -inf (not > -inf) so that a NaN maximum also enters the branch.
+        if xm_new != -float("inf"):
+            m_new = xm_new * inv_tau
+            m_lo_new = tl.fma(xm_new, inv_tau, -m_new)  # the exact rounding error of m_new
+            # m + m_lo <= m_new + m_lo_new (a larger raw maximum); the minimum only guards b's sign (<= 0).
+            delta = tl.minimum((m - m_new) + (m_lo - m_lo_new), 0.0)
+            alpha = tl.where(xm > -float("inf"), tl.exp2(delta * 1.4426950408889634), 0.0)
+            # d = z - m - m_lo, exactly 0 at the maximum; scaling the DIFFERENCE by log2(e) (not z itself)
+            # keeps the exponent's rounding error proportional to |d|, small exactly where p is large.
+            d = tl.fma(x, inv_tau, -m_new) - m_lo_new
             e = tl.exp2(d * 1.4426950408889634)
             if HAS_ENTROPY:
-                b = alpha * (b + tl.where(m > -float("inf"), (m - m_new) * s, 0.0)) + tl.sum(
+                b = alpha * (b + tl.where(xm > -float("inf"), delta * s, 0.0)) + tl.sum(
                     tl.where(e > 0, d * e, 0.0), axis=0
                 )
             s = alpha * s + tl.sum(e, axis=0)
             m = m_new
-    return m, s, b, count
+            m_lo = m_lo_new
+            xm = xm_new
+    return m, m_lo, s, b, count
 
 
 @triton.jit
@@ -115,13 +132,14 @@ def _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LAB
 @triton.jit
 def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V: tl.constexpr):
     """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row (ops.md 2.3),
-    with ln p_j = (z_j - m) - ln s formed exactly as the forward formed every exponent."""
+    with ln p_j = fma(x_j, 1/tau, -m) - log_s formed as the forward formed every exponent (``log_s`` is the
+    second statistic, ln s + m_lo)."""
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
         in_v = offs < vocab
         x = tl.load(row_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
-        d = (x * inv_tau - m) - log_s  # ln p_j, formed as in the forward
+        d = tl.fma(x, inv_tau, -m) - log_s  # ln p_j, formed as in the forward
         p = tl.exp2(d * 1.4426950408889634)
         # z_j - mu = ln p_j + H;  dz_j = g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)
         dz = -p * (g_lp + g_h * (d + h))
@@ -170,14 +188,14 @@ def _token_logprobs_fwd_kernel(
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row * stride_logits_n
         _, x_label, pivot = _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LABEL_LOGIT)
-        m, s, b, count = _row_stats(row_ptr, pivot, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V)
+        m, m_lo, s, b, count = _row_stats(row_ptr, pivot, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V)
         log_s = tl.log(s)
-        # lp = (z_y - m) - log s, z_y rounded exactly as every z in the loop: exact near the maximum
-        # (-inf on a rank that does not own the label).
-        tl.store(logprobs_ptr + row, (x_label * inv_tau - m) - log_s)
-        tl.store(lse_ptr + row, m + log_s)
+        # lp = d_y - log s, d_y formed exactly as every exponent of the loop: <= 0 (-inf on a rank that does
+        # not own the label).
+        tl.store(logprobs_ptr + row, (tl.fma(x_label, inv_tau, -m) - m_lo) - log_s)
+        tl.store(lse_ptr + row, m + (m_lo + log_s))
         tl.store(stats_ptr + 2 * row, m)
-        tl.store(stats_ptr + 2 * row + 1, log_s)
+        tl.store(stats_ptr + 2 * row + 1, log_s + m_lo)
         if HAS_ENTROPY:
             tl.store(entropy_ptr + row, log_s - b / s)
         if HAS_RANK:

@@ -242,7 +242,7 @@ void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int
     a.stats = stats.mutable_data_ptr<acc_t>() + 2 * s;
     a.vocab_start = vocab_start;
     a.vocab_global = vocab_global;
-    a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<float>() + s : nullptr;
+    a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<acc_t>() + s : nullptr;
     at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
   }
 }
@@ -274,12 +274,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_to
   at::Tensor rank = at::empty({want_rank ? m : 0}, opts.dtype(at::kInt));
   if (m > 0) {
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
-    at::Tensor pivot;  // fp32 [M], compacted like the rows
+    at::Tensor pivot;  // [M] in the compute dtype, compacted like the rows
     if (label_logit.has_value() && label_logit->defined()) {
       TORCH_CHECK(label_logit->numel() == n && label_logit->device().is_cpu(),
                   "linear_token_logprobs (cpp): label_logit must be a CPU tensor of N = ", n, " elements, got ",
                   label_logit->sizes(), " on ", label_logit->device());
-      pivot = rows.select(label_logit->to(at::kFloat).reshape({n})).contiguous();
+      pivot = rows.select(label_logit->to(acc).reshape({n})).contiguous();
     }
     const RowKernels& k = token_logprobs_kernels();
     const int which = int(want_entropy) + 2 * int(want_rank);

@@ -10,7 +10,7 @@
 // Vocab-parallel mode (ops.md 3.3; the defaults vocab_start = 0, vocab_global = 0 are the unsharded op):
 // `logits` are the global columns [vocab_start, vocab_start + V) of a vocabulary of vocab_global ids and
 // labels are global ids. The forward then returns this shard's statistics (rows whose label another rank
-// owns get logprobs = -inf) and, given `label_logit` [N] (the raw label logit, fp32), counts the rank against
+// owns get logprobs = -inf) and, given `label_logit` [N] (the raw label logit), counts the rank against
 // it; the backward takes the GLOBAL (M, log S) and entropy and writes the one-hot term on the owner only.
 // The collectives that combine the shards live in reasonrl/ops/token_logprobs.py.
 //
@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cpu_utils.h"
 #include "token_logprobs_rows.h"
@@ -67,12 +68,13 @@ namespace {
 struct Shard {
   int64_t vocab_start = 0;
   int64_t vocab_global = 0;
-  at::Tensor label_logit;  // fp32 [N] contiguous, or undefined
+  at::Tensor label_logit;  // [N] contiguous in the accumulation dtype (fp64 for fp64 logits), or undefined
   template <typename Args>
   void fill(Args& a) const {
+    using acc_t = std::remove_cv_t<std::remove_pointer_t<decltype(a.logprobs)>>;
     a.vocab_start = vocab_start;
     a.vocab_global = vocab_global;
-    a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<float>() : nullptr;
+    a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<acc_t>() : nullptr;
   }
 };
 
@@ -93,7 +95,8 @@ Shard make_shard(const at::Tensor& logits, int64_t vocab_start, int64_t vocab_gl
     TORCH_CHECK(label_logit->numel() == logits.size(0) && label_logit->device().is_cpu(),
                 "token_logprobs (cpp): label_logit must be a CPU tensor of N = ", logits.size(0),
                 " elements, got ", label_logit->sizes(), " on ", label_logit->device());
-    s.label_logit = label_logit->to(at::kFloat).reshape({-1}).contiguous();
+    const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    s.label_logit = label_logit->to(acc).reshape({-1}).contiguous();
   }
   return s;
 }

@@ -9,10 +9,15 @@
 // ATEN_CPU_CAPABILITY environment variable exactly as ATen's own kernels do).
 //
 // Numerics (all fp32 for fp32/bf16/fp16 input; fp64 for fp64 input, scalar code):
-//  * One streaming pass per row over the vocabulary in chunks of kChunk columns. The chunk is converted to
-//    fp32 z = x / tau in an L1-resident buffer (pass 1: also the chunk maximum and the rank count), then
-//    pass 2 accumulates s = sum exp(z - m) and the SHIFTED entropy accumulator b = sum (z - m) exp(z - m)
-//    (ops.md 2.2), so H = log s - b / s is a difference of two non-negative numbers and never cancels.
+//  * One streaming pass per row over the vocabulary in chunks of kChunk columns. Pass 1 reads the chunk
+//    (the raw maximum and the rank count), then pass 2 re-reads it from L1 and accumulates s = sum exp(d_j)
+//    and the SHIFTED entropy accumulator b = sum d_j exp(d_j), d_j = z_j - m (ops.md 2.2), so
+//    H = log s - b / s is a difference of two non-negative numbers and never cancels.
+//  * One consistent scaling (docs/numerics.md): d_j is formed by ONE expression, RowShift::d, everywhere
+//    (sums, log-prob, backward), with the shift m = (hi, lo) defined as that same expression's value at the
+//    row's raw maximum. So d = 0 exactly at the maximum and d <= 0 elsewhere (the expression is monotone in
+//    x), which gives s >= 1 (the maximum contributes exp(0) = 1 exactly), log s >= 0, lp = d_y - log s <= 0
+//    and b <= 0, H >= 0 EXACTLY, with exact zeros for V = 1 and for rows with a single finite logit.
 //  * The running maximum starts at -inf; a chunk whose maximum is -inf is skipped and the rescale factor is
 //    0 (never exp(-inf - -inf)). Terms with z = -inf are masked out of b (never -inf * 0).
 //  * Cross-chunk sums are kept in double: the per-chunk vector partial sums are fp32 over at most kChunk
@@ -120,11 +125,35 @@ struct InvTau {
     hi = static_cast<float>(inv);
     lo = static_cast<float>(inv - static_cast<double>(hi));
   }
-  // x / tau - m (-inf stays -inf: the two-term product would add -inf * lo = +inf to -inf when lo < 0).
-  float shifted(float x, float m) const {
-    if (x == -std::numeric_limits<float>::infinity()) return x - m;
-    return std::fma(x, lo, std::fma(x, hi, -m));
+  // fma(x, lo, fma(x, hi, -m)): x / tau - m_hi (-inf stays -inf: the two-term product would add
+  // -inf * lo = +inf to -inf when lo < 0).
+  float shifted(float x, float m_hi) const {
+    if (x == -std::numeric_limits<float>::infinity()) return x - m_hi;
+    return std::fma(x, lo, std::fma(x, hi, -m_hi));
   }
+};
+
+// The row shift m = hi + lo of the scaled logits z = x / tau, as two floats, and THE expression of
+// d = z - m used everywhere: d(x) = shifted(x, hi) - lo. The shift is defined from the row's raw maximum
+// x_max (tau > 0, so it is also the maximum of z): hi = fl(x_max * inv.hi), lo = shifted(x_max, hi). Then
+// d(x_max) = lo - lo = 0 exactly, and d(x) < 0 for every x < x_max: shifted(x, hi) is x (inv.hi + inv.lo)
+// - hi to one rounding of the result, a decrease of at least ulp(x_max) / tau from x_max, against rounding
+// errors ~1e-7 of that decrease (docs/numerics.md). With a single float shift m = fl(x_max / tau) instead,
+// d(x_max) is the rounding error of m, up to ~6e-8 |m| of either sign, and rows dominated by one token got
+// lp > 0 and H < 0 (about half of them at T = 0.7).
+struct RowShift {
+  float hi = -std::numeric_limits<float>::infinity();
+  float lo = 0.f;
+  static RowShift at_max(float x_max, const InvTau& inv) {
+    RowShift m;
+    if (x_max == -std::numeric_limits<float>::infinity()) return m;
+    m.hi = x_max * inv.hi;
+    m.lo = inv.shifted(x_max, m.hi);
+    return m;
+  }
+  float d(float x, const InvTau& inv) const { return inv.shifted(x, hi) - lo; }
+  // m as one double (hi + lo is exact in double unless lo is below 2^-29 |hi|, where it does not matter).
+  double value() const { return static_cast<double>(hi) + static_cast<double>(lo); }
 };
 
 // Lane-wise maximum that ignores NaN ordering (vmaxps): NaN is detected separately, once per chunk.
@@ -167,21 +196,22 @@ inline float chunk_max(const scalar_t* src, int64_t n, float x_label, int64_t* r
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-// Pass 2 over the same (L1-resident) chunk: s += sum exp(d), b += sum d exp(d), d = x / tau - m (InvTau).
+// Pass 2 over the same (L1-resident) chunk: s += sum exp(d), b += sum d exp(d), d = RowShift::d(x) <= 0.
 // d = -inf (a -inf logit) gives exp(d) = 0; for the entropy term d is clamped at -200 first, where
 // exp(d) is already exactly 0 in fp32, so the product is 0 and never -inf * 0. Four independent
 // accumulator pairs hide the latency of the exp polynomial.
 // With kStore, exp(d) of every column is also written to e_out[0, n) (the fused loss reuses it, see
 // fused_rows_vec).
 template <typename scalar_t, bool kEntropy, bool kStore = false>
-inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, float m, double* s, double* b,
-                          float* e_out = nullptr) {
+inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, const RowShift& m, double* s,
+                          double* b, float* e_out = nullptr) {
   constexpr int64_t W = fVec::size();
-  const fVec vhi(inv.hi), vlo(inv.lo), vm(m), lo(-200.f), vmin(std::numeric_limits<float>::lowest());
+  const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vmlo(m.lo), lo(-200.f);
+  const fVec vmin(std::numeric_limits<float>::lowest());
   fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
   auto step = [&](const scalar_t* p, fVec& sa, fVec& ba) {
     const fVec x = fast_max(load_f(p), vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
-    const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm));
+    const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vmlo;  // RowShift::d
     const fVec e = vexp(d);
     if constexpr (kStore) e.store(e_out + (p - src));
     sa = sa + e;
@@ -206,7 +236,7 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, flo
   double st = hsum((s0 + s1) + (s2 + s3));
   double bt = kEntropy ? hsum((b0 + b1) + (b2 + b3)) : 0.0;
   for (; j < n; ++j) {
-    const float d = inv.shifted(static_cast<float>(src[j]), m);  // as the vector loop
+    const float d = m.d(static_cast<float>(src[j]), inv);  // as the vector loop
     const float e = std::exp(d);
     if constexpr (kStore) e_out[j] = e;
     st += e;
@@ -245,34 +275,51 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     // count uses the pivot shared by the owner instead.
     const float x_label = slot.local >= 0 ? static_cast<float>(row[slot.local]) : -kInf;
     const float x_pivot = a.label_logit ? a.label_logit[r] : x_label;
-    float m = -kInf;  // running maximum of z = x / tau
+    float x_m = -kInf;  // running raw maximum, and the shift it defines
+    RowShift m;
+    bool bad = false;   // NaN or +inf logits
     double s = 0.0, b = 0.0;
     int64_t rank_count = 0;
     for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - c0);
       const float x_max = chunk_max<scalar_t, kRank>(row + c0, n, x_pivot, &rank_count);
       // NaN or +inf logits make the row NaN (ops.md section 7); keep scanning only to finish the rank.
-      if (std::isnan(x_max) || x_max == kInf) m = kNaN;
-      if (std::isnan(m)) continue;
-      const float m_new = std::max(m, x_max * inv.hi);  // any shift near the maximum is exact
-      if (m_new == -kInf) continue;  // every column so far is -inf: nothing to add, nothing to rescale
-      if (m != -kInf) {             // rescale the running sums to the new maximum (never exp(-inf - -inf))
-        const double delta = static_cast<double>(m) - m_new;
-        const double alpha = std::exp(delta);
-        if constexpr (kEntropy) b = alpha * (b + delta * s);
-        s *= alpha;
+      bad |= std::isnan(x_max) || x_max == kInf;
+      if (bad) continue;
+      const float x_new = std::max(x_m, x_max);
+      if (x_new == -kInf) continue;  // every column so far is -inf: nothing to add, nothing to rescale
+      if (x_new != x_m) {
+        const RowShift m_new = RowShift::at_max(x_new, inv);
+        if (x_m != -kInf) {  // rescale the running sums to the new shift (never exp(-inf - -inf))
+          // delta = m - m_new < 0 mathematically; the clamp only guards the sign of b (<= 0) against rounding.
+          const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) -
+                                                                                  m_new.lo), 0.0);
+          const double alpha = std::exp(delta);
+          if constexpr (kEntropy) b = alpha * (b + delta * s);
+          s *= alpha;
+        }
+        m = m_new;
+        x_m = x_new;
       }
-      chunk_sum_exp<scalar_t, kEntropy>(row + c0, n, inv, m_new, &s, &b);
-      m = m_new;
+      chunk_sum_exp<scalar_t, kEntropy>(row + c0, n, inv, m, &s, &b);
     }
-    // All -inf row: m = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (ops.md 2.2). NaN row: all NaN.
-    // lp = (z_y - m) - log s, with z_y - m formed by one FMA exactly as the sums formed every exponent.
+    if (bad) {
+      a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = kNaN;
+      if constexpr (kEntropy) a.entropy[r] = kNaN;
+      if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
+      continue;
+    }
+    // All -inf row: m.hi = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (ops.md 2.2).
+    // lp = d_y - log s with d_y = RowShift::d(x_y), exactly the exponent the sums used for the label column:
+    // d_y <= 0 and s >= 1, so lp <= 0; b <= 0, so H >= 0 (see the header comment).
+    // stats = (m.hi, log s + m.lo): the backward forms d_j - log s as shifted(x_j, m.hi) - stats[1], and the
+    // vocab-parallel combine reads m.hi + stats[1] as the LSE, so m.lo is folded into the second entry.
     const double log_s = std::log(s);
-    const float d_y = inv.shifted(x_label, m);
-    a.lse[r] = static_cast<float>(static_cast<double>(m) + log_s);
+    const float d_y = m.d(x_label, inv);
+    a.lse[r] = static_cast<float>(m.value() + log_s);
     a.logprobs[r] = slot.local >= 0 ? static_cast<float>(static_cast<double>(d_y) - log_s) : -kInf;
-    a.stats[2 * r] = m;
-    a.stats[2 * r + 1] = static_cast<float>(log_s);
+    a.stats[2 * r] = m.hi;
+    a.stats[2 * r + 1] = static_cast<float>(log_s + m.lo);
     if constexpr (kEntropy) a.entropy[r] = static_cast<float>(log_s - b / s);
     // The label column is excluded by index (ops.md 3.3): with a shared pivot (vocab-parallel linear op: a
     // dot product, not this tile's x_y) the owner's own x_y may exceed the pivot by GEMM rounding.
@@ -280,7 +327,28 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
   }
 }
 
-// Forward for rows [begin, end), scalar code in the accumulation type (used for fp64 gradcheck).
+// Neumaier's compensated sum (Kahan-Babuska): sum + comp is the running total to about one rounding,
+// whatever the number of terms. Used by the fp64 kernel, whose plain sequential sum lost ~V/2 ulp at large
+// V (LSE 9-110x the error of torch.logsumexp at V = 40000; docs/numerics.md).
+template <typename T>
+struct CompensatedSum {
+  T sum = 0, comp = 0;
+  void add(T v) {
+    const T t = sum + v;
+    comp += std::abs(sum) >= std::abs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  T value() const { return sum + comp; }
+  void scale(T alpha) {  // fold the compensation in before rescaling (one rounding per rescale)
+    sum = alpha * (sum + comp);
+    comp = 0;
+  }
+};
+
+// Forward for rows [begin, end), scalar code in the accumulation type (fp64: gradcheck and users who want
+// exact numbers). z = x / tau is rounded once and used everywhere (the maximum, the sums, the label), so
+// d = z - m is 0 at the maximum and <= 0 elsewhere: lp <= 0 and H >= 0 exactly, as in the fp32 kernel.
+// s and b are compensated sums, so the error does not grow with V.
 template <typename scalar_t, bool kEntropy, bool kRank>
 void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = typename RowArgs<scalar_t>::acc_t;
@@ -300,8 +368,11 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const scalar_t* row = a.logits + r * a.row_stride;
     const bool owner = slot.local >= 0;  // vocab-parallel: the label may live on another rank
     const acc_t x_label = owner ? static_cast<acc_t>(row[slot.local]) : -kInf;
-    const float x_label_f = a.label_logit ? a.label_logit[r] : static_cast<float>(x_label);
-    acc_t m = -kInf, s = 0, b = 0;
+    // The rank compares the raw logits in their own precision (fp64 for fp64: ops.md 2.1 says raw logits;
+    // an fp32-rounded comparison ranked 1.0 + 1e-12 level with 1.0).
+    const acc_t x_pivot = a.label_logit ? a.label_logit[r] : x_label;
+    acc_t m = -kInf;
+    CompensatedSum<acc_t> s, b;
     int64_t rank_count = 0;
     bool saw_nan = false;
     for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
@@ -311,36 +382,39 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
         const acc_t z = static_cast<acc_t>(row[c0 + j]) / tau;
         saw_nan |= std::isnan(z);
         m_blk = std::max(m_blk, z);
-        if constexpr (kRank) rank_count += (static_cast<float>(row[c0 + j]) > x_label_f);
+        if constexpr (kRank) rank_count += (static_cast<acc_t>(row[c0 + j]) > x_pivot);
       }
       const acc_t m_new = std::max(m, m_blk);
       if (saw_nan || m_new == -kInf) continue;
-      if (m != -kInf) {
-        const acc_t alpha = std::exp(m - m_new);
-        if constexpr (kEntropy) b = alpha * (b + (m - m_new) * s);
-        s *= alpha;
+      if (m != -kInf && m_new != m) {
+        const acc_t delta = m - m_new;  // < 0
+        const acc_t alpha = std::exp(delta);
+        if constexpr (kEntropy) {
+          b.add(delta * s.value());
+          b.scale(alpha);
+        }
+        s.scale(alpha);
       }
       for (int64_t j = 0; j < n; ++j) {
-        const acc_t d = static_cast<acc_t>(row[c0 + j]) / tau - m_new;
+        const acc_t d = static_cast<acc_t>(row[c0 + j]) / tau - m_new;  // the z of the maximum above
         const acc_t e = std::exp(d);
-        s += e;
+        s.add(e);
         if constexpr (kEntropy) {
-          if (e > 0) b += d * e;
+          if (e > 0) b.add(d * e);
         }
       }
       m = m_new;
     }
     if (saw_nan) m = kNaN;
-    const acc_t log_s = std::log(s);
+    const acc_t sum = s.value();
+    const acc_t log_s = std::log(sum);
     a.lse[r] = m + log_s;
     a.logprobs[r] = owner ? (x_label / tau - m) - log_s : -kInf;
     a.stats[2 * r] = m;
     a.stats[2 * r + 1] = log_s;
-    if constexpr (kEntropy) a.entropy[r] = log_s - b / s;
+    if constexpr (kEntropy) a.entropy[r] = log_s - b.value() / sum;
     // The label column is excluded by index (ops.md 3.3), as above.
-    if constexpr (kRank) {
-      a.rank[r] = static_cast<int32_t>(1 + rank_count - (owner && static_cast<float>(x_label) > x_label_f));
-    }
+    if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (owner && x_label > x_pivot));
   }
 }
 
@@ -455,7 +529,7 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
   const float kNaN = std::numeric_limits<float>::quiet_NaN();
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
   std::vector<float> ebuf(static_cast<size_t>(n_chunks * kChunk));
-  std::vector<float> chunk_m(static_cast<size_t>(n_chunks));
+  std::vector<RowShift> chunk_m(static_cast<size_t>(n_chunks));
   alignas(64) float buf[kChunk];
   for (int64_t r = begin; r < end; ++r) {
     scalar_t* grow = a.grad + r * a.grad_row_stride;
@@ -471,35 +545,43 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     const scalar_t* row = a.logits + r * a.row_stride;
     const InvTau inv(tau);
     const float x_label = static_cast<float>(row[y]);
-    float m = -kInf;
+    float x_m = -kInf;  // as fwd_rows_vec: the running raw maximum and the shift it defines
+    RowShift m;
+    bool bad = false;
     double s = 0.0, b = 0.0;
     int64_t unused_rank = 0;
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t c0 = k * kChunk, n = std::min(kChunk, a.vocab - c0);
       const float x_max = chunk_max<scalar_t, false>(row + c0, n, x_label, &unused_rank);
-      if (std::isnan(x_max) || x_max == kInf) m = kNaN;
-      chunk_m[k] = -kInf;  // a skipped chunk contributes p = 0 (its scale below is 0)
-      if (std::isnan(m)) continue;
-      const float m_new = std::max(m, x_max * inv.hi);
-      if (m_new == -kInf) continue;
-      if (m != -kInf) {
-        const double delta = static_cast<double>(m) - m_new;
-        const double alpha = std::exp(delta);
-        b = alpha * (b + delta * s);
-        s *= alpha;
+      bad |= std::isnan(x_max) || x_max == kInf;
+      chunk_m[k] = RowShift();  // a skipped chunk contributes p = 0 (its scale below is 0)
+      if (bad) continue;
+      const float x_new = std::max(x_m, x_max);
+      if (x_new == -kInf) continue;
+      if (x_new != x_m) {
+        const RowShift m_new = RowShift::at_max(x_new, inv);
+        if (x_m != -kInf) {
+          const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) -
+                                                                                  m_new.lo), 0.0);
+          const double alpha = std::exp(delta);
+          b = alpha * (b + delta * s);
+          s *= alpha;
+        }
+        m = m_new;
+        x_m = x_new;
       }
-      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv, m_new, &s, &b, ebuf.data() + c0);
-      chunk_m[k] = m = m_new;
+      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv, m, &s, &b, ebuf.data() + c0);
+      chunk_m[k] = m;
     }
-    const double log_s = std::log(s);
-    const float d_y = inv.shifted(x_label, m);
+    const double log_s = bad ? static_cast<double>(kNaN) : std::log(s);
+    const float d_y = m.d(x_label, inv);
     const float lp = static_cast<float>(static_cast<double>(d_y) - log_s);
     const float h = static_cast<float>(log_s - b / s);
-    a.lse[r] = static_cast<float>(static_cast<double>(m) + log_s);
+    a.lse[r] = static_cast<float>(m.value() + log_s);
     a.logprobs[r] = lp;
     a.entropy[r] = h;
-    a.stats[2 * r] = m;
-    a.stats[2 * r + 1] = static_cast<float>(log_s);
+    a.stats[2 * r] = bad ? kNaN : m.hi;
+    a.stats[2 * r + 1] = static_cast<float>(log_s + m.lo);  // m.lo folded in, as in fwd_rows_vec
     double g_lp = 0.0, g_h = 0.0;
     if (!std::isnan(lp)) rg.fn(rg.ctx, r, lp, h, &g_lp, &g_h);  // NaN row: no gradient (reported upstream)
     if (g_lp == 0.0 && g_h == 0.0) {
@@ -508,15 +590,17 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     }
     const float fg_lp = static_cast<float>(g_lp), fg_h = static_cast<float>(g_h);
     const float inv_tau = inv.hi;
-    const float ls = static_cast<float>(log_s);
+    const float ls = a.stats[2 * r + 1];  // log s + m.lo: log p_j = shifted(x_j, m.hi) - ls, as bwd_rows_vec
     const float c0 = -(fg_lp + fg_h * h) * inv_tau, c1 = -fg_h * inv_tau;
-    const fVec vhi(inv.hi), vlo(inv.lo), vm(m), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
+    const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
     const fVec vmin(std::numeric_limits<float>::lowest());
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t c = k * kChunk, n = std::min(kChunk, a.vocab - c);
       // p_j = e_j * exp(m_c - m - log s): the chunk's shift to the final maximum and normaliser.
-      const float scale = chunk_m[k] == -kInf ? 0.f
-          : static_cast<float>(std::exp(static_cast<double>(chunk_m[k]) - m - log_s));
+      const RowShift& mc = chunk_m[k];
+      const float scale = mc.hi == -kInf ? 0.f
+          : static_cast<float>(std::exp(((static_cast<double>(mc.hi) - m.hi) + (static_cast<double>(mc.lo) -
+                                                                                m.lo)) - log_s));
       const fVec vscale(scale);
       const scalar_t* src = row + c;
       const float* e = ebuf.data() + c;
@@ -529,12 +613,12 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
         (p * at::vec::fmadd(vc1, fast_max(d, lo), vc0)).store(dst + j);
       }
       for (; j < n; ++j) {
-        const float d = inv.shifted(static_cast<float>(src[j]), m) - ls;
+        const float d = inv.shifted(static_cast<float>(src[j]), m.hi) - ls;
         dst[j] = (e[j] * scale) * (c0 + c1 * std::max(d, -200.f));
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
     }
-    const float dl = d_y - ls;
+    const float dl = inv.shifted(x_label, m.hi) - ls;
     const float p_y = std::exp(dl);
     const float dz_y = fg_lp * (1.f - p_y) - fg_h * p_y * (std::max(dl, -200.f) + h);
     grow[y] = static_cast<scalar_t>(dz_y * inv_tau);

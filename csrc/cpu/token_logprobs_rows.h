@@ -41,10 +41,11 @@ struct RowArgs {
   // and logprobs = -inf (no label logit here), and the backward omits the one-hot term.
   int64_t vocab_start = 0;               // global id of local column 0
   int64_t vocab_global = 0;              // size of the global vocabulary; 0 = unsharded (vocab)
-  // [N] raw label logit upcast to fp32 (the owner's value, shared by an all-reduce), or nullptr: the pivot
-  // of the rank count, which a non-owner rank cannot read from its own row. With nullptr an owner row reads
-  // logits[label] and a non-owner row counts against -inf (meaningless: pass the pivot with want_rank).
-  const float* label_logit = nullptr;
+  // [N] raw label logit in acc_t (the owner's value, shared by an all-reduce; exact for every input dtype,
+  // so the rank compares raw logits in their own precision), or nullptr: the pivot of the rank count, which
+  // a non-owner rank cannot read from its own row. With nullptr an owner row reads logits[label] and a
+  // non-owner row counts against -inf (meaningless: pass the pivot with want_rank).
+  const acc_t* label_logit = nullptr;
 };
 
 // Where a row's label lives (ops.md 3.3). `valid`: the label is a vocabulary id (not ignore_index, inside
@@ -63,11 +64,13 @@ inline LabelSlot label_slot(const Args& a, int64_t y) {
   return {true, (local >= 0 && local < a.vocab) ? local : int64_t(-1)};
 }
 
-// The per-row temperature is valid when finite and > 0; otherwise the row's outputs are NaN and its
-// gradient is 0 (ops.md section 7, validate=False).
+// The per-row temperature is valid when finite and at least the smallest normal number of the
+// accumulation type (so that 1 / tau is finite: a subnormal tau such as 1e-40 in fp32 has no finite
+// reciprocal); otherwise the row's outputs are NaN and its gradient is 0 (ops.md section 7, validate=False;
+// the Python layer rejects such temperatures with a ValueError when validating).
 template <typename T>
 inline bool temperature_ok(T tau) {
-  return tau > T(0) && tau < std::numeric_limits<T>::infinity();
+  return tau >= std::numeric_limits<T>::min() && tau < std::numeric_limits<T>::infinity();
 }
 
 template <typename scalar_t>

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -44,6 +45,50 @@ def _choice(name: str, value: Any, options: tuple) -> None:
         raise ValueError(f"unknown {name}={value!r}; expected one of {', '.join(map(repr, options))}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Numeric field validation (docs/losses.md sections 3 and 4): every numeric field is checked at construction,
+# so that NaN (which passes every `x < 0` test) or an out-of-range value fails loudly, naming the field, the
+# value and the allowed range, instead of giving a silently wrong loss.
+# ----------------------------------------------------------------------------------------------------------
+
+_FLT_TINY = 1.1754943508222875e-38  # smallest normal float32: 1 / temperature must be finite in fp32
+
+
+def _real_value(owner: str, name: str, value: Any) -> float:
+    """``value`` as a float: a real number (not a bool) or a one-element tensor / array holding one."""
+    v = value
+    one_element = callable(getattr(v, "numel", None)) and v.numel() == 1
+    if not isinstance(v, Real) and hasattr(v, "item") and one_element:
+        v = v.item()  # a 0-d tensor (host sync once, at construction)
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{owner}.{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(v)
+
+
+def _check_real(owner: str, name: str, value: Any, ok: Callable[[float], bool], allowed: str, *,
+                optional: bool = False) -> None:
+    """ValueError unless ``value`` is finite and ``ok(value)``; ``allowed`` describes the range. ``optional``:
+    None is allowed (the feature is off)."""
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"{owner}.{name} must be {allowed}, got None")
+    v = _real_value(owner, name, value)
+    if not (math.isfinite(v) and ok(v)):
+        none = " (or None)" if optional else ""
+        raise ValueError(f"{owner}.{name} must be {allowed}{none}, got {value!r}")
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{owner}.{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if not isinstance(value, Integral) or value < minimum:
+        none = " (or None)" if optional else ""
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}{none}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ISCorrection:
     """Rollout-correction weights rho = pi_old / pi_sampler computed inside the loss (losses.md 8.3).
@@ -52,8 +97,9 @@ class ISCorrection:
         level: ``"token"`` (one ratio per token) or ``"sequence"`` (the product of the token ratios).
         mode: ``"truncate"`` (rho <- clip(rho, c_min, c_max): TRL ``*_truncate``, verl TIS) or ``"mask"``
             (rho <- 0 outside [c_min, c_max]: TRL ``*_mask``, verl IcePop). A None bound is open.
-        c_min, c_max: the bounds (TRL ``vllm_importance_sampling_clip_min`` / ``_clip_max``).
-        log_clamp: clamp of the log-ratio before exponentiating (verl: 20.0; TRL: None).
+        c_min, c_max: the bounds (TRL ``vllm_importance_sampling_clip_min`` / ``_clip_max``): None, or
+            finite with 0 <= c_min < c_max and c_max > 0.
+        log_clamp: clamp of the log-ratio before exponentiating (verl: 20.0; TRL: None): None or finite > 0.
         batch_normalize: divide by the mean weight (verl ``rollout_is_batch_normalize``).
 
     The defaults are TRL's (``sequence_mask``, C_max = 3.0, C_min = None).
@@ -69,13 +115,16 @@ class ISCorrection:
     def __post_init__(self) -> None:
         _choice("ISCorrection.level", self.level, ("token", "sequence"))
         _choice("ISCorrection.mode", self.mode, ("truncate", "mask"))
+        # c_min = 0 is an open lower bound for truncate and masks only rho = 0 for mask (TRL accepts it).
+        c = "ISCorrection"
+        _check_real(c, "c_min", self.c_min, lambda v: v >= 0, "a finite number >= 0", optional=True)
+        _check_real(c, "c_max", self.c_max, lambda v: v > 0, "a finite number > 0", optional=True)
+        _check_real(c, "log_clamp", self.log_clamp, lambda v: v > 0, "a finite number > 0", optional=True)
         # Both checks as TRL's GRPOConfig.__post_init__.
         if self.c_min is not None and self.c_max is not None and self.c_min >= self.c_max:
             raise ValueError(f"ISCorrection: c_min ({self.c_min}) must be less than c_max ({self.c_max})")
         if self.mode == "truncate" and self.c_min is None and self.c_max is None:
             raise ValueError("ISCorrection: at least one of c_min or c_max must be set when mode='truncate'")
-        if self.log_clamp is not None and self.log_clamp <= 0:
-            raise ValueError(f"ISCorrection: log_clamp must be positive, got {self.log_clamp}")
 
 
 @dataclass(frozen=True)
@@ -162,11 +211,8 @@ class PolicyLossConfig:
                                      "(losses.md section 10.4)")
         if self.is_correction is not None and not isinstance(self.is_correction, ISCorrection):
             raise ValueError(f"is_correction must be an ISCorrection or None, got {type(self.is_correction)}")
+        self._check_numbers()
 
-        if not 0.0 <= self.epsilon_low < 1.0:
-            raise ValueError(f"epsilon_low must be in [0, 1), got {self.epsilon_low}")
-        if self.epsilon_high is not None and self.epsilon_high < 0:
-            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
         if self.delta is not None and self.dual_clip:
             raise ValueError(
                 "delta and dual_clip=True are two caps of the same branch (TRL's two-sided clip and verl's "
@@ -175,10 +221,6 @@ class PolicyLossConfig:
         upper = 1.0 + self.epsilon_high_value
         for name, value, active in (("delta", self.delta, self.delta is not None),
                                     ("dual_clip_c", self.dual_clip_c, self.dual_clip)):
-            if value is None:
-                continue
-            if value <= 1.0:
-                raise ValueError(f"{name} must be > 1, got {value}")
             if active and value <= upper:
                 warnings.warn(
                     f"{name}={value} <= 1 + epsilon_high = {upper}: it should exceed 1 + epsilon (TRL's "
@@ -186,18 +228,8 @@ class PolicyLossConfig:
                     UserWarning,
                     stacklevel=3,
                 )
-        if not 0.0 <= self.top_entropy_quantile <= 1.0:
-            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' normalises by max_completion_length, which is None")
-        if self.sapo_tau_pos <= 0 or self.sapo_tau_neg <= 0:
-            raise ValueError(
-                f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}"
-            )
-        if self.cispo_ratio_max <= 0:
-            raise ValueError(f"cispo_ratio_max must be > 0, got {self.cispo_ratio_max}")
         if self.policy_agg_mode is not None and self.loss_agg_mode is None:
             raise ValueError(
                 "policy_agg_mode overrides loss_agg_mode for the policy term; set loss_agg_mode as well "
@@ -233,6 +265,40 @@ class PolicyLossConfig:
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _check_numbers(self) -> None:
+        """Finiteness and the range each numeric field's meaning requires (docs/losses.md section 3.1).
+        None keeps its documented meaning where the field is optional (the feature is off, or epsilon_high
+        = epsilon_low); 0 keeps TRL's meaning where TRL gives it one (beta = 0: no KL term; entropy_coef = 0:
+        no bonus; epsilon_low / epsilon_high = 0: no clip range on that side)."""
+        c = "PolicyLossConfig"
+        pos, nonneg = (lambda v: v > 0), (lambda v: v >= 0)
+        _check_real(c, "epsilon_low", self.epsilon_low, lambda v: 0 <= v < 1, "a finite number in [0, 1)")
+        _check_real(c, "epsilon_high", self.epsilon_high, nonneg, "a finite number >= 0", optional=True)
+        _check_real(c, "delta", self.delta, lambda v: v > 1, "a finite number > 1", optional=True)
+        _check_real(c, "dual_clip_c", self.dual_clip_c, lambda v: v > 1, "a finite number > 1")
+        # A clamp c <= 0 of the log-ratio would clamp to the empty interval [-c, c] (a zero gradient).
+        _check_real(c, "log_ratio_clamp", self.log_ratio_clamp, pos, "a finite number > 0", optional=True)
+        # The neutral log-weight is 0: an upper clamp <= 0 would clamp the on-policy weight (zero gradient).
+        _check_real(c, "seq_log_ratio_max", self.seq_log_ratio_max, pos, "a finite number > 0", optional=True)
+        _check_real(c, "cispo_ratio_max", self.cispo_ratio_max, pos, "a finite number > 0")
+        _check_real(c, "sapo_tau_pos", self.sapo_tau_pos, pos, "a finite number > 0")
+        _check_real(c, "sapo_tau_neg", self.sapo_tau_neg, pos, "a finite number > 0")
+        # VESPO phi(W) = e^lam W^k e^(-lam W): k is a power (>= 0: down-weights W < 1, TRL's meaning), lam a
+        # decay rate (>= 0; values below 1e-4 act as 1e-4, TRL's clamp).
+        for name in ("vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            _check_real(c, name, getattr(self, name), nonneg, "a finite number >= 0")
+        _check_real(c, "beta", self.beta, nonneg, "a finite number >= 0 (0: no KL term)")
+        _check_real(c, "entropy_coef", self.entropy_coef, lambda v: True, "a finite number")
+        _check_real(c, "top_entropy_quantile", self.top_entropy_quantile, lambda v: 0 <= v <= 1,
+                    "a finite number in [0, 1]")
+        _check_real(c, "off_policy_mask_threshold", self.off_policy_mask_threshold, nonneg,
+                    "a finite number >= 0", optional=True)
+        _check_real(c, "temperature", self.temperature, lambda v: v >= _FLT_TINY,
+                    f"a finite number >= {_FLT_TINY:.7g} (the smallest normal float32, so that "
+                    "1 / temperature is finite)")
+        _check_int(c, "max_completion_length", self.max_completion_length, 1, optional=True)
+        _check_real(c, "loss_scale_factor", self.loss_scale_factor, pos, "a finite number > 0", optional=True)
 
     @property
     def epsilon_high_value(self) -> float:
@@ -394,13 +460,17 @@ class LossNormalizers:
         num_items_in_batch: N_glob, active loss tokens of one normalisation window over all ranks (a Python
             number or a 0-d device tensor, which avoids a host sync). TRL preset:
             ``num_items_in_batch * GA / steps_per_generation`` in training, ``num_items_in_batch`` in eval;
-            verl: ``batch_num_tokens``.
-        global_num_seqs: S_glob, verl ``global_batch_size`` (``ppo_mini_batch_size * rollout.n``).
-        grad_accum_steps: GA, TRL ``current_gradient_accumulation_steps``.
-        num_processes: P, TRL ``num_processes`` / verl ``dp_size``.
+            verl: ``batch_num_tokens``. A Python number must be finite and > 0 (it may be fractional: TRL's
+            rescaled count). A tensor is used as TRL uses its gathered count, clamped to >= 1, so a count of 0
+            (a window with no loss tokens on any rank) gives a zero loss; its value is only checked (finite,
+            >= 0) when it lives on the CPU, because checking a device tensor would be a host sync.
+        global_num_seqs: S_glob, verl ``global_batch_size`` (``ppo_mini_batch_size * rollout.n``); the same
+            rules as ``num_items_in_batch``.
+        grad_accum_steps: GA, TRL ``current_gradient_accumulation_steps``: an int >= 1.
+        num_processes: P, TRL ``num_processes`` / verl ``dp_size``: an int >= 1.
         training: False forces GA = 1 (TRL eval).
-        padded_length: T_pad of ``seq-mean-token-sum-norm`` without ``loss_scale_factor``; None: T of the
-            padded layout, the longest segment of the packed layout.
+        padded_length: T_pad of ``seq-mean-token-sum-norm`` without ``loss_scale_factor`` (an int >= 1); None:
+            T of the padded layout, the longest segment of the packed layout.
     """
 
     num_items_in_batch: float | torch.Tensor | None = None
@@ -411,10 +481,26 @@ class LossNormalizers:
     padded_length: int | None = None
 
     def __post_init__(self) -> None:
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.num_processes < 1:
-            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        c = "LossNormalizers"
+        for name in ("num_items_in_batch", "global_num_seqs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if hasattr(value, "device") and hasattr(value, "numel"):  # a tensor: TRL's device count
+                if value.numel() != 1 or value.is_complex() or str(value.dtype) == "torch.bool":
+                    raise ValueError(f"{c}.{name} must be a real number or a one-element real tensor, got a "
+                                     f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+                if value.device.type == "cpu":  # checkable without a device sync
+                    _check_real(c, name, value, lambda v: v >= 0,
+                                "finite and >= 0 (a tensor count of 0 is an empty window, clamped to 1 as "
+                                "TRL does)")
+                continue
+            _check_real(c, name, value, lambda v: v > 0,
+                        "a finite number > 0 (None: the local count; TRL's empty-window count 0 is "
+                        "accepted as a 0-d tensor, not as a Python number)")
+        _check_int(c, "grad_accum_steps", self.grad_accum_steps, 1)
+        _check_int(c, "num_processes", self.num_processes, 1)
+        _check_int(c, "padded_length", self.padded_length, 1, optional=True)
 
     @property
     def effective_grad_accum_steps(self) -> int:

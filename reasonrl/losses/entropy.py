@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from reasonrl.losses.config import _check_real
 from reasonrl.losses.types import Sum
 
 __all__ = ["AdaptiveEntropyController"]
@@ -38,10 +39,14 @@ class AdaptiveEntropyController:
         coef_min: float = 0.0,
         coef_max: float = 1.0,
     ) -> None:
+        c = "AdaptiveEntropyController"
+        # NaN passes every `x < 0` test: check finiteness first (docs/losses.md section 11.2).
+        for name, value in (("initial_coef", initial_coef), ("target", target), ("coef_min", coef_min),
+                            ("coef_max", coef_max)):
+            _check_real(c, name, value, lambda v: True, "a finite number")
+        _check_real(c, "delta", delta, lambda v: v >= 0, "a finite number >= 0")
         if not coef_min <= coef_max:
-            raise ValueError(f"coef_min must be <= coef_max, got {coef_min} > {coef_max}")
-        if delta < 0:
-            raise ValueError(f"delta must be >= 0, got {delta}")
+            raise ValueError(f"{c}.coef_min must be <= coef_max, got coef_min={coef_min} > coef_max={coef_max}")
         self.target, self.delta, self.coef_min, self.coef_max = (
             float(target),
             float(delta),

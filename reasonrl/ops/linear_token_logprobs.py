@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from reasonrl._backend import load_extension, resolve_impl
-from reasonrl.ops.token_logprobs import validation_enabled
+from reasonrl.ops.token_logprobs import _min_temperature, validation_enabled
 from reasonrl.ops.vocab_parallel import (
     VocabShard,
     all_reduce_sum_,
@@ -271,8 +271,10 @@ def _check_args(hidden, weight, labels, bias, temperature, ignore_index):
         if temperature.device != hidden.device and not (temperature.dim() == 0 and temperature.device.type == "cpu"):
             raise ValueError(f"{OP}: temperature is on {temperature.device} but hidden is on {hidden.device}")
     elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"{OP}: temperature must be finite and > 0, got {temperature}")
+        tiny = _min_temperature(hidden.dtype)
+        if not (math.isfinite(temperature) and temperature >= tiny):
+            raise ValueError(f"{OP}: temperature must be finite and >= {tiny:.7g} (the smallest normal "
+                             f"number of the compute dtype, so that 1 / temperature is finite), got {temperature}")
     else:
         raise TypeError(f"{OP}: temperature must be a float or a tensor, got {type(temperature).__name__}")
 
@@ -290,10 +292,11 @@ def _validate_values(vocab, labels_flat, temperature, ignore_index, sharded=Fals
                          f"ignore_index={ignore_index}; first at flattened row {first} (label "
                          f"{int(labels_flat[first])})")
     if isinstance(temperature, torch.Tensor):
-        ok = torch.isfinite(temperature) & (temperature > 0)
+        tiny = torch.finfo(torch.float64 if temperature.dtype == torch.float64 else torch.float32).tiny
+        ok = torch.isfinite(temperature) & (temperature >= tiny)
         if not bool(ok.all()):
             first = int((~ok).reshape(-1).nonzero()[0, 0])
-            raise ValueError(f"{OP}: temperature must be finite and > 0 everywhere; got "
+            raise ValueError(f"{OP}: temperature must be finite and >= {tiny:.7g} everywhere; got "
                              f"{float(temperature.reshape(-1)[first])} at row {first}")
 
 
@@ -303,7 +306,8 @@ def _check_outputs(lp, labels_flat, ignore_index):
     if bool(nan_rows.any()):
         first = int(nan_rows.nonzero()[0, 0])
         raise FloatingPointError(
-            f"{OP}: {int(nan_rows.sum())} rows have a NaN log-prob (NaN or inf in hidden, weight or bias); "
+            f"{OP}: {int(nan_rows.sum())} rows have a NaN log-prob (NaN or inf in hidden, weight or bias, or "
+            "logits / temperature overflowing); "
             f"first at flattened row {first}. Pass validate=False to propagate NaN instead.")
 
 
@@ -462,6 +466,8 @@ def linear_token_logprobs(
     _check_args(hidden, weight, labels, bias, temperature, ignore_index)
     if validate is None:
         validate = validation_enabled()
+    if hidden.device.type == "meta":
+        validate = False  # no values to check; the impl choice below says which implementations run on meta
     lead_shape = hidden.shape[:-1]
     vocab, h = weight.shape
     labels_flat = labels.reshape(-1)

@@ -277,10 +277,19 @@ def _check_args(logits, labels, temperature, ignore_index):
         if temperature.device != logits.device and not (temperature.dim() == 0 and temperature.device.type == "cpu"):
             raise ValueError(f"token_logprobs: temperature is on {temperature.device} but logits are on {logits.device}")
     elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"token_logprobs: temperature must be finite and > 0, got {temperature}")
+        tiny = _min_temperature(logits.dtype)
+        if not (math.isfinite(temperature) and temperature >= tiny):
+            raise ValueError(f"token_logprobs: temperature must be finite and >= {tiny:.7g} (the smallest "
+                             "normal number of the compute dtype, so that 1 / temperature is finite), got "
+                             f"{temperature}")
     else:
         raise TypeError(f"token_logprobs: temperature must be a float or a tensor, got {type(temperature).__name__}")
+
+
+def _min_temperature(dtype: torch.dtype) -> float:
+    """The smallest valid temperature: the smallest normal number of the compute dtype (fp64 for fp64 logits,
+    else fp32). A subnormal temperature (1e-40 in fp32) has no finite reciprocal (docs/numerics.md)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
 
 
 def _validate_values(x, labels_flat, temperature, ignore_index, vocab_global=None):
@@ -297,11 +306,12 @@ def _validate_values(x, labels_flat, temperature, ignore_index, vocab_global=Non
             f"first at flattened row {first} (label {int(labels_flat[first])})"
         )
     if isinstance(temperature, torch.Tensor):
-        ok = torch.isfinite(temperature) & (temperature > 0)
+        tiny = _min_temperature(x.dtype)
+        ok = torch.isfinite(temperature) & (temperature >= tiny)
         if not bool(ok.all()):
             first = int((~ok).reshape(-1).nonzero()[0, 0])
             raise ValueError(
-                f"token_logprobs: temperature must be finite and > 0 everywhere; "
+                f"token_logprobs: temperature must be finite and >= {tiny:.7g} everywhere; "
                 f"got {float(temperature.reshape(-1)[first])} at row {first}"
             )
 
@@ -312,8 +322,9 @@ def _check_outputs(lp, labels_flat, ignore_index):
     if bool(nan_rows.any()):
         first = int(nan_rows.nonzero()[0, 0])
         raise FloatingPointError(
-            f"token_logprobs: {int(nan_rows.sum())} rows have a NaN log-prob (NaN or +inf in logits, or no "
-            f"finite logit); first at flattened row {first}. Pass validate=False to propagate NaN instead."
+            f"token_logprobs: {int(nan_rows.sum())} rows have a NaN log-prob (NaN or +inf in logits, "
+            f"logits / temperature overflowing, or no finite logit); first at flattened row {first}. Pass "
+            "validate=False to propagate NaN instead."
         )
 
 
@@ -460,6 +471,8 @@ def token_logprobs(
     _check_args(logits, labels, temperature, ignore_index)
     if validate is None:
         validate = _VALIDATE
+    if logits.device.type == "meta":
+        validate = False  # no values to check; the impl choice below says which implementations run on meta
     lead_shape = logits.shape[:-1]
     vocab = logits.shape[-1]
     shard = None

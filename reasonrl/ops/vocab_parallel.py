@@ -116,10 +116,12 @@ def label_owner(
 
 
 def share_label_logit(value: torch.Tensor, owner: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """The owner's raw label logit ``value [N]`` on every rank (fp32): non-owners send -inf to one
-    all-reduce MAX. The pivot of the sharded rank count (ops.md 3.3)."""
+    """The owner's raw label logit ``value [N]`` on every rank (fp32; fp64 for fp64 logits, so the rank
+    compares raw logits in their own precision): non-owners send -inf to one all-reduce MAX. The pivot of
+    the sharded rank count (ops.md 3.3)."""
     dist = _dist()
-    pivot = value.float().masked_fill(~owner, float("-inf")).contiguous()
+    pivot = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+    pivot = pivot.masked_fill(~owner, float("-inf")).contiguous()
     dist.all_reduce(pivot, op=dist.ReduceOp.MAX, group=shard.group)
     return pivot
 
@@ -219,10 +221,13 @@ def combine_vocab_shards(
     acc = stats_r.dtype
     ignored = labels == ignore_index
     lse = (big_m + log_big_s).masked_fill(ignored, 0.0).to(acc)
-    lp = ((t - big_m) - log_big_s).masked_fill(ignored, 0.0).to(acc)
+    # lp <= 0 and H >= 0 hold exactly in every shard's kernel (docs/numerics.md); this float64 combine can
+    # overshoot them by an fp64 ulp (log S rounds; t - M <= log s_owner' <= log S only mathematically), which
+    # the clamps remove. They never move a value by more than that rounding (NaN stays NaN).
+    lp = ((t - big_m) - log_big_s).clamp(max=0.0).masked_fill(ignored, 0.0).to(acc)
     entropy = None
     if entropy_r is not None:
-        entropy = (log_big_s - sums[:, 1] / sums[:, 0]).masked_fill(ignored, 0.0).to(acc)
+        entropy = (log_big_s - sums[:, 1] / sums[:, 0]).clamp(min=0.0).masked_fill(ignored, 0.0).to(acc)
     rank = None
     if rank_r is not None:
         rank = torch.where(rank_r == 0, 0.0, 1.0 + sums[:, -1]).to(torch.int32)

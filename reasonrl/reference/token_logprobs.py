@@ -7,12 +7,16 @@ matters. Run it in float64 (``compute_dtype=torch.float64``) to obtain the oracl
 For a row with raw logits x, label y and temperature tau::
 
     z = x / tau,  LSE = logsumexp(z),  lp = z_y - LSE,  H = -sum_j p_j log p_j,  p = softmax(z)
-    rank = 1 + #{j != y : x_j > x_y}     (raw logits, fp32, strict inequality)
+    rank = 1 + #{j != y : x_j > x_y}     (raw logits in their own precision, strict inequality)
 
 Rows whose label equals ``ignore_index`` produce zeros (and a zero gradient). Rows whose label is out of
-``[0, V)`` or whose temperature is not finite and > 0 (only reachable with ``validate=False`` at the public
-API) produce NaN log-prob, entropy and LSE and a zero gradient, so that a loss built on them is loudly NaN
-instead of plausibly wrong.
+``[0, V)`` or whose temperature is not finite and at least the smallest normal number of the compute dtype
+(only reachable with ``validate=False`` at the public API) produce NaN log-prob, entropy and LSE and a zero
+gradient, so that a loss built on them is loudly NaN instead of plausibly wrong.
+
+Invariants that hold exactly, in every dtype (docs/numerics.md): z - m is 0 at the maximum and <= 0
+elsewhere (m is the maximum of the same rounded z), so s >= 1, lp <= 0 and H >= 0; a row with one finite
+logit (V = 1 included) has lp = 0, H = 0 and a zero gradient.
 
 Gradients flow to ``logits`` through ``logprobs`` and ``entropy`` by ordinary autograd; ``lse`` and the
 temperature are detached.
@@ -77,8 +81,9 @@ def token_logprobs_reference(
         tau = tau.reshape(-1) if tau.dim() > 0 else tau.reshape(1).expand(x.shape[0])
     else:
         tau = torch.full((x.shape[0],), float(temperature), dtype=compute_dtype, device=x.device)
-    # A non-positive or non-finite temperature (only reachable with validate=False) makes its row NaN.
-    tau_ok = torch.isfinite(tau) & (tau > 0)
+    # A temperature that is not finite and normal (only reachable with validate=False) makes its row NaN:
+    # a subnormal one has no finite reciprocal (docs/numerics.md).
+    tau_ok = torch.isfinite(tau) & (tau >= torch.finfo(compute_dtype).tiny)
     z = x / torch.where(tau_ok, tau, torch.ones_like(tau)).unsqueeze(-1)
     good = good & tau_ok
 
@@ -112,7 +117,10 @@ def token_logprobs_reference(
 
     rank = None
     if want_rank:
-        xf = logits.reshape(-1, vocab).float()
+        # Raw logits in their own precision (16-bit types upcast exactly): fp64 logits are compared in fp64,
+        # so 1 + 1e-12 ranks above 1.
+        xf = logits.reshape(-1, vocab)
+        xf = xf.double() if xf.dtype == torch.float64 else xf.float()
         x_label = xf.gather(-1, safe_y.unsqueeze(-1))
         # Strict inequality: the label column itself is never counted, ties with it do not count.
         r = 1 + (xf > x_label).sum(-1)

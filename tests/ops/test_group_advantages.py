@@ -50,6 +50,14 @@ ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _ieee_div(a: float, b: float) -> float:
+    """a / b as torch divides (0 / 0 = NaN, x / 0 = +-inf): Python raises ZeroDivisionError instead, which
+    made the loop oracle fail on eps = 0 with a zero-std group (TRL's NaN, skipped by its nansum)."""
+    if b == 0:
+        return NAN if a == 0 or math.isnan(a) else math.copysign(math.inf, a) * math.copysign(1.0, b)
+    return a / b
+
+
 def _stats(values: list[float], n_rows: int) -> tuple[int, float, float]:
     """(n, mean, Bessel std) of the non-NaN values of a group of ``n_rows`` rows: std 0 for a one-row group,
     NaN for a group of several rows with fewer than 2 values."""
@@ -140,7 +148,7 @@ def loop_oracle(
                     _, mu, sd = _stats([col[i] for i in members], len(members))
                     for i in members:
                         if not math.isnan(col[i]):
-                            hat[i][k] = (col[i] - mu) / (sd + eps)
+                            hat[i][k] = _ieee_div(col[i] - mu, sd + eps)
             else:
                 a_k, _, _ = grpo(col, scale, eps, singleton)
                 for i in range(num_rows):
@@ -155,7 +163,7 @@ def loop_oracle(
         if gdpo_final == "trl":
             _, mu, sd = _stats(s, num_rows)
             for i in range(num_rows):
-                a = (s[i] - mu) / (sd + eps)
+                a = _ieee_div(s[i] - mu, sd + eps)
                 adv[i] = 0.0 if math.isnan(a) else a
                 mean[i], std[i] = mu, sd
         else:
