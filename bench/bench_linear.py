@@ -323,16 +323,8 @@ def _warm_up(p: Provider, fn: ProviderFn, inp: LinearInputs, modes: list[str]) -
 
 
 class LinearBenchmark(harness.Benchmark):
-    op = OP
-    module = MODULE
-    description = __doc__.split("\n")[0]
-    spec_cls = LinearSpec
-    inputs_cls = LinearInputs
-    modes = MODES
-    profiles = PROFILES
-    providers = PROVIDERS
-    peer_dists = PEER_DISTS
-    eager, compiled = EAGER, COMPILED
+    op, module, modes, profiles, providers, peer_dists = OP, MODULE, MODES, PROFILES, PROVIDERS, PEER_DISTS
+    spec_cls, inputs_cls = LinearSpec, LinearInputs
     profile_help = "quick: fp32 [2048, 512, 32000] on CPU; full: the issue-4 shape [8192, 512, 32000]"
 
     def make_inputs(self, spec, device):
@@ -372,10 +364,7 @@ class LinearBenchmark(harness.Benchmark):
 
 BENCHMARK = LinearBenchmark()
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 on success, 1 when reasonrl failed its correctness gate or errored."""
-    return harness.main(BENCHMARK, argv)
+main = BENCHMARK.main  # main(argv) -> exit status: what run_all and `python -m` call
 
 
 if __name__ == "__main__":

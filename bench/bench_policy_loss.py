@@ -110,18 +110,9 @@ def _policy_loss_fn(impl: str, **extra) -> Callable[[LogitsInputSpec, torch.devi
         def loss_of(inp: LossInputs) -> torch.Tensor:
             norms = LossNormalizers(num_items_in_batch=inp.num_items)
             return policy_loss_from_logits(
-                inp.logits,
-                inp.labels,
-                advantages=inp.advantages,
-                cu_seqlens=inp.cu_seqlens,
-                old_logprobs=inp.old_logprobs,
-                ref_logprobs=inp.ref_logprobs,
-                normalizers=norms,
-                config=cfg,
-                ignore_index=spec.ignore_index,
-                impl=impl,
-                validate=False,
-                **extra,
+                inp.logits, inp.labels, advantages=inp.advantages, cu_seqlens=inp.cu_seqlens,
+                old_logprobs=inp.old_logprobs, ref_logprobs=inp.ref_logprobs, normalizers=norms, config=cfg,
+                ignore_index=spec.ignore_index, impl=impl, validate=False, **extra,
             ).loss
 
         return _runner(loss_of)
@@ -163,17 +154,9 @@ def _build_compiled(spec, device):
 
     def loss_of(logits, labels, advantages, cu_seqlens, old, ref, num_items):
         return policy_loss_from_logits(
-            logits,
-            labels,
-            advantages=advantages,
-            cu_seqlens=cu_seqlens,
-            old_logprobs=old,
-            ref_logprobs=ref,
-            normalizers=LossNormalizers(num_items_in_batch=num_items),
-            config=cfg,
-            ignore_index=spec.ignore_index,
-            impl="reference",
-            validate=False,
+            logits, labels, advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old, ref_logprobs=ref,
+            normalizers=LossNormalizers(num_items_in_batch=num_items), config=cfg,
+            ignore_index=spec.ignore_index, impl="reference", validate=False,
         ).loss
 
     compiled = torch.compile(loss_of, dynamic=False)
@@ -215,20 +198,9 @@ def _build_liger(spec, device):
 
         def loss():
             out = triton_grpo_loss(
-                x,
-                old,
-                ref,
-                ids,
-                inp.advantages,
-                mask,
-                temperature=cfg.temperature,
-                beta=cfg.beta,
-                eps_low=cfg.epsilon_low,
-                eps_high=cfg.epsilon_high_value,
-                inplace=False,
-                loss_type="dapo",
-                reduce=True,
-                num_items_in_batch=inp.num_items,
+                x, old, ref, ids, inp.advantages, mask, temperature=cfg.temperature, beta=cfg.beta,
+                eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high_value, inplace=False, loss_type="dapo",
+                reduce=True, num_items_in_batch=inp.num_items,
             )
             return out[0] if isinstance(out, tuple) else out
 
@@ -327,17 +299,8 @@ def _check(provider: Provider, loss, grad, oracle_loss, oracle_grad, dtype: str)
 
 
 class PolicyLossBenchmark(harness.Benchmark):
-    op = OP
-    module = MODULE
-    description = __doc__.split("\n")[0]
-    spec_cls = LogitsInputSpec
-    inputs_cls = LossInputs
-    leaves = ("logits",)
-    modes = MODES
-    profiles = PROFILES
-    providers = PROVIDERS
-    peer_dists = PEER_DISTS
-    eager, compiled = EAGER, COMPILED
+    op, module, modes, profiles, providers, peer_dists = OP, MODULE, MODES, PROFILES, PROVIDERS, PEER_DISTS
+    spec_cls, inputs_cls, leaves = LogitsInputSpec, LossInputs, ("logits",)
     profile_help = ("quick: fp32 [4096, 32000] on CPU (the issue's acceptance shape), bf16 [16384, 151936] "
                     "on CUDA; full: more shapes")
     modes_help = "Default: full."
@@ -392,15 +355,10 @@ class PolicyLossBenchmark(harness.Benchmark):
         return {"config": repr(loss_config()), "seq_len": SEQ_LEN, "modes": modes,
                 "traffic_nvb": {p.name: p.traffic_full for p in providers}}
 
-    def grad_to_none(self, sets):
-        return [s.logits for s in sets]
-
 
 BENCHMARK = PolicyLossBenchmark()
 
-
-def main(argv: list[str] | None = None) -> int:
-    return harness.main(BENCHMARK, argv)
+main = BENCHMARK.main  # main(argv) -> exit status: what run_all and `python -m` call
 
 
 if __name__ == "__main__":

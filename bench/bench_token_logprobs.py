@@ -437,17 +437,8 @@ def _warm_up(name: str, fn: LogprobFn, inp: LogitsInputs, modes: list[str]) -> N
 
 
 class TokenLogprobsBenchmark(harness.Benchmark):
-    op = OP
-    module = MODULE
-    description = __doc__.split("\n")[0]
-    spec_cls = LogitsInputSpec
-    inputs_cls = LogitsInputs
-    leaves = ("logits",)
-    modes = MODES
-    profiles = PROFILES
-    providers = PROVIDERS
-    peer_dists = PEER_DISTS
-    eager, compiled = EAGER, COMPILED
+    op, module, modes, profiles, providers, peer_dists = OP, MODULE, MODES, PROFILES, PROVIDERS, PEER_DISTS
+    spec_cls, inputs_cls, leaves = LogitsInputSpec, LogitsInputs, ("logits",)
     profile_help = ("quick: the CPU acceptance shape fp32 [4096, 32000] (< 3 min on 2 cores) or the H100 "
                     "reference shapes; full: more shapes and dtypes")
     modes_help = ("Default: all; the CPU quick profile times fwd and full only, so that it stays under 3 "
@@ -491,16 +482,10 @@ class TokenLogprobsBenchmark(harness.Benchmark):
     def context(self):
         return _no_donated_buffers()
 
-    def grad_to_none(self, sets):
-        return [s.logits for s in sets]
-
 
 BENCHMARK = TokenLogprobsBenchmark()
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 on success, 1 when reasonrl itself failed its correctness gate or errored."""
-    return harness.main(BENCHMARK, argv)
+main = BENCHMARK.main  # main(argv) -> exit status: what run_all and `python -m` call
 
 
 if __name__ == "__main__":

@@ -37,23 +37,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import report
 from .ceilings import measure_ceilings
 from .inputs import DTYPES, MIB, load_inputs, save_inputs, scratch_dir
 from .memory import cpu_peak_supported, emit_memcase_result, run_memory_subprocess
-from .report import (
-    DEFAULT_OUT_DIR,
-    ERROR,
-    INCORRECT,
-    NOT_INSTALLED,
-    OK,
-    OOM,
-    UNSUPPORTED,
-    fill_speedups,
-    new_report,
-    pick_device,
-    print_tables,
-    write_results,
-)
+from .report import ERROR, INCORRECT, NOT_INSTALLED, OK, OOM, UNSUPPORTED  # statuses of a result row
 from .timing import time_fn
 
 ALL_MODES = ("fwd", "bwd", "full")  # what --modes accepts; each benchmark runs the ones it has
@@ -109,7 +97,7 @@ class Benchmark:
 
     op: ClassVar[str]
     module: ClassVar[str]  # run by the CPU memory subprocesses as `python -m module`
-    description: ClassVar[str]
+    description: ClassVar[str] = ""  # --help's; default: the first line of the benchmark module's docstring
     spec_cls: ClassVar[type]  # built from a profile entry (*dims, dtype) and from asdict(spec) in the child
     inputs_cls: ClassVar[type]  # dataclass of one input set (saved for the memory subprocess)
     leaves: ClassVar[tuple[str, ...]] = ()  # input fields that are autograd leaves (requires_grad)
@@ -173,10 +161,16 @@ class Benchmark:
         return contextlib.nullcontext()
 
     def grad_to_none(self, sets: list[Any]) -> list[torch.Tensor]:
+        """Tensors whose ``.grad`` do_bench resets between GPU calls: the autograd leaves of every set."""
+        return [getattr(s, leaf) for s in sets for leaf in self.leaves]
+
+    def closing_lines(self, results: dict[str, Any]) -> list[str]:
+        """Lines printed after the tables (``results``: the report written as JSON)."""
         return []
 
-    def closing_lines(self, report: dict[str, Any]) -> list[str]:
-        return []
+    def main(self, argv: list[str] | None = None) -> int:
+        """Run the benchmark from the command line (``argv``: its options; default ``sys.argv[1:]``)."""
+        return main(self, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +390,8 @@ def _shapes(n_dims: int, form: str) -> Callable[[str], list[tuple[int, ...]]]:
 def parser(bench: Benchmark) -> argparse.ArgumentParser:
     n_dims = len(next(iter(next(iter(bench.profiles.values())).values()))[0]) - 1
     form = "NxV" if n_dims == 2 else "NxHxV"
-    ap = argparse.ArgumentParser(prog=f"python -m {bench.module}", description=bench.description)
+    description = bench.description or (sys.modules[type(bench).__module__].__doc__ or "").split("\n")[0]
+    ap = argparse.ArgumentParser(prog=f"python -m {bench.module}", description=description)
     ap.add_argument("--profile", choices=sorted(bench.profiles), default="quick", help=bench.profile_help)
     ap.add_argument("--shapes", type=_shapes(n_dims, form),
                     help=f"{form}[,{form}...]: replaces the profile's shapes (with the profile's dtypes for "
@@ -408,7 +403,7 @@ def parser(bench: Benchmark) -> argparse.ArgumentParser:
     ap.add_argument("--modes", type=_csv(ALL_MODES),
                     help=f"comma-separated subset of {','.join(bench.modes)}; modes of other benchmarks are "
                          f"skipped. {bench.modes_help}")
-    ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
+    ap.add_argument("--out-dir", type=Path, default=report.DEFAULT_OUT_DIR,
                     help="folder for the JSON / Markdown / PNG results (default: the current directory)")
     ap.add_argument("--threads", type=int,
                     help=f"torch CPU threads (default on CPU: {bench.default_cpu_threads}, the setting of "
@@ -437,7 +432,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
-    device = pick_device()
+    device = report.pick_device()
     default_threads = bench.default_cpu_threads if device.type == "cpu" else torch.get_num_threads()
     threads = args.threads or default_threads
     torch.set_num_threads(threads)
@@ -453,10 +448,10 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> int:
     if device.type == "cpu" and (why := cpu_peak_supported()) is not None:
         log(bench.op, f"peak memory will not be measured: {why}")
     providers = [bench.providers[name] for name in args.providers]
-    report = new_report(bench.op, device, bench.peer_dists, args.profile, argv)
-    ceilings = report["ceilings"] = measure_ceilings(device)
+    results = report.new_report(bench.op, device, bench.peer_dists, args.profile, argv)
+    ceilings = results["ceilings"] = measure_ceilings(device)
     log(bench.op, f"ceilings: read {ceilings['read_gbps']:.1f} GB/s, copy {ceilings['copy_gbps']:.1f} GB/s")
-    report["workload"] = bench.workload(providers, modes)
+    results["workload"] = bench.workload(providers, modes)
     for spec in cases(bench, args, device):
         if extra := bench.case_ceilings(spec, device):
             ceilings.update(extra)
@@ -464,15 +459,15 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> int:
             log(bench.op, f"{spec.label}: ceilings {shown}")
         with bench.context():
             rows, record = run_case(bench, spec, providers, modes, device, ceilings, threads)
-        report["rows"] += rows
-        report["cases"].append(record)
-    fill_speedups(report["rows"], bench.eager, bench.compiled)
-    report["wall_s"] = time.perf_counter() - t_start
-    paths = write_results(report, args.out_dir, device)
-    print_tables(report["rows"], report)
-    for line in bench.closing_lines(report):
+        results["rows"] += rows
+        results["cases"].append(record)
+    report.fill_speedups(results["rows"], bench.eager, bench.compiled)
+    results["wall_s"] = time.perf_counter() - t_start
+    paths = report.write_results(results, args.out_dir, device)
+    report.print_tables(results["rows"], results)
+    for line in bench.closing_lines(results):
         print(line)
-    print(f"wrote {', '.join(str(p) for p in paths.values())} ({report['wall_s']:.0f} s)")
-    failed = [r for r in report["rows"]
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({results['wall_s']:.0f} s)")
+    failed = [r for r in results["rows"]
               if r["provider"].startswith("reasonrl") and r["status"] in (INCORRECT, ERROR)]
     return 1 if failed else 0

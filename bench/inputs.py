@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,23 +40,38 @@ row_chunks = testing.row_chunks
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LogitsInputSpec:
-    """Generator settings of logits-input benchmarks; recorded verbatim in the results."""
+@dataclass(frozen=True, kw_only=True)
+class _Generator:
+    """Generator settings shared by both workloads (keyword-only: the shape comes first in the specs)."""
 
-    n: int
-    v: int
-    dtype: str
     temperature: float = 0.9
-    hidden: int = 256  # rank of the logits; enough that rows are not near-copies of each other
     target_entropy: float = 2.0  # nats, mean over rows at `temperature` (section 4.3 asks for 1-3)
     ignore_fraction: float = 0.1
     ignore_index: int = -100
     seed: int = 0
 
     @property
+    def dims(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
     def label(self) -> str:
-        return f"{self.n}x{self.v} {DTYPE_SHORT.get(self.dtype, self.dtype)}"
+        dtype = self.dtype  # type: ignore[attr-defined]
+        return f"{'x'.join(map(str, self.dims))} {DTYPE_SHORT.get(dtype, dtype)}"
+
+
+@dataclass(frozen=True)
+class LogitsInputSpec(_Generator):
+    """Settings of logits-input benchmarks (logits [N, V]); recorded verbatim in the results."""
+
+    n: int
+    v: int
+    dtype: str
+    hidden: int = 256  # rank of the logits; enough that rows are not near-copies of each other
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return self.n, self.v
 
     @property
     def logits_bytes(self) -> int:
@@ -63,22 +79,17 @@ class LogitsInputSpec:
 
 
 @dataclass(frozen=True)
-class LinearSpec:
-    """Generator settings of hidden-state benchmarks (hidden [N, H], lm_head [V, H]); recorded verbatim."""
+class LinearSpec(_Generator):
+    """Settings of hidden-state benchmarks (hidden [N, H], lm_head [V, H]); recorded verbatim."""
 
     n: int
     h: int
     v: int
     dtype: str
-    temperature: float = 0.9
-    target_entropy: float = 2.0
-    ignore_fraction: float = 0.1
-    ignore_index: int = -100
-    seed: int = 0
 
     @property
-    def label(self) -> str:
-        return f"{self.n}x{self.h}x{self.v} {DTYPE_SHORT.get(self.dtype, self.dtype)}"
+    def dims(self) -> tuple[int, ...]:
+        return self.n, self.h, self.v
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,6 +121,38 @@ class LinearInputs:
     valid: torch.Tensor
 
 
+def _lm_head(spec: LogitsInputSpec | LinearSpec, hidden: int, device: torch.device,
+             scale: float | None) -> tuple[torch.Generator, torch.Tensor, float]:
+    """The case's generator (seeded with ``spec.seed``), its fp32 lm_head [V, hidden] and the scale that
+    gives the target entropy (``reasonrl.testing.lm_head_weight``; calibrated unless given)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(spec.seed)
+    weight, scale = testing.lm_head_weight(spec.v, hidden, temperature=spec.temperature,
+                                           target_entropy=spec.target_entropy, generator=gen, device=device,
+                                           scale=scale)
+    return gen, weight, scale
+
+
+def _targets(spec: LogitsInputSpec | LinearSpec, logits_of: Callable[[slice], torch.Tensor],
+             gen: torch.Generator) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels sampled from softmax(logits / T) (``logits_of(rows)``: fp32 logits of a row slice), their mean
+    entropy, ~``ignore_fraction`` of them ignored, the valid mask and the upstream gradients."""
+    labels, entropy = testing.sample_labels_chunked(logits_of, spec.n, spec.v, temperature=spec.temperature,
+                                                    generator=gen, device=gen.device)
+    valid, g_lp, g_h = testing.ignore_rows_and_upstream(labels, ignore_fraction=spec.ignore_fraction,
+                                                        ignore_index=spec.ignore_index, generator=gen)
+    return labels, entropy, valid, g_lp, g_h
+
+
+def _record(spec: LogitsInputSpec | LinearSpec, method: str, scale: float, entropies: list[float],
+            **extra: Any) -> dict[str, Any]:
+    """The generator record of a case's input sets (recorded with the results): settings, method, scale,
+    per-set seeds and mean entropies."""
+    return {**asdict(spec), "method": method, "scale": scale, "n_sets": len(entropies),
+            "seeds": [spec.seed + 1 + k for k in range(len(entropies))], "mean_entropy_per_set": entropies,
+            **extra}
+
+
 def make_logits_inputs(
     spec: LogitsInputSpec, device: torch.device, n_sets: int, scale: float | None = None
 ) -> tuple[list[LogitsInputs], dict[str, Any]]:
@@ -119,11 +162,7 @@ def make_logits_inputs(
     scale is calibrated on 128 separate rows unless given (memory subprocesses reuse the parent's value).
     """
     dtype = DTYPES[spec.dtype]
-    gen = torch.Generator(device=device)
-    gen.manual_seed(spec.seed)
-    weight, scale = testing.lm_head_weight(spec.v, spec.hidden, temperature=spec.temperature,
-                                           target_entropy=spec.target_entropy, generator=gen, device=device,
-                                           scale=scale)
+    gen, weight, scale = _lm_head(spec, spec.hidden, device, scale)
     sets: list[LogitsInputs] = []
     entropies: list[float] = []
     for k in range(n_sets):
@@ -133,24 +172,12 @@ def make_logits_inputs(
         logits = raw.mul_(scale).to(dtype)  # in place for fp32: one [N, V] buffer, not two
         del raw, hidden
         # Sampled from the distribution the op evaluates: the cast logits at temperature T.
-        labels, entropy = testing.sample_labels_chunked(lambda rows, x=logits: x[rows].float(), spec.n,
-                                                        spec.v, temperature=spec.temperature,
-                                                        generator=gen, device=device)
+        labels, entropy, valid, g_lp, g_h = _targets(spec, lambda rows, x=logits: x[rows].float(), gen)
         entropies.append(entropy)
-        valid, g_lp, g_h = testing.ignore_rows_and_upstream(labels, ignore_fraction=spec.ignore_fraction,
-                                                            ignore_index=spec.ignore_index, generator=gen)
         sets.append(LogitsInputs(logits, labels, g_lp, g_h, valid))
 
-    record = {
-        **asdict(spec),
-        "method": "logits = (randn[N,H] @ (randn[V,H] / sqrt(H)).T) * scale; labels ~ softmax(logits / T)",
-        "scale": scale,
-        "n_sets": n_sets,
-        "seeds": [spec.seed + 1 + k for k in range(n_sets)],
-        "mean_entropy_per_set": entropies,
-        "valid_fraction": float(sets[0].valid.float().mean()),
-    }
-    return sets, record
+    method = "logits = (randn[N,H] @ (randn[V,H] / sqrt(H)).T) * scale; labels ~ softmax(logits / T)"
+    return sets, _record(spec, method, scale, entropies, valid_fraction=float(sets[0].valid.float().mean()))
 
 
 def make_linear_inputs(spec: LinearSpec, device: torch.device, n_sets: int, *, seq_len: int = 256,
@@ -159,11 +186,7 @@ def make_linear_inputs(spec: LinearSpec, device: torch.device, n_sets: int, *, s
     temperature is ``target_entropy``), labels sampled from softmax(h W^T / T); ~10% rows ignored;
     per-sequence advantages for rows viewed as [N / seq_len, seq_len]."""
     dtype = DTYPES[spec.dtype]
-    gen = torch.Generator(device=device)
-    gen.manual_seed(spec.seed)
-    weight, scale = testing.lm_head_weight(spec.v, spec.h, temperature=spec.temperature,
-                                           target_entropy=spec.target_entropy, generator=gen, device=device,
-                                           scale=scale)
+    gen, weight, scale = _lm_head(spec, spec.h, device, scale)
     weight = (weight * scale).to(dtype)
     w32 = weight.float()
     sets: list[LinearInputs] = []
@@ -171,23 +194,16 @@ def make_linear_inputs(spec: LinearSpec, device: torch.device, n_sets: int, *, s
     for k in range(n_sets):
         gen.manual_seed(spec.seed + 1 + k)
         hidden = torch.randn(spec.n, spec.h, generator=gen, device=device).to(dtype)
-        labels, entropy = testing.sample_labels_chunked(lambda rows, x=hidden: x[rows].float() @ w32.T,
-                                                        spec.n, spec.v, temperature=spec.temperature,
-                                                        generator=gen, device=device)
+
+        def logits_of(rows: slice, x: torch.Tensor = hidden) -> torch.Tensor:
+            return x[rows].float() @ w32.T  # one row chunk's fp32 logits
+
+        labels, entropy, valid, g_lp, g_h = _targets(spec, logits_of, gen)
         entropies.append(entropy)
-        valid, g_lp, g_h = testing.ignore_rows_and_upstream(labels, ignore_fraction=spec.ignore_fraction,
-                                                            ignore_index=spec.ignore_index, generator=gen)
         adv = torch.randn(max(1, spec.n // seq_len), generator=gen, device=device)
         sets.append(LinearInputs(hidden, weight, labels, g_lp, g_h, adv, valid))
-    record = {
-        **asdict(spec),
-        "method": "hidden = randn[N,H]; weight = randn[V,H] / sqrt(H) * scale; labels ~ softmax(h W^T / T)",
-        "scale": scale,
-        "n_sets": n_sets,
-        "seeds": [spec.seed + 1 + k for k in range(n_sets)],
-        "mean_entropy_per_set": entropies,
-    }
-    return sets, record
+    method = "hidden = randn[N,H]; weight = randn[V,H] / sqrt(H) * scale; labels ~ softmax(h W^T / T)"
+    return sets, _record(spec, method, scale, entropies)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -180,27 +180,19 @@ def assert_close_to_oracle(
     a, o = _rows(actual, valid), _rows(oracle, valid)
     n_rows = int(valid.sum()) if valid is not None else (oracle.shape[0] if oracle.dim() else 1)
 
-    # Non-finite oracle entries must be reproduced exactly (NaN where NaN, the same infinity where infinite).
-    fin = torch.isfinite(o)
-    nonfin = ~fin
-    if bool(nonfin.any()):
-        same = (torch.isnan(o) & torch.isnan(a)) | (o == a)
-        bad = nonfin & ~same
+    def fail_if_any(bad: torch.Tensor, what: str) -> None:
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise AssertionError(
-                f"{name}: {int(bad.sum())} entries where the oracle is non-finite differ; "
-                f"first at flat index {i}: "
+                f"{name}: {int(bad.sum())} {what}; first at flat index {i}: "
                 f"impl={float(a[i])!r}, oracle={float(o[i])!r}"
             )
-    bad_fin = fin & ~torch.isfinite(a)
-    if bool(bad_fin.any()):
-        i = int(bad_fin.nonzero()[0, 0])
-        raise AssertionError(
-            f"{name}: {int(bad_fin.sum())} non-finite entries where the oracle is finite; "
-            f"first at flat index {i}: "
-            f"impl={float(a[i])!r}, oracle={float(o[i])!r}"
-        )
+
+    # Non-finite oracle entries must be reproduced exactly (NaN where NaN, the same infinity where infinite).
+    fin = torch.isfinite(o)
+    same = (torch.isnan(o) & torch.isnan(a)) | (o == a)
+    fail_if_any(~fin & ~same, "entries where the oracle is non-finite differ")
+    fail_if_any(fin & ~torch.isfinite(a), "non-finite entries where the oracle is finite")
     if not bool(fin.any()):
         return
 
@@ -236,19 +228,21 @@ def assert_close_to_oracle(
         )
 
 
+def _assert_table_line(quantity, actual, oracle, reference_same_dtype, *, dtype, name, valid=None,
+                       magnitude=None) -> None:
+    """``assert_close_to_oracle`` with the ``quantity`` line of ``TOLERANCES`` for input dtype ``dtype``: its
+    ref_factor and atol_scale, and 1 ulp of ``dtype`` per element where the line grants it."""
+    __tracebackhide__ = True
+    tol = tolerance(quantity, dtype)
+    assert_close_to_oracle(actual, oracle, reference_same_dtype, atol_scale=tol.atol_scale, name=name,
+                           valid=valid, magnitude=magnitude, ulp_dtype=dtype if tol.ulps else None,
+                           ref_factor=tol.ref_factor)
+
+
 def assert_stat_close(actual, oracle, reference_same_dtype, *, dtype, name, valid=None) -> None:
     """``assert_close_to_oracle`` with the statistics line of ``TOLERANCES`` for input dtype ``dtype``."""
     __tracebackhide__ = True
-    tol = tolerance("stat", dtype)
-    assert_close_to_oracle(
-        actual,
-        oracle,
-        reference_same_dtype,
-        atol_scale=tol.atol_scale,
-        name=name,
-        valid=valid,
-        ref_factor=tol.ref_factor,
-    )
+    _assert_table_line("stat", actual, oracle, reference_same_dtype, dtype=dtype, name=name, valid=valid)
 
 
 def _grad_magnitude(g_lp, g_h, valid) -> float:
@@ -264,18 +258,8 @@ def _grad_magnitude(g_lp, g_h, valid) -> float:
 def assert_grad_close(actual, oracle, reference_same_dtype, *, dtype, g_lp, g_h, name, valid=None) -> None:
     """``assert_close_to_oracle`` for ``grad_logits``: atol = 1e-7 max(|g_lp|, |g_H|), +1 ulp for 16-bit."""
     __tracebackhide__ = True
-    tol = tolerance("grad", dtype)
-    assert_close_to_oracle(
-        actual,
-        oracle,
-        reference_same_dtype,
-        atol_scale=tol.atol_scale,
-        name=name,
-        valid=valid,
-        magnitude=_grad_magnitude(g_lp, g_h, valid),
-        ulp_dtype=dtype if tol.ulps else None,
-        ref_factor=tol.ref_factor,
-    )
+    _assert_table_line("grad", actual, oracle, reference_same_dtype, dtype=dtype, name=name, valid=valid,
+                       magnitude=_grad_magnitude(g_lp, g_h, valid))
 
 
 def assert_param_grad_close(actual, oracle, reference_same_dtype, *, dtype, name) -> None:
@@ -283,17 +267,9 @@ def assert_param_grad_close(actual, oracle, reference_same_dtype, *, dtype, name
     linear_token_logprobs): the ``grad_param`` line of ``TOLERANCES``, magnitude max |oracle|, + 1 ulp of
     the gradient dtype for 16-bit inputs."""
     __tracebackhide__ = True
-    tol = tolerance("grad_param", dtype)
-    assert_close_to_oracle(
-        actual,
-        oracle,
-        reference_same_dtype,
-        atol_scale=tol.atol_scale,
-        name=name,
-        magnitude=float(oracle.detach().abs().max()) if oracle.numel() else 0.0,
-        ulp_dtype=dtype if tol.ulps else None,
-        ref_factor=tol.ref_factor,
-    )
+    magnitude = float(oracle.detach().abs().max()) if oracle.numel() else 0.0
+    _assert_table_line("grad_param", actual, oracle, reference_same_dtype, dtype=dtype, name=name,
+                       magnitude=magnitude)
 
 
 def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=None) -> None:

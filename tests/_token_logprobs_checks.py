@@ -39,18 +39,20 @@ class TokenLogprobsResult(NamedTuple):
     grad: torch.Tensor | None  # grad_logits, or None when no upstream gradient was given
 
 
-def _backward(leaf, out, g_lp, g_h):
+def _with_grad(leaf, out, case: TokenLogprobsCase, grad: str | None) -> TokenLogprobsResult:
+    """``out`` and, if ``grad`` is 'both' / 'lp' / 'h', grad_logits (of ``leaf``) from the case's upstream
+    gradients of those outputs, cast to the outputs' dtype."""
+    if grad is None:
+        return TokenLogprobsResult(*out, None)
     outputs, grads = [], []
-    if g_lp is not None:
+    if grad in ("both", "lp"):
         outputs.append(out.logprobs)
-        grads.append(g_lp.to(out.logprobs.dtype))
-    if g_h is not None:
+        grads.append(case.g_lp.to(out.logprobs.dtype))
+    if grad in ("both", "h"):
         outputs.append(out.entropy)
-        grads.append(g_h.to(out.entropy.dtype))
-    if not outputs:
-        return None
-    (grad,) = torch.autograd.grad(outputs, [leaf], grads)
-    return grad
+        grads.append(case.g_h.to(out.entropy.dtype))
+    (g,) = torch.autograd.grad(outputs, [leaf], grads)
+    return TokenLogprobsResult(*out, g)
 
 
 def run_token_logprobs(
@@ -68,26 +70,11 @@ def run_token_logprobs(
     upstream gradients from those outputs."""
     from reasonrl.ops.token_logprobs import token_logprobs
 
-    x = (case.logits if logits is None else logits).detach().clone()
-    if grad is not None:
-        x.requires_grad_(True)
-    out = token_logprobs(
-        x,
-        case.labels,
-        temperature=case.temperature,
-        ignore_index=case.ignore_index,
-        want_entropy=want_entropy,
-        want_rank=want_rank,
-        return_lse=return_lse,
-        impl=impl,
-        **kwargs,
-    )
-    g = None
-    if grad is not None:
-        g = _backward(
-            x, out, case.g_lp if grad in ("both", "lp") else None, case.g_h if grad in ("both", "h") else None
-        )
-    return TokenLogprobsResult(*out, g)
+    x = (case.logits if logits is None else logits).detach().clone().requires_grad_(grad is not None)
+    out = token_logprobs(x, case.labels, temperature=case.temperature, ignore_index=case.ignore_index,
+                         want_entropy=want_entropy, want_rank=want_rank, return_lse=return_lse, impl=impl,
+                         **kwargs)
+    return _with_grad(x, out, case, grad)
 
 
 def run_token_logprobs_reference(
@@ -103,25 +90,10 @@ def run_token_logprobs_reference(
     temp = case.temperature
     if isinstance(temp, torch.Tensor):
         temp = temp.to(compute_dtype)
-    out = token_logprobs_reference(
-        x,
-        case.labels,
-        temperature=temp,
-        ignore_index=case.ignore_index,
-        want_entropy=True,
-        want_rank=True,
-        return_lse=True,
-        compute_dtype=compute_dtype,
-    )
-    g = None
-    if grad is not None:
-        g = _backward(
-            x,
-            out,
-            case.g_lp.to(compute_dtype) if grad in ("both", "lp") else None,
-            case.g_h.to(compute_dtype) if grad in ("both", "h") else None,
-        )
-    return TokenLogprobsResult(*out, g)
+    out = token_logprobs_reference(x, case.labels, temperature=temp, ignore_index=case.ignore_index,
+                                   want_entropy=True, want_rank=True, return_lse=True,
+                                   compute_dtype=compute_dtype)
+    return _with_grad(x, out, case, grad)
 
 
 def valid_rows(case: TokenLogprobsCase) -> torch.Tensor:
