@@ -47,7 +47,7 @@ from .timing import time_fn
 ALL_MODES = ("fwd", "bwd", "full")  # what --modes accepts; each benchmark runs the ones it has
 GPU_MEMORY_METHOD = "torch.cuda.max_memory_allocated - allocated before (incremental)"
 CPU_MEMORY_METHOD = "peak RSS (VmHWM) - RSS before, fresh subprocess per provider and case"
-_T0 = time.perf_counter()  # origin of the progress stamps of log()
+_T0 = time.perf_counter()  # origin of the progress stamps of log(): the start of the benchmark's main()
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class Benchmark:
 
 
 def log(op: str, msg: str) -> None:
-    """Progress on stderr, stamped with the seconds since the harness was loaded."""
+    """Progress on stderr, stamped with the seconds since the benchmark started."""
     print(f"[{op} {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
@@ -431,7 +431,8 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> int:
         emit_memcase_result(memcase(bench, json.loads(args._memcase)))
         return 0
 
-    t_start = time.perf_counter()
+    global _T0
+    t_start = _T0 = time.perf_counter()
     device = report.pick_device()
     default_threads = bench.default_cpu_threads if device.type == "cpu" else torch.get_num_threads()
     threads = args.threads or default_threads
