@@ -29,28 +29,27 @@ Usage: ``python -m reasonrl.bench.bench_policy_loss --profile quick``.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import common
-from .common import ERROR, INCORRECT, MIB, NOT_INSTALLED, OK, OOM, UNSUPPORTED, LogitsInputSpec
+from . import harness
+from .accuracy import PEER_RTOL
+from .ceilings import floor_ms
+from .harness import GateRun, Verdict, Work
+from .inputs import LogitsInputSpec, make_logits_inputs, n_rotating_sets
+from .memory import peak_memory
+from .policy_workload import SEQ_LEN, Rollout, loss_config, make_rollout, oracle_chunks, rel_err
 
 OP = "policy_loss_from_logits"
 MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
 MODES = ("fwd", "full")
 TRAFFIC = {"fwd": (1, 0), "full": (1, 1)}  # the single pass; the two-phase path moves (2, 1)
 PEER_DISTS = ("liger-kernel", "trl", "transformers")
-SEQ_LEN = 256
 PROFILES: dict[str, dict[str, list[tuple[int, int, str]]]] = {
     "quick": {"cpu": [(4096, 32000, "float32")], "cuda": [(16384, 151936, "bfloat16")]},
     "full": {
@@ -63,22 +62,6 @@ PROFILES: dict[str, dict[str, list[tuple[int, int, str]]]] = {
         "cuda": [(n, 151936, "bfloat16") for n in (4096, 8192, 16384)] + [(4096, 151936, "float32")],
     },
 }
-DEFAULT_CPU_THREADS = 2
-_T0 = time.perf_counter()
-
-
-def _config():
-    from reasonrl.losses import PolicyLossConfig
-
-    return PolicyLossConfig(
-        loss_type="dapo",
-        epsilon_low=0.2,
-        epsilon_high=0.28,
-        beta=0.04,
-        kl_estimator="k3",
-        kl_bias_correction=False,
-        temperature=0.9,
-    )
 
 
 @dataclass
@@ -95,11 +78,9 @@ class LossInputs:
 def _loss_inputs(spec: LogitsInputSpec, device: torch.device, n_sets: int) -> tuple[list[LossInputs], dict]:
     from reasonrl.ops import token_logprobs
 
-    sets, record = common.make_logits_inputs(spec, device, n_sets)
+    sets, record = make_logits_inputs(spec, device, n_sets)
     out = []
     for k, s in enumerate(sets):
-        gen = torch.Generator(device=device).manual_seed(1000 + k)
-        n_seq = spec.n // SEQ_LEN
         with torch.no_grad():
             lp = token_logprobs(
                 s.logits,
@@ -109,19 +90,9 @@ def _loss_inputs(spec: LogitsInputSpec, device: torch.device, n_sets: int) -> tu
                 impl="reference" if device.type == "cpu" and spec.dtype == "float64" else "auto",
                 validate=False,
             ).logprobs
-        old = lp + 0.1 * torch.randn(spec.n, generator=gen, device=device)
-        ref = old - 0.05 * torch.randn(spec.n, generator=gen, device=device).abs()
-        out.append(
-            LossInputs(
-                logits=s.logits.requires_grad_(True),
-                labels=s.labels,
-                cu_seqlens=torch.arange(0, spec.n + 1, SEQ_LEN, device=device),
-                advantages=torch.randn(n_seq, generator=gen, device=device),
-                old_logprobs=old.float(),
-                ref_logprobs=ref.float(),
-                num_items=int(s.valid.sum()),
-            )
-        )
+        r = make_rollout(lp, s.valid, seed=1000 + k)
+        out.append(LossInputs(s.logits, s.labels, r.cu_seqlens, r.advantages, r.old_logprobs, r.ref_logprobs,
+                              r.num_items))
     record["layout"] = f"packed, {spec.n // SEQ_LEN} sequences of {SEQ_LEN} tokens"
     return out, record
 
@@ -134,23 +105,14 @@ def _policy_loss_fn(impl: str, **extra) -> Callable[[LogitsInputSpec, torch.devi
     def build(spec: LogitsInputSpec, device: torch.device) -> LossFn:
         from reasonrl.losses import LossNormalizers, policy_loss_from_logits
 
-        cfg = _config()
+        cfg = loss_config()
 
         def loss_of(inp: LossInputs) -> torch.Tensor:
             norms = LossNormalizers(num_items_in_batch=inp.num_items)
             return policy_loss_from_logits(
-                inp.logits,
-                inp.labels,
-                advantages=inp.advantages,
-                cu_seqlens=inp.cu_seqlens,
-                old_logprobs=inp.old_logprobs,
-                ref_logprobs=inp.ref_logprobs,
-                normalizers=norms,
-                config=cfg,
-                ignore_index=spec.ignore_index,
-                impl=impl,
-                validate=False,
-                **extra,
+                inp.logits, inp.labels, advantages=inp.advantages, cu_seqlens=inp.cu_seqlens,
+                old_logprobs=inp.old_logprobs, ref_logprobs=inp.ref_logprobs, normalizers=norms, config=cfg,
+                ignore_index=spec.ignore_index, impl=impl, validate=False, **extra,
             ).loss
 
         return _runner(loss_of)
@@ -188,21 +150,13 @@ def _build_eager(spec, device):
 def _build_compiled(spec, device):
     from reasonrl.losses import LossNormalizers, policy_loss_from_logits
 
-    cfg = _config()
+    cfg = loss_config()
 
     def loss_of(logits, labels, advantages, cu_seqlens, old, ref, num_items):
         return policy_loss_from_logits(
-            logits,
-            labels,
-            advantages=advantages,
-            cu_seqlens=cu_seqlens,
-            old_logprobs=old,
-            ref_logprobs=ref,
-            normalizers=LossNormalizers(num_items_in_batch=num_items),
-            config=cfg,
-            ignore_index=spec.ignore_index,
-            impl="reference",
-            validate=False,
+            logits, labels, advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old, ref_logprobs=ref,
+            normalizers=LossNormalizers(num_items_in_batch=num_items), config=cfg,
+            ignore_index=spec.ignore_index, impl="reference", validate=False,
         ).loss
 
     compiled = torch.compile(loss_of, dynamic=False)
@@ -216,7 +170,7 @@ def _build_compiled(spec, device):
 def _build_liger(spec, device):
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-    cfg = _config()
+    cfg = loss_config()
     cache: dict[int, tuple] = {}
 
     def padded(inp: LossInputs):
@@ -244,20 +198,9 @@ def _build_liger(spec, device):
 
         def loss():
             out = triton_grpo_loss(
-                x,
-                old,
-                ref,
-                ids,
-                inp.advantages,
-                mask,
-                temperature=cfg.temperature,
-                beta=cfg.beta,
-                eps_low=cfg.epsilon_low,
-                eps_high=cfg.epsilon_high_value,
-                inplace=False,
-                loss_type="dapo",
-                reduce=True,
-                num_items_in_batch=inp.num_items,
+                x, old, ref, ids, inp.advantages, mask, temperature=cfg.temperature, beta=cfg.beta,
+                eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high_value, inplace=False, loss_type="dapo",
+                reduce=True, num_items_in_batch=inp.num_items,
             )
             return out[0] if isinstance(out, tuple) else out
 
@@ -272,14 +215,8 @@ def _build_liger(spec, device):
 
 
 @dataclass(frozen=True)
-class Provider:
-    name: str
-    build: Callable[[LogitsInputSpec, torch.device], LossFn]
-    note: str = ""
-    strict: bool = False
-    cuda_only: bool = False
-    module: str | None = None
-    traffic_full: tuple[int, int] = (1, 1)
+class Provider(harness.Provider):
+    traffic_full: tuple[int, int] = (1, 1)  # (reads, writes) of the logits in ``full``, in units of N*V*b
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -318,52 +255,35 @@ PROVIDERS: dict[str, Provider] = {
 EAGER, COMPILED = "reference-eager", "reference-compiled"
 
 
-def _oracle(spec: LogitsInputSpec, inp: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and dlogits in float64, sequence-aligned row chunks (exact: the loss is a sum of per-token terms
-    whose coefficients num_items_in_batch fixes)."""
-    from reasonrl.losses import LossNormalizers, policy_loss
-    from reasonrl.reference import token_logprobs_reference
 
-    cfg = _config()
-    norms = LossNormalizers(num_items_in_batch=inp.num_items)
-    rows_per_chunk = max(SEQ_LEN, (1 << 24) // spec.v // SEQ_LEN * SEQ_LEN)
+# ----------------------------------------------------------------------------------------------------------
+# Oracle and check
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _oracle(spec: LogitsInputSpec, inp: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and dlogits in float64, sequence-aligned row chunks (``policy_workload.oracle_chunks``)."""
+    rollout = Rollout(inp.cu_seqlens, inp.advantages, inp.old_logprobs, inp.ref_logprobs, inp.num_items)
     total = torch.zeros((), dtype=torch.float64)
     grad = torch.empty(inp.logits.shape, dtype=torch.float64, device=inp.logits.device)
-    for start in range(0, spec.n, rows_per_chunk):
-        rows = slice(start, min(spec.n, start + rows_per_chunk))
-        seqs = slice(start // SEQ_LEN, rows.stop // SEQ_LEN)
+
+    def leaves_and_logits(rows: slice) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         x = inp.logits[rows].detach().double().requires_grad_(True)
-        labels = inp.labels[rows]
-        out = token_logprobs_reference(
-            x, labels, temperature=cfg.temperature, ignore_index=spec.ignore_index, want_entropy=True
-        )
-        cu = inp.cu_seqlens[seqs.start : seqs.stop + 1] - start
-        loss = policy_loss(
-            out.logprobs,
-            advantages=inp.advantages[seqs].double(),
-            mask=labels != spec.ignore_index,
-            cu_seqlens=cu,
-            old_logprobs=inp.old_logprobs[rows].double(),
-            ref_logprobs=inp.ref_logprobs[rows].double(),
-            entropies=out.entropy,
-            normalizers=norms,
-            config=cfg,
-        ).loss
-        grad[rows] = torch.autograd.grad(loss, x)[0]
-        total += loss.detach().cpu()
+        return (x,), x
+
+    for rows, loss, (g,) in oracle_chunks(rollout, inp.labels, spec.v, spec.ignore_index, leaves_and_logits):
+        grad[rows] = g
+        total += loss.cpu()
     return total, grad
 
 
 def _check(provider: Provider, loss, grad, oracle_loss, oracle_grad, dtype: str) -> dict[str, Any]:
-    loss_err = abs(float(loss) - float(oracle_loss)) / max(abs(float(oracle_loss)), 1e-12)
-    scale = float(oracle_grad.abs().max())
-    grad_err = (
-        float((grad.double() - oracle_grad).abs().max()) / max(scale, 1e-30) if grad is not None else 0.0
-    )
+    loss_err = rel_err(loss, oracle_loss)
+    grad_err = rel_err(grad, oracle_grad) if grad is not None else 0.0
     if provider.strict:
         bound_loss, bound_grad = 1e-5 if dtype == "float32" else 2e-3, 1e-4 if dtype == "float32" else 2e-2
     else:
-        bound_loss = bound_grad = common.PEER_RTOL[dtype]
+        bound_loss = bound_grad = PEER_RTOL[dtype]
     return {
         "loss_rel_err": loss_err,
         "grad_err_rel_max": grad_err,
@@ -373,229 +293,72 @@ def _check(provider: Provider, loss, grad, oracle_loss, oracle_grad, dtype: str)
     }
 
 
-def _memcase(payload: dict[str, Any]) -> dict[str, Any]:
-    """Child side of the CPU memory measurement: fresh process; extra peak RSS of one call per mode."""
-    torch.set_num_threads(payload["threads"])
-    device = torch.device("cpu")
-    spec = LogitsInputSpec(**payload["spec"])
-    inp = LossInputs(**torch.load(payload["inputs"], weights_only=False))
-    inp.logits.requires_grad_(True)
-    fn = PROVIDERS[payload["provider"]].build(spec, device)
-    out = {}
-    for mode in payload["modes"]:
-        fn(inp, mode == "full")  # warm-up (and compilation) outside the measurement
-        _, delta, peak = common.peak_memory(lambda m=mode: fn(inp, m == "full"), device)
-        out[mode] = {"delta_mib": delta / MIB, "peak_mib": peak / MIB}
-    return out
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _log(msg: str) -> None:
-    print(f"[{OP} {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+class PolicyLossBenchmark(harness.Benchmark):
+    op, module, modes, profiles, providers, peer_dists = OP, MODULE, MODES, PROFILES, PROVIDERS, PEER_DISTS
+    spec_cls, inputs_cls, leaves = LogitsInputSpec, LossInputs, ("logits",)
+    profile_help = ("quick: fp32 [4096, 32000] on CPU (the issue's acceptance shape), bf16 [16384, 151936] "
+                    "on CUDA; full: more shapes")
+    modes_help = "Default: full."
 
+    def default_modes(self, profile, device):
+        return ["full"]
 
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    def make_inputs(self, spec, device):
+        return _loss_inputs(spec, device, n_rotating_sets(spec.logits_bytes, device))
 
+    def oracle(self, spec, inp, device):
+        oracle = _oracle(spec, inp)
+        harness.log(OP, f"{spec.label}: float64 oracle loss {float(oracle[0]):.6g}")
+        return oracle
 
-def _row(spec, mode, p: Provider, status, detail=""):
-    return {
-        "op": OP,
-        "case": spec.label,
-        "n": spec.n,
-        "v": spec.v,
-        "dtype": spec.dtype,
-        "mode": mode,
-        "provider": p.name,
-        "status": status,
-        "status_detail": detail,
-        "note": p.note,
-    }
-
-
-def run_case(
-    spec: LogitsInputSpec,
-    providers: list[Provider],
-    modes: list[str],
-    device: torch.device,
-    ceilings: dict[str, Any],
-    threads: int,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    t_case = time.perf_counter()
-    n_sets = common.n_rotating_sets(spec.logits_bytes, device)
-    sets, record = _loss_inputs(spec, device, n_sets)
-    _log(f"{spec.label}: {n_sets} input sets, {record['layout']}")
-    oracle_loss, oracle_grad = _oracle(spec, sets[0])
-    _log(f"{spec.label}: float64 oracle loss {float(oracle_loss):.6g}")
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    fns: dict[str, LossFn] = {}
-    for p in providers:
-        blocked = None
-        if p.module is not None and importlib.util.find_spec(p.module) is None:
-            blocked = NOT_INSTALLED, p.module
-        elif p.cuda_only and device.type != "cuda":
-            blocked = UNSUPPORTED, "CUDA only"
-        else:
-            try:
-                fns[p.name] = p.build(spec, device)
-            except Exception as exc:
-                blocked = ERROR, _short(exc)
-        if blocked is not None:
-            rows.update({(p.name, m): _row(spec, m, p, *blocked) for m in modes})
-
-    for name, fn in list(fns.items()):
-        p = PROVIDERS[name]
+    def gate(self, p, fn, inp, modes, device, oracle) -> GateRun:
+        # Checked right away against the oracle computed before the gate: only the errors are kept, not a
+        # [N, V] gradient per provider.
+        checks, first_s = {}, {}
         for mode in modes:
-            row = rows[name, mode] = _row(spec, mode, p, OK)
-            try:
-                t0 = time.perf_counter()
-                loss, grad = fn(sets[0], mode == "full")
-                first_s = time.perf_counter() - t0
-                check = _check(p, loss, grad, oracle_loss, oracle_grad, spec.dtype)
-                del loss, grad
-                row.update(
-                    errors=check,
-                    max_err=check["grad_err_rel_max"] if mode == "full" else check["loss_rel_err"],
-                    first_call_s=first_s,
-                )
-                if not check["ok"]:
-                    row["status"] = INCORRECT
-                    continue
-                timing = common.time_fn(
-                    lambda k, m=mode, f=fn: f(sets[k], m == "full"),
-                    n_sets,
-                    device,
-                    grad_to_none=[s.logits for s in sets],
-                    prior_calls=1,
-                    prior_s=first_s,
-                )
-            except torch.OutOfMemoryError as exc:
-                row.update(status=OOM, status_detail=_short(exc))
-                continue
-            except Exception as exc:
-                row.update(status=ERROR, status_detail=_short(exc))
-                continue
-            reads, writes = (
-                k * spec.logits_bytes for k in (TRAFFIC["fwd"] if mode == "fwd" else p.traffic_full)
-            )
-            floor = common.floor_ms(
-                spec.logits_bytes * TRAFFIC[mode][0], spec.logits_bytes * TRAFFIC[mode][1], ceilings, device
-            )
-            row.update(
-                median_ms=timing.median_ms,
-                p20_ms=timing.p20_ms,
-                p80_ms=timing.p80_ms,
-                repeats=timing.repeats,
-                warmups=timing.warmups,
-                timing_method=timing.method,
-                bytes=reads + writes,
-                unit="GB/s",
-                throughput=(reads + writes) / timing.median_ms / 1e6,
-                floor_ms=floor,
-                pct_ceiling=100 * floor / timing.median_ms,
-            )
-            _log(f"{spec.label}: {name} {mode} {timing.median_ms:.1f} ms")
+            t0 = time.perf_counter()
+            loss, grad = fn(inp, mode == "full")
+            first_s[mode] = time.perf_counter() - t0
+            checks[mode] = _check(p, loss, grad, *oracle, str(inp.logits.dtype).removeprefix("torch."))
+            del loss, grad
+        return GateRun(checks, first_s)
 
-    measured = [n for n in fns if any(rows[n, m]["status"] == OK for m in modes)]
-    with tempfile.TemporaryDirectory(prefix="reasonrl-bench-", dir=common.scratch_dir()) as tmp:
-        path = Path(tmp) / "inputs.pt"
-        if device.type == "cpu" and measured:
-            inp = sets[0]
-            torch.save({k: (v.detach() if torch.is_tensor(v) else v) for k, v in asdict(inp).items()}, path)
-        for name in measured:
-            if device.type == "cuda":
-                mem = {}
-                for mode in modes:
-                    _, delta, peak = common.peak_memory(
-                        lambda m=mode, f=fns[name]: f(sets[0], m == "full"), device
-                    )
-                    mem[mode] = {"delta_mib": delta / MIB, "peak_mib": peak / MIB}
-                method = "torch.cuda.max_memory_allocated - allocated before (incremental)"
-            else:
-                mem = common.run_memory_subprocess(
-                    MODULE,
-                    {
-                        "provider": name,
-                        "spec": asdict(spec),
-                        "inputs": str(path),
-                        "threads": threads,
-                        "modes": modes,
-                    },
-                )
-                method = "peak RSS (VmHWM) - RSS before, fresh subprocess per provider and case"
-            for mode in modes:
-                row = rows[name, mode]
-                if "error" in mem:
-                    row["mem_error"] = mem["error"]
-                else:
-                    row.update(
-                        mem_delta_mib=mem[mode]["delta_mib"],
-                        mem_peak_mib=mem[mode]["peak_mib"],
-                        mem_method=method,
-                        mem_vs_logits=mem[mode]["delta_mib"] * MIB / spec.logits_bytes,
-                    )
-            _log(
-                f"{spec.label}: {name} memory {mem.get('error') or {m: round(mem[m]['delta_mib']) for m in modes}}"
-            )
-    record["wall_s"] = time.perf_counter() - t_case
-    order = {p.name: i for i, p in enumerate(providers)}
-    return sorted(rows.values(), key=lambda r: (MODES.index(r["mode"]), order[r["provider"]])), record
+    def check(self, spec, inp, results, device, oracle) -> dict[str, dict[str, Verdict]]:
+        shown = {"fwd": "loss_rel_err", "full": "grad_err_rel_max"}  # the table's max err column
+        return {name: {mode: Verdict(c["ok"], c[shown[mode]], c) for mode, c in checks.items()}
+                for name, checks in results.items()}
+
+    def timed(self, p, fn, sets, mode):
+        return (lambda k: fn(sets[k], mode == "full")), []
+
+    def work(self, spec, p, mode, ceilings, device) -> Work:
+        reads, writes = (k * spec.logits_bytes for k in (TRAFFIC["fwd"] if mode == "fwd" else p.traffic_full))
+        floor = floor_ms(spec.logits_bytes * TRAFFIC[mode][0], spec.logits_bytes * TRAFFIC[mode][1], ceilings,
+                         device)
+        return Work(reads + writes, "GB/s", floor)
+
+    def measure_memory(self, p, fn, inp, modes, device, warm):
+        peaks = {}
+        for mode in modes:
+            if warm:
+                fn(inp, mode == "full")  # warm-up (and compilation) outside the measurement
+            _, delta, peak = peak_memory(lambda m=mode: fn(inp, m == "full"), device)
+            peaks[mode] = delta, peak
+        return peaks
+
+    def workload(self, providers, modes):
+        return {"config": repr(loss_config()), "seq_len": SEQ_LEN, "modes": modes,
+                "traffic_nvb": {p.name: p.traffic_full for p in providers}}
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--profile",
-        choices=sorted(PROFILES),
-        default="quick",
-        help="quick: fp32 [4096, 32000] on CPU (the issue's acceptance shape), bf16 [16384, 151936] "
-        "on CUDA; full: more shapes",
-    )
-    ap.add_argument(
-        "--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {', '.join(PROVIDERS)}"
-    )
-    ap.add_argument("--modes", default="full", help="comma-separated subset of fwd,full (default: full)")
-    ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_OUT_DIR)
-    ap.add_argument("--threads", type=int, help=f"torch CPU threads (default on CPU: {DEFAULT_CPU_THREADS})")
-    ap.add_argument("--_memcase", help=argparse.SUPPRESS)
-    return ap
+BENCHMARK = PolicyLossBenchmark()
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, _unknown = _parser().parse_known_args(argv)
-    if args._memcase:
-        common.emit_memcase_result(_memcase(json.loads(args._memcase)))
-        return 0
-    device = common.pick_device()
-    threads = args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
-    torch.set_num_threads(threads)
-    providers = [PROVIDERS[n] for n in args.providers.split(",") if n]
-    modes = [m for m in args.modes.split(",") if m]
-    report = common.new_report(OP, device, PEER_DISTS, args.profile, argv)
-    report["ceilings"] = common.measure_ceilings(device)
-    report["workload"] = {
-        "config": repr(_config()),
-        "seq_len": SEQ_LEN,
-        "modes": modes,
-        "traffic_nvb": {p.name: p.traffic_full for p in providers},
-    }
-    t_start = time.perf_counter()
-    for n, v, dtype in PROFILES[args.profile][device.type]:
-        spec = LogitsInputSpec(n=n, v=v, dtype=dtype)
-        rows, record = run_case(spec, providers, modes, device, report["ceilings"], threads)
-        report["rows"] += rows
-        report["cases"].append(record)
-    common.fill_speedups(report["rows"], EAGER, COMPILED)
-    report["wall_s"] = time.perf_counter() - t_start
-    paths = common.write_results(report, args.out_dir, device)
-    common.print_tables(report["rows"], report)
-    print(f"wrote {', '.join(str(p) for p in paths.values())} ({report['wall_s']:.0f} s)")
-    failed = [
-        r
-        for r in report["rows"]
-        if r["provider"].startswith("reasonrl") and r["status"] in (INCORRECT, ERROR)
-    ]
-    return 1 if failed else 0
+main = BENCHMARK.main  # main(argv) -> exit status: what run_all and `python -m` call
 
 
 if __name__ == "__main__":

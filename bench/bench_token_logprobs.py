@@ -25,45 +25,34 @@ timed alone), ``full`` (training forward + backward).
 Correctness gate (section 4.4): each provider runs the forward without autograd and the training forward +
 backward once on input set 0, and both are compared with the float64 reference over valid rows. reasonrl
 must meet ops.md section 8 (the tolerance table of ``reasonrl.testing``), every other provider the looser
-``bench.common.peer_bound`` (the compiled reference is fused and reordered by inductor: its fp32 gradient
+``bench.accuracy.peer_bound`` (the compiled reference is fused and reordered by inductor: its fp32 gradient
 error is a few times the eager one's). A provider failing a mode is ``incorrect`` there and not timed.
 
 Usage: ``python -m reasonrl.bench.bench_token_logprobs --profile quick``.
 """
 
+
 from __future__ import annotations
 
-import argparse
 import functools
-import importlib.util
-import json
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import common
-from .common import (
-    DTYPES,
-    ERROR,
-    INCORRECT,
-    MIB,
-    NOT_INSTALLED,
-    OK,
-    OOM,
-    UNSUPPORTED,
-    LogitsInputs,
-    LogitsInputSpec,
-    MaxError,
-)
 from reasonrl import testing
 from reasonrl.reference import token_logprobs_reference
+
+from . import harness
+from .accuracy import PEER_RTOL, MaxError, acceptance_bound, peer_bound
+from .ceilings import floor_ms
+from .harness import GateRun, Verdict, Work
+from .inputs import DTYPES, LogitsInputs, LogitsInputSpec, make_logits_inputs, n_rotating_sets, row_chunks
+from .memory import peak_memory
 
 OP = "token_logprobs"
 MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
@@ -89,8 +78,6 @@ PROFILES: dict[str, dict[str, list[tuple[int, int, str]]]] = {
         + [(4096, 151936, "float32")],
     },
 }
-DEFAULT_CPU_THREADS = 2  # the thread count of the CPU targets (performance.md section 3)
-_T0 = time.perf_counter()  # origin of the progress stamps of _log
 
 # fn(logits [N, V], labels [N]) -> (log-probs [N], entropy [N] or None)
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -203,15 +190,8 @@ def _reasonrl_unavailable(device: torch.device, dtype: torch.dtype) -> str | Non
 
 
 @dataclass(frozen=True)
-class Provider:
-    name: str
-    build: Callable[[LogitsInputSpec, torch.device], LogprobFn]
-    note: str = ""
-    strict: bool = False  # held to ops.md section 8 (reasonrl); others get bench.common.peer_bound
+class Provider(harness.Provider):
     entropy: bool = True  # False: log-probs only; gradients flow from the log-probs only
-    cuda_only: bool = False
-    module: str | None = None  # top-level module that must be importable ("not installed" otherwise)
-    unavailable: Callable[[torch.device, torch.dtype], str | None] | None = None
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -232,19 +212,6 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              note="flash_attn Triton cross_entropy_loss(logit_scale=1/T): log-prob only, no entropy"),
 )}
 EAGER, COMPILED = "reference-eager", "reference-compiled"
-
-
-def _availability(p: Provider, device: torch.device, dtype: torch.dtype) -> tuple[str, str] | None:
-    """(status, detail) when the provider cannot run here, else None."""
-    if p.module is not None and importlib.util.find_spec(p.module) is None:
-        return NOT_INSTALLED, p.module
-    if p.cuda_only and device.type != "cuda":
-        return UNSUPPORTED, "CUDA only"
-    if p.unavailable is not None:
-        reason = p.unavailable(device, dtype)
-        if reason is not None:
-            return UNSUPPORTED, reason
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,12 +246,9 @@ class GateResult:
 
     inference: tuple[torch.Tensor, torch.Tensor | None] | None
     training: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None
-    # Seconds of each pass; they include compilation / autotuning for the providers that do either.
-    inference_s: float = 0.0
-    training_s: float = 0.0
 
 
-def _gate_call(fn: LogprobFn, inp: LogitsInputs, modes: list[str], device: torch.device) -> GateResult:
+def _gate_call(fn: LogprobFn, inp: LogitsInputs, modes: list[str], device: torch.device) -> GateRun:
     # Offloaded so that held results of several providers do not crowd the device (no-op on CPU).
     def host(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to("cpu")
@@ -293,21 +257,22 @@ def _gate_call(fn: LogprobFn, inp: LogitsInputs, modes: list[str], device: torch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    result = GateResult(None, None)
+    result, inference_s, training_s = GateResult(None, None), 0.0, 0.0
     if "fwd" in modes:
         t0 = time.perf_counter()
         lp, ent = _infer(fn, inp)
         sync()
-        result.inference_s = time.perf_counter() - t0
+        inference_s = time.perf_counter() - t0
         result.inference = host(lp), host(ent)
     if "bwd" in modes or "full" in modes:
         t0 = time.perf_counter()
         lp, ent = fn(inp.logits, inp.labels)
         grad = _backward((lp, ent), inp, retain=False)
         sync()
-        result.training_s = time.perf_counter() - t0
+        training_s = time.perf_counter() - t0
         result.training = host(lp), host(ent), host(grad)
-    return result
+    first_s = {"fwd": inference_s, "bwd": training_s, "full": training_s}
+    return GateRun(result, {m: first_s[m] for m in modes})
 
 
 @dataclass
@@ -362,7 +327,7 @@ def _check(spec: LogitsInputSpec, inp: LogitsInputs, results: dict[str, GateResu
     eager_fp32 = eager.training if spec.dtype == "float32" and eager is not None else None
     ref_source = "reference-eager training pass" if eager_fp32 is not None else "reference, block by block"
     logits = inp.logits.detach()
-    for rows in common.row_chunks(spec.n, spec.v, max_elems=1 << 23):
+    for rows in row_chunks(spec.n, spec.v, max_elems=1 << 23):
         x, y, valid = logits[rows], inp.labels[rows], inp.valid[rows]
         g_lp, g_h = inp.grad_logprobs[rows], inp.grad_entropy[rows]
         oracle = _reference_chunk(x, y, g_lp, g_h, spec, torch.float64, variants)
@@ -399,17 +364,17 @@ def _check(spec: LogitsInputSpec, inp: LogitsInputs, results: dict[str, GateResu
             if quantity == "grad":
                 v = grad_variant[name]
                 err_ref = ref[f"grad:{v}"].err
-                bound = common.acceptance_bound("grad", dtype, err_ref, upstream[v])
+                bound = acceptance_bound("grad", dtype, err_ref, upstream[v])
                 scale = e.max_oracle
                 # 16-bit gradients may also be 1 ulp of their dtype off the oracle (ops.md section 8).
                 measured = e.err_beyond_ulp if grad_ulps else e.err
             else:
                 err_ref = ref[quantity].err
-                bound = common.acceptance_bound("stat", dtype, err_ref, 1 + e.max_oracle)
+                bound = acceptance_bound("stat", dtype, err_ref, 1 + e.max_oracle)
                 scale = 1 + e.max_oracle
                 measured = e.err
             if not PROVIDERS[name].strict:
-                bound = common.peer_bound(bound, scale, spec.dtype)
+                bound = peer_bound(bound, scale, spec.dtype)
             checks[name][key] = {"err": e.err, "measured": measured, "bound": bound,
                                  "err_reference_fp32": err_ref, "reference_fp32": ref_source,
                                  "max_abs_oracle": e.max_oracle, "ok": measured <= bound}
@@ -435,279 +400,92 @@ def _timed_fn(mode: str, fn: LogprobFn, sets: list[LogitsInputs]) -> tuple[Calla
 
 
 def _measure_memory(fn: LogprobFn, inp: LogitsInputs, modes: list[str],
-                    device: torch.device) -> dict[str, dict[str, float]]:
-    """Incremental and absolute peak (MiB) of the forward without autograd (fwd), of the backward alone
+                    device: torch.device) -> dict[str, tuple[int, int]]:
+    """Incremental and absolute peak bytes of the forward without autograd (fwd), of the backward alone
     after a training forward whose graph it consumes (bwd), and of the two in sequence (full)."""
     peaks: dict[str, tuple[int, int]] = {}
     if "fwd" in modes:
-        _, d_fwd, a_fwd = common.peak_memory(lambda: _infer(fn, inp), device)
+        _, d_fwd, a_fwd = peak_memory(lambda: _infer(fn, inp), device)
         peaks["fwd"] = d_fwd, a_fwd
     if "bwd" in modes or "full" in modes:
-        outs, d_train, a_train = common.peak_memory(lambda: fn(inp.logits, inp.labels), device)
-        _, d_bwd, a_bwd = common.peak_memory(lambda: _backward(outs, inp, retain=False), device)
+        outs, d_train, a_train = peak_memory(lambda: fn(inp.logits, inp.labels), device)
+        _, d_bwd, a_bwd = peak_memory(lambda: _backward(outs, inp, retain=False), device)
         base, a_full = a_train - d_train, max(a_train, a_bwd)  # base: the inputs only
         peaks.update(bwd=(d_bwd, a_bwd), full=(a_full - base, a_full))
-    return {m: {"delta_mib": d / MIB, "peak_mib": a / MIB} for m, (d, a) in peaks.items()}
+    return peaks
 
 
-def _memcase(payload: dict[str, Any]) -> dict[str, Any]:
-    """Child side of the CPU memory measurement: a fresh process per (provider, case)."""
-    torch.set_num_threads(payload["threads"])
-    device = torch.device("cpu")
-    spec = LogitsInputSpec(**payload["spec"])
-    fn = PROVIDERS[payload["provider"]].build(spec, device)
-    inp = common.load_inputs(Path(payload["inputs"]))
-    inp.logits.requires_grad_(True)
-    # One warm-up of each pass, so that one-time costs (thread pools, lazily loaded kernels) are not
-    # counted. Rows are independent, so a 64-row slice warms up everything except torch.compile, which
-    # specialises on the shape and is warmed up (compiled) on the real input.
-    if payload["provider"] == COMPILED:
+def _warm_up(name: str, fn: LogprobFn, inp: LogitsInputs, modes: list[str]) -> None:
+    """One call of each pass, so that one-time costs (thread pools, lazily loaded kernels) are not counted.
+    Rows are independent, so a 64-row slice warms up everything except torch.compile, which specialises on
+    the shape and is warmed up (compiled) on the real input."""
+    if name == COMPILED:
         warm = inp
     else:
-        rows = slice(0, min(64, spec.n))
+        rows = slice(0, min(64, inp.logits.shape[0]))
         warm = LogitsInputs(inp.logits[rows].detach().clone().requires_grad_(True), inp.labels[rows],
                             inp.grad_logprobs[rows], inp.grad_entropy[rows], inp.valid[rows])
-    modes = payload["modes"]
-    with _no_donated_buffers():  # as in the parent, where the compiled reference is timed
-        if "fwd" in modes:
-            _infer(fn, warm)
-        if "bwd" in modes or "full" in modes:
-            _backward(fn(warm.logits, warm.labels), warm, retain=False)
-        del warm
+    if "fwd" in modes:
+        _infer(fn, warm)
+    if "bwd" in modes or "full" in modes:
+        _backward(fn(warm.logits, warm.labels), warm, retain=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TokenLogprobsBenchmark(harness.Benchmark):
+    op, module, modes, profiles, providers, peer_dists = OP, MODULE, MODES, PROFILES, PROVIDERS, PEER_DISTS
+    spec_cls, inputs_cls, leaves = LogitsInputSpec, LogitsInputs, ("logits",)
+    profile_help = ("quick: the CPU acceptance shape fp32 [4096, 32000] (< 3 min on 2 cores) or the H100 "
+                    "reference shapes; full: more shapes and dtypes")
+    modes_help = ("Default: all; the CPU quick profile times fwd and full only, so that it stays under 3 "
+                  "minutes on 2 cores: the eager reference and TRL's pair take seconds per backward.")
+
+    def default_modes(self, profile: str, device: torch.device) -> list[str]:
+        return ["fwd", "full"] if (profile == "quick" and device.type == "cpu") else list(MODES)
+
+    def make_inputs(self, spec: LogitsInputSpec, device: torch.device):
+        return make_logits_inputs(spec, device, n_rotating_sets(spec.logits_bytes, device))
+
+    def gate(self, p, fn, inp, modes, device, oracle) -> GateRun:
+        return _gate_call(fn, inp, modes, device)
+
+    def check(self, spec, inp, results, device, oracle) -> dict[str, dict[str, Verdict]]:
+        checks = _check(spec, inp, results, device)
+        verdicts: dict[str, dict[str, Verdict]] = {}
+        for name, check in checks.items():
+            ran = {"fwd": results[name].inference is not None, "bwd": results[name].training is not None}
+            verdicts[name] = {mode: Verdict(*_mode_verdict(check, mode), check)
+                              for mode in MODES if ran.get(mode, ran["bwd"])}
+        return verdicts
+
+    def timed(self, p, fn, sets, mode):
+        return _timed_fn(mode, fn, sets)
+
+    def work(self, spec, p, mode, ceilings, device) -> Work:
+        reads, writes = (k * spec.logits_bytes for k in TRAFFIC[mode])
+        return Work(reads + writes, "GB/s", floor_ms(reads, writes, ceilings, device))
+
+    def measure_memory(self, p, fn, inp, modes, device, warm):
+        if warm:
+            _warm_up(p.name, fn, inp, modes)
         return _measure_memory(fn, inp, modes, device)
 
+    def workload(self, providers, modes) -> dict[str, Any]:
+        return {"want_entropy": True, "modes": modes, "traffic_nvb": TRAFFIC, "peer_rtol": PEER_RTOL,
+                "providers": {p.name: {"note": p.note, "strict": p.strict, "entropy": p.entropy}
+                              for p in providers}}
 
-# ----------------------------------------------------------------------------------------------------------
-# One case: gate, timing, memory, rows
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _log(msg: str) -> None:
-    """Progress on stderr, stamped with the seconds since the module was loaded."""
-    print(f"[{OP} {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    def context(self):
+        return _no_donated_buffers()
 
 
-def _row(spec: LogitsInputSpec, mode: str, provider: Provider, status: str,
-         detail: str = "") -> dict[str, Any]:
-    return {"op": OP, "case": spec.label, "n": spec.n, "v": spec.v, "dtype": spec.dtype, "mode": mode,
-            "provider": provider.name, "status": status, "status_detail": detail, "note": provider.note}
+BENCHMARK = TokenLogprobsBenchmark()
 
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-
-
-def run_case(spec: LogitsInputSpec, providers: list[Provider], modes: list[str], device: torch.device,
-             ceilings: dict[str, Any], threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    t_case = time.perf_counter()
-    n_sets = common.n_rotating_sets(spec.logits_bytes, device)
-    sets, gen_record = common.make_logits_inputs(spec, device, n_sets)
-    for s in sets:
-        s.logits.requires_grad_(True)
-    _log(f"{spec.label}: {n_sets} input sets, mean entropy {gen_record['mean_entropy_per_set'][0]:.2f} nats")
-
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    fns: dict[str, LogprobFn] = {}
-    for p in providers:
-        blocked = _availability(p, device, DTYPES[spec.dtype])
-        if blocked is None:
-            try:
-                fns[p.name] = p.build(spec, device)
-            except ImportError as exc:
-                blocked = NOT_INSTALLED, _short(exc)
-        if blocked is not None:
-            for m in modes:
-                rows[p.name, m] = _row(spec, m, p, *blocked)
-
-    # Correctness gate: each provider's passes on set 0, then one pass of the oracle over all of them. The
-    # first calls also compile (torch.compile, once per grad mode) and autotune, outside any timing.
-    results: dict[str, GateResult] = {}
-    for name, fn in list(fns.items()):
-        try:
-            results[name] = _gate_call(fn, sets[0], modes, device)
-            r = results[name]
-            _log(f"{spec.label}: {name} gate: no-grad {r.inference_s:.1f} s, train {r.training_s:.1f} s")
-        except torch.OutOfMemoryError as exc:
-            blocked = OOM, _short(exc)
-        except Exception as exc:  # a broken peer must not take the run down: its rows say what happened
-            blocked = ERROR, _short(exc)
-        else:
-            continue
-        del fns[name]
-        for m in modes:
-            rows[name, m] = _row(spec, m, PROVIDERS[name], *blocked)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    checks = _check(spec, sets[0], results, device) if results else {}
-    _log(f"{spec.label}: checked against the float64 oracle")
-    # The gate's calls are each pass's first warm-up (they ran the same work on set 0 in this process).
-    gate_s = {name: {"fwd": r.inference_s, "bwd": r.training_s, "full": r.training_s}
-              for name, r in results.items()}
-    del results
-
-    for name, fn in fns.items():
-        p = PROVIDERS[name]
-        for m in modes:
-            passed, max_err = _mode_verdict(checks[name], m)
-            row = _row(spec, m, p, OK if passed else INCORRECT)
-            row.update(max_err=max_err, errors=checks[name], first_call_s=gate_s[name][m])
-            rows[name, m] = row
-            if not passed:
-                continue
-            graphs: list = []
-            try:
-                timed, graphs = _timed_fn(m, fn, sets)
-                timing = common.time_fn(timed, n_sets, device, grad_to_none=[s.logits for s in sets],
-                                        prior_calls=1, prior_s=gate_s[name][m])
-            except torch.OutOfMemoryError as exc:
-                row.update(status=OOM, status_detail=_short(exc))
-                continue
-            except Exception as exc:  # as in the gate: the row says what happened, the run goes on
-                row.update(status=ERROR, status_detail=_short(exc))
-                continue
-            finally:
-                graphs.clear()  # frees the retained graphs of the bwd mode (the timed closure holds the list)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            reads, writes = (k * spec.logits_bytes for k in TRAFFIC[m])
-            floor = common.floor_ms(reads, writes, ceilings, device)
-            row.update(
-                median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                repeats=timing.repeats, warmups=timing.warmups, timing_method=timing.method,
-                rep_ms=timing.rep_ms, bytes=reads + writes, unit="GB/s",
-                throughput=(reads + writes) / timing.median_ms / 1e6,
-                floor_ms=floor, pct_ceiling=100 * floor / timing.median_ms)
-            _log(f"{spec.label}: {name} {m} {timing.median_ms:.2f} ms ({timing.repeats or '-'} repeats)")
-
-    # Peak memory: CPU in a fresh subprocess per (provider, case), which reads input set 0 from a file;
-    # GPU in this process.
-    measured = [name for name in fns if any(rows[name, m]["status"] == OK for m in modes)]
-    with tempfile.TemporaryDirectory(prefix="reasonrl-bench-", dir=common.scratch_dir()) as tmp:
-        inputs_path = Path(tmp) / "inputs.pt"
-        if device.type == "cpu" and measured:
-            common.save_inputs(sets[0], inputs_path)
-        for name in measured:
-            if device.type == "cuda":
-                try:
-                    mem = _measure_memory(fns[name], sets[0], modes, device)
-                except torch.OutOfMemoryError as exc:
-                    mem = {"error": _short(exc)}
-                method = "torch.cuda.max_memory_allocated - allocated before (incremental)"
-            else:
-                payload = {"provider": name, "spec": asdict(spec), "inputs": str(inputs_path),
-                           "threads": threads, "modes": modes}
-                mem = common.run_memory_subprocess(MODULE, payload)
-                method = "peak RSS (VmHWM) - RSS before, fresh subprocess per provider and case"
-            for m in modes:
-                row = rows[name, m]
-                if "error" in mem:
-                    row["mem_error"] = mem["error"]
-                else:
-                    row.update(mem_delta_mib=mem[m]["delta_mib"], mem_peak_mib=mem[m]["peak_mib"],
-                               mem_method=method)
-            summary = mem.get("error") or {m: round(mem[m]["delta_mib"]) for m in modes}
-            _log(f"{spec.label}: {name} peak memory delta MiB {summary}")
-
-    record = {"case": spec.label, "inputs": gen_record, "wall_s": time.perf_counter() - t_case}
-    order = {p.name: i for i, p in enumerate(providers)}
-    ordered = sorted(rows.values(), key=lambda r: (MODES.index(r["mode"]), order[r["provider"]]))
-    return ordered, record
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _csv(choices: tuple[str, ...] | None = None) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if choices is not None and t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {choices}, got {text!r}")
-        return items
-
-    return parse
-
-
-def _shapes(text: str) -> list[tuple[int, int]]:
-    try:
-        return [(int(n), int(v)) for n, v in (s.lower().split("x") for s in text.split(",") if s.strip())]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected shapes like 4096x32000,1024x151936, got {text!r}") \
-            from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                    help="quick: the CPU acceptance shape fp32 [4096, 32000] (< 3 min on 2 cores) or the "
-                         "H100 reference shapes; full: more shapes and dtypes")
-    ap.add_argument("--shapes", type=_shapes, help="NxV[,NxV...]: replaces the profile's shapes")
-    ap.add_argument("--dtype", type=_csv(tuple(DTYPES)),
-                    help="dtype[,dtype...]: replaces the profile's dtypes")
-    ap.add_argument("--providers", type=_csv(tuple(PROVIDERS)), default=list(PROVIDERS),
-                    help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all)")
-    ap.add_argument("--modes", type=_csv(MODES),
-                    help="comma-separated subset of fwd,bwd,full (default: all; the CPU quick profile times "
-                         "fwd and full only, so that `make demo` stays under 3 minutes on 2 cores: the eager "
-                         "reference and TRL's pair take seconds per backward)")
-    ap.add_argument("--out-dir", type=Path, default=common.DEFAULT_OUT_DIR,
-                    help="folder for the JSON / Markdown / PNG results (default: the current directory)")
-    ap.add_argument("--threads", type=int,
-                    help=f"torch CPU threads (default on CPU: {DEFAULT_CPU_THREADS}, the setting of the CPU "
-                         "targets; on CUDA: torch's default)")
-    ap.add_argument("--_memcase", help=argparse.SUPPRESS)  # internal: child of the CPU memory measurement
-    return ap
-
-
-def _cases(args: argparse.Namespace, device: torch.device) -> list[LogitsInputSpec]:
-    profile = PROFILES[args.profile][device.type]
-    shapes = args.shapes or list(dict.fromkeys((n, v) for n, v, _ in profile))
-    cases = []
-    for n, v in shapes:
-        dtypes = args.dtype or [d for pn, pv, d in profile if (pn, pv) == (n, v)] or ["float32"]
-        cases += [LogitsInputSpec(n=n, v=v, dtype=d) for d in dtypes]
-    return cases
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 on success, 1 when reasonrl itself failed its correctness gate or errored."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    if args._memcase:
-        common.emit_memcase_result(_memcase(json.loads(args._memcase)))
-        return 0
-
-    t_start = time.perf_counter()
-    device = common.pick_device()
-    threads = args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
-    torch.set_num_threads(threads)
-    if device.type == "cpu" and (why := common.cpu_peak_supported()) is not None:
-        _log(f"peak memory will not be measured: {why}")
-    providers = [PROVIDERS[name] for name in args.providers]
-    if args.modes is None:
-        args.modes = ["fwd", "full"] if (args.profile == "quick" and device.type == "cpu") else list(MODES)
-    report = common.new_report(OP, device, PEER_DISTS, args.profile, argv)
-    report["ceilings"] = common.measure_ceilings(device)
-    ceilings = report["ceilings"]
-    _log(f"ceilings: read {ceilings['read_gbps']:.1f} GB/s, copy {ceilings['copy_gbps']:.1f} GB/s")
-    report["workload"] = {"want_entropy": True, "modes": args.modes, "traffic_nvb": TRAFFIC,
-                          "peer_rtol": common.PEER_RTOL,
-                          "providers": {p.name: {"note": p.note, "strict": p.strict, "entropy": p.entropy}
-                                        for p in providers}}
-    for spec in _cases(args, device):
-        with _no_donated_buffers():
-            rows, record = run_case(spec, providers, args.modes, device, report["ceilings"], threads)
-        report["rows"] += rows
-        report["cases"].append(record)
-    common.fill_speedups(report["rows"], EAGER, COMPILED)
-    report["wall_s"] = time.perf_counter() - t_start
-    paths = common.write_results(report, args.out_dir, device)
-    common.print_tables(report["rows"], report)
-    print(f"wrote {', '.join(str(p) for p in paths.values())} ({report['wall_s']:.0f} s)")
-    failed = [r for r in report["rows"] if r["provider"] == "reasonrl" and r["status"] in (INCORRECT, ERROR)]
-    return 1 if failed else 0
+main = BENCHMARK.main  # main(argv) -> exit status: what run_all and `python -m` call
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Run every registered benchmark: ``python -m reasonrl.bench.run_all [--only OP] [benchmark options]``.
 
-``reasonrl bench`` calls :func:`run`. Options other than ``--only`` are passed to each benchmark's
-``main(argv)``; the ones every benchmark accepts are ``--profile``, ``--out-dir`` and
-``--threads``. Each benchmark writes its own ``<device>-<timestamp>`` results.
+``reasonrl bench`` calls :func:`run`. Options other than ``--only`` / ``--demo`` are passed to each
+benchmark's ``main(argv)``, whose command line is the harness's (``bench/harness.py``): ``--profile``,
+``--modes`` (a benchmark skips the modes it does not have), ``--dtype``, ``--providers``, ``--out-dir``,
+``--threads``, and ``--shapes`` (NxV for the logits benchmarks, NxHxV for the hidden-state ones: use it
+with ``--only``). Each benchmark writes its own ``<device>-<timestamp>`` results.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""The numerical acceptance rule of ops.md section 8, its ONE tolerance table, and realistic test inputs.
+"""The numerical acceptance rule of ops.md section 8, its ONE tolerance table, and the realistic input
+generators (logits with a target entropy, labels sampled from the softmax, ignored rows).
 
-Used by the test suite (tests/) and by the benchmarks (bench/), which check every provider against the
-reference before timing it. Nothing here is imported by ``import reasonrl``; it only needs torch.
+Used by the test suite (tests/) and by the benchmarks (reasonrl.bench), which check every provider against
+the reference before timing it: both draw their inputs from the generators here. Nothing here is imported
+by ``import reasonrl``; it only needs torch. The token_logprobs test runners (run the op, the reference and
+every check on one case) are tests/_token_logprobs_checks.py.
 
 The rule (flash-attention's and cut-cross-entropy's): with err(x) = max |x - oracle| over the valid rows,
 where the oracle is the reference implementation run in float64 on the same input values (16-bit inputs
@@ -24,6 +27,7 @@ quantity, the worst element and every term of the bound.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,11 +50,12 @@ __all__ = [
     "sample_labels",
     "make_token_logprobs_inputs",
     "TokenLogprobsCase",
-    "TokenLogprobsResult",
-    "run_token_logprobs",
-    "run_token_logprobs_reference",
-    "valid_rows",
-    "check_token_logprobs",
+    "row_entropy",
+    "row_chunks",
+    "calibrate_scale",
+    "lm_head_weight",
+    "sample_labels_chunked",
+    "ignore_rows_and_upstream",
 ]
 
 
@@ -175,27 +180,19 @@ def assert_close_to_oracle(
     a, o = _rows(actual, valid), _rows(oracle, valid)
     n_rows = int(valid.sum()) if valid is not None else (oracle.shape[0] if oracle.dim() else 1)
 
-    # Non-finite oracle entries must be reproduced exactly (NaN where NaN, the same infinity where infinite).
-    fin = torch.isfinite(o)
-    nonfin = ~fin
-    if bool(nonfin.any()):
-        same = (torch.isnan(o) & torch.isnan(a)) | (o == a)
-        bad = nonfin & ~same
+    def fail_if_any(bad: torch.Tensor, what: str) -> None:
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise AssertionError(
-                f"{name}: {int(bad.sum())} entries where the oracle is non-finite differ; "
-                f"first at flat index {i}: "
+                f"{name}: {int(bad.sum())} {what}; first at flat index {i}: "
                 f"impl={float(a[i])!r}, oracle={float(o[i])!r}"
             )
-    bad_fin = fin & ~torch.isfinite(a)
-    if bool(bad_fin.any()):
-        i = int(bad_fin.nonzero()[0, 0])
-        raise AssertionError(
-            f"{name}: {int(bad_fin.sum())} non-finite entries where the oracle is finite; "
-            f"first at flat index {i}: "
-            f"impl={float(a[i])!r}, oracle={float(o[i])!r}"
-        )
+
+    # Non-finite oracle entries must be reproduced exactly (NaN where NaN, the same infinity where infinite).
+    fin = torch.isfinite(o)
+    same = (torch.isnan(o) & torch.isnan(a)) | (o == a)
+    fail_if_any(~fin & ~same, "entries where the oracle is non-finite differ")
+    fail_if_any(fin & ~torch.isfinite(a), "non-finite entries where the oracle is finite")
     if not bool(fin.any()):
         return
 
@@ -231,19 +228,21 @@ def assert_close_to_oracle(
         )
 
 
+def _assert_table_line(quantity, actual, oracle, reference_same_dtype, *, dtype, name, valid=None,
+                       magnitude=None) -> None:
+    """``assert_close_to_oracle`` with the ``quantity`` line of ``TOLERANCES`` for input dtype ``dtype``: its
+    ref_factor and atol_scale, and 1 ulp of ``dtype`` per element where the line grants it."""
+    __tracebackhide__ = True
+    tol = tolerance(quantity, dtype)
+    assert_close_to_oracle(actual, oracle, reference_same_dtype, atol_scale=tol.atol_scale, name=name,
+                           valid=valid, magnitude=magnitude, ulp_dtype=dtype if tol.ulps else None,
+                           ref_factor=tol.ref_factor)
+
+
 def assert_stat_close(actual, oracle, reference_same_dtype, *, dtype, name, valid=None) -> None:
     """``assert_close_to_oracle`` with the statistics line of ``TOLERANCES`` for input dtype ``dtype``."""
     __tracebackhide__ = True
-    tol = tolerance("stat", dtype)
-    assert_close_to_oracle(
-        actual,
-        oracle,
-        reference_same_dtype,
-        atol_scale=tol.atol_scale,
-        name=name,
-        valid=valid,
-        ref_factor=tol.ref_factor,
-    )
+    _assert_table_line("stat", actual, oracle, reference_same_dtype, dtype=dtype, name=name, valid=valid)
 
 
 def _grad_magnitude(g_lp, g_h, valid) -> float:
@@ -259,18 +258,8 @@ def _grad_magnitude(g_lp, g_h, valid) -> float:
 def assert_grad_close(actual, oracle, reference_same_dtype, *, dtype, g_lp, g_h, name, valid=None) -> None:
     """``assert_close_to_oracle`` for ``grad_logits``: atol = 1e-7 max(|g_lp|, |g_H|), +1 ulp for 16-bit."""
     __tracebackhide__ = True
-    tol = tolerance("grad", dtype)
-    assert_close_to_oracle(
-        actual,
-        oracle,
-        reference_same_dtype,
-        atol_scale=tol.atol_scale,
-        name=name,
-        valid=valid,
-        magnitude=_grad_magnitude(g_lp, g_h, valid),
-        ulp_dtype=dtype if tol.ulps else None,
-        ref_factor=tol.ref_factor,
-    )
+    _assert_table_line("grad", actual, oracle, reference_same_dtype, dtype=dtype, name=name, valid=valid,
+                       magnitude=_grad_magnitude(g_lp, g_h, valid))
 
 
 def assert_param_grad_close(actual, oracle, reference_same_dtype, *, dtype, name) -> None:
@@ -278,17 +267,9 @@ def assert_param_grad_close(actual, oracle, reference_same_dtype, *, dtype, name
     linear_token_logprobs): the ``grad_param`` line of ``TOLERANCES``, magnitude max |oracle|, + 1 ulp of
     the gradient dtype for 16-bit inputs."""
     __tracebackhide__ = True
-    tol = tolerance("grad_param", dtype)
-    assert_close_to_oracle(
-        actual,
-        oracle,
-        reference_same_dtype,
-        atol_scale=tol.atol_scale,
-        name=name,
-        magnitude=float(oracle.detach().abs().max()) if oracle.numel() else 0.0,
-        ulp_dtype=dtype if tol.ulps else None,
-        ref_factor=tol.ref_factor,
-    )
+    magnitude = float(oracle.detach().abs().max()) if oracle.numel() else 0.0
+    _assert_table_line("grad_param", actual, oracle, reference_same_dtype, dtype=dtype, name=name,
+                       magnitude=magnitude)
 
 
 def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=None) -> None:
@@ -331,10 +312,18 @@ def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=Non
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _entropy(z: torch.Tensor) -> torch.Tensor:
-    """Per-row entropy of softmax(z), from THE reference (labels are irrelevant to the entropy)."""
+# Two generators share these helpers. The tests' (make_logits, sample_labels, make_token_logprobs_inputs)
+# draw a target entropy per row and sample in float64 on the CPU: small shapes, every row different. The
+# benchmarks' (lm_head_weight, calibrate_scale, sample_labels_chunked, ignore_rows_and_upstream; composed
+# into rotating input sets by reasonrl.bench.inputs) build logits as hidden states times one lm_head whose
+# scale sets the mean entropy, and sample row chunk by row chunk: [N, V] at benchmark sizes, bounded
+# temporaries (performance.md section 4.3).
+
+
+def row_entropy(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row entropy of softmax(z / temperature), from THE reference (labels are irrelevant to it)."""
     labels = torch.zeros(z.shape[:-1], dtype=torch.long, device=z.device)
-    return token_logprobs_reference(z, labels, want_entropy=True).entropy
+    return token_logprobs_reference(z, labels, temperature=temperature, want_entropy=True).entropy
 
 
 def make_logits(
@@ -368,7 +357,7 @@ def make_logits(
         target32 = target.float()
         for _ in range(22):
             mid = (lo + hi) / 2
-            too_flat = _entropy(base32 * mid.float()[:, None]) > target32
+            too_flat = row_entropy(base32 * mid.float()[:, None]) > target32
             lo = torch.where(too_flat, mid, lo)
             hi = torch.where(too_flat, hi, mid)
     scale = (lo + hi) / 2
@@ -458,221 +447,100 @@ def make_token_logprobs_inputs(
     return TokenLogprobsCase(logits, labels, temp, ignore_index, g_lp, g_h)
 
 
-class TokenLogprobsResult(NamedTuple):
-    logprobs: torch.Tensor
-    entropy: torch.Tensor | None
-    rank: torch.Tensor | None
-    lse: torch.Tensor | None
-    grad: torch.Tensor | None  # grad_logits, or None when no upstream gradient was given
+def row_chunks(n: int, row_elems: int, max_elems: int = 1 << 24) -> list[slice]:
+    """Row slices of about ``max_elems`` elements each: bounded temporaries for row-wise [N, V] work."""
+    step = max(1, max_elems // max(row_elems, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _backward(leaf, out, g_lp, g_h):
-    outputs, grads = [], []
-    if g_lp is not None:
-        outputs.append(out.logprobs)
-        grads.append(g_lp.to(out.logprobs.dtype))
-    if g_h is not None:
-        outputs.append(out.entropy)
-        grads.append(g_h.to(out.entropy.dtype))
-    if not outputs:
-        return None
-    (grad,) = torch.autograd.grad(outputs, [leaf], grads)
-    return grad
+def calibrate_scale(raw: torch.Tensor, temperature: float, target: float) -> float:
+    """Scale s with mean entropy of softmax(s * raw / T) == target (entropy decreases monotonically in s).
+
+    Bisection to 0.1% in s: the entropy of a set then lands within a few hundredths of a nat of the target,
+    less than the spread between sets.
+    """
+
+    def mean_entropy(scale: float) -> float:
+        return float(row_entropy(raw * scale, temperature).mean())
+
+    lo, hi = 0.0, 1.0
+    while mean_entropy(hi) > target:
+        lo, hi = hi, 2.0 * hi
+        if hi > 1e6:
+            raise ValueError(f"cannot reach a mean entropy of {target} nats")
+    while hi - lo > 1e-3 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean_entropy(mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
-def run_token_logprobs(
-    case: TokenLogprobsCase,
+def lm_head_weight(
+    vocab: int,
+    hidden: int,
     *,
-    impl: str,
-    grad: str | None = "both",
-    want_entropy: bool = True,
-    want_rank: bool = True,
-    return_lse: bool = True,
-    logits: torch.Tensor | None = None,
-    **kwargs,
-) -> TokenLogprobsResult:
-    """Run the public op with ``impl`` and, if ``grad`` is 'both' / 'lp' / 'h', backpropagate the case's
-    upstream gradients from those outputs."""
-    from reasonrl.ops.token_logprobs import token_logprobs
+    temperature: float,
+    target_entropy: float,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, float]:
+    """An fp32 lm_head ``[vocab, hidden]`` ~ N(0, 1/hidden) and the scale s such that for hidden states
+    h ~ N(0, 1) the logits s * h W^T (entries ~ N(0, s^2)) have a mean entropy of ``target_entropy`` nats at
+    ``temperature``.
 
-    x = (case.logits if logits is None else logits).detach().clone()
-    if grad is not None:
-        x.requires_grad_(True)
-    out = token_logprobs(
-        x,
-        case.labels,
-        temperature=case.temperature,
-        ignore_index=case.ignore_index,
-        want_entropy=want_entropy,
-        want_rank=want_rank,
-        return_lse=return_lse,
-        impl=impl,
-        **kwargs,
-    )
-    g = None
-    if grad is not None:
-        g = _backward(
-            x, out, case.g_lp if grad in ("both", "lp") else None, case.g_h if grad in ("both", "h") else None
-        )
-    return TokenLogprobsResult(*out, g)
+    The weight is returned unscaled: callers apply s to the logits or to the weight, whichever they keep.
+    The scale is calibrated on 128 rows drawn after the weight from ``generator`` unless given (a memory
+    subprocess reuses its parent's value).
+    """
+    weight = torch.randn(vocab, hidden, generator=generator, device=device) / math.sqrt(hidden)
+    if scale is None:
+        probe = torch.randn(128, hidden, generator=generator, device=device) @ weight.T
+        scale = calibrate_scale(probe, temperature, target_entropy)
+    return weight, scale
 
 
-def run_token_logprobs_reference(
-    case: TokenLogprobsCase,
+def sample_labels_chunked(
+    logits_of: Callable[[slice], torch.Tensor],
+    n: int,
+    vocab: int,
     *,
-    compute_dtype: torch.dtype,
-    grad: str | None = "both",
-) -> TokenLogprobsResult:
-    """The plain-PyTorch reference on the case's values in ``compute_dtype`` (float64: the oracle), with
-    gradients in that dtype (the logits are upcast exactly before the leaf, so 16-bit inputs get fp32 or fp64
-    gradients, never rounded back to 16 bits)."""
-    x = case.logits.detach().to(compute_dtype).requires_grad_(grad is not None)
-    temp = case.temperature
-    if isinstance(temp, torch.Tensor):
-        temp = temp.to(compute_dtype)
-    out = token_logprobs_reference(
-        x,
-        case.labels,
-        temperature=temp,
-        ignore_index=case.ignore_index,
-        want_entropy=True,
-        want_rank=True,
-        return_lse=True,
-        compute_dtype=compute_dtype,
-    )
-    g = None
-    if grad is not None:
-        g = _backward(
-            x,
-            out,
-            case.g_lp.to(compute_dtype) if grad in ("both", "lp") else None,
-            case.g_h.to(compute_dtype) if grad in ("both", "h") else None,
-        )
-    return TokenLogprobsResult(*out, g)
+    temperature: float,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, float]:
+    """Labels ``[n]`` sampled from softmax(logits / temperature) and the mean entropy of those rows.
+
+    ``logits_of(rows)`` returns the fp32 logits of a row slice (a slice of a logits tensor, or hidden states
+    times the lm_head): chunks of :func:`row_chunks`, so fp32 probabilities never exist for all rows at
+    once. Labels are drawn from the distribution the op evaluates, as rollout tokens are, by inverting the
+    CDF (one cumsum; several times faster than ``torch.multinomial`` on the CPU).
+    """
+    labels = torch.empty(n, dtype=torch.long, device=device)
+    ent_sum = 0.0
+    for rows in row_chunks(n, vocab):
+        logp = torch.log_softmax(logits_of(rows) / temperature, dim=-1)
+        probs = logp.exp()
+        ent_sum += float(-(probs * logp).sum())
+        cdf = probs.cumsum_(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=device) * cdf[:, -1:]
+        labels[rows] = torch.searchsorted(cdf, u).squeeze(-1).clamp_max_(vocab - 1)
+    return labels, ent_sum / max(n, 1)
 
 
-def valid_rows(case: TokenLogprobsCase) -> torch.Tensor:
-    """Rows with a real label (not ignore_index, inside [0, V)): where the acceptance rule applies."""
-    v = case.logits.shape[-1]
-    return (case.labels != case.ignore_index) & (case.labels >= 0) & (case.labels < v)
-
-
-class _Failures:
-    """Collects the failures of several checks so that one assertion reports all of them."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def check(self, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except AssertionError as exc:
-            self.messages.append(str(exc))
-
-    def expect(self, ok: bool, message: str) -> None:
-        if not ok:
-            self.messages.append(message)
-
-    def raise_if_any(self) -> None:
-        __tracebackhide__ = True
-        if self.messages:
-            n = len(self.messages)
-            raise AssertionError(f"{n} check(s) failed:\n" + "\n".join(f"- {m}" for m in self.messages))
-
-
-def check_token_logprobs(
-    case: TokenLogprobsCase,
-    impl: str,
+def ignore_rows_and_upstream(
+    labels: torch.Tensor,
     *,
-    grad: str | None = "both",
-    name: str = "",
-    per_row: bool = False,
-    **kwargs,
-) -> None:
-    """Assert that ``impl`` meets ops.md section 8 on ``case``: logprobs / entropy / lse against the float64
-    oracle, rank exact, ignored rows exactly 0; with ``grad`` ('both' / 'lp' / 'h') also grad_logits from the
-    case's upstream gradients, zero gradient rows for ignored rows, and fp32/fp64 gradient row sums ~ 0.
-    Every check runs; the assertion lists all that failed.
-
-    ``per_row``: apply the rule to each row on its own (its own max|oracle|, err(reference) and max|g|), so
-    that one extreme row cannot loosen the bound of the others. Extra keyword arguments go to the op."""
-    __tracebackhide__ = True
-    dtype = case.logits.dtype
-    f64 = torch.float64
-    acc = f64 if dtype == f64 else torch.float32
-    tag = f"{impl} {str(dtype).removeprefix('torch.')} {tuple(case.logits.shape)}{name}"
-    out = run_token_logprobs(case, impl=impl, grad=grad, **kwargs)
-    oracle = run_token_logprobs_reference(case, compute_dtype=f64, grad=grad)
-    ref = run_token_logprobs_reference(case, compute_dtype=acc, grad=grad)
-    valid = valid_rows(case)
-    lead = case.logits.shape[:-1]
-    masks = [("", valid)]
-    if per_row:
-        masks = []
-        for i in range(valid.numel()):
-            one = torch.zeros(valid.numel(), dtype=torch.bool)
-            one[i] = True
-            masks.append((f" row {i}", valid & one.reshape(lead)))
-    failures = _Failures()
-
-    for field in ("logprobs", "entropy", "lse"):
-        got = getattr(out, field)
-        assert got.shape == lead and got.dtype == acc, f"{tag} {field}: {tuple(got.shape)} {got.dtype}"
-        for rows, mask in masks:
-            failures.check(
-                assert_stat_close,
-                got,
-                getattr(oracle, field),
-                getattr(ref, field),
-                dtype=dtype,
-                name=f"{tag}{rows} {field}",
-                valid=mask,
-            )
-        ignored = got[~valid]
-        failures.expect(
-            bool((ignored == 0).all()), f"{tag} {field}: ignored rows must be 0, got {ignored.tolist()}"
-        )
-    assert out.rank.dtype == torch.int32 and out.rank.shape == lead, f"{tag} rank: {out.rank.dtype}"
-    # rank compares the same raw values as the oracle (fp32 upcast, strict >): exact, ties included.
-    bad = (out.rank != oracle.rank).reshape(-1).nonzero()
-    if bad.numel():
-        i = int(bad[0, 0])
-        failures.expect(
-            False,
-            f"{tag} rank: {bad.numel()} rows differ from the oracle; first flattened row {i}: "
-            f"{int(out.rank.reshape(-1)[i])} != {int(oracle.rank.reshape(-1)[i])}",
-        )
-
-    if grad is not None:
-        g_lp = case.g_lp if grad in ("both", "lp") else None
-        g_h = case.g_h if grad in ("both", "h") else None
-        gname = f"grad_logits (upstream: {grad})"
-        assert out.grad.dtype == dtype and out.grad.shape == case.logits.shape, (
-            f"{tag} {gname}: {out.grad.dtype}"
-        )
-        for rows, mask in masks:
-            failures.check(
-                assert_grad_close,
-                out.grad,
-                oracle.grad,
-                ref.grad,
-                dtype=dtype,
-                g_lp=g_lp,
-                g_h=g_h,
-                name=f"{tag}{rows} {gname}",
-                valid=mask,
-            )
-        failures.expect(
-            bool((out.grad[~valid] == 0).all()), f"{tag} {gname}: ignored rows must have a zero gradient"
-        )
-        if dtype in (torch.float32, f64):
-            failures.check(
-                assert_grad_row_sums,
-                out.grad,
-                case.temperature,
-                g_lp=g_lp,
-                g_h=g_h,
-                name=f"{tag} {gname} row sums",
-                valid=valid,
-            )
-    failures.raise_if_any()
+    ignore_fraction: float,
+    ignore_index: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Set ``round(ignore_fraction * N)`` random rows of ``labels`` (in place) to ``ignore_index``; return the
+    valid-row mask and random fp32 upstream gradients for the log-probs and the entropy, of both signs and
+    zero on ignored rows (as the masked loss of a trainer gives)."""
+    n = labels.shape[0]
+    ignored = torch.randperm(n, generator=generator, device=labels.device)[: round(ignore_fraction * n)]
+    labels[ignored] = ignore_index
+    valid = labels != ignore_index
+    g_lp = torch.randn(n, generator=generator, device=labels.device) * valid
+    g_h = torch.randn(n, generator=generator, device=labels.device) * valid
+    return valid, g_lp, g_h

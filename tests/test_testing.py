@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from _token_logprobs_checks import check_token_logprobs
 
 from reasonrl.reference.token_logprobs import TokenLogprobs
 from reasonrl.testing import (
     assert_close_to_oracle,
     assert_grad_row_sums,
-    check_token_logprobs,
     make_logits,
     make_token_logprobs_inputs,
     sample_labels,

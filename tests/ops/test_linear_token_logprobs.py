@@ -3,7 +3,7 @@
 Accuracy follows ops.md section 8 through ``reasonrl.testing``: outputs and the three gradients (hidden,
 weight, bias) against a float64 oracle (fp64 matmul, then the reference), within 2x the error of the
 reference computed in the input dtype with fp32 accumulation, plus a small atol. The realistic-shape memory
-test measures peak RSS with the benchmarks' own helper (``bench.common.peak_memory``) in a fresh process.
+test measures peak RSS with the benchmarks' own helper (``bench.memory.peak_memory``) in a fresh process.
 """
 
 from __future__ import annotations
@@ -461,12 +461,12 @@ def test_exports():
 # ----------------------------------------------------------------------------------------------------------
 
 # Runs in a fresh interpreter so that the peak RSS (VmHWM) of each phase is this op's alone; the helper is
-# the benchmarks' (bench.common.peak_memory: VmHWM minus VmRSS after trimming the heap). Prints JSON
+# the benchmarks' (bench.memory.peak_memory: VmHWM minus VmRSS after trimming the heap). Prints JSON
 # {case: extra peak bytes of forward + backward}.
 _MEMORY_CHILD = textwrap.dedent(
     """
     import json, sys, torch
-    from reasonrl.bench.common import peak_memory
+    from reasonrl.bench.memory import peak_memory
     from reasonrl import linear_token_logprobs
 
     torch.set_num_threads(2)
@@ -504,7 +504,7 @@ def test_peak_memory_bounded_by_workspace():
     bench/bench_linear.py), and it grows with the workspace, not with N x V: from N = 1024 to 8192 the logits
     would grow by 875 MiB, the measured peak grows by the O(N H) grad_hidden and statistics only."""
     skip_unless("cpp")
-    from reasonrl.bench.common import cpu_peak_supported
+    from reasonrl.bench.memory import cpu_peak_supported
 
     if (why := cpu_peak_supported()) is not None:
         pytest.skip(f"peak RSS not measurable: {why}")

@@ -17,21 +17,18 @@ import warnings
 
 import pytest
 import torch
+from _token_logprobs_checks import (
+    check_token_logprobs,
+    run_token_logprobs,
+    run_token_logprobs_reference,
+    valid_rows,
+)
 
 import reasonrl
 from reasonrl._backend import unavailable_reason
 from reasonrl.ops.token_logprobs import registered_ops, token_logprobs
 from reasonrl.reference.token_logprobs import token_logprobs_reference
-from reasonrl.testing import (
-    TokenLogprobsCase,
-    assert_grad_close,
-    check_token_logprobs,
-    make_logits,
-    make_token_logprobs_inputs,
-    run_token_logprobs,
-    run_token_logprobs_reference,
-    valid_rows,
-)
+from reasonrl.testing import TokenLogprobsCase, assert_grad_close, make_logits, make_token_logprobs_inputs
 
 # The attribute reasonrl.ops.token_logprobs is the function; the module is needed for monkeypatching.
 tl_mod = importlib.import_module("reasonrl.ops.token_logprobs")

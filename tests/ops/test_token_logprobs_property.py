@@ -1,5 +1,6 @@
 """Property tests of ``token_logprobs``: random shapes, dtypes, temperatures and ignore patterns against the
-float64 oracle with the acceptance rule of ops.md section 8 (``reasonrl.testing.check_token_logprobs``).
+float64 oracle with the acceptance rule of ops.md section 8 (``check_token_logprobs`` of
+tests/_token_logprobs_checks.py).
 
 Reproducible in CI: ``derandomize=True`` (examples are a function of the test), no example database, no
 deadline (the first call of a shape pays allocation and, for Triton, interpreter set-up). Shrinking is off:
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _token_logprobs_checks import check_token_logprobs
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from reasonrl._backend import unavailable_reason
-from reasonrl.testing import TokenLogprobsCase, check_token_logprobs, make_logits, sample_labels
+from reasonrl.testing import TokenLogprobsCase, make_logits, sample_labels
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 

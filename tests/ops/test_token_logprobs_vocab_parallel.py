@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from _token_logprobs_checks import run_token_logprobs_reference, valid_rows
 
 from reasonrl._backend import unavailable_reason
 from reasonrl.ops.token_logprobs import token_logprobs
@@ -30,8 +31,6 @@ from reasonrl.testing import (
     assert_grad_close,
     assert_stat_close,
     make_token_logprobs_inputs,
-    run_token_logprobs_reference,
-    valid_rows,
 )
 
 CPU = torch.device("cpu")

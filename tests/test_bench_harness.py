@@ -1,0 +1,111 @@
+"""The benchmark harness (reasonrl.bench.harness) on a fake benchmark: the status of every row (ok, incorrect,
+error, not installed, unsupported), timing only for providers that passed the gate, the memory step's error
+reported on the row, and the command line (profile / --shapes / --dtype / --modes). Fast: no real op runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from reasonrl.bench import harness
+from reasonrl.bench.inputs import LogitsInputSpec
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class _Inputs:
+    x: torch.Tensor
+
+
+def _double(spec, device):
+    return lambda x: 2 * x
+
+
+def _triple(spec, device):  # wrong result: must be "incorrect" and never timed
+    return lambda x: 3 * x
+
+
+def _fails_in_gate(spec, device):
+    def fn(x):
+        raise RuntimeError("kernel exploded")
+
+    return fn
+
+
+class _Fake(harness.Benchmark):
+    op, module, modes = "fake_op", "reasonrl.bench._no_such_benchmark", ("fwd", "full")
+    spec_cls, inputs_cls = LogitsInputSpec, _Inputs
+    profiles = {"quick": {"cpu": [(8, 16, "float32"), (8, 16, "bfloat16")], "cuda": [(8, 16, "float32")]},
+                "full": {"cpu": [(32, 64, "float32")], "cuda": [(32, 64, "float32")]}}
+    providers = {p.name: p for p in (
+        harness.Provider("reasonrl", _double, strict=True),
+        harness.Provider("wrong", _triple),
+        harness.Provider("broken", _fails_in_gate),
+        harness.Provider("absent", _double, module="a_module_that_is_not_installed"),
+        harness.Provider("gpu-only", _double, cuda_only=True),
+    )}
+    peer_dists = ()
+
+    def make_inputs(self, spec, device):
+        return [_Inputs(torch.full((spec.n,), float(k + 1))) for k in range(2)], {"n_sets": 2}
+
+    def gate(self, p, fn, inp, modes, device, oracle):
+        return harness.GateRun(fn(inp.x), {m: 0.01 for m in modes})
+
+    def check(self, spec, inp, results, device, oracle):
+        verdicts = {}
+        for name, out in results.items():
+            err = float((out - 2 * inp.x).abs().max())
+            verdicts[name] = {m: harness.Verdict(err == 0.0, err, {"err": err}) for m in self.modes}
+        return verdicts
+
+    def timed(self, p, fn, sets, mode):
+        return (lambda k: fn(sets[k].x)), []
+
+    def work(self, spec, p, mode, ceilings, device):
+        return harness.Work(4 * spec.n, "GB/s", 1e-6)
+
+    def measure_memory(self, p, fn, inp, modes, device, warm):
+        return {m: (0, 0) for m in modes}
+
+
+def test_run_case_statuses():
+    spec = LogitsInputSpec(8, 16, "float32")
+    rows, case = harness.run_case(_Fake(), spec, list(_Fake.providers.values()), ["fwd"], CPU, {}, threads=1)
+    by_name = {r["provider"]: r for r in rows}
+    assert [r["provider"] for r in rows] == list(_Fake.providers)  # provider order kept, none dropped
+    assert by_name["reasonrl"]["status"] == "ok" and by_name["reasonrl"]["median_ms"] > 0
+    assert by_name["reasonrl"]["repeats"] >= 3 and by_name["reasonrl"]["bytes"] == 32
+    assert by_name["wrong"]["status"] == "incorrect" and "median_ms" not in by_name["wrong"]
+    assert by_name["wrong"]["max_err"] == 1.0  # |3x - 2x| on input set 0 (x = 1)
+    assert by_name["broken"]["status"] == "error" and "kernel exploded" in by_name["broken"]["status_detail"]
+    assert by_name["absent"]["status"] == "not installed"
+    assert by_name["gpu-only"]["status"] == "unsupported"
+    # The CPU memory step runs `python -m <module> --_memcase`; a module that does not exist is an error on
+    # the row, not a crash of the run.
+    assert "mem_error" in by_name["reasonrl"] and "mem_delta_mib" not in by_name["reasonrl"]
+    assert case["case"] == "8x16 fp32" and case["inputs"] == {"n_sets": 2} and case["wall_s"] > 0
+
+
+def test_command_line_cases():
+    bench = _Fake()
+    parse = harness.parser(bench).parse_args
+    profile = harness.cases(bench, parse([]), CPU)
+    assert [(s.n, s.v, s.dtype) for s in profile] == [(8, 16, "float32"), (8, 16, "bfloat16")]
+    custom = harness.cases(bench, parse(["--shapes", "4x5,6x7", "--dtype", "float16"]), CPU)
+    assert [(s.n, s.v, s.dtype) for s in custom] == [(4, 5, "float16"), (6, 7, "float16")]
+    # A shape the profile does not list takes the profile's first dtype.
+    assert [s.dtype for s in harness.cases(bench, parse(["--shapes", "4x5"]), CPU)] == ["float32"]
+    with pytest.raises(SystemExit):
+        parse(["--shapes", "4x5x6"])  # NxHxV is the hidden-state benchmarks' form
+    with pytest.raises(SystemExit):
+        parse(["--providers", "reasonrl,nobody"])
+
+
+def test_modes_of_other_benchmarks_are_skipped(capsys):
+    # `reasonrl bench --modes bwd` reaches every benchmark: one without that mode runs nothing and succeeds.
+    assert harness.main(_Fake(), ["--modes", "bwd"]) == 0
+    assert "none of the requested modes applies" in capsys.readouterr().err
