@@ -1,5 +1,8 @@
 """Which implementations are available in this process, and why the others are not.
 
+The choice between them for one op call (``impl=``, ``REASONRL_IMPL``) is made by
+``reasonrl.ops._scaffold.resolve_impl``, on top of :func:`unavailable_reason`.
+
 Import hygiene (style.md): nothing here imports triton, initialises CUDA or touches global torch config at
 import time. The compiled extension is loaded on first use; a failed load is a warning naming the cause,
 never silence. ``reasonrl info`` prints :func:`backend_report`.
@@ -10,15 +13,12 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import logging
 import os
 import warnings
 
 import torch
 
-logger = logging.getLogger("reasonrl")
-
-IMPLS = ("auto", "triton", "cuda", "cpp", "reference")
+IMPLS = ("auto", "triton", "cpp", "reference")
 
 
 @functools.cache
@@ -57,11 +57,6 @@ def triton_importable() -> tuple[bool, str]:
     return True, "triton " + importlib.import_module("triton").__version__
 
 
-def cuda_ops_built() -> bool:
-    ext = load_extension()
-    return bool(ext is not None and ext.build_info()["cuda"])
-
-
 def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None if ``impl`` can run on ``device`` with ``dtype``; otherwise the reason it cannot."""
     if impl == "reference":
@@ -71,12 +66,6 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> s
             return f"impl='cpp' runs on CPU tensors, got a {device.type} tensor"
         if load_extension() is None:
             return f"the compiled extension is not loaded ({extension_error()})"
-        return None
-    if impl == "cuda":
-        if device.type != "cuda":
-            return f"impl='cuda' runs on CUDA tensors, got a {device.type} tensor"
-        if not cuda_ops_built():
-            return "the extension was built without CUDA kernels"
         return None
     if impl == "triton":
         ok, why = triton_importable()
@@ -90,38 +79,6 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> s
             return "the Triton kernels do not support float64 (use impl='cpp' or 'reference')"
         return None
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-
-
-_logged_fallbacks: set[tuple[str, str]] = set()
-
-
-def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype, op: str) -> str:
-    """Pick the implementation: explicit choices raise when unavailable, ``auto`` falls back (logged once)."""
-    if impl is None or impl == "auto":
-        impl = os.environ.get("REASONRL_IMPL", "auto") or "auto"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        reason = unavailable_reason(impl, device, dtype)
-        if reason is not None:
-            raise RuntimeError(f"reasonrl.{op}: impl={impl!r} is unavailable: {reason}")
-        return impl
-    preference = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpp", "reference")
-    for candidate in preference:
-        reason = unavailable_reason(candidate, device, dtype)
-        if reason is None:
-            if candidate != preference[0]:
-                key = (op, candidate)
-                if key not in _logged_fallbacks:
-                    _logged_fallbacks.add(key)
-                    why = unavailable_reason(preference[0], device, dtype)
-                    if preference[0] == "cpp" and device.type == "cpu":
-                        # A CPU user silently losing the fast path would be surprised: warn, not just log.
-                        warnings.warn(f"reasonrl.{op}: using the reference implementation ({why})",
-                                      RuntimeWarning, stacklevel=4)
-                    logger.info("reasonrl.%s: auto picked %s (%s)", op, candidate, why)
-            return candidate
-    raise AssertionError("the reference implementation is always available")
 
 
 def backend_report() -> dict:

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from reasonrl.losses.types import Sum
+from reasonrl.loss_types import Sum
 
 __all__ = ["AdaptiveEntropyController"]
 

@@ -28,6 +28,7 @@ from reasonrl.losses import (
     policy_loss_from_logits,
 )
 from reasonrl.losses import fused as fused_mod
+from reasonrl.ops.policy_loss import FROM_LOGITS, kernel_codes, registered_ops
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 F64 = torch.float64
@@ -169,9 +170,7 @@ def _functor_grads(cfg, b, norms, advantages, is_weights=None):
     g_lp = torch.ops.reasonrl.policy_loss_token_grad(
         b["lp"].reshape(-1),
         inputs,
-        fused_mod.loss_kind(cfg),
-        fused_mod.kl_kind(cfg),
-        fused_mod.kernel_params(cfg, has_old=True),
+        *kernel_codes(cfg, has_old=True),
     )
     return g_lp.reshape(b["lp"].shape), inputs[:, 5].reshape(b["lp"].shape)
 
@@ -180,9 +179,7 @@ def _functor_grads(cfg, b, norms, advantages, is_weights=None):
 def cpp_ops(available_impls):
     if "cpp" not in available_impls:
         pytest.skip("the compiled extension is not available")
-    from reasonrl.ops.policy_loss import fused_kernel
-
-    fused_kernel("cpp")  # registers the fake kernels
+    registered_ops(FROM_LOGITS, "cpp")  # registers the fake kernels
 
 
 def _close(actual, expected, name, rtol=1e-10, atol=1e-13):
@@ -442,7 +439,6 @@ def _opcheck_args(dtype=torch.float32):
         entropy_coef=cfg.entropy_coef,
         dtype=torch.float64 if dtype == F64 else torch.float32,
     )
-    params = fused_mod.kernel_params(cfg, True)
     return (
         logits,
         labels.masked_fill(~valid, -100),
@@ -450,9 +446,7 @@ def _opcheck_args(dtype=torch.float32):
         0.9,
         -100,
         inputs,
-        fused_mod.loss_kind(cfg),
-        fused_mod.kl_kind(cfg),
-        params,
+        *kernel_codes(cfg, has_old=True),
     )
 
 

@@ -8,7 +8,7 @@ import torch
 
 from reasonrl.losses import LossNormalizers, PolicyLossConfig, policy_loss, policy_loss_from_logits
 from reasonrl.losses import fused as fused_mod
-from reasonrl.ops.policy_loss import fused_kernel
+from reasonrl.ops.policy_loss import FROM_LOGITS, kernel_codes, registered_ops
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 pytestmark = [
@@ -77,11 +77,9 @@ def test_triton_opcheck_and_compile():
         0.9,
         -100,
         inputs,
-        fused_mod.loss_kind(CONFIG),
-        fused_mod.kl_kind(CONFIG),
-        fused_mod.kernel_params(CONFIG, True),
+        *kernel_codes(CONFIG, has_old=True),
     )
-    torch.library.opcheck(fused_kernel("triton"), args)
+    torch.library.opcheck(registered_ops(FROM_LOGITS, "triton"), args)
 
     def step(x):
         return policy_loss_from_logits(

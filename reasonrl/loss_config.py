@@ -4,6 +4,9 @@
 rollout (training/inference mismatch) correction weights; ``LossNormalizers`` carries the per-call global
 counts. ``PolicyLossConfig.from_trl`` and ``PolicyLossConfig.from_verl`` build the exact presets of TRL 1.16
 ``GRPOConfig`` and of a verl 0.9.1 actor config (section 3.2).
+
+Public through ``reasonrl.losses``. This module sits below both ``reasonrl.reference`` and ``reasonrl.losses``
+(it imports neither): the reference loss reads it, and the public loss entry points import the reference.
 """
 
 from __future__ import annotations
