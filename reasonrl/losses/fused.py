@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import torch
 
+from reasonrl import _backend as backend
 from reasonrl.loss_config import LossNormalizers, PolicyLossConfig
 from reasonrl.loss_types import LossOutput
-from reasonrl.ops import _scaffold as scaffold
 from reasonrl.ops.policy_loss import INPUT_COLUMNS, kernel_codes, kernel_loss_kind
 from reasonrl.reference.policy_loss import LossInputs, loss_from_inputs, loss_inputs
 
 __all__ = [
     "single_pass_blocker",
     "kernel_inputs",
-    "token_inputs",
     "fused_policy_loss_from_logits",
     "fused_policy_loss_from_hidden",
 ]
@@ -94,30 +93,6 @@ def kernel_inputs(
     return torch.stack([columns[name] for name in INPUT_COLUMNS], dim=1)
 
 
-def token_inputs(
-    *,
-    valid: torch.Tensor,
-    advantages: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    sampling_logprobs: torch.Tensor | None,
-    is_weights: torch.Tensor | None,
-    normalizers: LossNormalizers,
-    config: PolicyLossConfig,
-    entropy_coef: float | torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """:func:`kernel_inputs` from the loss's arguments (``valid``: a bool tensor of the token shape,
-    ``[B, T]`` padded or ``[N]`` packed with ``cu_seqlens``); for tests of the kernels alone."""
-    inputs = loss_inputs(
-        valid, advantages=advantages, mask=valid, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
-        normalizers=normalizers, config=config, dtype=dtype,
-    )
-    return kernel_inputs(inputs, config=config, normalizers=normalizers, entropy_coef=entropy_coef)
-
-
 def _single_pass(run_kernel, *, token_shape, valid, dtype, check_outputs, entropy_coef, loss_kw: dict):
     # dtype: the input's; the per-token arithmetic runs in its accumulation dtype (fp64 for fp64, else fp32).
     """The part both fused entry points share: the call's ``LossInputs`` (once), the kernel's per-token
@@ -125,7 +100,7 @@ def _single_pass(run_kernel, *, token_shape, valid, dtype, check_outputs, entrop
     lp, H), then the loss value and metrics by the reference formulas over lp, H and the same ``LossInputs``.
     ``loss_kw``: advantages, cu_seqlens, old / ref / sampling log-probs, is_weights, normalizers, config."""
     config, normalizers = loss_kw["config"], loss_kw["normalizers"]
-    inputs = loss_inputs(valid, mask=valid, dtype=scaffold.accumulation_dtype(dtype), **loss_kw)
+    inputs = loss_inputs(valid, mask=valid, dtype=backend.accumulation_dtype(dtype), **loss_kw)
     eta = config.entropy_coef if entropy_coef is None else entropy_coef
     columns = kernel_inputs(inputs, config=config, normalizers=normalizers, entropy_coef=eta)
     outputs = run_kernel(columns, *kernel_codes(config, loss_kw["old_logprobs"] is not None))
@@ -175,8 +150,8 @@ def fused_policy_loss_from_logits(
     ``labels`` must already carry ``ignore_index`` at every token outside ``valid`` (the kernel skips those
     rows); ``check_outputs(lp, labels_flat)`` reports NaN rows when validation is on.
     """
-    x, labels_flat, temp_t, temp_scalar = scaffold.flatten_rows(logits, labels, temperature)
-    kernel = scaffold.kernel_op("policy_loss_fused", impl)
+    x, labels_flat, temp_t, temp_scalar = backend.flatten_rows(logits, labels, temperature)
+    kernel = backend.kernel_op("policy_loss_fused", impl)
 
     def run_kernel(columns, loss_kind, kl_kind, params):
         return kernel(x.detach(), labels_flat, temp_t, temp_scalar, ignore_index, columns, loss_kind, kl_kind,
@@ -230,9 +205,9 @@ def fused_policy_loss_from_hidden(
     and grad_hidden / grad_weight / grad_bias in one call (C++: per row chunk, logits = hidden @ weight.T +
     bias, turned into dLoss/dlogits in place, then two GEMMs); then the loss value and metrics from the
     reference formulas over the per-token log-probs and entropies (O(N))."""
-    h, labels_flat, temp_t, temp_scalar = scaffold.flatten_rows(hidden, labels, temperature,
+    h, labels_flat, temp_t, temp_scalar = backend.flatten_rows(hidden, labels, temperature,
                                                                 unit_stride=False)
-    kernel = scaffold.kernel_op("policy_loss_from_hidden_fused", impl)
+    kernel = backend.kernel_op("policy_loss_from_hidden_fused", impl)
     b = None if bias is None else bias.detach()
 
     def run_kernel(columns, loss_kind, kl_kind, params):

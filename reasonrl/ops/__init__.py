@@ -1,10 +1,10 @@
 """Registered ops of reasonrl (ops.md): public functional entry points with implementation dispatch.
 
 What every op shares (implementation choice, lazy registration, validation, the row view) is in
-``reasonrl.ops._scaffold``; docs/adding-an-op.md is the recipe for a new op.
+``reasonrl._backend``; docs/adding-an-op.md is the recipe for a new op.
 """
 
-from reasonrl.ops._scaffold import set_validation, validation_enabled
+from reasonrl._backend import set_validation, validation_enabled
 from reasonrl.ops.group_advantages import Advantages, advantage_preset, group_advantages
 from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
 from reasonrl.ops.token_logprobs import TokenLogprobs, token_logprobs

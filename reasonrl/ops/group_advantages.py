@@ -18,7 +18,7 @@ from numbers import Real
 
 import torch
 
-from reasonrl.ops import _scaffold as scaffold
+from reasonrl import _backend as backend
 from reasonrl.reference.group_advantages import (
     ESTIMATORS,
     Advantages,
@@ -38,7 +38,7 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 OP = "group_advantages"
-scaffold.declare_op(
+backend.declare_op(
     OP, reference_only="it is not on the hot path (O(B) work once per batch); use impl='auto' or 'reference'"
 )
 
@@ -361,8 +361,8 @@ def group_advantages(
         cu_seqlens,
         nan_policy,
     )
-    scaffold.resolve_impl(OP, impl, rewards.device, rewards.dtype)
-    if scaffold.resolve_validate(validate):
+    backend.resolve_impl(OP, impl, rewards.device, rewards.dtype)
+    if backend.resolve_validate(validate):
         _validate_values(rewards, reward_weights, lengths, token_mask, cu_seqlens, nan_policy)
     return group_advantages_reference(
         rewards,

@@ -38,13 +38,14 @@ from dataclasses import dataclass
 
 import torch
 
-from reasonrl.ops import _scaffold as scaffold
+from reasonrl import _backend as backend
 from reasonrl.ops.vocab_parallel import (
     VocabShard,
     all_reduce_sum_,
     combine_local_outputs,
+    label_bound,
     label_owner,
-    resolve_vocab_shard,
+    shard_of_call,
     share_label_logit,
 )
 from reasonrl.reference.linear_token_logprobs import linear_token_logprobs_reference
@@ -96,7 +97,7 @@ def _make_backward(bwd_op):
 
 def _fake_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy,
               want_rank, chunk_rows, vocab_start=0, vocab_global=0, label_logit=None):
-    return scaffold.fake_row_outputs(hidden, want_entropy, want_rank)
+    return backend.fake_row_outputs(hidden, want_entropy, want_rank)
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature, temperature_scalar,
@@ -110,8 +111,8 @@ def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, tempera
 
 def _cpp_ops():
     """Fake impls and autograd attached to the C++ ops (schemas in csrc/reasonrl.cpp)."""
-    bwd = scaffold.attach_cpp("linear_token_logprobs_bwd", _fake_bwd)
-    fwd = scaffold.attach_cpp("linear_token_logprobs_fwd", _fake_fwd, backward=_make_backward(bwd),
+    bwd = backend.attach_cpp("linear_token_logprobs_bwd", _fake_bwd)
+    fwd = backend.attach_cpp("linear_token_logprobs_fwd", _fake_fwd, backward=_make_backward(bwd),
                               setup_context=_setup_context)
     return fwd, bwd
 
@@ -156,12 +157,12 @@ def _triton_ops():
     return fwd, bwd
 
 
-scaffold.declare_op(OP, cpp=_cpp_ops, triton=_triton_ops)
+backend.declare_op(OP, cpp=_cpp_ops, triton=_triton_ops)
 
 
 def registered_ops(impl: str = "cpp"):
     """(fwd, bwd) registered ops of ``impl``; used by tests (opcheck)."""
-    return scaffold.registered_ops(OP, impl)
+    return backend.registered_ops(OP, impl)
 
 
 def check_args(hidden, weight, labels, bias, temperature, ignore_index):
@@ -194,9 +195,9 @@ def check_args(hidden, weight, labels, bias, temperature, ignore_index):
             raise ValueError(f"{OP}: bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"{OP}: bias is on {bias.device} but hidden is on {hidden.device}")
-    scaffold.check_labels(OP, labels, hidden.shape[:-1], hidden.device, "hidden")
-    scaffold.check_ignore_index(OP, ignore_index)
-    scaffold.check_temperature(OP, temperature, hidden.shape[:-1], hidden.device, "hidden")
+    backend.check_labels(OP, labels, hidden.shape[:-1], hidden.device, "hidden")
+    backend.check_ignore_index(OP, ignore_index)
+    backend.check_temperature(OP, temperature, hidden.shape[:-1], hidden.device, "hidden")
 
 
 _NAN_CAUSE = "NaN or inf in hidden, weight or bias"
@@ -355,24 +356,14 @@ def linear_token_logprobs(
         int32; fields not requested are None.
     """
     check_args(hidden, weight, labels, bias, temperature, ignore_index)
-    validate = scaffold.resolve_validate(validate)
+    validate = backend.resolve_validate(validate)
     lead_shape = hidden.shape[:-1]
     vocab, h = weight.shape
-    shard = None
-    if process_group is not None:
-        shard = resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=hidden.device,
-                                    op=OP)
-    elif vocab_start is not None:
-        raise ValueError(f"{OP}: vocab_start is only meaningful with a process_group (vocab-parallel mode); got "
-                         f"vocab_start={vocab_start!r} and process_group=None")
+    shard = shard_of_call(OP, process_group, vocab, vocab_start, validate=validate, device=hidden.device)
     if validate:
-        if shard is None:
-            scaffold.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, vocab)
-        else:
-            scaffold.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, shard.vocab_global,
-                                   "V_glob (the global vocabulary of the process_group)")
+        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard))
 
-    impl = scaffold.select_impl(OP, impl, hidden.device.type, hidden.dtype)
+    impl = backend.select_impl(OP, impl, hidden.device.type, hidden.dtype)
     if shard is not None and impl != "cpp":
         raise NotImplementedError(f"{OP}: vocab-parallel mode (process_group) is implemented by impl='cpp' only "
                                   f"(CPU); impl={impl!r} has no sharded path")
@@ -382,24 +373,24 @@ def linear_token_logprobs(
             want_entropy=want_entropy, want_rank=want_rank, return_lse=return_lse,
         )
         if validate:
-            scaffold.check_nan_rows(OP, out.logprobs.reshape(-1), labels.reshape(-1), ignore_index,
+            backend.check_nan_rows(OP, out.logprobs.reshape(-1), labels.reshape(-1), ignore_index,
                                     _NAN_CAUSE)
         return out
 
     # The Triton op makes its operands contiguous itself; the C++ op gathers rows with any strides.
-    x, labels_flat, temp_t, temp_scalar = scaffold.flatten_rows(hidden, labels, temperature,
+    x, labels_flat, temp_t, temp_scalar = backend.flatten_rows(hidden, labels, temperature,
                                                                 unit_stride=False)
-    acc = scaffold.accumulation_dtype(hidden.dtype)
+    acc = backend.accumulation_dtype(hidden.dtype)
     chunk_rows = 0 if workspace_bytes is None else max(1, int(workspace_bytes) // ((vocab + h) * acc.itemsize))
     if shard is not None:
         call = _ShardedLinearCall(shard, temp_scalar, ignore_index, want_entropy, want_rank, chunk_rows,
                                   reduce_grad_hidden)
         lp, ent, rank, lse = _LinearVocabParallel.apply(x, weight, bias, labels_flat, temp_t, call)
     else:
-        fwd = scaffold.kernel_op("linear_token_logprobs_fwd", impl)
+        fwd = backend.kernel_op("linear_token_logprobs_fwd", impl)
         lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
                                     want_rank, chunk_rows)
     if validate:
-        scaffold.check_nan_rows(OP, lp, labels_flat, ignore_index, _NAN_CAUSE)
-    return scaffold.token_outputs(lead_shape, lp, ent, rank, lse, want_entropy=want_entropy,
+        backend.check_nan_rows(OP, lp, labels_flat, ignore_index, _NAN_CAUSE)
+    return backend.token_outputs(lead_shape, lp, ent, rank, lse, want_entropy=want_entropy,
                                   want_rank=want_rank, return_lse=return_lse)

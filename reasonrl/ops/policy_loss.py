@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from reasonrl.ops import _scaffold as scaffold
+from reasonrl import _backend as backend
 
 __all__ = [
     "LOSS_KINDS",
@@ -159,7 +159,7 @@ FROM_HIDDEN = "policy_loss_from_hidden"
 
 def _fake(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
           params):
-    acc = scaffold.accumulation_dtype(logits.dtype)
+    acc = backend.accumulation_dtype(logits.dtype)
     rows = [logits.new_empty((logits.shape[0],), dtype=acc) for _ in range(5)]
     return (*rows, torch.empty_like(logits, memory_format=torch.contiguous_format))
 
@@ -170,7 +170,7 @@ def _fake_token_grad(logprobs, token_inputs, loss_kind, kl_kind, params):
 
 def _fake_hidden(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, token_inputs,
                  loss_kind, kl_kind, params, chunk_rows):
-    acc = scaffold.accumulation_dtype(hidden.dtype)
+    acc = backend.accumulation_dtype(hidden.dtype)
     rows = [hidden.new_empty((hidden.shape[0],), dtype=acc) for _ in range(5)]
     grad_bias = weight.new_empty((weight.shape[0],) if bias is not None else (0,))
     return (*rows, torch.empty_like(hidden, memory_format=torch.contiguous_format),
@@ -178,12 +178,12 @@ def _fake_hidden(hidden, weight, bias, labels, temperature, temperature_scalar, 
 
 
 def _cpp_from_logits():
-    scaffold.attach_cpp("policy_loss_token_grad", _fake_token_grad)
-    return scaffold.attach_cpp("policy_loss_fused", _fake)
+    backend.attach_cpp("policy_loss_token_grad", _fake_token_grad)
+    return backend.attach_cpp("policy_loss_fused", _fake)
 
 
 def _cpp_from_hidden():
-    return scaffold.attach_cpp("policy_loss_from_hidden_fused", _fake_hidden)
+    return backend.attach_cpp("policy_loss_from_hidden_fused", _fake_hidden)
 
 
 def _triton_from_logits():
@@ -237,10 +237,10 @@ def _triton_from_hidden():
     return torch.ops.reasonrl.policy_loss_from_hidden_fused_triton.default
 
 
-scaffold.declare_op(FROM_LOGITS, cpp=_cpp_from_logits, triton=_triton_from_logits)
-scaffold.declare_op(FROM_HIDDEN, cpp=_cpp_from_hidden, triton=_triton_from_hidden)
+backend.declare_op(FROM_LOGITS, cpp=_cpp_from_logits, triton=_triton_from_logits)
+backend.declare_op(FROM_HIDDEN, cpp=_cpp_from_hidden, triton=_triton_from_hidden)
 
 
 def registered_ops(entry: str, impl: str):
     """The registered fused op of ``entry`` (``policy_loss_from_logits`` / ``_from_hidden``) for ``impl``."""
-    return scaffold.registered_ops(entry, impl)
+    return backend.registered_ops(entry, impl)

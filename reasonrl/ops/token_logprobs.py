@@ -27,8 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from reasonrl.ops import _scaffold as scaffold
-from reasonrl.ops.vocab_parallel import VocabShard, combine_local_outputs, label_pivot, resolve_vocab_shard
+from reasonrl import _backend as backend
+from reasonrl.ops.vocab_parallel import (
+    VocabShard,
+    combine_local_outputs,
+    label_bound,
+    label_pivot,
+    shard_of_call,
+)
 from reasonrl.reference.token_logprobs import TokenLogprobs, token_logprobs_reference
 
 __all__ = ["TokenLogprobs", "token_logprobs"]
@@ -41,7 +47,7 @@ OP = "token_logprobs"
 #    want_entropy, want_rank, inplace_backward, vocab_start=0, vocab_global=0, label_logit=None)
 #   -> (logprobs, entropy, rank, lse, stats)
 # where stats [N, 2] = (m, log-sum) of the scaled logits, read only by the paired backward: it forms
-# log p_j = (x_j / tau - m) - log_sum, exact near the maximum (see csrc/cpu/token_logprobs_rows.h).
+# log p_j = (x_j / tau - m) - log_sum, exact near the maximum (see csrc/cpu/row_kernels.h).
 # With vocab_start / vocab_global (a vocab shard) this autograd is the derivative of the LOCAL outputs; the
 # vocab-parallel op (_VocabParallel) instead calls the backward op with the global statistics.
 # ----------------------------------------------------------------------------------------------------------
@@ -87,7 +93,7 @@ def _make_backward(bwd_op, bwd_inplace_op):
 
 def _fake_fwd(logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank, inplace,
               vocab_start=0, vocab_global=0, label_logit=None):
-    return scaffold.fake_row_outputs(logits, want_entropy, want_rank)
+    return backend.fake_row_outputs(logits, want_entropy, want_rank)
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
@@ -102,9 +108,9 @@ def _fake_bwd_inplace(grad_logprobs, grad_entropy, logits, labels, temperature, 
 
 def _cpp_ops():
     """Fake impls and autograd attached to the C++ ops (their schemas come from csrc/reasonrl.cpp)."""
-    bwd = scaffold.attach_cpp("token_logprobs_bwd", _fake_bwd)
-    bwd_inplace = scaffold.attach_cpp("token_logprobs_bwd_inplace", _fake_bwd_inplace)
-    fwd = scaffold.attach_cpp("token_logprobs_fwd", _fake_fwd, backward=_make_backward(bwd, bwd_inplace),
+    bwd = backend.attach_cpp("token_logprobs_bwd", _fake_bwd)
+    bwd_inplace = backend.attach_cpp("token_logprobs_bwd_inplace", _fake_bwd_inplace)
+    fwd = backend.attach_cpp("token_logprobs_fwd", _fake_fwd, backward=_make_backward(bwd, bwd_inplace),
                               setup_context=_setup_context)
     return fwd, bwd, bwd_inplace
 
@@ -176,29 +182,12 @@ def _triton_ops():
     return fwd, bwd, bwd_inplace
 
 
-scaffold.declare_op(OP, cpp=_cpp_ops, triton=_triton_ops)
+backend.declare_op(OP, cpp=_cpp_ops, triton=_triton_ops)
 
 
 def registered_ops(impl: str):
     """(fwd, bwd, bwd_inplace) registered ops of ``impl`` ('cpp' or 'triton'); used by tests (opcheck)."""
-    return scaffold.registered_ops(OP, impl)
-
-
-def check_args(logits, labels, temperature, ignore_index):
-    """Argument checks without a host sync (docs/ops.md section 7)."""
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(
-            f"{OP}: logits must be a floating tensor (float32, bfloat16, float16 or float64), got "
-            f"{getattr(logits, 'dtype', type(logits).__name__)}"
-        )
-    if logits.dim() < 1:
-        raise ValueError(f"{OP}: logits must have shape [..., V] with at least 1 dimension, got a scalar")
-    if logits.shape[-1] == 0:
-        raise ValueError(f"{OP}: the vocabulary size V = logits.shape[-1] must be > 0, got "
-                         f"{tuple(logits.shape)}")
-    scaffold.check_labels(OP, labels, logits.shape[:-1], logits.device, "logits")
-    scaffold.check_ignore_index(OP, ignore_index)
-    scaffold.check_temperature(OP, temperature, logits.shape[:-1], logits.device, "logits")
+    return backend.registered_ops(OP, impl)
 
 
 _NAN_CAUSE = "NaN or +inf in logits, or no finite logit"
@@ -230,7 +219,7 @@ class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, temperature, call: _ShardedCall):
         shard = call.shard
-        fwd = scaffold.kernel_op("token_logprobs_fwd", call.impl)
+        fwd = backend.kernel_op("token_logprobs_fwd", call.impl)
         pivot = label_pivot(x, labels, call.ignore_index, shard) if call.want_rank else None
         local = fwd(
             x, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy, call.want_rank,
@@ -257,9 +246,9 @@ class _VocabParallel(torch.autograd.Function):
         rest = (labels, temperature, call.temperature_scalar, call.ignore_index, stats, ent,
                 call.shard.vocab_start, call.shard.vocab_global)
         if call.inplace_backward:
-            scaffold.kernel_op("token_logprobs_bwd_inplace", call.impl)(grad_logprobs, grad_entropy, x, *rest)
+            backend.kernel_op("token_logprobs_bwd_inplace", call.impl)(grad_logprobs, grad_entropy, x, *rest)
             return x, None, None, None
-        grad = scaffold.kernel_op("token_logprobs_bwd", call.impl)(grad_logprobs, grad_entropy, x, *rest)
+        grad = backend.kernel_op("token_logprobs_bwd", call.impl)(grad_logprobs, grad_entropy, x, *rest)
         return grad, None, None, None
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,24 +312,15 @@ def token_logprobs(
         ``TokenLogprobs(logprobs, entropy, rank, lse)``: ``[...]`` tensors, fp32 (fp64 for fp64 logits),
         rank int32; fields not requested are None.
     """
-    check_args(logits, labels, temperature, ignore_index)
-    validate = scaffold.resolve_validate(validate)
+    backend.check_logits_args(OP, logits, labels, temperature, ignore_index)
+    validate = backend.resolve_validate(validate)
     lead_shape = logits.shape[:-1]
     vocab = logits.shape[-1]
-    shard = None
-    if process_group is not None:
-        shard = resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=logits.device)
-    elif vocab_start is not None:
-        raise ValueError(f"{OP}: vocab_start is only meaningful with a process_group (vocab-parallel mode); "
-                         f"got vocab_start={vocab_start!r} and process_group=None")
+    shard = shard_of_call(OP, process_group, vocab, vocab_start, validate=validate, device=logits.device)
     if validate:
-        if shard is None:
-            scaffold.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, vocab)
-        else:
-            scaffold.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, shard.vocab_global,
-                                   "V_glob (the global vocabulary of the process_group)")
+        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard))
 
-    impl = scaffold.select_impl(OP, impl, logits.device.type, logits.dtype)
+    impl = backend.select_impl(OP, impl, logits.device.type, logits.dtype)
     if shard is not None and impl == "reference":
         raise RuntimeError(f"{OP}: vocab-parallel mode (process_group given) needs impl='cpp' or 'triton'; "
                            "the reference implementation has no sharded path")
@@ -350,11 +330,11 @@ def token_logprobs(
             want_rank=want_rank, return_lse=return_lse,
         )
         if validate:
-            scaffold.check_nan_rows(OP, out.logprobs.reshape(-1), labels.reshape(-1), ignore_index,
+            backend.check_nan_rows(OP, out.logprobs.reshape(-1), labels.reshape(-1), ignore_index,
                                     _NAN_CAUSE)
         return out
 
-    x, labels_flat, temp_t, temp_scalar = scaffold.flatten_rows(logits, labels, temperature)
+    x, labels_flat, temp_t, temp_scalar = backend.flatten_rows(logits, labels, temperature)
     if inplace_backward and not (x.is_contiguous() and x.data_ptr() == logits.data_ptr()):
         raise ValueError(f"{OP}: inplace_backward=True needs contiguous logits (the gradient is written into "
                          "their storage)")
@@ -362,10 +342,10 @@ def token_logprobs(
         call = _ShardedCall(impl, shard, temp_scalar, ignore_index, want_entropy, want_rank, inplace_backward)
         lp, ent, rank, lse = _VocabParallel.apply(x, labels_flat, temp_t, call)
     else:
-        fwd = scaffold.kernel_op("token_logprobs_fwd", impl)
+        fwd = backend.kernel_op("token_logprobs_fwd", impl)
         lp, ent, rank, lse, _ = fwd(x, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
                                     want_rank, inplace_backward)
     if validate:
-        scaffold.check_nan_rows(OP, lp, labels_flat, ignore_index, _NAN_CAUSE)
-    return scaffold.token_outputs(lead_shape, lp, ent, rank, lse, want_entropy=want_entropy,
+        backend.check_nan_rows(OP, lp, labels_flat, ignore_index, _NAN_CAUSE)
+    return backend.token_outputs(lead_shape, lp, ent, rank, lse, want_entropy=want_entropy,
                                   want_rank=want_rank, return_lse=return_lse)

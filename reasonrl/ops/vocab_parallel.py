@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "VocabShard", "resolve_vocab_shard", "label_owner", "share_label_logit", "label_pivot", "all_reduce_sum_",
-    "combine_vocab_shards", "combine_local_outputs",
+    "VocabShard", "resolve_vocab_shard", "shard_of_call", "label_bound", "label_owner", "share_label_logit",
+    "label_pivot", "all_reduce_sum_", "combine_vocab_shards", "combine_local_outputs",
 ]
 
 
@@ -103,6 +103,25 @@ def resolve_vocab_shard(
                 )
             pos = s + v
     return VocabShard(process_group, rank, world, start, vocab, vocab_global)
+
+
+def shard_of_call(op: str, process_group, vocab: int, vocab_start: int | None, *, validate: bool,
+                  device: torch.device) -> VocabShard | None:
+    """The call's vocab shard (:func:`resolve_vocab_shard`), or None without a process_group; ``vocab_start``
+    alone is a ValueError."""
+    if process_group is not None:
+        return resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=device, op=op)
+    if vocab_start is not None:
+        raise ValueError(f"{op}: vocab_start is only meaningful with a process_group (vocab-parallel mode); "
+                         f"got vocab_start={vocab_start!r} and process_group=None")
+    return None
+
+
+def label_bound(vocab: int, shard: VocabShard | None) -> tuple[int, str]:
+    """``(the bound of valid labels, its name in error messages)``: V, or V_glob with a process_group."""
+    if shard is None:
+        return vocab, "V"
+    return shard.vocab_global, "V_glob (the global vocabulary of the process_group)"
 
 
 def label_owner(

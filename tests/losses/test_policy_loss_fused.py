@@ -29,6 +29,7 @@ from reasonrl.losses import (
 )
 from reasonrl.losses import fused as fused_mod
 from reasonrl.ops.policy_loss import FROM_LOGITS, kernel_codes, registered_ops
+from reasonrl.reference.policy_loss import loss_inputs
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 F64 = torch.float64
@@ -154,18 +155,23 @@ def _reference_token_grads(cfg, b, norms, advantages, is_weights=None):
 
 
 def _functor_grads(cfg, b, norms, advantages, is_weights=None):
-    inputs = fused_mod.token_inputs(
-        valid=b["mask"],
-        advantages=advantages,
-        cu_seqlens=None,
-        old_logprobs=b["old"],
-        ref_logprobs=b["ref"],
-        sampling_logprobs=b["samp"],
-        is_weights=is_weights,
-        normalizers=norms,
+    inputs = fused_mod.kernel_inputs(
+        loss_inputs(
+            b["mask"],
+            advantages=advantages,
+            cu_seqlens=None,
+            old_logprobs=b["old"],
+            ref_logprobs=b["ref"],
+            sampling_logprobs=b["samp"],
+            is_weights=is_weights,
+            normalizers=norms,
+            config=cfg,
+            dtype=b["lp"].dtype,
+            mask=b["mask"],
+        ),
         config=cfg,
+        normalizers=norms,
         entropy_coef=cfg.entropy_coef,
-        dtype=b["lp"].dtype,
     )
     g_lp = torch.ops.reasonrl.policy_loss_token_grad(
         b["lp"].reshape(-1),
@@ -426,18 +432,23 @@ def _opcheck_args(dtype=torch.float32):
     cfg = CONFIGS["dapo+kl+entropy"]
     logits, labels, kw = _logits_case("packed", b=2, t=3, v=37, seed=4, dtype=dtype)
     valid = kw["mask"] & (labels != -100)
-    inputs = fused_mod.token_inputs(
-        valid=valid,
-        advantages=kw["advantages"],
-        cu_seqlens=kw["cu_seqlens"],
-        old_logprobs=kw["old_logprobs"],
-        ref_logprobs=kw["ref_logprobs"],
-        sampling_logprobs=None,
-        is_weights=None,
-        normalizers=LossNormalizers(),
+    inputs = fused_mod.kernel_inputs(
+        loss_inputs(
+            valid,
+            advantages=kw["advantages"],
+            cu_seqlens=kw["cu_seqlens"],
+            old_logprobs=kw["old_logprobs"],
+            ref_logprobs=kw["ref_logprobs"],
+            sampling_logprobs=None,
+            is_weights=None,
+            normalizers=LossNormalizers(),
+            config=cfg,
+            dtype=torch.float64 if dtype == F64 else torch.float32,
+            mask=valid,
+        ),
         config=cfg,
+        normalizers=LossNormalizers(),
         entropy_coef=cfg.entropy_coef,
-        dtype=torch.float64 if dtype == F64 else torch.float32,
     )
     return (
         logits,
