@@ -55,6 +55,14 @@ inline const char* row_kernels_isa() {
 // Rows per parallel_for task: enough columns per task to amortise the scheduling (~64k elements).
 inline int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
 
+// labels: [N] int32 / int64 on the CPU.
+inline void check_labels(const char* op, const at::Tensor& labels, int64_t n) {
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n, op, ": labels must be [N] = [", n, "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
+              ": labels must be int32 or int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.device().is_cpu(), op, " (cpp): labels must be on the CPU");
+}
+
 // A per-row temperature tensor is a CPU floating scalar or [N]; a scalar one is > 0 (values of a tensor are
 // checked by the Python layer, with validate).
 inline void check_temperature(const char* op, const std::optional<at::Tensor>& temperature,
@@ -80,11 +88,7 @@ inline void check_common(const at::Tensor& logits, const at::Tensor& labels,
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
               "token_logprobs (cpp): logits must be float32, bfloat16, float16 or float64, got ", dt);
   TORCH_CHECK(logits.size(1) > 0, "token_logprobs: the vocabulary size V (logits.size(-1)) must be > 0");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "token_logprobs: labels must be [N] = [",
-              logits.size(0), "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "token_logprobs: labels must be int32 or int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.device().is_cpu(), "token_logprobs (cpp): labels must be on the CPU");
+  check_labels("token_logprobs", labels, logits.size(0));
   check_temperature("token_logprobs", temperature, temperature_scalar, logits.size(0));
 }
 

@@ -116,6 +116,20 @@ struct Chunker {
     return out;
   }
 
+  // The row-kernel arguments of the chunk of compacted rows starting at s, whose logits are x (the outputs
+  // and the sharded-label fields are the caller's).
+  template <typename Args>
+  void fill_row_args(Args& a, const at::Tensor& x, int64_t s, int64_t ignore_index, double temperature_scalar) const {
+    using acc_t = typename Args::acc_t;
+    a.logits = x.const_data_ptr<acc_t>();
+    a.row_stride = x.stride(0);
+    a.vocab = x.size(1);
+    a.labels = rows->labels.const_data_ptr<int64_t>() + s;
+    a.ignore_index = ignore_index;
+    a.temperature = rows->temperature.defined() ? rows->temperature.const_data_ptr<acc_t>() + s : nullptr;
+    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+  }
+
   // x = h W^T (+ b) for the rows of the chunk, into the workspace.
   at::Tensor logits_of(const at::Tensor& h) {
     at::Tensor x = logits.narrow(0, 0, h.size(0));

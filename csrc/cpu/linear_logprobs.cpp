@@ -84,11 +84,7 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
                 " differs from hidden dtype ", dt);
     TORCH_CHECK(bias->device().is_cpu(), "linear_token_logprobs (cpp): bias must be a CPU tensor");
   }
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "linear_token_logprobs: labels must be [N] = [",
-              hidden.size(0), "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "linear_token_logprobs: labels must be int32 or int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.device().is_cpu(), "linear_token_logprobs (cpp): labels must be on the CPU");
+  check_labels("linear_token_logprobs", labels, hidden.size(0));
   check_temperature("linear_token_logprobs", temperature, temperature_scalar, hidden.size(0));
 }
 
@@ -115,13 +111,7 @@ void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int
     const int64_t len = std::min(ck.chunk, rows.m - s);
     const at::Tensor x = ck.logits_of(ck.gather(s, len));
     RowArgs<acc_t> a{};
-    a.logits = x.const_data_ptr<acc_t>();
-    a.row_stride = x.stride(0);
-    a.vocab = vocab;
-    a.labels = rows.labels.const_data_ptr<int64_t>() + s;
-    a.ignore_index = ignore_index;
-    a.temperature = rows.temperature.defined() ? rows.temperature.const_data_ptr<acc_t>() + s : nullptr;
-    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+    ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
     a.logprobs = lp.mutable_data_ptr<acc_t>() + s;
     a.entropy = ent.numel() ? ent.mutable_data_ptr<acc_t>() + s : nullptr;
     a.rank = rank.numel() ? rank.mutable_data_ptr<int32_t>() + s : nullptr;
@@ -190,13 +180,7 @@ void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_
     const at::Tensor h = ck.gather(s, len);
     at::Tensor x = ck.logits_of(h);
     BwdArgs<acc_t> a{};
-    a.logits = x.const_data_ptr<acc_t>();
-    a.row_stride = x.stride(0);
-    a.vocab = vocab;
-    a.labels = rows.labels.const_data_ptr<int64_t>() + s;
-    a.ignore_index = ignore_index;
-    a.temperature = rows.temperature.defined() ? rows.temperature.const_data_ptr<acc_t>() + s : nullptr;
-    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+    ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
     a.stats = const_cast<acc_t*>(stats.const_data_ptr<acc_t>()) + 2 * s;
     a.entropy = g_h.defined() ? const_cast<acc_t*>(entropy.const_data_ptr<acc_t>()) + s : nullptr;
     a.grad_logprobs = g_lp.defined() ? g_lp.const_data_ptr<acc_t>() + s : nullptr;

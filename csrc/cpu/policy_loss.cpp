@@ -304,15 +304,8 @@ void fused_chunk(const RowKernels& k, const LossParams& p, const Chunker& ck, co
                  int64_t len, double temperature_scalar, int64_t ignore_index, const at::Tensor& inputs,
                  at::Tensor& lp, at::Tensor& ent, at::Tensor& lse, at::Tensor& stats, at::Tensor& g_lp,
                  at::Tensor& g_h) {
-  const Rows& rows = *ck.rows;
   BwdArgs<acc_t> a{};
-  a.logits = x.const_data_ptr<acc_t>();
-  a.row_stride = x.stride(0);
-  a.vocab = x.size(1);
-  a.labels = rows.labels.const_data_ptr<int64_t>() + s;
-  a.ignore_index = ignore_index;
-  a.temperature = rows.temperature.defined() ? rows.temperature.const_data_ptr<acc_t>() + s : nullptr;
-  a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+  ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
   a.logprobs = lp.mutable_data_ptr<acc_t>() + s;
   a.entropy = ent.mutable_data_ptr<acc_t>() + s;
   a.lse = lse.mutable_data_ptr<acc_t>() + s;

@@ -42,7 +42,7 @@ from reasonrl import _backend as backend
 from reasonrl.ops.vocab_parallel import (
     VocabShard,
     all_reduce_sum_,
-    combine_local_outputs,
+    finish_sharded_forward,
     label_bound,
     label_owner,
     shard_of_call,
@@ -248,13 +248,7 @@ class _LinearVocabParallel(torch.autograd.Function):
             x, weight, bias, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy,
             call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot,
         )
-        lp, ent, rank, lse, stats = combine_local_outputs(
-            local, labels, call.ignore_index, call.want_entropy, call.want_rank, shard)
-        ctx.save_for_backward(x, weight, bias, labels, temperature, stats, ent)
-        ctx.call = call
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(rank, lse)
-        return lp, ent, rank, lse
+        return finish_sharded_forward(ctx, local, labels, call, (x, weight, bias, labels, temperature))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):

@@ -30,7 +30,7 @@ import torch
 from reasonrl import _backend as backend
 from reasonrl.ops.vocab_parallel import (
     VocabShard,
-    combine_local_outputs,
+    finish_sharded_forward,
     label_bound,
     label_pivot,
     shard_of_call,
@@ -138,46 +138,35 @@ def _triton_ops():
             vocab_start, vocab_global, label_logit, launch=torch.library.wrap_triton,
         )
 
-    @torch.library.triton_op("reasonrl::token_logprobs_bwd_triton", mutates_args=())
-    def bwd(
-        grad_logprobs: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        temperature: torch.Tensor | None,
-        temperature_scalar: float,
-        ignore_index: int,
-        stats: torch.Tensor,
-        entropy: torch.Tensor,
-        vocab_start: int = 0,
-        vocab_global: int = 0,
-    ) -> torch.Tensor:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        tk.token_logprobs_bwd(
-            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-            entropy, grad, vocab_start, vocab_global, launch=torch.library.wrap_triton,
-        )
-        return grad
+    def backward_op(inplace: bool):
+        """The backward triton_op: out of place (returns the gradient) or in place (writes it into the storage
+        of ``logits``). One body; the two schemas differ only in the return and the mutation of logits."""
 
-    @torch.library.triton_op("reasonrl::token_logprobs_bwd_inplace_triton", mutates_args={"logits"})
-    def bwd_inplace(
-        grad_logprobs: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        temperature: torch.Tensor | None,
-        temperature_scalar: float,
-        ignore_index: int,
-        stats: torch.Tensor,
-        entropy: torch.Tensor,
-        vocab_start: int = 0,
-        vocab_global: int = 0,
-    ) -> None:
-        tk.token_logprobs_bwd(
-            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-            entropy, logits, vocab_start, vocab_global, launch=torch.library.wrap_triton,
-        )
+        def bwd(
+            grad_logprobs: torch.Tensor | None,
+            grad_entropy: torch.Tensor | None,
+            logits: torch.Tensor,
+            labels: torch.Tensor,
+            temperature: torch.Tensor | None,
+            temperature_scalar: float,
+            ignore_index: int,
+            stats: torch.Tensor,
+            entropy: torch.Tensor,
+            vocab_start: int = 0,
+            vocab_global: int = 0,
+        ):
+            grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+            tk.token_logprobs_bwd(
+                grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
+                entropy, grad, vocab_start, vocab_global, launch=torch.library.wrap_triton,
+            )
+            return None if inplace else grad
 
+        bwd.__annotations__["return"] = "None" if inplace else "torch.Tensor"
+        name = "reasonrl::token_logprobs_bwd_inplace_triton" if inplace else "reasonrl::token_logprobs_bwd_triton"
+        return torch.library.triton_op(name, mutates_args={"logits"} if inplace else ())(bwd)
+
+    bwd, bwd_inplace = backward_op(inplace=False), backward_op(inplace=True)
     fwd.register_autograd(_make_backward(bwd, bwd_inplace), setup_context=_setup_context)
     return fwd, bwd, bwd_inplace
 
@@ -225,13 +214,7 @@ class _VocabParallel(torch.autograd.Function):
             x, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy, call.want_rank,
             False, shard.vocab_start, shard.vocab_global, pivot,
         )
-        lp, ent, rank, lse, stats = combine_local_outputs(
-            local, labels, call.ignore_index, call.want_entropy, call.want_rank, shard)
-        ctx.save_for_backward(x, labels, temperature, stats, ent)
-        ctx.call = call
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(rank, lse)
-        return lp, ent, rank, lse
+        return finish_sharded_forward(ctx, local, labels, call, (x, labels, temperature))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):

@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "VocabShard", "resolve_vocab_shard", "shard_of_call", "label_bound", "label_owner", "share_label_logit",
     "label_pivot", "all_reduce_sum_", "combine_vocab_shards", "combine_local_outputs",
+    "finish_sharded_forward",
 ]
 
 
@@ -175,6 +176,20 @@ def combine_local_outputs(
         shard,
     )
     return lp, ent if ent is not None else ent_r, rank if rank is not None else rank_r, lse, stats
+
+
+def finish_sharded_forward(ctx, local, labels, call, saved: tuple):
+    """The end of a vocab-parallel ``autograd.Function.forward`` (token_logprobs and linear_token_logprobs):
+    :func:`combine_local_outputs` of this rank's ``local`` op outputs, then save ``saved`` + the global
+    (stats, entropy) for the backward, keep ``call`` (the non-tensor arguments: ignore_index, want_entropy,
+    want_rank, shard, ...) and mark rank and LSE non-differentiable. Returns (logprobs, entropy, rank, lse)."""
+    lp, ent, rank, lse, stats = combine_local_outputs(
+        local, labels, call.ignore_index, call.want_entropy, call.want_rank, call.shard)
+    ctx.save_for_backward(*saved, stats, ent)
+    ctx.call = call
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(rank, lse)
+    return lp, ent, rank, lse
 
 
 def combine_vocab_shards(
