@@ -157,14 +157,14 @@ def _triton_ops():
         ):
             grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
             tk.token_logprobs_bwd(
-                grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-                entropy, grad, vocab_start, vocab_global, launch=torch.library.wrap_triton,
+                grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index,
+                stats, entropy, grad, vocab_start, vocab_global, launch=torch.library.wrap_triton,
             )
             return None if inplace else grad
 
         bwd.__annotations__["return"] = "None" if inplace else "torch.Tensor"
-        name = "reasonrl::token_logprobs_bwd_inplace_triton" if inplace else "reasonrl::token_logprobs_bwd_triton"
-        return torch.library.triton_op(name, mutates_args={"logits"} if inplace else ())(bwd)
+        name = "token_logprobs_bwd_inplace_triton" if inplace else "token_logprobs_bwd_triton"
+        return torch.library.triton_op(f"reasonrl::{name}", mutates_args={"logits"} if inplace else ())(bwd)
 
     bwd, bwd_inplace = backward_op(inplace=False), backward_op(inplace=True)
     fwd.register_autograd(_make_backward(bwd, bwd_inplace), setup_context=_setup_context)

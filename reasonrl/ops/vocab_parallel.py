@@ -182,7 +182,8 @@ def finish_sharded_forward(ctx, local, labels, call, saved: tuple):
     """The end of a vocab-parallel ``autograd.Function.forward`` (token_logprobs and linear_token_logprobs):
     :func:`combine_local_outputs` of this rank's ``local`` op outputs, then save ``saved`` + the global
     (stats, entropy) for the backward, keep ``call`` (the non-tensor arguments: ignore_index, want_entropy,
-    want_rank, shard, ...) and mark rank and LSE non-differentiable. Returns (logprobs, entropy, rank, lse)."""
+    want_rank, shard, ...) and mark rank and LSE non-differentiable.
+    Returns (logprobs, entropy, rank, lse)."""
     lp, ent, rank, lse, stats = combine_local_outputs(
         local, labels, call.ignore_index, call.want_entropy, call.want_rank, call.shard)
     ctx.save_for_backward(*saved, stats, ent)
