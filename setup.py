@@ -2,15 +2,15 @@
 
 No network, no git, no nvidia-smi. Environment variables:
 
-* ``REASONRL_SKIP_CUDA_BUILD=1``: build the CPU kernels only.
-* ``TORCH_CUDA_ARCH_LIST``: CUDA architectures (honoured by torch's CUDAExtension).
 * ``MAX_JOBS``: parallel compile jobs (default: derived from cores and memory).
 * ``DEBUG=1``: ``-O0 -g`` instead of ``-O3``.
 * ``REASONRL_CPU_ISAS``: comma list of ISA variants to build on x86-64 (default ``avx2,avx512``).
 
-CPU kernels are compiled once per ISA (csrc/cpu/isa/<op>_<isa>.cpp) with that ISA's flags and the
-CPU_CAPABILITY macros, exactly as ATen builds its own kernels, so at::vec::Vectorized becomes real SIMD
-code; the extension picks a variant at run time (at::get_cpu_capability()). The per-ISA objects are
+The extension holds the CPU kernels only (on GPUs the ops run the Triton kernels of kernels/). The row
+kernels are compiled once per ISA (csrc/cpu/isa/row_kernels_<isa>.cpp; the ISA is the file name's suffix)
+with that ISA's flags and the CPU_CAPABILITY macros, exactly as ATen builds its own kernels, so
+at::vec::Vectorized becomes real SIMD code; the extension picks a variant at run time
+(at::get_cpu_capability(), row_kernels() in csrc/cpu/cpu_utils.h). The per-ISA objects are
 compiled here, before torch's (ninja) build of the extension, and linked in as extra objects, because
 setuptools has no per-source compiler flags.
 """
@@ -60,18 +60,6 @@ def cpu_isas() -> list[str]:
     return [isa for isa in (s.strip() for s in wanted.split(",")) if isa in ISA_FLAGS and isa != "default"]
 
 
-def cuda_build_wanted() -> tuple[bool, str]:
-    if os.environ.get("REASONRL_SKIP_CUDA_BUILD", "0") == "1":
-        return False, "REASONRL_SKIP_CUDA_BUILD=1"
-    if torch.version.cuda is None:
-        return False, "torch is a CPU build"
-    if cpp_extension.CUDA_HOME is None:
-        return False, "no CUDA toolkit found (CUDA_HOME / nvcc)"
-    if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
-        return False, "no CUDA sources in csrc/cuda"
-    return True, "CUDA toolkit at " + cpp_extension.CUDA_HOME
-
-
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension plus the per-ISA CPU objects, compiled first with their own flags."""
 
@@ -117,24 +105,14 @@ def extension():
     sources = [os.path.join("csrc", "reasonrl.cpp")] + sorted(
         p for p in glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
     )
-    with_cuda, why = cuda_build_wanted()
-    print(f"reasonrl: CPU ISA variants: default{''.join(',' + i for i in isas)}; CUDA: {with_cuda} ({why})")
-    kwargs = dict(
+    print(f"reasonrl: CPU ISA variants: default{''.join(',' + i for i in isas)}")
+    return cpp_extension.CppExtension(
         name="reasonrl._C",
         sources=sources,
         define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
-    if with_cuda:
-        kwargs["sources"] += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        kwargs["define_macros"].append(("REASONRL_WITH_CUDA", "1"))
-        kwargs["extra_compile_args"] = {
-            "cxx": cxx_flags,
-            "nvcc": [*OPT_FLAGS, "--use_fast_math", "-lineinfo", "-std=c++20"],
-        }
-        return cpp_extension.CUDAExtension(**kwargs)
-    kwargs["extra_compile_args"] = {"cxx": cxx_flags}
-    return cpp_extension.CppExtension(**kwargs)
 
 
 os.environ.setdefault("MAX_JOBS", str(max_jobs()))

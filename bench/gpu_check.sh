@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: run on a GPU machine from the repository root, e.g. through a remote runner:
 #   run(command="bash bench/gpu_check.sh", timeout_s=480)
-# It installs reasonrl on the device machine (building the CUDA sources there, if any), runs the GPU test
+# It installs reasonrl on the GPU machine (the CPU extension; the GPU kernels are Triton), runs the GPU test
 # suite and the benchmarks, and leaves everything under $OUT: pytest log, benchmark JSON / Markdown / PNG.
 # Budget: at most ~9.5 minutes (install + 3 min of tests + 6 min of benchmarks: token_logprobs,
 # policy_loss, linear), run with timeout_s=600; a rerun needs a fresh budget.

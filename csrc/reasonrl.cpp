@@ -1,12 +1,12 @@
 // The reasonrl._C extension: op schemas (declared once, here) and a small pybind11 module that reports how
-// the extension was built. Ops never go through pybind11: each device registers its kernels with
-// TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp, csrc/cuda/*.cu) and Python reaches them through torch.ops.reasonrl,
-// which is what makes them work with autograd, torch.compile and FSDP.
+// the extension was built. Ops never go through pybind11: the CPU kernels are registered with
+// TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp; on GPUs the ops are Triton triton_ops, reasonrl/ops) and Python reaches
+// them through torch.ops.reasonrl, which is what makes them work with autograd, torch.compile and FSDP.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/token_logprobs_rows.h"
+#include "cpu/cpu_utils.h"
 
 TORCH_LIBRARY(reasonrl, m) {
   // token_logprobs (ops.md section 2). logits [N, V]; outputs [N] (entropy / rank empty when not wanted).
@@ -75,11 +75,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #else
     info["openmp"] = false;
 #endif
-#if defined(REASONRL_WITH_CUDA)
-    info["cuda"] = true;
-#else
-    info["cuda"] = false;
-#endif
     pybind11::list isas;
     isas.append("default");
 #if defined(REASONRL_HAVE_AVX2)
@@ -89,7 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     isas.append("avx512");
 #endif
     info["cpu_isas_built"] = isas;
-    info["cpu_isa_selected"] = std::string(reasonrl::token_logprobs_isa());
+    info["cpu_isa_selected"] = std::string(reasonrl::row_kernels_isa());
     info["parallel"] = at::get_parallel_info();
     return info;
   });

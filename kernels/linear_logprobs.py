@@ -8,7 +8,7 @@ contiguous, same dtype, fp32 / bf16 / fp16; ``bias`` [V] (same dtype) or None; `
 gradients come back in the dtype of the tensor they belong to. Semantics are those of
 ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` with the logits kept as the fp32 matmul
 accumulator (never rounded to the input dtype), divided by the temperature. The division uses 1/tau as
-two floats hi + lo, like the CPU kernels (csrc/cpu/token_logprobs_kernel.h), not the single rounded 1/tau of
+two floats hi + lo, like the CPU kernels (csrc/cpu/row_kernels_impl.h), not the single rounded 1/tau of
 ``kernels/token_logprobs.py``: the fp32 gradient tests failed by ~5% of the bound with the single one.
 
 Forward (``linear_logprobs_fwd``): split-vocabulary tiling, two kernels.
@@ -135,7 +135,7 @@ def _rows_setup(
     in [0, V) other than ignore_index, a finite temperature > 0, and a row inside [0, N)). Invalid rows get
     tau = 1 so that no NaN is computed.
 
-    Why two terms (as csrc/cpu/token_logprobs_kernel.h does): with hi alone the rounding of 1/tau scales every
+    Why two terms (as csrc/cpu/row_kernels_impl.h does): with hi alone the rounding of 1/tau scales every
     z of a row by up to (1 + 6e-8), ~5e-7 in ln p at |z| ~ 10, which is over the fp32 gradient budget of
     ops.md 8 (the reference rounds x / tau once). z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about
     one rounding of the small result. The residual 1 - tau hi is exact in an fma."""

@@ -24,7 +24,17 @@ import triton
 import triton.language as tl
 
 from reasonrl.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
-from reasonrl.kernels.policy_loss import _STRAIGHT_THROUGH, _token_grad
+from reasonrl.kernels.policy_loss import (
+    COL_A,
+    COL_COEF_KL,
+    COL_COEF_PG,
+    COL_GRAD_H,
+    COL_OLD,
+    COL_REF,
+    NUM_INPUTS,
+    _token_grad,
+    loss_launch_args,
+)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -37,15 +47,15 @@ def _token_grad_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_n = offs < n
     lp = tl.load(lp_ptr + offs, mask=in_n, other=0.0)
-    row = inputs_ptr + offs.to(tl.int64) * 6
+    row = inputs_ptr + offs.to(tl.int64) * NUM_INPUTS
     g_lp = _token_grad(
-        lp, tl.load(row + 0, mask=in_n, other=0.0), tl.load(row + 1, mask=in_n, other=0.0),
-        tl.load(row + 2, mask=in_n, other=0.0), tl.load(row + 3, mask=in_n, other=0.0),
-        tl.load(row + 4, mask=in_n, other=0.0),
+        lp, tl.load(row + COL_A, mask=in_n, other=0.0), tl.load(row + COL_OLD, mask=in_n, other=0.0),
+        tl.load(row + COL_REF, mask=in_n, other=0.0), tl.load(row + COL_COEF_PG, mask=in_n, other=0.0),
+        tl.load(row + COL_COEF_KL, mask=in_n, other=0.0),
         eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
         LOSS_KIND, KL_BASE, KL_ST, HAS_OLD, BIAS_CORRECTION, DUAL_CLIP,
     )  # fmt: skip
-    g_h = tl.load(row + 5, mask=in_n, other=0.0)
+    g_h = tl.load(row + COL_GRAD_H, mask=in_n, other=0.0)
     bad = lp != lp  # NaN rows (invalid label / temperature, NaN logits): no gradient, reported upstream
     tl.store(g_lp_ptr + offs, tl.where(bad, 0.0, g_lp), mask=in_n)
     tl.store(g_h_ptr + offs, tl.where(bad, 0.0, g_h), mask=in_n)
@@ -57,25 +67,19 @@ def linear_policy_loss(hidden, weight, bias, labels, temperature, temperature_sc
     the C++ op ``reasonrl::policy_loss_from_hidden_fused`` (grad_bias empty without a bias)."""
     launch = launch or (lambda kernel: kernel)
     n = hidden.shape[0]
-    if tuple(token_inputs.shape) != (n, 6) or token_inputs.dtype != torch.float32:
-        raise ValueError(f"linear_policy_loss: token_inputs must be float32 [N, 6] = [{n}, 6], got "
-                         f"{token_inputs.dtype} {tuple(token_inputs.shape)}")  # fmt: skip
+    if tuple(token_inputs.shape) != (n, NUM_INPUTS.value) or token_inputs.dtype != torch.float32:
+        raise ValueError(f"linear_policy_loss: token_inputs must be float32 [N, {NUM_INPUTS.value}] = "
+                         f"[{n}, {NUM_INPUTS.value}], got {token_inputs.dtype} {tuple(token_inputs.shape)}")
     lp, ent, _rank, lse, stats = linear_logprobs_fwd(
         hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, True, False, launch=launch
     )
     g_lp = torch.zeros((n,), device=hidden.device, dtype=torch.float32)
     g_h = torch.zeros((n,), device=hidden.device, dtype=torch.float32)
     if n > 0:
-        (eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg, has_old,
-         bias_correction) = params  # fmt: skip
+        floats, flags = loss_launch_args(loss_kind, kl_kind, params)
         block = 1024
         launch(_token_grad_kernel)[(triton.cdiv(n, block),)](
-            lp, token_inputs.contiguous(), g_lp, g_h, n,
-            float(eps_low), float(eps_high), float(delta_cap), float(dual_clip_c), float(log_ratio_clamp),
-            float(cispo_max), float(tau_pos), float(tau_neg),
-            LOSS_KIND=int(loss_kind), KL_BASE=int(kl_kind) & ~_STRAIGHT_THROUGH,
-            KL_ST=bool(int(kl_kind) & _STRAIGHT_THROUGH), HAS_OLD=bool(has_old),
-            BIAS_CORRECTION=bool(bias_correction), DUAL_CLIP=float(dual_clip_c) > 0, BLOCK=block, num_warps=4,
+            lp, token_inputs.contiguous(), g_lp, g_h, n, *floats, **flags, BLOCK=block, num_warps=4,
         )  # fmt: skip
     grad_hidden, grad_weight, grad_bias = linear_logprobs_bwd(
         g_lp, g_h, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, stats, ent,

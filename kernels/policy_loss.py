@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from reasonrl.kernels.token_logprobs import (
     _block_v,
     _direct_launch,
@@ -30,9 +31,46 @@ from reasonrl.kernels.token_logprobs import (
     _row_zero,
 )
 
-# Codes of csrc/cpu/policy_loss.cpp (LossKind / KlKind).
-_CLIP, _CISPO_UPPER, _CISPO_TWO_SIDED, _SAPO, _REINFORCE = 0, 1, 2, 3, 4
-_K1, _ABS, _K2, _K3, _LOW_VAR_KL, _STRAIGHT_THROUGH = 1, 2, 3, 4, 5, 8
+# The kernels' interface: codes of loss_kind / kl_kind, the token_inputs columns and the params order. The
+# table is reasonrl/ops/policy_loss.py; tests/losses/test_policy_loss_table.py checks these against it (and
+# csrc/cpu/policy_loss.cpp). tl.constexpr globals, so that the @triton.jit branches can name them.
+LOSS_CLIP = tl.constexpr(0)
+LOSS_CISPO_UPPER = tl.constexpr(1)
+LOSS_CISPO_TWO_SIDED = tl.constexpr(2)
+LOSS_SAPO = tl.constexpr(3)
+LOSS_REINFORCE = tl.constexpr(4)
+KL_NO_KL = tl.constexpr(0)
+KL_K1 = tl.constexpr(1)
+KL_ABS = tl.constexpr(2)
+KL_K2 = tl.constexpr(3)
+KL_K3 = tl.constexpr(4)
+KL_LOW_VAR_KL = tl.constexpr(5)
+KL_STRAIGHT_THROUGH = 8  # added to a base code for the "+" variants (decoded on the host)
+COL_A = tl.constexpr(0)
+COL_OLD = tl.constexpr(1)
+COL_REF = tl.constexpr(2)
+COL_COEF_PG = tl.constexpr(3)
+COL_COEF_KL = tl.constexpr(4)
+COL_GRAD_H = tl.constexpr(5)
+NUM_INPUTS = tl.constexpr(6)
+PARAMS = ("eps_low", "eps_high", "delta_cap", "dual_clip_c", "log_ratio_clamp", "cispo_max", "sapo_tau_pos",
+          "sapo_tau_neg", "has_old", "kl_bias_correction")
+
+
+def loss_launch_args(loss_kind, kl_kind, params):
+    """``(runtime floats, constexpr flags)`` of ``_token_grad`` for a call's codes and ``params`` (in the
+    order of PARAMS): the eight hyper-parameters in the kernels' argument order, and the variant flags."""
+    p = dict(zip(PARAMS, (float(v) for v in params), strict=True))
+    floats = [p[name] for name in PARAMS[:8]]
+    flags = dict(
+        LOSS_KIND=int(loss_kind),
+        KL_BASE=int(kl_kind) & ~KL_STRAIGHT_THROUGH,
+        KL_ST=bool(int(kl_kind) & KL_STRAIGHT_THROUGH),
+        HAS_OLD=p["has_old"] != 0.0,
+        BIAS_CORRECTION=p["kl_bias_correction"] != 0.0,
+        DUAL_CLIP=p["dual_clip_c"] > 0,
+    )
+    return floats, flags
 
 
 @triton.jit
@@ -69,7 +107,7 @@ def _token_grad(
     dw = w * d_delta
     lo = 1.0 - eps_low
     hi = 1.0 + eps_high
-    if LOSS_KIND == 0:  # clip family, with TRL's delta cap and verl's dual clip
+    if LOSS_KIND == LOSS_CLIP:  # clip family, with TRL's delta cap and verl's dual clip
         c1 = tl.minimum(w, delta_cap)
         dc1 = tl.where(w <= delta_cap, dw, 0.0)
         c2 = tl.minimum(tl.maximum(w, lo), hi)
@@ -80,33 +118,33 @@ def _token_grad(
         dl = tl.where(a1 <= a2, -a * dc1, -a * dc2)
         if DUAL_CLIP:
             dl = tl.where((a < 0) & (loss > -dual_clip_c * a), 0.0, dl)
-    elif LOSS_KIND == 1:  # CISPO, upper cap
+    elif LOSS_KIND == LOSS_CISPO_UPPER:  # CISPO, upper cap
         dl = -tl.minimum(w, cispo_max) * a
-    elif LOSS_KIND == 2:  # CISPO, two-sided clip
+    elif LOSS_KIND == LOSS_CISPO_TWO_SIDED:  # CISPO, two-sided clip
         dl = -tl.minimum(tl.maximum(w, lo), hi) * a
-    elif LOSS_KIND == 3:  # SAPO
+    elif LOSS_KIND == LOSS_SAPO:  # SAPO
         tau = tl.where(a > 0, tau_pos, tau_neg)
         s = 1.0 / (1.0 + tl.exp(-tau * (w - 1.0)))
         dl = -4.0 * s * (1.0 - s) * a * dw
-    else:  # REINFORCE
+    else:  # LOSS_REINFORCE
         dl = -a
     g = c_pg * dl
-    if KL_BASE != 0:
+    if KL_BASE != KL_NO_KL:
         d = lp - ref
-        if KL_BASE == 1:  # k1
+        if KL_BASE == KL_K1:  # k1
             kappa = d
             dk = 1.0
-        elif KL_BASE == 2:  # abs
+        elif KL_BASE == KL_ABS:  # abs
             kappa = tl.abs(d)
             dk = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-        elif KL_BASE == 3:  # k2
+        elif KL_BASE == KL_K2:  # k2
             kappa = 0.5 * d * d
             dk = d
-        elif KL_BASE == 4:  # k3 (TRL, unclamped): e^x - x - 1, x = ref - lp
+        elif KL_BASE == KL_K3:  # k3 (TRL, unclamped): e^x - x - 1, x = ref - lp
             ex = tl.exp(-d)
             kappa = ex + d - 1.0
             dk = 1.0 - ex
-        else:  # low_var_kl (verl): x clamped to +-20, kappa clamped to +-10
+        else:  # KL_LOW_VAR_KL (verl): x clamped to +-20, kappa clamped to +-10
             x = -d
             xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
             ex = tl.exp(xc)
@@ -179,14 +217,14 @@ def _policy_loss_fused_kernel(
         tl.store(logprobs_ptr + row, lp)
         tl.store(entropy_ptr + row, h)
         tl.store(lse_ptr + row, m + (m_lo + log_s))
-        inp = inputs_ptr + row * 6
+        inp = inputs_ptr + row * NUM_INPUTS
         g_lp = _token_grad(
             lp,
-            tl.load(inp + 0),
-            tl.load(inp + 1),
-            tl.load(inp + 2),
-            tl.load(inp + 3),
-            tl.load(inp + 4),
+            tl.load(inp + COL_A),
+            tl.load(inp + COL_OLD),
+            tl.load(inp + COL_REF),
+            tl.load(inp + COL_COEF_PG),
+            tl.load(inp + COL_COEF_KL),
             eps_low,
             eps_high,
             delta_cap,
@@ -202,7 +240,7 @@ def _policy_loss_fused_kernel(
             BIAS_CORRECTION,
             DUAL_CLIP,
         )
-        g_h = tl.load(inp + 5)
+        g_h = tl.load(inp + COL_GRAD_H)
         if lp != lp:  # NaN row (NaN / +inf logits): no gradient; the Python layer reports it
             g_lp = 0.0
             g_h = 0.0
@@ -241,23 +279,13 @@ def policy_loss_fused(
     grad = torch.empty((n, vocab), device=dev, dtype=logits.dtype)
     if n == 0:
         return lp, ent, lse, g_lp, g_h, grad
-    if token_inputs.dtype != torch.float32 or tuple(token_inputs.shape) != (n, 6):
+    if token_inputs.dtype != torch.float32 or tuple(token_inputs.shape) != (n, NUM_INPUTS.value):
+        k = NUM_INPUTS.value
         raise ValueError(
-            f"policy_loss_fused: token_inputs must be float32 [N, 6] = [{n}, 6], got "
+            f"policy_loss_fused: token_inputs must be float32 [N, {k}] = [{n}, {k}], got "
             f"{token_inputs.dtype} {tuple(token_inputs.shape)}"
         )
-    (
-        eps_low,
-        eps_high,
-        delta_cap,
-        dual_clip_c,
-        log_ratio_clamp,
-        cispo_max,
-        tau_pos,
-        tau_neg,
-        has_old,
-        bias_correction,
-    ) = params
+    floats, flags = loss_launch_args(loss_kind, kl_kind, params)
     has_temp = temperature is not None
     launch(_policy_loss_fused_kernel)[(n,)](
         logits,
@@ -276,21 +304,9 @@ def policy_loss_fused(
         float(temperature_scalar),
         vocab,
         ignore_index,
-        float(eps_low),
-        float(eps_high),
-        float(delta_cap),
-        float(dual_clip_c),
-        float(log_ratio_clamp),
-        float(cispo_max),
-        float(tau_pos),
-        float(tau_neg),
+        *floats,
         HAS_TEMP=has_temp,
-        LOSS_KIND=int(loss_kind),
-        KL_BASE=int(kl_kind) & ~_STRAIGHT_THROUGH,
-        KL_ST=bool(int(kl_kind) & _STRAIGHT_THROUGH),
-        HAS_OLD=bool(has_old),
-        BIAS_CORRECTION=bool(bias_correction),
-        DUAL_CLIP=float(dual_clip_c) > 0,
+        **flags,
         BLOCK_V=_block_v(vocab),
         num_warps=8,
     )

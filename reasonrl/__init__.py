@@ -5,10 +5,21 @@ changes global torch._dynamo / torch._inductor configuration. The extension is l
 (or by ``reasonrl info``).
 """
 
-from reasonrl.ops import TokenLogprobs, set_validation, token_logprobs, validation_enabled
-from reasonrl.ops import linear_token_logprobs  # noqa: E402
+from reasonrl.ops import (
+    TokenLogprobs,
+    linear_token_logprobs,
+    set_validation,
+    token_logprobs,
+    validation_enabled,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenLogprobs", "token_logprobs", "set_validation", "validation_enabled", "__version__"]
-__all__ += ["linear_token_logprobs"]
+__all__ = [
+    "TokenLogprobs",
+    "token_logprobs",
+    "linear_token_logprobs",
+    "set_validation",
+    "validation_enabled",
+    "__version__",
+]

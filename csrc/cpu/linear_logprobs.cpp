@@ -10,14 +10,15 @@
 //       vocab_start = 0, vocab_global = 0)
 //       -> (grad_hidden [N, H] | [0], grad_weight [V, H] | [0], grad_bias [V] | [0])
 //
-// Strategy (one chunk of rows at a time; the Python layer in reasonrl/ops/linear_token_logprobs.py flattens
-// leading dimensions, validates values and joins the two ops with torch.library.register_autograd):
+// Strategy (one chunk of rows at a time, with the compaction and chunking of csrc/cpu/linear_chunks.h; the
+// Python layer in reasonrl/ops/linear_token_logprobs.py flattens leading dimensions, validates values and joins
+// the two ops with torch.library.register_autograd):
 //  * Compaction (ops.md 3.1): rows whose label is ignore_index are dropped before any GEMM, so the cost is
 //    proportional to the number of valid rows; their outputs, stats and gradient rows are 0.
 //  * Forward, per chunk of C valid rows: the rows of hidden are gathered into a [C, H] buffer, the logits
 //    chunk x = h W^T (+ b) is computed by ATen's GEMM (at::mm_out / at::addmm_out, its own threading) into
 //    a preallocated [C, V] buffer in the compute dtype, and the token_logprobs row kernels
-//    (token_logprobs_kernels(), at::parallel_for over the rows) reduce it to log-prob, entropy, rank, LSE
+//    (row_kernels(), at::parallel_for over the rows) reduce it to log-prob, entropy, rank, LSE
 //    and the per-row stats (m, log s) that the backward needs. The logits are the GEMM's fp32 accumulator,
 //    never rounded to the input dtype.
 //  * Backward, per chunk: recompute x (the same GEMM on the same rows, so bitwise the forward's x), turn it
@@ -51,27 +52,13 @@
 #include <array>
 #include <cstdint>
 
-#include "token_logprobs_rows.h"
+#include "cpu_utils.h"
+#include "linear_chunks.h"
+#include "row_kernels.h"
 
 namespace reasonrl {
 
 namespace {
-
-// Default workspace of the [C, V] logits chunk. Measured on the 2-core AVX2 machine of the CPU targets
-// (MKL sgemm, H = 512, V = 32000): the h W^T GEMM reaches ~70 GFLOP/s at C = 128, ~105 at 256, ~130 at 512
-// and ~145 at C >= 1024, because each chunk streams the whole weight once; the two backward GEMMs need
-// C >= 512 for the same reason (dx^T h is a rank-C update of the V x H accumulator). 64 MiB is C = 512 at
-// V = 32000 and C = 110 at V = 151936, well inside the 256 MiB of ops.md 3.1.
-constexpr int64_t kDefaultWorkspaceBytes = int64_t(64) << 20;
-
-// Rows per chunk: `requested`, or as many as the default workspace holds ([C, V] logits + [C, H] rows).
-int64_t chunk_rows_for(int64_t requested, int64_t rows, int64_t vocab, int64_t hidden, int64_t elem_bytes) {
-  const int64_t c = requested > 0 ? requested : kDefaultWorkspaceBytes / ((vocab + hidden) * elem_bytes);
-  return std::clamp<int64_t>(c, 1, std::max<int64_t>(rows, 1));
-}
-
-// Rows per parallel_for task of the epilogue: ~64k elements per task, as in token_logprobs.cpp.
-int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
 
 void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
@@ -97,22 +84,8 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
                 " differs from hidden dtype ", dt);
     TORCH_CHECK(bias->device().is_cpu(), "linear_token_logprobs (cpp): bias must be a CPU tensor");
   }
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "linear_token_logprobs: labels must be [N] = [",
-              hidden.size(0), "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "linear_token_logprobs: labels must be int32 or int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.device().is_cpu(), "linear_token_logprobs (cpp): labels must be on the CPU");
-  if (temperature.has_value()) {
-    const auto& t = *temperature;
-    TORCH_CHECK(t.device().is_cpu(), "linear_token_logprobs (cpp): temperature must be on the CPU");
-    TORCH_CHECK(t.is_floating_point(), "linear_token_logprobs: temperature must be a floating tensor");
-    TORCH_CHECK(t.numel() == 1 || (t.dim() == 1 && t.size(0) == hidden.size(0)),
-                "linear_token_logprobs: temperature must be a scalar or [N] = [", hidden.size(0), "], got ",
-                t.sizes());
-  } else {
-    TORCH_CHECK(temperature_scalar > 0, "linear_token_logprobs: temperature must be > 0, got ",
-                temperature_scalar);
-  }
+  check_labels("linear_token_logprobs", labels, hidden.size(0));
+  check_temperature("linear_token_logprobs", temperature, temperature_scalar, hidden.size(0));
 }
 
 void check_shard(int64_t vocab, int64_t vocab_start, int64_t vocab_global) {
@@ -124,96 +97,6 @@ void check_shard(int64_t vocab, int64_t vocab_start, int64_t vocab_global) {
   TORCH_CHECK(vocab_global > 0 || vocab_start == 0, "linear_token_logprobs: vocab_start = ", vocab_start,
               " needs vocab_global (the global vocabulary size)");
 }
-
-at::ScalarType compute_type(const at::Tensor& hidden) {
-  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The valid rows (label != ignore_index) and their per-row inputs, compacted. `idx` is undefined when every
-// row is valid (no gathers then: chunks are plain row ranges).
-struct Rows {
-  at::Tensor idx;          // [M] int64 or undefined
-  at::Tensor labels;       // [M] int64, contiguous
-  at::Tensor temperature;  // [M] compute dtype, or undefined (scalar temperature)
-  int64_t m = 0;
-
-  at::Tensor select(const at::Tensor& full) const { return idx.defined() ? full.index_select(0, idx) : full; }
-};
-
-Rows valid_rows(const at::Tensor& labels, const std::optional<at::Tensor>& temperature, int64_t ignore_index,
-                at::ScalarType acc) {
-  const int64_t n = labels.size(0);
-  Rows r;
-  const at::Tensor labels64 = labels.to(at::kLong).contiguous();
-  const at::Tensor idx = labels64.ne(ignore_index).nonzero().squeeze(1);
-  r.m = idx.size(0);
-  if (r.m < n) r.idx = idx.contiguous();
-  r.labels = r.select(labels64).contiguous();
-  if (temperature.has_value()) {
-    r.temperature = r.select(temperature->to(acc).reshape({-1}).expand({n})).contiguous();
-  }
-  return r;
-}
-
-// Per-call state shared by the forward and the backward: operands in the compute dtype and the workspace.
-struct Chunker {
-  at::Tensor weight;   // [V, H] compute dtype (the input itself for fp32 / fp64)
-  at::Tensor bias;     // [V] compute dtype or undefined
-  at::Tensor hidden;   // [N, H] input
-  const Rows* rows;
-  int64_t chunk;       // rows per chunk
-  at::Tensor logits;   // [chunk, V] compute dtype: the workspace
-  at::Tensor hbuf;     // [chunk, H] compute dtype: gathered / converted rows of hidden
-  at::Tensor hbuf_in;  // [chunk, H] input dtype: gather target before the conversion (16-bit inputs only)
-
-  Chunker(const at::Tensor& hidden_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
-          const Rows& rows_, int64_t chunk_rows) {
-    const at::ScalarType acc = compute_type(hidden_);
-    hidden = hidden_;
-    rows = &rows_;
-    weight = weight_.to(acc);
-    // MKL needs a unit stride in one dimension; otherwise ATen would copy the weight for every chunk GEMM.
-    if (weight.stride(0) != 1 && weight.stride(1) != 1) weight = weight.contiguous();
-    if (bias_.has_value()) bias = bias_->to(acc);
-    const int64_t vocab = weight.size(0), h = weight.size(1);
-    chunk = chunk_rows_for(chunk_rows, rows_.m, vocab, h, at::elementSize(acc));
-    const auto opts = hidden_.options().dtype(acc);
-    logits = at::empty({chunk, vocab}, opts);
-    hbuf = at::empty({chunk, h}, opts);
-    if (hidden_.scalar_type() != acc && rows_.idx.defined()) hbuf_in = at::empty({chunk, h}, hidden_.options());
-  }
-
-  // Rows [s, s + len) of the compacted row list, as a contiguous [len, H] matrix in the compute dtype.
-  at::Tensor gather(int64_t s, int64_t len) {
-    at::Tensor out = hbuf.narrow(0, 0, len);
-    if (!rows->idx.defined()) {
-      at::Tensor src = hidden.narrow(0, s, len);
-      if (src.scalar_type() == out.scalar_type() && src.is_contiguous()) return src;
-      out.copy_(src);
-      return out;
-    }
-    const at::Tensor idx = rows->idx.narrow(0, s, len);
-    if (hidden.scalar_type() == out.scalar_type()) {
-      at::index_select_out(out, hidden, 0, idx);
-    } else {
-      at::Tensor tmp = hbuf_in.narrow(0, 0, len);
-      at::index_select_out(tmp, hidden, 0, idx);
-      out.copy_(tmp);
-    }
-    return out;
-  }
-
-  // x = h W^T (+ b) for the rows of the chunk, into the workspace.
-  at::Tensor logits_of(const at::Tensor& h) {
-    at::Tensor x = logits.narrow(0, 0, h.size(0));
-    if (bias.defined()) {
-      at::addmm_out(x, bias, h, weight.t());
-    } else {
-      at::mm_out(x, h, weight.t());
-    }
-    return x;
-  }
-};
 
 template <typename acc_t>
 using FwdKern = void (*)(const RowArgs<acc_t>&, int64_t, int64_t);
@@ -228,13 +111,7 @@ void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int
     const int64_t len = std::min(ck.chunk, rows.m - s);
     const at::Tensor x = ck.logits_of(ck.gather(s, len));
     RowArgs<acc_t> a{};
-    a.logits = x.const_data_ptr<acc_t>();
-    a.row_stride = x.stride(0);
-    a.vocab = vocab;
-    a.labels = rows.labels.const_data_ptr<int64_t>() + s;
-    a.ignore_index = ignore_index;
-    a.temperature = rows.temperature.defined() ? rows.temperature.const_data_ptr<acc_t>() + s : nullptr;
-    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+    ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
     a.logprobs = lp.mutable_data_ptr<acc_t>() + s;
     a.entropy = ent.numel() ? ent.mutable_data_ptr<acc_t>() + s : nullptr;
     a.rank = rank.numel() ? rank.mutable_data_ptr<int32_t>() + s : nullptr;
@@ -245,14 +122,6 @@ void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int
     a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<acc_t>() + s : nullptr;
     at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
   }
-}
-
-// Scatter [M, ...] compacted results into zero-filled [N, ...] tensors (ignored rows are 0).
-at::Tensor expand_rows(const at::Tensor& compact, const Rows& rows, int64_t n) {
-  if (!rows.idx.defined()) return compact;
-  std::vector<int64_t> shape(compact.sizes().begin(), compact.sizes().end());
-  shape[0] = n;
-  return at::zeros(shape, compact.options()).index_copy_(0, rows.idx, compact);
 }
 
 }  // namespace
@@ -281,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_to
                   label_logit->sizes(), " on ", label_logit->device());
       pivot = rows.select(label_logit->to(acc).reshape({n})).contiguous();
     }
-    const RowKernels& k = token_logprobs_kernels();
+    const RowKernels& k = row_kernels();
     const int which = int(want_entropy) + 2 * int(want_rank);
     if (acc == at::kDouble) {
       fwd_chunks<double>(ck, k.fwd_f64[which], temperature_scalar, ignore_index, vocab_start, vocab_global,
@@ -305,23 +174,13 @@ void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_
                 at::Tensor& gw_acc, at::Tensor& gb_acc) {
   const Rows& rows = *ck.rows;
   const int64_t vocab = ck.weight.size(0);
-  // grad_hidden rows are written straight into the result when the chunk is a plain row range of the same
-  // dtype; otherwise through this buffer and one index_copy_ / copy_ per chunk.
-  const bool direct = grad_hidden.defined() && !rows.idx.defined() && grad_hidden.scalar_type() == ck.hbuf.scalar_type();
-  at::Tensor ghbuf = grad_hidden.defined() && !direct ? at::empty_like(ck.hbuf) : at::Tensor();
-  at::Tensor colsum = gb_acc.defined() ? at::empty_like(gb_acc) : at::Tensor();
+  GradSink sink(ck, grad_hidden, gw_acc, gb_acc);
   for (int64_t s = 0; s < rows.m; s += ck.chunk) {
     const int64_t len = std::min(ck.chunk, rows.m - s);
     const at::Tensor h = ck.gather(s, len);
     at::Tensor x = ck.logits_of(h);
     BwdArgs<acc_t> a{};
-    a.logits = x.const_data_ptr<acc_t>();
-    a.row_stride = x.stride(0);
-    a.vocab = vocab;
-    a.labels = rows.labels.const_data_ptr<int64_t>() + s;
-    a.ignore_index = ignore_index;
-    a.temperature = rows.temperature.defined() ? rows.temperature.const_data_ptr<acc_t>() + s : nullptr;
-    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
+    ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
     a.stats = const_cast<acc_t*>(stats.const_data_ptr<acc_t>()) + 2 * s;
     a.entropy = g_h.defined() ? const_cast<acc_t*>(entropy.const_data_ptr<acc_t>()) + s : nullptr;
     a.grad_logprobs = g_lp.defined() ? g_lp.const_data_ptr<acc_t>() + s : nullptr;
@@ -333,23 +192,7 @@ void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_
     a.grad = x.mutable_data_ptr<acc_t>();
     a.grad_row_stride = x.stride(0);
     at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
-    const at::Tensor& dx = x;
-    if (grad_hidden.defined()) {
-      if (direct) {
-        at::Tensor dst = grad_hidden.narrow(0, s, len);
-        at::mm_out(dst, dx, ck.weight);
-      } else {
-        at::Tensor gh = ghbuf.narrow(0, 0, len);
-        at::mm_out(gh, dx, ck.weight);
-        if (rows.idx.defined()) {
-          grad_hidden.index_copy_(0, rows.idx.narrow(0, s, len), gh.to(grad_hidden.scalar_type()));
-        } else {
-          grad_hidden.narrow(0, s, len).copy_(gh);
-        }
-      }
-    }
-    if (gw_acc.defined()) gw_acc.addmm_(dx.t(), h);
-    if (gb_acc.defined()) gb_acc.add_(at::sum_out(colsum, dx, {0}));
+    sink.add(ck, s, len, x, h);  // x now holds dx
   }
 }
 
@@ -393,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     const at::Tensor stats_c = rows.select(stats.to(acc).reshape({n, 2})).contiguous();
     const at::Tensor ent_c = g_h.defined() ? rows.select(entropy.to(acc).reshape({n})).contiguous() : at::Tensor();
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
-    const RowKernels& k = token_logprobs_kernels();
+    const RowKernels& k = row_kernels();
     if (acc == at::kDouble) {
       bwd_chunks<double>(ck, k.bwd_f64, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, vocab_start,
                          vocab_global, grad_hidden, gw_acc, gb_acc);

@@ -8,8 +8,8 @@
 //       -> grad_logprobs [N]                               (the per-token functor alone, for tests)
 //
 // Every term of a token-level config is token-local once its aggregation coefficients are known (they
-// depend only on the mask and the normalisers; reasonrl/losses/fused.py computes them in an O(N) pre-pass
-// and packs them with the other per-token inputs into `token_inputs`). So for each row:
+// depend only on the mask and the normalisers; reasonrl/losses/fused.py reads them from the reference's
+// O(N) pre-pass and packs them with the other per-token inputs into `token_inputs`). So for each row:
 //   1. the forward sweep reads the row once: lp, H, and the (m, log-sum) statistics, keeping exp(z_j - m_c)
 //      of every column in a row-sized scratch buffer;
 //   2. the functor below turns (lp, token_inputs[r]) into g_lp = dLoss/dlp (g_H = dLoss/dH is an input);
@@ -17,7 +17,7 @@
 //      row; it is re-read from cache, not from DRAM), scaling the stored exponentials instead of computing
 //      them again: one exp per logit in total, where a separate forward and backward take two.
 // One read and one write of the logits in total, against 3 passes for a separate forward and backward.
-// The row code is fused_rows_vec of csrc/cpu/token_logprobs_kernel.h (ISA-dispatched), built from the same
+// The row code is fused_rows_vec of csrc/cpu/row_kernels_impl.h (ISA-dispatched), built from the same
 // chunk routines as token_logprobs, so lp, H and the gradient follow its numerics.
 //
 // token_inputs columns (accumulation dtype: fp32, fp64 for fp64 logits), 0 at tokens outside the loss:
@@ -37,10 +37,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_utils.h"
-#include "token_logprobs_rows.h"
+#include "linear_chunks.h"
+#include "row_kernels.h"
 
 namespace reasonrl {
 namespace {
@@ -52,7 +54,9 @@ enum Column : int64_t { kA = 0, kOld = 1, kRef = 2, kCoefPg = 3, kCoefKl = 4, kG
 enum LossKind : int64_t { kClip = 0, kCispoUpper = 1, kCispoTwoSided = 2, kSapo = 3, kReinforce = 4 };
 // kl_kind: losses.md section 9; kStraightThrough is added to a base estimator for the "+" variants.
 enum KlKind : int64_t { kNoKl = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4, kLowVarKl = 5, kStraightThrough = 8 };
-// params, in this order (reasonrl/losses/fused.py builds the list).
+// params, in this order. The codes, the params order and the token_inputs columns restate the table of
+// reasonrl/ops/policy_loss.py (LOSS_KINDS, KL_KINDS, PARAMS, INPUT_COLUMNS), which
+// tests/losses/test_policy_loss_table.py checks this file against.
 enum Param : int64_t {
   kEpsLow = 0,         // clip lower bound 1 - eps_low
   kEpsHigh,            // clip upper bound 1 + eps_high
@@ -229,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
   const at::Tensor temp = temperature_rows(temperature, n, acc);
   const at::Tensor inputs = token_inputs.contiguous();
-  const RowKernels& k = token_logprobs_kernels();
+  const RowKernels& k = row_kernels();
   switch (x.scalar_type()) {
     case at::kFloat:
       run_fused<float>(k.fused_f32, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp, ent, lse,
@@ -284,68 +288,40 @@ at::Tensor policy_loss_token_grad_cpu(const at::Tensor& logprobs, const at::Tens
 //   -> (logprobs, entropy, lse, grad_logprobs, grad_entropy [N], grad_hidden [N, H], grad_weight [V, H],
 //       grad_bias [V] (empty without bias))
 //
-// Memory: rows whose label is ignore_index are compacted away first (a copy of the valid hidden rows); one
-// fp32 [chunk_rows, V] buffer (chunk_rows = 0 picks about 32 MiB); fp32 accumulators for grad_weight
-// ([V, H], the output itself for fp32 weights) and grad_hidden of the valid rows; fp32 copies of weight
-// and bias for 16-bit inputs (the GEMMs run in fp32 on CPU). Nothing of size N x V.
+// Memory: the row compaction and chunking of linear_token_logprobs (csrc/cpu/linear_chunks.h): rows whose
+// label is ignore_index never reach a GEMM; one [chunk_rows, V] logits buffer in the compute dtype and a
+// [chunk_rows, H] gather buffer (chunk_rows = 0: the 64 MiB workspace of linear_chunks.h); the fp32
+// accumulator of grad_weight ([V, H], the output itself for fp32 weights); fp32 copies of weight and bias
+// for 16-bit inputs (the GEMMs run in fp32 on CPU). Nothing of size N x V.
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {
 
-template <typename scalar_t>
-void fused_chunk_rows(const RowKernels& k, BwdArgs<scalar_t>& a, int64_t rows, const RowGrad& rg) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    at::parallel_for(0, rows, grain_rows(a.vocab), [&](int64_t b, int64_t e) { k.fused_f32(a, b, e, rg); });
-  } else {
-    at::parallel_for(0, rows, grain_rows(a.vocab), [&](int64_t b, int64_t e) { k.fused_f64(a, b, e, rg); });
-  }
-}
-
+// The fused rows of one chunk of logits (fp32 or fp64: the GEMM's output dtype), in place: each row of x
+// becomes dLoss/dlogits.
 template <typename acc_t>
-void hidden_fused_loop(const LossParams& p, const at::Tensor& h, const at::Tensor& w, const at::Tensor& bias,
-                       const at::Tensor& labels, const at::Tensor& temp, double temperature_scalar,
-                       int64_t ignore_index, const at::Tensor& inputs, int64_t chunk_rows, at::Tensor& lp,
-                       at::Tensor& ent, at::Tensor& lse, at::Tensor& g_lp, at::Tensor& g_h, at::Tensor& grad_h,
-                       at::Tensor& grad_w, at::Tensor& grad_b) {
-  const int64_t n = h.size(0), vocab = w.size(0);
-  const RowKernels& k = token_logprobs_kernels();
-  at::Tensor buf = at::empty({chunk_rows, vocab}, h.options());
-  at::Tensor stats = at::empty({n, 2}, h.options());
-  const at::Tensor wt = w.t();
-  for (int64_t n0 = 0; n0 < n; n0 += chunk_rows) {
-    const int64_t rows = std::min(chunk_rows, n - n0);
-    at::Tensor x = buf.narrow(0, 0, rows);
-    const at::Tensor hc = h.narrow(0, n0, rows);
-    if (bias.defined()) {
-      at::addmm_out(x, bias, hc, wt);
-    } else {
-      at::mm_out(x, hc, wt);
-    }
-    BwdArgs<acc_t> a{};
-    a.logits = x.const_data_ptr<acc_t>();
-    a.row_stride = x.stride(0);
-    a.vocab = vocab;
-    a.labels = labels.const_data_ptr<int64_t>() + n0;
-    a.ignore_index = ignore_index;
-    a.temperature = temp.defined() ? temp.const_data_ptr<acc_t>() + n0 : nullptr;
-    a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
-    a.logprobs = lp.mutable_data_ptr<acc_t>() + n0;
-    a.entropy = ent.mutable_data_ptr<acc_t>() + n0;
-    a.lse = lse.mutable_data_ptr<acc_t>() + n0;
-    a.stats = stats.mutable_data_ptr<acc_t>() + 2 * n0;
-    a.grad_logprobs = g_lp.const_data_ptr<acc_t>() + n0;
-    a.grad_entropy = g_h.const_data_ptr<acc_t>() + n0;
-    a.grad = x.mutable_data_ptr<acc_t>();  // in place: the chunk's logits become dLoss/dlogits
-    a.grad_row_stride = x.stride(0);
-    const GradContext<acc_t> ctx{&p, inputs.const_data_ptr<acc_t>() + n0 * kInputs,
-                                 g_lp.mutable_data_ptr<acc_t>() + n0, g_h.mutable_data_ptr<acc_t>() + n0};
-    const RowGrad rg{&GradContext<acc_t>::call, &ctx};
-    fused_chunk_rows<acc_t>(k, a, rows, rg);
-    at::Tensor gh = grad_h.narrow(0, n0, rows);
-    at::mm_out(gh, x, w);        // grad_hidden rows = dlogits @ W
-    grad_w.addmm_(x.t(), hc);    // grad_weight += dlogits^T @ h
-    if (grad_b.defined()) grad_b.add_(x.sum(0));
-  }
+void fused_chunk(const RowKernels& k, const LossParams& p, const Chunker& ck, const at::Tensor& x, int64_t s,
+                 int64_t len, double temperature_scalar, int64_t ignore_index, const at::Tensor& inputs,
+                 at::Tensor& lp, at::Tensor& ent, at::Tensor& lse, at::Tensor& stats, at::Tensor& g_lp,
+                 at::Tensor& g_h) {
+  BwdArgs<acc_t> a{};
+  ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
+  a.logprobs = lp.mutable_data_ptr<acc_t>() + s;
+  a.entropy = ent.mutable_data_ptr<acc_t>() + s;
+  a.lse = lse.mutable_data_ptr<acc_t>() + s;
+  a.stats = stats.mutable_data_ptr<acc_t>() + 2 * s;
+  a.grad_logprobs = g_lp.const_data_ptr<acc_t>() + s;
+  a.grad_entropy = g_h.const_data_ptr<acc_t>() + s;
+  a.grad = x.mutable_data_ptr<acc_t>();  // in place: the chunk's logits become dLoss/dlogits
+  a.grad_row_stride = x.stride(0);
+  const GradContext<acc_t> ctx{&p, inputs.const_data_ptr<acc_t>() + s * kInputs, g_lp.mutable_data_ptr<acc_t>() + s,
+                               g_h.mutable_data_ptr<acc_t>() + s};
+  const RowGrad rg{&GradContext<acc_t>::call, &ctx};
+  const auto fused = [&] {
+    if constexpr (std::is_same_v<acc_t, float>) return k.fused_f32;
+    else return k.fused_f64;
+  }();
+  at::parallel_for(0, len, grain_rows(a.vocab), [&](int64_t b, int64_t e) { fused(a, b, e, rg); });
 }
 
 }  // namespace
@@ -374,50 +350,41 @@ policy_loss_from_hidden_fused_cpu(const at::Tensor& hidden, const at::Tensor& we
               hidden.size(0), "], got ", labels.sizes());
   const LossParams p = parse_params(loss_kind, kl_kind, params);
   const int64_t n = hidden.size(0), hdim = hidden.size(1), vocab = weight.size(0);
-  const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = compute_type(hidden);
   check_inputs(token_inputs, n, acc);
+  // Only the valid rows reach the GEMMs (csrc/cpu/linear_chunks.h); results are [M] until expand_rows.
+  const Rows rows = valid_rows(labels, temperature, ignore_index, acc);
+  const int64_t m = rows.m;
   const auto opts = hidden.options().dtype(acc);
-  at::Tensor lp = at::zeros({n}, opts), ent = at::zeros({n}, opts), lse = at::zeros({n}, opts);
-  at::Tensor g_lp = at::zeros({n}, opts), g_h = at::zeros({n}, opts);
+  at::Tensor lp = at::zeros({m}, opts), ent = at::zeros({m}, opts), lse = at::zeros({m}, opts);
+  at::Tensor g_lp = at::zeros({m}, opts), g_h = at::zeros({m}, opts);  // 0 for rows the callback skips
   at::Tensor grad_hidden = at::zeros({n, hdim}, hidden.options());
   at::Tensor grad_w = at::zeros({vocab, hdim}, opts);
   at::Tensor grad_b = has_bias ? at::zeros({vocab}, opts) : at::Tensor();
-
-  // Compaction (ops.md 3.1): only rows with a label reach the GEMMs.
-  const at::Tensor labels64 = labels.to(at::kLong);
-  const at::Tensor rows = (labels64 != ignore_index).nonzero().squeeze(1);
-  const int64_t nv = rows.size(0);
-  if (nv > 0) {
-    const at::Tensor h = hidden.index_select(0, rows).to(acc).contiguous();
-    const at::Tensor w = weight.to(acc).contiguous();
-    const at::Tensor b = has_bias ? bias->to(acc).contiguous() : at::Tensor();
-    const at::Tensor lab = labels64.index_select(0, rows).contiguous();
-    at::Tensor temp;
-    if (temperature.has_value()) temp = temperature_rows(temperature, n, acc).index_select(0, rows).contiguous();
-    const at::Tensor in = token_inputs.index_select(0, rows).contiguous();
-    if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(16, (int64_t(32) << 20) / (vocab * 4));
-    chunk_rows = std::min(chunk_rows, nv);
-    const auto v_opts = hidden.options().dtype(acc);
-    at::Tensor c_lp = at::empty({nv}, v_opts), c_ent = at::empty({nv}, v_opts), c_lse = at::empty({nv}, v_opts);
-    at::Tensor c_glp = at::zeros({nv}, v_opts), c_gh = at::zeros({nv}, v_opts);
-    at::Tensor c_gh_hidden = at::empty({nv, hdim}, v_opts);
-    if (acc == at::kDouble) {
-      hidden_fused_loop<double>(p, h, w, b, lab, temp, temperature_scalar, ignore_index, in, chunk_rows, c_lp, c_ent,
-                                c_lse, c_glp, c_gh, c_gh_hidden, grad_w, grad_b);
-    } else {
-      hidden_fused_loop<float>(p, h, w, b, lab, temp, temperature_scalar, ignore_index, in, chunk_rows, c_lp, c_ent,
-                               c_lse, c_glp, c_gh, c_gh_hidden, grad_w, grad_b);
+  if (m > 0) {
+    Chunker ck(hidden, weight, bias, rows, chunk_rows);
+    GradSink sink(ck, grad_hidden, grad_w, grad_b);
+    const at::Tensor inputs = rows.select(token_inputs).contiguous();
+    at::Tensor stats = at::empty({m, 2}, opts);
+    const RowKernels& k = row_kernels();
+    for (int64_t s = 0; s < m; s += ck.chunk) {
+      const int64_t len = std::min(ck.chunk, m - s);
+      const at::Tensor h = ck.gather(s, len);
+      const at::Tensor x = ck.logits_of(h);
+      if (acc == at::kDouble) {
+        fused_chunk<double>(k, p, ck, x, s, len, temperature_scalar, ignore_index, inputs, lp, ent, lse, stats, g_lp,
+                            g_h);
+      } else {
+        fused_chunk<float>(k, p, ck, x, s, len, temperature_scalar, ignore_index, inputs, lp, ent, lse, stats, g_lp,
+                           g_h);
+      }
+      sink.add(ck, s, len, x, h);  // x now holds dLoss/dlogits
     }
-    lp.index_copy_(0, rows, c_lp);
-    ent.index_copy_(0, rows, c_ent);
-    lse.index_copy_(0, rows, c_lse);
-    g_lp.index_copy_(0, rows, c_glp);
-    g_h.index_copy_(0, rows, c_gh);
-    grad_hidden.index_copy_(0, rows, c_gh_hidden.to(hidden.scalar_type()));
   }
   at::Tensor grad_weight = grad_w.to(weight.scalar_type());
   at::Tensor grad_bias = has_bias ? grad_b.to(weight.scalar_type()) : at::empty({0}, weight.options());
-  return {lp, ent, lse, g_lp, g_h, grad_hidden, grad_weight, grad_bias};
+  return {expand_rows(lp, rows, n), expand_rows(ent, rows, n), expand_rows(lse, rows, n), expand_rows(g_lp, rows, n),
+          expand_rows(g_h, rows, n), grad_hidden, grad_weight, grad_bias};
 }
 
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {

@@ -1,4 +1,4 @@
-// token_logprobs on CPU (ops.md section 2): argument checks, threading and ISA dispatch.
+// token_logprobs on CPU (ops.md section 2): argument checks and threading over the row kernels (row_kernels.h).
 //
 //   reasonrl::token_logprobs_fwd(logits [N, V], labels [N], temperature [N] | None, temperature_scalar,
 //                                ignore_index, want_entropy, want_rank, inplace_backward)
@@ -21,7 +21,6 @@
 // per thread: the forward never allocates anything proportional to N x V.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,37 +29,9 @@
 #include <type_traits>
 
 #include "cpu_utils.h"
-#include "token_logprobs_rows.h"
+#include "row_kernels.h"
 
 namespace reasonrl {
-
-const RowKernels& token_logprobs_kernels() {
-  static const RowKernels kernels = [] {
-    const std::string cap = at::get_cpu_capability();
-#if defined(REASONRL_HAVE_AVX512)
-    if (cap == "AVX512") return token_logprobs_kernels_avx512();
-#endif
-#if defined(REASONRL_HAVE_AVX2)
-    if (cap == "AVX512" || cap == "AVX2") return token_logprobs_kernels_avx2();
-#endif
-    return token_logprobs_kernels_default();
-  }();
-  return kernels;
-}
-
-const char* token_logprobs_isa() {
-  static const std::string isa = [] {
-    const std::string cap = at::get_cpu_capability();
-#if defined(REASONRL_HAVE_AVX512)
-    if (cap == "AVX512") return std::string("avx512");
-#endif
-#if defined(REASONRL_HAVE_AVX2)
-    if (cap == "AVX512" || cap == "AVX2") return std::string("avx2");
-#endif
-    return std::string("default");
-  }();
-  return isa.c_str();
-}
 
 namespace {
 
@@ -139,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_log
   const at::Tensor x = vocab_contiguous(logits);
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
   const at::Tensor temp = temperature_rows(temperature, n, acc);
-  const RowKernels& k = token_logprobs_kernels();
+  const RowKernels& k = row_kernels();
   switch (x.scalar_type()) {
     case at::kFloat:
       run_fwd<float>(k.fwd_f32, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
@@ -208,7 +179,7 @@ void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optiona
   const at::Tensor x = vocab_contiguous(logits);
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
   const at::Tensor temp = temperature_rows(temperature, n, acc);
-  const RowKernels& k = token_logprobs_kernels();
+  const RowKernels& k = row_kernels();
   switch (x.scalar_type()) {
     case at::kFloat:
       run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,

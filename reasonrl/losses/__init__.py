@@ -6,7 +6,8 @@
 trainer-side entropy-coefficient controller of losses.md section 11.2.
 """
 
-from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
+from reasonrl.loss_config import ISCorrection, LossNormalizers, PolicyLossConfig
+from reasonrl.loss_types import Extreme, LossMetrics, LossOutput, RolloutISMetrics, Sum
 from reasonrl.losses.entropy import AdaptiveEntropyController
 from reasonrl.losses.policy import (
     FusedLinearPolicyLoss,
@@ -17,7 +18,6 @@ from reasonrl.losses.policy import (
     rollout_is_weights,
     top_entropy_mask,
 )
-from reasonrl.losses.types import Extreme, LossMetrics, LossOutput, RolloutISMetrics, Sum
 
 __all__ = [
     "AdaptiveEntropyController",

@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from reasonrl.losses.config import _check_real
-from reasonrl.losses.types import Sum
+from reasonrl.loss_config import check_real
+from reasonrl.loss_types import Sum
 
 __all__ = ["AdaptiveEntropyController"]
 
@@ -43,8 +43,8 @@ class AdaptiveEntropyController:
         # NaN passes every `x < 0` test: check finiteness first (docs/losses.md section 11.2).
         for name, value in (("initial_coef", initial_coef), ("target", target), ("coef_min", coef_min),
                             ("coef_max", coef_max)):
-            _check_real(c, name, value, lambda v: True, "a finite number")
-        _check_real(c, "delta", delta, lambda v: v >= 0, "a finite number >= 0")
+            check_real(c, name, value, lambda v: True, "a finite number")
+        check_real(c, "delta", delta, lambda v: v >= 0, "a finite number >= 0")
         if not coef_min <= coef_max:
             raise ValueError(f"{c}.coef_min must be <= coef_max, got coef_min={coef_min} > coef_max={coef_max}")
         self.target, self.delta, self.coef_min, self.coef_max = (

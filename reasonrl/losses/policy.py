@@ -1,8 +1,10 @@
 """Public GRPO-family policy loss over per-token log-probabilities (losses.md section 2).
 
 ``policy_loss`` (functional) and ``PolicyLoss`` (an ``nn.Module`` that only holds a ``PolicyLossConfig``)
-run the plain-PyTorch reference of ``reasonrl/reference/policy_loss.py``; the fused logits / hidden-state
-entry points will share their config, normalisers and outputs. ``rollout_is_weights`` (section 8.3) and
+run the plain-PyTorch reference of ``reasonrl/reference/policy_loss.py``; ``policy_loss_from_logits`` and
+``policy_loss_from_hidden`` (and ``FusedLinearPolicyLoss``) share its config, normalisers and outputs, and
+one argument handling (:class:`_LossCall`): the single pass of ``reasonrl.losses.fused`` when the
+configuration allows it, the two-phase composition otherwise. ``rollout_is_weights`` (section 8.3) and
 ``top_entropy_mask`` (section 8.2) are the public utilities the loss uses internally.
 
 These entry points check ``cu_seqlens`` values (one host sync) when validation is enabled
@@ -11,29 +13,25 @@ These entry points check ``cu_seqlens`` values (one host sync) when validation i
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
-from reasonrl.losses.config import ISCorrection, LossNormalizers, PolicyLossConfig
+from reasonrl import _backend as backend
+from reasonrl.loss_config import LossNormalizers, PolicyLossConfig
+from reasonrl.loss_types import LossOutput
 from reasonrl.losses.fused import (
     fused_policy_loss_from_hidden,
     fused_policy_loss_from_logits,
     single_pass_blocker,
 )
-from reasonrl.losses.types import LossOutput, RolloutISMetrics
-from reasonrl.ops.policy_loss import fused_hidden_op, fused_op, select_fused_impl
-from reasonrl.ops.token_logprobs import (
-    _check_args,
-    _check_outputs,
-    _validate_values,
-    token_logprobs,
-    validation_enabled,
-)
-
-# A module import, not a name import: reasonrl.reference.policy_loss imports this package's config and
-# types, and a module import stays valid when the reference is imported first (the names are looked up at
-# call time).
-from reasonrl.reference import policy_loss as _reference
+from reasonrl.ops.linear_token_logprobs import check_args as check_linear_args
+from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
+from reasonrl.ops.policy_loss import FROM_HIDDEN, FROM_LOGITS
+from reasonrl.ops.token_logprobs import token_logprobs
+from reasonrl.reference import policy_loss as reference
 
 __all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", "PolicyLoss", "FusedLinearPolicyLoss",
            "rollout_is_weights", "top_entropy_mask"]
@@ -42,7 +40,7 @@ __all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int, validate: bool | None = None) -> None:
     """ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync). ``validate`` None: the
     global setting."""
-    if cu_seqlens is None or not (validation_enabled() if validate is None else validate):
+    if cu_seqlens is None or not backend.resolve_validate(validate):
         return
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens: expected an int32/int64 [B + 1] tensor, got {cu_seqlens.dtype} "
@@ -55,42 +53,85 @@ def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int, valid
         )
 
 
-def policy_loss(
-    logprobs: torch.Tensor,
-    *,
-    advantages: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    old_logprobs: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    sampling_logprobs: torch.Tensor | None = None,
-    is_weights: torch.Tensor | None = None,
-    entropies: torch.Tensor | None = None,
-    normalizers: LossNormalizers,
-    config: PolicyLossConfig,
-    entropy_coef: float | torch.Tensor | None = None,
-    return_per_token: bool = False,
-) -> LossOutput:
-    """GRPO-family policy loss (losses.md sections 5-12) over per-token log-probabilities.
+def _with_cu_seqlens_check(reference_fn, name: str):
+    """The public form of a reference function over per-token tensors: the reference itself (signature and
+    docstring), after :func:`_validate_cu_seqlens` on its ``cu_seqlens`` against its first tensor."""
+    first = next(iter(inspect.signature(reference_fn).parameters))
 
-    Args:
-        logprobs: ``[B, T]`` (padded, optional ``mask [B, T]``) or ``[N]`` (packed, ``cu_seqlens [B + 1]``
-            and optional ``mask [N]``), any floating dtype; arithmetic in fp32 (fp64 for fp64 input).
-        advantages: ``[B]`` or per token. Every other per-token tensor has the shape of ``logprobs``;
-            ``is_weights`` may also be ``[B]``. See :func:`reasonrl.reference.policy_loss_reference`.
-        normalizers: per-call global counts (section 4). config: the loss hyper-parameters.
-        entropy_coef: overrides ``config.entropy_coef`` (adaptive entropy control).
+    @functools.wraps(reference_fn)
+    def entry(*args, **kwargs):
+        tokens = args[0] if args else kwargs[first]
+        _validate_cu_seqlens(kwargs.get("cu_seqlens"), tokens.shape[0] if tokens.dim() else 0)
+        return reference_fn(*args, **kwargs)
 
-    Returns:
-        ``LossOutput(loss (0-d), metrics (detached), per_token_loss or None)``.
-    """
-    _validate_cu_seqlens(cu_seqlens, logprobs.shape[0] if logprobs.dim() else 0)
-    return _reference.policy_loss_reference(
-        logprobs, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
-        entropies=entropies, normalizers=normalizers, config=config, entropy_coef=entropy_coef,
-        return_per_token=return_per_token,
-    )
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    return entry
+
+
+# GRPO-family policy loss over per-token log-probabilities (losses.md sections 5-12): the reference.
+policy_loss = _with_cu_seqlens_check(reference.policy_loss_reference, "policy_loss")
+# Rollout-correction weights rho = pi_old / pi_sampler and their metrics (losses.md section 8.3).
+rollout_is_weights = _with_cu_seqlens_check(reference.rollout_is_weights, "rollout_is_weights")
+# Bool mask of the top-rho entropy tokens over all ranks of a process_group (losses.md section 8.2).
+top_entropy_mask = _with_cu_seqlens_check(reference.top_entropy_mask, "top_entropy_mask")
+
+
+class _LossCall:
+    """The argument handling ``policy_loss_from_logits`` and ``policy_loss_from_hidden`` share: the valid
+    tokens (label != ignore_index, ANDed with ``mask``; masked labels become ``ignore_index``, so their rows
+    skip the vocabulary pass and, from hidden states, the GEMMs), the temperature (None: the config's), the
+    validation switch, the choice between the single pass and the two-phase path, and the two-phase tail."""
+
+    def __init__(self, entry: str, source: str, x: torch.Tensor, labels: torch.Tensor, *, mask, temperature,
+                 ignore_index: int, validate: bool | None, loss_kw: dict) -> None:
+        token_shape = x.shape[:-1]
+        if labels.shape != token_shape:
+            raise ValueError(f"{entry}: labels must have shape {source}.shape[:-1] = {tuple(token_shape)}, "
+                             f"got {tuple(labels.shape)}")
+        valid = labels != ignore_index
+        if mask is not None:
+            if mask.shape != token_shape:
+                raise ValueError(f"{entry}: mask must have shape {tuple(token_shape)}, got "
+                                 f"{tuple(mask.shape)}")
+            valid = valid & mask.bool()
+            labels = labels.masked_fill(~valid, ignore_index)  # O(N)
+        self.entry, self.labels, self.valid, self.ignore_index = entry, labels, valid, ignore_index
+        self.config, self.loss_kw = loss_kw["config"], loss_kw
+        self.temperature = self.config.temperature if temperature is None else temperature
+        self.validate = backend.resolve_validate(validate)
+        self.num_tokens = token_shape[0] if len(token_shape) else 0
+        self.single_pass = False
+
+    def choose_impl(self, impl: str, x: torch.Tensor, needs_grad: bool, *, return_per_token: bool) -> str:
+        """The implementation to run. Sets ``single_pass`` when the single-pass kernels apply (gradients are
+        needed, the configuration is token-local: ``single_pass_blocker``); a kernel choice without them is
+        the implementation of the two-phase path's op."""
+        self.single_pass = (needs_grad and torch.is_grad_enabled()
+                            and single_pass_blocker(self.config, return_per_token=return_per_token) is None)
+        if not self.single_pass:
+            return impl
+        return backend.select_impl(self.entry, impl, x.device.type, x.dtype)
+
+    def fused_kwargs(self, vocab: int) -> dict:
+        """Value checks of the single pass (with validation on) and the keywords of the fused entry points."""
+        _validate_cu_seqlens(self.loss_kw["cu_seqlens"], self.num_tokens, self.validate)
+        validate, entry, ignore_index = self.validate, self.entry, self.ignore_index
+        if validate:
+            backend.validate_rows(entry, self.labels.reshape(-1), self.temperature, ignore_index, vocab)
+
+        def check_outputs(lp, labels_flat):
+            if validate:
+                backend.check_nan_rows(entry, lp, labels_flat, ignore_index, "NaN or inf in the inputs")
+
+        return dict(valid=self.valid, temperature=self.temperature, ignore_index=ignore_index,
+                    check_outputs=check_outputs)
+
+    def two_phase(self, out, return_per_token: bool) -> LossOutput:
+        """The reference loss over the op's per-token log-probs and entropies (losses.md 13.2)."""
+        _validate_cu_seqlens(self.loss_kw["cu_seqlens"], self.num_tokens, self.validate)
+        return reference.policy_loss_reference(out.logprobs, mask=self.valid, entropies=out.entropy,
+                                               return_per_token=return_per_token, **self.loss_kw)
 
 
 def policy_loss_from_logits(
@@ -137,53 +178,19 @@ def policy_loss_from_logits(
     write), never more than an unfused forward + backward. ``per_token_loss`` is only returned (with its
     gradient) on the two-phase path, which ``return_per_token=True`` selects.
     """
-    token_shape = logits.shape[:-1]
-    if labels.shape != token_shape:
-        raise ValueError(f"policy_loss_from_logits: labels must have shape logits.shape[:-1] = "
-                         f"{tuple(token_shape)}, got {tuple(labels.shape)}")
-    valid = labels != ignore_index
-    if mask is not None:
-        if mask.shape != token_shape:
-            raise ValueError(f"policy_loss_from_logits: mask must have shape {tuple(token_shape)}, got "
-                             f"{tuple(mask.shape)}")
-        valid = valid & mask.bool()
-        # Masked tokens need no vocabulary pass: their label becomes ignore_index (O(N)).
-        labels = labels.masked_fill(~valid, ignore_index)
-    temperature = config.temperature if temperature is None else temperature
-    common = dict(
-        advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs, is_weights=is_weights, normalizers=normalizers, config=config,
-        entropy_coef=entropy_coef,
-    )
-    if (
-        logits.requires_grad and torch.is_grad_enabled()
-        and single_pass_blocker(config, return_per_token=return_per_token) is None
-    ):
-        _check_args(logits, labels, temperature, ignore_index)
-        if validate is None:
-            validate = validation_enabled()
-        _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
-        chosen = select_fused_impl(impl, logits.device.type, logits.dtype)
-        if chosen in ("cpp", "triton"):
-            if validate:
-                _validate_values(logits, labels.reshape(-1), temperature, ignore_index)
-
-            def check_outputs(lp, labels_flat):
-                if validate:
-                    _check_outputs(lp, labels_flat, ignore_index)
-
-            return fused_policy_loss_from_logits(
-                logits, labels, kernel=fused_op(chosen), valid=valid, temperature=temperature,
-                ignore_index=ignore_index, check_outputs=check_outputs, **common,
-            )
-        impl = chosen  # "reference" / "cuda": the two-phase composition below
-    out = token_logprobs(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, want_entropy=True, impl=impl,
-        validate=validate,
-    )
-    _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
-    return _reference.policy_loss_reference(out.logprobs, mask=valid, entropies=out.entropy,
-                                            return_per_token=return_per_token, **common)
+    loss_kw = dict(advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
+                   ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+                   normalizers=normalizers, config=config, entropy_coef=entropy_coef)
+    call = _LossCall(FROM_LOGITS, "logits", logits, labels, mask=mask, temperature=temperature,
+                     ignore_index=ignore_index, validate=validate, loss_kw=loss_kw)
+    backend.check_logits_args(FROM_LOGITS, logits, call.labels, call.temperature, ignore_index)
+    impl = call.choose_impl(impl, logits, logits.requires_grad, return_per_token=return_per_token)
+    if impl != "reference" and call.single_pass:
+        return fused_policy_loss_from_logits(logits, call.labels, impl=impl,
+                                             **call.fused_kwargs(logits.shape[-1]), **loss_kw)
+    out = token_logprobs(logits, call.labels, temperature=call.temperature, ignore_index=ignore_index,
+                         want_entropy=True, impl=impl, validate=call.validate)
+    return call.two_phase(out, return_per_token)
 
 
 def policy_loss_from_hidden(
@@ -219,7 +226,8 @@ def policy_loss_from_hidden(
         hidden: ``[B, T, H]`` (padded, with ``mask [B, T]``) or ``[N, H]`` (packed, with ``cu_seqlens``).
         weight: the lm_head ``[V, H]`` (tied embeddings: pass the embedding matrix; see
             ``reasonrl.models.hidden_states_and_lm_head``), same dtype as ``hidden``. bias: ``[V]`` or None.
-        chunk_rows: rows per logits chunk on the fused CPU path (None: about 32 MiB of fp32 logits).
+        chunk_rows: rows per logits chunk on the fused CPU path (None: the 64 MiB workspace of
+            ``linear_token_logprobs``, csrc/cpu/linear_chunks.h).
         process_group: vocab-parallel lm_head shards (ops.md 3.3): ``weight`` ``[V_r, H]`` / ``bias`` ``[V_r]``
             are this rank's rows ``[v_r, v_r + V_r)`` of the lm_head; every other argument (labels are global
             ids) is identical on all ranks. Takes the two-phase path: the sharded
@@ -239,90 +247,26 @@ def policy_loss_from_hidden(
     kernels/linear_policy_loss.py). Otherwise: ``linear_token_logprobs`` (forward
     2NVH, backward with recompute 6NVH) around the O(N) loss.
     """
-    token_shape = hidden.shape[:-1]
-    if labels.shape != token_shape:
-        raise ValueError(f"policy_loss_from_hidden: labels must have shape hidden.shape[:-1] = "
-                         f"{tuple(token_shape)}, got {tuple(labels.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"policy_loss_from_hidden: weight must be [V, H] with H = hidden.shape[-1] = "
-                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"policy_loss_from_hidden: bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
-    valid = labels != ignore_index
-    if mask is not None:
-        if mask.shape != token_shape:
-            raise ValueError(f"policy_loss_from_hidden: mask must have shape {tuple(token_shape)}, got "
-                             f"{tuple(mask.shape)}")
-        valid = valid & mask.bool()
-        labels = labels.masked_fill(~valid, ignore_index)  # masked rows are compacted away before the GEMMs
-    temperature = config.temperature if temperature is None else temperature
-    common = dict(
-        advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs, is_weights=is_weights, normalizers=normalizers, config=config,
-        entropy_coef=entropy_coef,
-    )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if validate is None:
-        validate = validation_enabled()
-    sharded = process_group is not None
-    if needs_grad and not sharded and single_pass_blocker(config, return_per_token=return_per_token) is None:
-        chosen = select_fused_impl(impl, hidden.device.type, hidden.dtype)
-        if chosen in ("cpp", "triton"):
-            _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
-            if validate:
-                _validate_values(hidden.new_empty((0, weight.shape[0])), labels.reshape(-1), temperature,
-                                 ignore_index)
-
-            def check_outputs(lp, labels_flat):
-                if validate:
-                    _check_outputs(lp, labels_flat, ignore_index)
-
-            return fused_policy_loss_from_hidden(
-                hidden, weight, labels, bias=bias, valid=valid, temperature=temperature, ignore_index=ignore_index,
-                chunk_rows=0 if chunk_rows is None else int(chunk_rows), kernel=fused_hidden_op(chosen),
-                check_outputs=check_outputs, **common,
-            )
-        impl = chosen
-    from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
-
-    out = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                ignore_index=ignore_index, want_entropy=True, impl=impl, validate=validate,
-                                process_group=process_group, vocab_start=vocab_start)
-    _validate_cu_seqlens(cu_seqlens, token_shape[0] if len(token_shape) else 0, validate)
-    return _reference.policy_loss_reference(out.logprobs, mask=valid, entropies=out.entropy,
-                                            return_per_token=return_per_token, **common)
-
-
-def rollout_is_weights(
-    old_logprobs: torch.Tensor,
-    sampling_logprobs: torch.Tensor,
-    *,
-    config: ISCorrection,
-    mask: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    process_group=None,
-) -> tuple[torch.Tensor, RolloutISMetrics]:
-    """Rollout-correction weights rho = pi_old / pi_sampler and their metrics (losses.md section 8.3);
-    see :func:`reasonrl.reference.policy_loss.rollout_is_weights`."""
-    _validate_cu_seqlens(cu_seqlens, old_logprobs.shape[0] if old_logprobs.dim() else 0)
-    return _reference.rollout_is_weights(old_logprobs, sampling_logprobs, config=config, mask=mask,
-                                         cu_seqlens=cu_seqlens, process_group=process_group)
-
-
-def top_entropy_mask(
-    entropies: torch.Tensor,
-    *,
-    rho: float,
-    mask: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    process_group=None,
-) -> torch.Tensor:
-    """Bool mask of the top-``rho`` entropy tokens over all ranks of ``process_group`` (losses.md
-    section 8.2); see :func:`reasonrl.reference.policy_loss.top_entropy_mask`."""
-    _validate_cu_seqlens(cu_seqlens, entropies.shape[0] if entropies.dim() else 0)
-    return _reference.top_entropy_mask(entropies, rho=rho, mask=mask, cu_seqlens=cu_seqlens,
-                                       process_group=process_group)
+    loss_kw = dict(advantages=advantages, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
+                   ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+                   normalizers=normalizers, config=config, entropy_coef=entropy_coef)
+    call = _LossCall(FROM_HIDDEN, "hidden", hidden, labels, mask=mask, temperature=temperature,
+                     ignore_index=ignore_index, validate=validate, loss_kw=loss_kw)
+    check_linear_args(hidden, weight, call.labels, bias, call.temperature, ignore_index)
+    needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    # The single-pass fused kernels have no sharded mode: a process_group takes the two-phase path.
+    impl = call.choose_impl(impl, hidden, needs_grad and process_group is None,
+                            return_per_token=return_per_token)
+    if impl != "reference" and call.single_pass:
+        return fused_policy_loss_from_hidden(
+            hidden, weight, call.labels, bias=bias, impl=impl,
+            chunk_rows=0 if chunk_rows is None else int(chunk_rows), **call.fused_kwargs(weight.shape[0]),
+            **loss_kw,
+        )
+    out = linear_token_logprobs(hidden, weight, call.labels, bias=bias, temperature=call.temperature,
+                                ignore_index=ignore_index, want_entropy=True, impl=impl,
+                                validate=call.validate, process_group=process_group, vocab_start=vocab_start)
+    return call.two_phase(out, return_per_token)
 
 
 class PolicyLoss(nn.Module):
@@ -333,28 +277,9 @@ class PolicyLoss(nn.Module):
         super().__init__()
         self.config = PolicyLossConfig() if config is None else config
 
-    def forward(
-        self,
-        logprobs: torch.Tensor,
-        *,
-        advantages: torch.Tensor,
-        normalizers: LossNormalizers,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        old_logprobs: torch.Tensor | None = None,
-        ref_logprobs: torch.Tensor | None = None,
-        sampling_logprobs: torch.Tensor | None = None,
-        is_weights: torch.Tensor | None = None,
-        entropies: torch.Tensor | None = None,
-        entropy_coef: float | torch.Tensor | None = None,
-        return_per_token: bool = False,
-    ) -> LossOutput:
-        return policy_loss(
-            logprobs, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
-            entropies=entropies, normalizers=normalizers, config=self.config, entropy_coef=entropy_coef,
-            return_per_token=return_per_token,
-        )
+    def forward(self, logprobs: torch.Tensor, **kwargs) -> LossOutput:
+        """``policy_loss(logprobs, config=self.config, **kwargs)``."""
+        return policy_loss(logprobs, config=self.config, **kwargs)
 
     def extra_repr(self) -> str:
         return repr(self.config)

@@ -1,11 +1,21 @@
-"""Registered ops of reasonrl (ops.md): public functional entry points with implementation dispatch."""
+"""Registered ops of reasonrl (ops.md): public functional entry points with implementation dispatch.
 
-from reasonrl.ops.token_logprobs import TokenLogprobs, set_validation, token_logprobs, validation_enabled
+What every op shares (implementation choice, lazy registration, validation, the row view) is in
+``reasonrl._backend``; docs/adding-an-op.md is the recipe for a new op.
+"""
 
-__all__ = ["TokenLogprobs", "token_logprobs", "set_validation", "validation_enabled"]
-from reasonrl.ops.group_advantages import Advantages, advantage_preset, group_advantages  # noqa: E402
+from reasonrl._backend import set_validation, validation_enabled
+from reasonrl.ops.group_advantages import Advantages, advantage_preset, group_advantages
+from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
+from reasonrl.ops.token_logprobs import TokenLogprobs, token_logprobs
 
-__all__ += ["Advantages", "group_advantages", "advantage_preset"]
-from reasonrl.ops.linear_token_logprobs import linear_token_logprobs  # noqa: E402
-
-__all__ += ["linear_token_logprobs"]
+__all__ = [
+    "TokenLogprobs",
+    "token_logprobs",
+    "set_validation",
+    "validation_enabled",
+    "Advantages",
+    "group_advantages",
+    "advantage_preset",
+    "linear_token_logprobs",
+]

@@ -3,7 +3,7 @@
 Public entry point :func:`group_advantages` and the trainer presets :func:`advantage_preset`. The op is not on
 the hot path (O(B) work once per batch), so it has exactly one implementation, the vectorised plain-PyTorch
 one in ``reasonrl/reference/group_advantages.py``: ``impl="auto"`` and ``impl="reference"`` run it, an
-explicit ``"cpp"`` / ``"triton"`` / ``"cuda"`` raises ``RuntimeError`` (there is no kernel to honour the
+explicit ``"cpp"`` / ``"triton"`` raises ``RuntimeError`` (there is no kernel to honour the
 request). ``REASONRL_IMPL`` naming a kernel does not make this op fail: the variable only chooses among
 implementations that exist, and here there is one.
 
@@ -13,15 +13,12 @@ expected and the received value) and, with ``validate=True``, the values that ne
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from numbers import Real
 
 import torch
 
-from reasonrl._backend import IMPLS
-from reasonrl.ops.token_logprobs import validation_enabled
+from reasonrl import _backend as backend
 from reasonrl.reference.group_advantages import (
     ESTIMATORS,
     Advantages,
@@ -31,8 +28,6 @@ from reasonrl.reference.group_advantages import (
 
 __all__ = ["Advantages", "group_advantages", "advantage_preset"]
 
-logger = logging.getLogger("reasonrl")
-
 SCALES = ("group", "batch", "none")
 MULTI_REWARDS = ("sum_then_normalize", "normalize_then_sum")
 GDPO_FINALS = ("trl", "verl")
@@ -40,31 +35,12 @@ SINGLETONS = ("zero", "verl")
 NAN_POLICIES = ("missing", "raise")
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-_logged_env: set[str] = set()
 
 
-def _resolve_impl(impl: str | None) -> str:
-    """``resolve_impl`` semantics for an op whose only implementation is the reference."""
-    if impl is None or impl == "auto":
-        env = os.environ.get("REASONRL_IMPL", "auto") or "auto"
-        if env not in IMPLS:
-            raise ValueError(f"REASONRL_IMPL must be one of {IMPLS}, got {env!r}")
-        if env not in ("auto", "reference") and env not in _logged_env:
-            _logged_env.add(env)
-            logger.info(
-                "reasonrl.group_advantages: REASONRL_IMPL=%s ignored, the op has only the reference "
-                "implementation (it is not on the hot path)",
-                env,
-            )
-        return "reference"
-    if impl not in IMPLS:
-        raise ValueError(f"group_advantages: impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "reference":
-        raise RuntimeError(
-            f"reasonrl.group_advantages: impl={impl!r} is unavailable: there is no {impl} kernel for this op "
-            "because it is not on the hot path (O(B) work once per batch); use impl='auto' or 'reference'"
-        )
-    return impl
+OP = "group_advantages"
+backend.declare_op(
+    OP, reference_only="it is not on the hot path (O(B) work once per batch); use impl='auto' or 'reference'"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,7 +330,7 @@ def group_advantages(
             tokens; only for ``reinforce_plus_plus`` with gamma != 1.
         cu_seqlens: ``[B + 1]`` int32/int64 offsets of the packed layout (ops.md 1.2); same restriction.
         nan_policy: ``"missing"`` (NaN rows are excluded from every statistic, advantage 0) or ``"raise"``.
-        impl: ``"auto"`` or ``"reference"`` (the only implementation); ``"cpp" | "triton" | "cuda"`` raise
+        impl: ``"auto"`` or ``"reference"`` (the only implementation); ``"cpp" | "triton"`` raise
             ``RuntimeError``.
         validate: check values (+-inf, NaN under ``"raise"``, lengths, masks, cu_seqlens, whitening W > 1)
             with host syncs. ``None`` uses the global setting (``reasonrl.set_validation``). With False those
@@ -385,10 +361,8 @@ def group_advantages(
         cu_seqlens,
         nan_policy,
     )
-    _resolve_impl(impl)
-    if validate is None:
-        validate = validation_enabled()
-    if validate:
+    backend.resolve_impl(OP, impl, rewards.device, rewards.dtype)
+    if backend.resolve_validate(validate):
         _validate_values(rewards, reward_weights, lengths, token_mask, cu_seqlens, nan_policy)
     return group_advantages_reference(
         rewards,

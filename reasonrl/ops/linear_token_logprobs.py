@@ -34,23 +34,18 @@ and eager only; no ``softcap`` /
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import logging
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from reasonrl._backend import load_extension, resolve_impl
-from reasonrl.ops.token_logprobs import _min_temperature, validation_enabled
+from reasonrl import _backend as backend
 from reasonrl.ops.vocab_parallel import (
     VocabShard,
     all_reduce_sum_,
-    combine_local_outputs,
+    finish_sharded_forward,
+    label_bound,
     label_owner,
-    resolve_vocab_shard,
+    shard_of_call,
     share_label_logit,
 )
 from reasonrl.reference.linear_token_logprobs import linear_token_logprobs_reference
@@ -58,10 +53,7 @@ from reasonrl.reference.token_logprobs import TokenLogprobs
 
 __all__ = ["linear_token_logprobs"]
 
-logger = logging.getLogger("reasonrl")
 OP = "linear_token_logprobs"
-# Where the Triton implementation will live (another engineer's part of issue 4).
-TRITON_MODULE = "reasonrl.kernels.linear_logprobs"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,15 +97,7 @@ def _make_backward(bwd_op):
 
 def _fake_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy,
               want_rank, chunk_rows, vocab_start=0, vocab_global=0, label_logit=None):
-    n = hidden.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return (
-        hidden.new_empty((n,), dtype=acc),
-        hidden.new_empty((n if want_entropy else 0,), dtype=acc),
-        hidden.new_empty((n if want_rank else 0,), dtype=torch.int32),
-        hidden.new_empty((n,), dtype=acc),
-        hidden.new_empty((n, 2), dtype=acc),
-    )
+    return backend.fake_row_outputs(hidden, want_entropy, want_rank)
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature, temperature_scalar,
@@ -125,28 +109,14 @@ def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, tempera
     )
 
 
-@functools.cache
 def _cpp_ops():
-    """The C++ ops (schemas in csrc/reasonrl.cpp) with fake impls and autograd attached, or None."""
-    if load_extension() is None:
-        return None
-    fwd = torch.ops.reasonrl.linear_token_logprobs_fwd.default
-    bwd = torch.ops.reasonrl.linear_token_logprobs_bwd.default
-    torch.library.register_fake("reasonrl::linear_token_logprobs_fwd")(_fake_fwd)
-    torch.library.register_fake("reasonrl::linear_token_logprobs_bwd")(_fake_bwd)
-    torch.library.register_autograd("reasonrl::linear_token_logprobs_fwd", _make_backward(bwd),
-                                    setup_context=_setup_context)
+    """Fake impls and autograd attached to the C++ ops (schemas in csrc/reasonrl.cpp)."""
+    bwd = backend.attach_cpp("linear_token_logprobs_bwd", _fake_bwd)
+    fwd = backend.attach_cpp("linear_token_logprobs_fwd", _fake_fwd, backward=_make_backward(bwd),
+                              setup_context=_setup_context)
     return fwd, bwd
 
 
-def _triton_unavailable() -> str | None:
-    """Why the Triton implementation cannot be used (None when kernels/linear_logprobs.py imports)."""
-    if importlib.util.find_spec(TRITON_MODULE) is None:
-        return "the Triton kernels (reasonrl.kernels.linear_logprobs) are not installed"
-    return None
-
-
-@functools.cache
 def _triton_ops():
     """``triton_op``s with the signatures of the C++ ops, launching kernels/linear_logprobs.py."""
     from reasonrl.kernels import linear_logprobs as kernels
@@ -187,53 +157,22 @@ def _triton_ops():
     return fwd, bwd
 
 
-def _select_impl(impl: str, device_type: str, dtype: torch.dtype) -> str:
-    """Resolve ``impl`` (explicit choices raise when unavailable, ``auto`` falls back) and register its ops.
-
-    Runs eagerly even under torch.compile (a dynamo constant, as token_logprobs' ``_select_impl``).
-    """
-    requested = impl if impl not in (None, "auto") else (os.environ.get("REASONRL_IMPL", "auto") or "auto")
-    chosen = resolve_impl(requested, torch.device(device_type), dtype, OP)
-    if chosen in ("triton", "cuda"):
-        reason = (_triton_unavailable() if chosen == "triton"
-                  else "there is no CUDA C++ kernel for linear_token_logprobs (use 'triton' or 'reference')")
-        if reason is not None:
-            if requested != "auto":
-                raise RuntimeError(f"reasonrl.{OP}: impl={chosen!r} is unavailable: {reason}")
-            logger.info("reasonrl.%s: auto picked reference (%s)", OP, reason)
-            chosen = "reference"
-    if chosen == "cpp":
-        _cpp_ops()
-    elif chosen == "triton":
-        _triton_ops()
-    return chosen
-
-
-_select_impl._dynamo_marked_constant = True  # see reasonrl/ops/token_logprobs.py
+backend.declare_op(OP, cpp=_cpp_ops, triton=_triton_ops)
 
 
 def registered_ops(impl: str = "cpp"):
     """(fwd, bwd) registered ops of ``impl``; used by tests (opcheck)."""
-    ops = _cpp_ops() if impl == "cpp" else _triton_ops() if impl == "triton" else None
-    if ops is None:
-        raise RuntimeError(f"no registered {OP} ops for impl={impl!r}")
-    return ops
+    return backend.registered_ops(OP, impl)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Argument checking (ops.md section 7)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_args(hidden, weight, labels, bias, temperature, ignore_index):
+def check_args(hidden, weight, labels, bias, temperature, ignore_index):
+    """Argument checks without a host sync (docs/ops.md section 7)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{OP}: {name} must be a floating tensor (float32, bfloat16, float16 or float64), "
                             f"got {getattr(t, 'dtype', type(t).__name__)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{OP}: labels must be an int32 or int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
     if hidden.dim() < 1:
         raise ValueError(f"{OP}: hidden must have shape [..., H] with at least 1 dimension, got a scalar")
     if weight.dim() != 2:
@@ -245,12 +184,8 @@ def _check_args(hidden, weight, labels, bias, temperature, ignore_index):
     if weight.shape[1] != h:
         raise ValueError(f"{OP}: weight must have shape [V, H] = [V, {h}] (H = hidden.shape[-1]), got "
                          f"{tuple(weight.shape)}")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{OP}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
-                         f"{tuple(labels.shape)}")
-    for name, t in (("weight", weight), ("labels", labels)):
-        if t.device != hidden.device:
-            raise ValueError(f"{OP}: {name} is on {t.device} but hidden is on {hidden.device}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{OP}: weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{OP}: bias must be a tensor or None, got {type(bias).__name__}")
@@ -260,55 +195,12 @@ def _check_args(hidden, weight, labels, bias, temperature, ignore_index):
             raise ValueError(f"{OP}: bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"{OP}: bias is on {bias.device} but hidden is on {hidden.device}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if isinstance(temperature, torch.Tensor):
-        if not temperature.is_floating_point():
-            raise TypeError(f"{OP}: temperature must be a floating tensor, got {temperature.dtype}")
-        if temperature.dim() > 0 and temperature.shape != hidden.shape[:-1]:
-            raise ValueError(f"{OP}: a temperature tensor must be 0-d or have shape hidden.shape[:-1] = "
-                             f"{tuple(hidden.shape[:-1])}, got {tuple(temperature.shape)}")
-        if temperature.device != hidden.device and not (temperature.dim() == 0 and temperature.device.type == "cpu"):
-            raise ValueError(f"{OP}: temperature is on {temperature.device} but hidden is on {hidden.device}")
-    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        tiny = _min_temperature(hidden.dtype)
-        if not (math.isfinite(temperature) and temperature >= tiny):
-            raise ValueError(f"{OP}: temperature must be finite and >= {tiny:.7g} (the smallest normal "
-                             f"number of the compute dtype, so that 1 / temperature is finite), got {temperature}")
-    else:
-        raise TypeError(f"{OP}: temperature must be a float or a tensor, got {type(temperature).__name__}")
+    backend.check_labels(OP, labels, hidden.shape[:-1], hidden.device, "hidden")
+    backend.check_ignore_index(OP, ignore_index)
+    backend.check_temperature(OP, temperature, hidden.shape[:-1], hidden.device, "hidden", hidden.dtype)
 
 
-def _validate_values(vocab, labels_flat, temperature, ignore_index, sharded=False):
-    """The checks that need a host sync (only with validate=True). ``sharded``: ``vocab`` is V_glob of the
-    process_group (labels are global ids)."""
-    bad = (labels_flat != ignore_index) & ((labels_flat < 0) | (labels_flat >= vocab))
-    n_bad = int(bad.sum())
-    if n_bad:
-        first = int(bad.nonzero()[0, 0])
-        what = (f"V_glob={vocab}) (the global vocabulary of the process_group" if sharded
-                else f"V={vocab}) (V = weight.shape[0]")
-        raise ValueError(f"{OP}: {n_bad} labels are outside [0, {what}) and not "
-                         f"ignore_index={ignore_index}; first at flattened row {first} (label "
-                         f"{int(labels_flat[first])})")
-    if isinstance(temperature, torch.Tensor):
-        tiny = torch.finfo(torch.float64 if temperature.dtype == torch.float64 else torch.float32).tiny
-        ok = torch.isfinite(temperature) & (temperature >= tiny)
-        if not bool(ok.all()):
-            first = int((~ok).reshape(-1).nonzero()[0, 0])
-            raise ValueError(f"{OP}: temperature must be finite and >= {tiny:.7g} everywhere; got "
-                             f"{float(temperature.reshape(-1)[first])} at row {first}")
-
-
-def _check_outputs(lp, labels_flat, ignore_index):
-    """NaN in a valid row: NaN / inf in hidden, weight or bias (O(N) check of the outputs)."""
-    nan_rows = torch.isnan(lp) & (labels_flat != ignore_index)
-    if bool(nan_rows.any()):
-        first = int(nan_rows.nonzero()[0, 0])
-        raise FloatingPointError(
-            f"{OP}: {int(nan_rows.sum())} rows have a NaN log-prob (NaN or inf in hidden, weight or bias, or "
-            "logits / temperature overflowing); "
-            f"first at flattened row {first}. Pass validate=False to propagate NaN instead.")
+_NAN_CAUSE = "NaN or inf in hidden, weight or bias, or logits / temperature overflowing"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,13 +248,7 @@ class _LinearVocabParallel(torch.autograd.Function):
             x, weight, bias, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy,
             call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot,
         )
-        lp, ent, rank, lse, stats = combine_local_outputs(
-            local, labels, call.ignore_index, call.want_entropy, call.want_rank, shard)
-        ctx.save_for_backward(x, weight, bias, labels, temperature, stats, ent)
-        ctx.call = call
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(rank, lse)
-        return lp, ent, rank, lse
+        return finish_sharded_forward(ctx, local, labels, call, (x, weight, bias, labels, temperature))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):
@@ -463,26 +349,15 @@ def linear_token_logprobs(
         ``TokenLogprobs(logprobs, entropy, rank, lse)``: ``[...]`` tensors, fp32 (fp64 for fp64 inputs), rank
         int32; fields not requested are None.
     """
-    _check_args(hidden, weight, labels, bias, temperature, ignore_index)
-    if validate is None:
-        validate = validation_enabled()
-    if hidden.device.type == "meta":
-        validate = False  # no values to check; the impl choice below says which implementations run on meta
+    check_args(hidden, weight, labels, bias, temperature, ignore_index)
+    validate = backend.resolve_validate(validate, hidden)
     lead_shape = hidden.shape[:-1]
     vocab, h = weight.shape
-    labels_flat = labels.reshape(-1)
-    shard = None
-    if process_group is not None:
-        shard = resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=hidden.device,
-                                    op=OP)
-    elif vocab_start is not None:
-        raise ValueError(f"{OP}: vocab_start is only meaningful with a process_group (vocab-parallel mode); got "
-                         f"vocab_start={vocab_start!r} and process_group=None")
+    shard = shard_of_call(OP, process_group, vocab, vocab_start, validate=validate, device=hidden.device)
     if validate:
-        _validate_values(vocab if shard is None else shard.vocab_global, labels_flat, temperature, ignore_index,
-                         sharded=shard is not None)
+        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard))
 
-    impl = _select_impl(impl, hidden.device.type, hidden.dtype)
+    impl = backend.select_impl(OP, impl, hidden.device.type, hidden.dtype)
     if shard is not None and impl != "cpp":
         raise NotImplementedError(f"{OP}: vocab-parallel mode (process_group) is implemented by impl='cpp' only "
                                   f"(CPU); impl={impl!r} has no sharded path")
@@ -492,36 +367,24 @@ def linear_token_logprobs(
             want_entropy=want_entropy, want_rank=want_rank, return_lse=return_lse,
         )
         if validate:
-            _check_outputs(out.logprobs.reshape(-1), labels_flat, ignore_index)
+            backend.check_nan_rows(OP, out.logprobs.reshape(-1), labels.reshape(-1), ignore_index,
+                                    _NAN_CAUSE)
         return out
 
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    x = hidden.reshape(-1, h)
-    if isinstance(temperature, torch.Tensor):
-        temp_t = temperature.to(device=x.device, dtype=acc)
-        temp_t = temp_t.reshape(-1) if temp_t.dim() > 0 else temp_t.reshape(1).expand(x.shape[0])
-        temp_scalar = 1.0
-    else:
-        temp_t, temp_scalar = None, float(temperature)
+    # The Triton op makes its operands contiguous itself; the C++ op gathers rows with any strides.
+    x, labels_flat, temp_t, temp_scalar = backend.flatten_rows(hidden, labels, temperature,
+                                                                unit_stride=False)
+    acc = backend.accumulation_dtype(hidden.dtype)
     chunk_rows = 0 if workspace_bytes is None else max(1, int(workspace_bytes) // ((vocab + h) * acc.itemsize))
-
-    # Registered by _select_impl; plain torch.ops attribute access keeps this traceable.
-    if impl == "triton":
-        fwd = torch.ops.reasonrl.linear_token_logprobs_fwd_triton.default
-    else:
-        fwd = torch.ops.reasonrl.linear_token_logprobs_fwd.default
     if shard is not None:
         call = _ShardedLinearCall(shard, temp_scalar, ignore_index, want_entropy, want_rank, chunk_rows,
                                   reduce_grad_hidden)
         lp, ent, rank, lse = _LinearVocabParallel.apply(x, weight, bias, labels_flat, temp_t, call)
     else:
+        fwd = backend.kernel_op("linear_token_logprobs_fwd", impl)
         lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
                                     want_rank, chunk_rows)
     if validate:
-        _check_outputs(lp, labels_flat, ignore_index)
-    return TokenLogprobs(
-        lp.reshape(lead_shape),
-        ent.reshape(lead_shape) if want_entropy else None,
-        rank.reshape(lead_shape) if want_rank else None,
-        lse.reshape(lead_shape) if return_lse else None,
-    )
+        backend.check_nan_rows(OP, lp, labels_flat, ignore_index, _NAN_CAUSE)
+    return backend.token_outputs(lead_shape, lp, ent, rank, lse, want_entropy=want_entropy,
+                                  want_rank=want_rank, return_lse=return_lse)

@@ -23,34 +23,23 @@ GLOBAL statistics (no communication in the backward: the upstream gradients are 
 
 from __future__ import annotations
 
-import functools
-import logging
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from reasonrl._backend import load_extension, resolve_impl
-from reasonrl.ops.vocab_parallel import VocabShard, combine_local_outputs, label_pivot, resolve_vocab_shard
+from reasonrl import _backend as backend
+from reasonrl.ops.vocab_parallel import (
+    VocabShard,
+    finish_sharded_forward,
+    label_bound,
+    label_pivot,
+    shard_of_call,
+)
 from reasonrl.reference.token_logprobs import TokenLogprobs, token_logprobs_reference
 
-__all__ = ["TokenLogprobs", "token_logprobs", "set_validation", "validation_enabled"]
+__all__ = ["TokenLogprobs", "token_logprobs"]
 
-logger = logging.getLogger("reasonrl")
-
-_VALIDATE = os.environ.get("REASONRL_VALIDATE", "1") != "0"
-
-
-def set_validation(enabled: bool) -> None:
-    """Globally enable or disable input/output validation (host syncs) for calls with ``validate=None``."""
-    global _VALIDATE
-    _VALIDATE = bool(enabled)
-
-
-def validation_enabled() -> bool:
-    return _VALIDATE
-
+OP = "token_logprobs"
 
 # ----------------------------------------------------------------------------------------------------------
 # Autograd shared by the cpp and triton registrations: both forward ops have the signature
@@ -58,7 +47,7 @@ def validation_enabled() -> bool:
 #    want_entropy, want_rank, inplace_backward, vocab_start=0, vocab_global=0, label_logit=None)
 #   -> (logprobs, entropy, rank, lse, stats)
 # where stats [N, 2] = (m, log-sum) of the scaled logits, read only by the paired backward: it forms
-# log p_j = (x_j / tau - m) - log_sum, exact near the maximum (see csrc/cpu/token_logprobs_rows.h).
+# log p_j = (x_j / tau - m) - log_sum, exact near the maximum (see csrc/cpu/row_kernels.h).
 # With vocab_start / vocab_global (a vocab shard) this autograd is the derivative of the LOCAL outputs; the
 # vocab-parallel op (_VocabParallel) instead calls the backward op with the global statistics.
 # ----------------------------------------------------------------------------------------------------------
@@ -104,15 +93,7 @@ def _make_backward(bwd_op, bwd_inplace_op):
 
 def _fake_fwd(logits, labels, temperature, temperature_scalar, ignore_index, want_entropy, want_rank, inplace,
               vocab_start=0, vocab_global=0, label_logit=None):
-    n = logits.shape[0]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return (
-        logits.new_empty((n,), dtype=acc),
-        logits.new_empty((n if want_entropy else 0,), dtype=acc),
-        logits.new_empty((n if want_rank else 0,), dtype=torch.int32),
-        logits.new_empty((n,), dtype=acc),
-        logits.new_empty((n, 2), dtype=acc),
-    )
+    return backend.fake_row_outputs(logits, want_entropy, want_rank)
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
@@ -125,24 +106,15 @@ def _fake_bwd_inplace(grad_logprobs, grad_entropy, logits, labels, temperature, 
     return None
 
 
-@functools.cache
 def _cpp_ops():
-    """The C++ ops (their schemas come from csrc/reasonrl.cpp) with fake impls and autograd attached."""
-    if load_extension() is None:
-        return None
-    fwd = torch.ops.reasonrl.token_logprobs_fwd.default
-    bwd = torch.ops.reasonrl.token_logprobs_bwd.default
-    bwd_inplace = torch.ops.reasonrl.token_logprobs_bwd_inplace.default
-    torch.library.register_fake("reasonrl::token_logprobs_fwd")(_fake_fwd)
-    torch.library.register_fake("reasonrl::token_logprobs_bwd")(_fake_bwd)
-    torch.library.register_fake("reasonrl::token_logprobs_bwd_inplace")(_fake_bwd_inplace)
-    torch.library.register_autograd(
-        "reasonrl::token_logprobs_fwd", _make_backward(bwd, bwd_inplace), setup_context=_setup_context
-    )
+    """Fake impls and autograd attached to the C++ ops (their schemas come from csrc/reasonrl.cpp)."""
+    bwd = backend.attach_cpp("token_logprobs_bwd", _fake_bwd)
+    bwd_inplace = backend.attach_cpp("token_logprobs_bwd_inplace", _fake_bwd_inplace)
+    fwd = backend.attach_cpp("token_logprobs_fwd", _fake_fwd, backward=_make_backward(bwd, bwd_inplace),
+                              setup_context=_setup_context)
     return fwd, bwd, bwd_inplace
 
 
-@functools.cache
 def _triton_ops():
     """Define the Triton ops on first use (importing triton is deferred until someone asks for it)."""
     from reasonrl.kernels import token_logprobs as tk
@@ -166,183 +138,48 @@ def _triton_ops():
             vocab_start, vocab_global, label_logit, launch=torch.library.wrap_triton,
         )
 
-    @torch.library.triton_op("reasonrl::token_logprobs_bwd_triton", mutates_args=())
-    def bwd(
-        grad_logprobs: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        temperature: torch.Tensor | None,
-        temperature_scalar: float,
-        ignore_index: int,
-        stats: torch.Tensor,
-        entropy: torch.Tensor,
-        vocab_start: int = 0,
-        vocab_global: int = 0,
-    ) -> torch.Tensor:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        tk.token_logprobs_bwd(
-            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-            entropy, grad, vocab_start, vocab_global, launch=torch.library.wrap_triton,
-        )
-        return grad
+    def backward_op(inplace: bool):
+        """The backward triton_op: out of place (returns the gradient) or in place (writes it into the storage
+        of ``logits``). One body; the two schemas differ only in the return and the mutation of logits."""
 
-    @torch.library.triton_op("reasonrl::token_logprobs_bwd_inplace_triton", mutates_args={"logits"})
-    def bwd_inplace(
-        grad_logprobs: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        temperature: torch.Tensor | None,
-        temperature_scalar: float,
-        ignore_index: int,
-        stats: torch.Tensor,
-        entropy: torch.Tensor,
-        vocab_start: int = 0,
-        vocab_global: int = 0,
-    ) -> None:
-        tk.token_logprobs_bwd(
-            grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-            entropy, logits, vocab_start, vocab_global, launch=torch.library.wrap_triton,
-        )
+        def bwd(
+            grad_logprobs: torch.Tensor | None,
+            grad_entropy: torch.Tensor | None,
+            logits: torch.Tensor,
+            labels: torch.Tensor,
+            temperature: torch.Tensor | None,
+            temperature_scalar: float,
+            ignore_index: int,
+            stats: torch.Tensor,
+            entropy: torch.Tensor,
+            vocab_start: int = 0,
+            vocab_global: int = 0,
+        ):
+            grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+            tk.token_logprobs_bwd(
+                grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index,
+                stats, entropy, grad, vocab_start, vocab_global, launch=torch.library.wrap_triton,
+            )
+            return None if inplace else grad
 
+        bwd.__annotations__["return"] = "None" if inplace else "torch.Tensor"
+        name = "token_logprobs_bwd_inplace_triton" if inplace else "token_logprobs_bwd_triton"
+        return torch.library.triton_op(f"reasonrl::{name}", mutates_args={"logits"} if inplace else ())(bwd)
+
+    bwd, bwd_inplace = backward_op(inplace=False), backward_op(inplace=True)
     fwd.register_autograd(_make_backward(bwd, bwd_inplace), setup_context=_setup_context)
     return fwd, bwd, bwd_inplace
 
 
-def _select_impl(impl: str, device_type: str, dtype: torch.dtype) -> str:
-    """Resolve ``impl`` and make sure its ops are registered.
-
-    Runs eagerly even under torch.compile (dynamo treats the result as a constant and guards nothing
-    on it): the choice reads the environment, imports triton lazily and loads the extension, none of which
-    belongs in a traced graph.
-    """
-    chosen = resolve_impl(impl, torch.device(device_type), dtype, "token_logprobs")
-    if chosen in ("cpp", "cuda"):
-        _cpp_ops()
-    elif chosen == "triton":
-        _triton_ops()
-    return chosen
-
-
-# Equivalent to decorating with @torch.compiler.assume_constant_result, which only sets this attribute but
-# imports torch._dynamo (and with it triton) to do so: `import reasonrl` must stay light and triton-free.
-_select_impl._dynamo_marked_constant = True
+backend.declare_op(OP, cpp=_cpp_ops, triton=_triton_ops)
 
 
 def registered_ops(impl: str):
     """(fwd, bwd, bwd_inplace) registered ops of ``impl`` ('cpp' or 'triton'); used by tests (opcheck)."""
-    ops = _cpp_ops() if impl in ("cpp", "cuda") else _triton_ops() if impl == "triton" else None
-    if ops is None:
-        raise RuntimeError(f"no registered token_logprobs ops for impl={impl!r}")
-    return ops
+    return backend.registered_ops(OP, impl)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Argument checking (ops.md section 7)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_args(logits, labels, temperature, ignore_index):
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(
-            "token_logprobs: logits must be a floating tensor (float32, bfloat16, float16 or float64), got "
-            f"{getattr(logits, 'dtype', type(logits).__name__)}"
-        )
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(
-            f"token_logprobs: labels must be an int32 or int64 tensor, got {getattr(labels, 'dtype', type(labels))}"
-        )
-    if logits.dim() < 1:
-        raise ValueError("token_logprobs: logits must have shape [..., V] with at least 1 dimension, got a scalar")
-    if logits.shape[-1] == 0:
-        raise ValueError(f"token_logprobs: the vocabulary size V = logits.shape[-1] must be > 0, got {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"token_logprobs: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
-            f"got {tuple(labels.shape)}"
-        )
-    if labels.device != logits.device:
-        raise ValueError(f"token_logprobs: labels are on {labels.device} but logits are on {logits.device}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"token_logprobs: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if isinstance(temperature, torch.Tensor):
-        if not temperature.is_floating_point():
-            raise TypeError(f"token_logprobs: temperature must be a floating tensor, got {temperature.dtype}")
-        if temperature.dim() > 0 and temperature.shape != logits.shape[:-1]:
-            raise ValueError(
-                "token_logprobs: a temperature tensor must be 0-d or have shape logits.shape[:-1] = "
-                f"{tuple(logits.shape[:-1])}, got {tuple(temperature.shape)}"
-            )
-        if temperature.device != logits.device and not (temperature.dim() == 0 and temperature.device.type == "cpu"):
-            raise ValueError(f"token_logprobs: temperature is on {temperature.device} but logits are on {logits.device}")
-    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        tiny = _min_temperature(logits.dtype)
-        if not (math.isfinite(temperature) and temperature >= tiny):
-            raise ValueError(f"token_logprobs: temperature must be finite and >= {tiny:.7g} (the smallest "
-                             "normal number of the compute dtype, so that 1 / temperature is finite), got "
-                             f"{temperature}")
-    else:
-        raise TypeError(f"token_logprobs: temperature must be a float or a tensor, got {type(temperature).__name__}")
-
-
-def _min_temperature(dtype: torch.dtype) -> float:
-    """The smallest valid temperature: the smallest normal number of the compute dtype (fp64 for fp64 logits,
-    else fp32). A subnormal temperature (1e-40 in fp32) has no finite reciprocal (docs/numerics.md)."""
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
-
-
-def _validate_values(x, labels_flat, temperature, ignore_index, vocab_global=None):
-    """The checks that need a host sync (only with validate=True). ``vocab_global``: the size of the global
-    vocabulary in vocab-parallel mode (labels are global ids there)."""
-    vocab = x.shape[-1] if vocab_global is None else vocab_global
-    what = "V" if vocab_global is None else "V_glob (the global vocabulary of the process_group)"
-    bad = (labels_flat != ignore_index) & ((labels_flat < 0) | (labels_flat >= vocab))
-    n_bad = int(bad.sum())
-    if n_bad:
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"token_logprobs: {n_bad} labels are outside [0, {what}={vocab}) and not ignore_index={ignore_index}; "
-            f"first at flattened row {first} (label {int(labels_flat[first])})"
-        )
-    if isinstance(temperature, torch.Tensor):
-        tiny = _min_temperature(x.dtype)
-        ok = torch.isfinite(temperature) & (temperature >= tiny)
-        if not bool(ok.all()):
-            first = int((~ok).reshape(-1).nonzero()[0, 0])
-            raise ValueError(
-                f"token_logprobs: temperature must be finite and >= {tiny:.7g} everywhere; "
-                f"got {float(temperature.reshape(-1)[first])} at row {first}"
-            )
-
-
-def _check_outputs(lp, labels_flat, ignore_index):
-    """NaN in a valid row means NaN/+inf logits or a row with no finite logit: report it (O(N) check)."""
-    nan_rows = torch.isnan(lp) & (labels_flat != ignore_index)
-    if bool(nan_rows.any()):
-        first = int(nan_rows.nonzero()[0, 0])
-        raise FloatingPointError(
-            f"token_logprobs: {int(nan_rows.sum())} rows have a NaN log-prob (NaN or +inf in logits, "
-            f"logits / temperature overflowing, or no finite logit); first at flattened row {first}. Pass "
-            "validate=False to propagate NaN instead."
-        )
-
-
-def flatten_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor):
-    """The kernels' row view of the arguments: ``(x [N, V] with unit vocabulary stride, labels [N],
-    temperature [N] in the accumulation dtype or None, temperature_scalar)``. A view when possible; one
-    copy of the logits only when their rows cannot be flattened or the vocabulary is strided."""
-    x = logits.reshape(-1, logits.shape[-1])
-    if x.stride(-1) != 1:
-        if not torch.compiler.is_compiling():
-            logger.debug("token_logprobs: logits have stride %d on the vocabulary; making one contiguous copy",
-                         x.stride(-1))
-        x = x.contiguous()
-    if isinstance(temperature, torch.Tensor):
-        temp_t = temperature.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        temp_t = temp_t.reshape(-1) if temp_t.dim() > 0 else temp_t.reshape(1).expand(x.shape[0])
-        return x, labels.reshape(-1), temp_t, 1.0
-    return x, labels.reshape(-1), None, float(temperature)
+_NAN_CAUSE = "NaN or +inf in logits, logits / temperature overflowing, or no finite logit"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,20 +208,13 @@ class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, temperature, call: _ShardedCall):
         shard = call.shard
-        ops = torch.ops.reasonrl
-        fwd = ops.token_logprobs_fwd_triton.default if call.impl == "triton" else ops.token_logprobs_fwd.default
+        fwd = backend.kernel_op("token_logprobs_fwd", call.impl)
         pivot = label_pivot(x, labels, call.ignore_index, shard) if call.want_rank else None
         local = fwd(
             x, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy, call.want_rank,
             False, shard.vocab_start, shard.vocab_global, pivot,
         )
-        lp, ent, rank, lse, stats = combine_local_outputs(
-            local, labels, call.ignore_index, call.want_entropy, call.want_rank, shard)
-        ctx.save_for_backward(x, labels, temperature, stats, ent)
-        ctx.call = call
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(rank, lse)
-        return lp, ent, rank, lse
+        return finish_sharded_forward(ctx, local, labels, call, (x, labels, temperature))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):
@@ -396,17 +226,13 @@ class _VocabParallel(torch.autograd.Function):
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
             return torch.zeros_like(x, memory_format=torch.contiguous_format), None, None, None
-        ops = torch.ops.reasonrl
-        triton = call.impl == "triton"
         rest = (labels, temperature, call.temperature_scalar, call.ignore_index, stats, ent,
                 call.shard.vocab_start, call.shard.vocab_global)
         if call.inplace_backward:
-            bwd = ops.token_logprobs_bwd_inplace_triton if triton else ops.token_logprobs_bwd_inplace
-            bwd.default(grad_logprobs, grad_entropy, x, *rest)
+            backend.kernel_op("token_logprobs_bwd_inplace", call.impl)(grad_logprobs, grad_entropy, x, *rest)
             return x, None, None, None
-        bwd = ops.token_logprobs_bwd_triton if triton else ops.token_logprobs_bwd
-        return bwd.default(grad_logprobs, grad_entropy, x, *rest), None, None, None
-
+        grad = backend.kernel_op("token_logprobs_bwd", call.impl)(grad_logprobs, grad_entropy, x, *rest)
+        return grad, None, None, None
 
 # ----------------------------------------------------------------------------------------------------------
 # Public entry point
@@ -447,7 +273,7 @@ def token_logprobs(
             all ranks and equal the op on the full logits; the gradient is with respect to the local shard. The
             forward issues two O(N) all-reduces (MAX of ``[m_r, t_r]``, SUM of ``[s_r, b_r, c_r]``; a third,
             MAX of the label logit, with ``want_rank``); the backward communicates nothing (the upstream
-            gradients must be identical on all ranks). Needs ``impl`` cpp / cuda / triton (not reference).
+            gradients must be identical on all ranks). Needs ``impl`` cpp / triton (not reference).
             Every rank must make the call, also with N = 0 rows. Eager mode: the collectives run in a
             ``torch.autograd.Function`` and are not meant for ``torch.compile(fullgraph=True)``.
         vocab_start: ``v_r`` for unequal shards. Default ``None``: equal shards, ``v_r = rank * V_r`` and
@@ -457,10 +283,11 @@ def token_logprobs(
             the all-gather runs for equal shards too and checks that the ``V_r`` are equal. Labels outside
             ``[0, V_glob)`` other than ``ignore_index`` are a ``ValueError`` on every rank (``validate``), or
             NaN rows with a zero gradient (``validate=False``).
-        impl: ``"auto" | "triton" | "cuda" | "cpp" | "reference"``; env ``REASONRL_IMPL`` sets the default.
+        impl: ``"auto" | "triton" | "cpp" | "reference"``; env ``REASONRL_IMPL`` sets the default.
             An explicit choice that cannot run raises ``RuntimeError``.
         validate: check label range / temperature values and report NaN rows (host syncs). ``None`` uses the
-            global setting (:func:`set_validation`, env ``REASONRL_VALIDATE``; on by default). Must be False
+            global setting (``reasonrl.set_validation``, env ``REASONRL_VALIDATE``; on by default). Must be
+            False
             under ``torch.compile(fullgraph=True)`` and CUDA graphs, and the same on every rank of a
             ``process_group`` (it decides which collectives run).
 
@@ -468,66 +295,40 @@ def token_logprobs(
         ``TokenLogprobs(logprobs, entropy, rank, lse)``: ``[...]`` tensors, fp32 (fp64 for fp64 logits),
         rank int32; fields not requested are None.
     """
-    _check_args(logits, labels, temperature, ignore_index)
-    if validate is None:
-        validate = _VALIDATE
-    if logits.device.type == "meta":
-        validate = False  # no values to check; the impl choice below says which implementations run on meta
+    backend.check_logits_args(OP, logits, labels, temperature, ignore_index)
+    validate = backend.resolve_validate(validate, logits)
     lead_shape = logits.shape[:-1]
     vocab = logits.shape[-1]
-    shard = None
-    if process_group is not None:
-        shard = resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=logits.device)
-    elif vocab_start is not None:
-        raise ValueError("token_logprobs: vocab_start is only meaningful with a process_group (vocab-parallel "
-                         f"mode); got vocab_start={vocab_start!r} and process_group=None")
+    shard = shard_of_call(OP, process_group, vocab, vocab_start, validate=validate, device=logits.device)
     if validate:
-        _validate_values(logits, labels.reshape(-1), temperature, ignore_index,
-                         None if shard is None else shard.vocab_global)
+        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard))
 
-    impl = _select_impl(impl, logits.device.type, logits.dtype)
+    impl = backend.select_impl(OP, impl, logits.device.type, logits.dtype)
     if shard is not None and impl == "reference":
-        raise RuntimeError("token_logprobs: vocab-parallel mode (process_group given) needs impl='cpp', 'cuda' "
-                           "or 'triton'; the reference implementation has no sharded path")
+        raise RuntimeError(f"{OP}: vocab-parallel mode (process_group given) needs impl='cpp' or 'triton'; "
+                           "the reference implementation has no sharded path")
     if impl == "reference":
         out = token_logprobs_reference(
             logits, labels, temperature=temperature, ignore_index=ignore_index, want_entropy=want_entropy,
             want_rank=want_rank, return_lse=return_lse,
         )
         if validate:
-            _check_outputs(out.logprobs.reshape(-1), labels.reshape(-1), ignore_index)
+            backend.check_nan_rows(OP, out.logprobs.reshape(-1), labels.reshape(-1), ignore_index,
+                                    _NAN_CAUSE)
         return out
 
-    x, labels_flat, temp_t, temp_scalar = flatten_rows(logits, labels, temperature)
+    x, labels_flat, temp_t, temp_scalar = backend.flatten_rows(logits, labels, temperature)
     if inplace_backward and not (x.is_contiguous() and x.data_ptr() == logits.data_ptr()):
-        raise ValueError("token_logprobs: inplace_backward=True needs contiguous logits (the gradient is "
-                         "written into their storage)")
-
+        raise ValueError(f"{OP}: inplace_backward=True needs contiguous logits (the gradient is written into "
+                         "their storage)")
     if shard is not None:
         call = _ShardedCall(impl, shard, temp_scalar, ignore_index, want_entropy, want_rank, inplace_backward)
         lp, ent, rank, lse = _VocabParallel.apply(x, labels_flat, temp_t, call)
-        if validate:
-            _check_outputs(lp, labels_flat, ignore_index)
-        return TokenLogprobs(
-            lp.reshape(lead_shape),
-            ent.reshape(lead_shape) if want_entropy else None,
-            rank.reshape(lead_shape) if want_rank else None,
-            lse.reshape(lead_shape) if return_lse else None,
-        )
-
-    # 'cpp' and 'cuda' are the same dispatcher ops (TORCH_LIBRARY_IMPL per device); 'triton' are triton_ops.
-    # Both were registered by _select_impl; plain torch.ops attribute access keeps this traceable.
-    if impl == "triton":
-        fwd = torch.ops.reasonrl.token_logprobs_fwd_triton.default
     else:
-        fwd = torch.ops.reasonrl.token_logprobs_fwd.default
-    lp, ent, rank, lse, _ = fwd(x, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy, want_rank,
-                             inplace_backward)
+        fwd = backend.kernel_op("token_logprobs_fwd", impl)
+        lp, ent, rank, lse, _ = fwd(x, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
+                                    want_rank, inplace_backward)
     if validate:
-        _check_outputs(lp, labels_flat, ignore_index)
-    return TokenLogprobs(
-        lp.reshape(lead_shape),
-        ent.reshape(lead_shape) if want_entropy else None,
-        rank.reshape(lead_shape) if want_rank else None,
-        lse.reshape(lead_shape) if return_lse else None,
-    )
+        backend.check_nan_rows(OP, lp, labels_flat, ignore_index, _NAN_CAUSE)
+    return backend.token_outputs(lead_shape, lp, ent, rank, lse, want_entropy=want_entropy,
+                                  want_rank=want_rank, return_lse=return_lse)

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "VocabShard", "resolve_vocab_shard", "label_owner", "share_label_logit", "label_pivot", "all_reduce_sum_",
-    "combine_vocab_shards", "combine_local_outputs",
+    "VocabShard", "resolve_vocab_shard", "shard_of_call", "label_bound", "label_owner", "share_label_logit",
+    "label_pivot", "all_reduce_sum_", "combine_vocab_shards", "combine_local_outputs",
+    "finish_sharded_forward",
 ]
 
 
@@ -105,6 +106,25 @@ def resolve_vocab_shard(
     return VocabShard(process_group, rank, world, start, vocab, vocab_global)
 
 
+def shard_of_call(op: str, process_group, vocab: int, vocab_start: int | None, *, validate: bool,
+                  device: torch.device) -> VocabShard | None:
+    """The call's vocab shard (:func:`resolve_vocab_shard`), or None without a process_group; ``vocab_start``
+    alone is a ValueError."""
+    if process_group is not None:
+        return resolve_vocab_shard(process_group, vocab, vocab_start, validate=validate, device=device, op=op)
+    if vocab_start is not None:
+        raise ValueError(f"{op}: vocab_start is only meaningful with a process_group (vocab-parallel mode); "
+                         f"got vocab_start={vocab_start!r} and process_group=None")
+    return None
+
+
+def label_bound(vocab: int, shard: VocabShard | None) -> tuple[int, str]:
+    """``(the bound of valid labels, its name in error messages)``: V, or V_glob with a process_group."""
+    if shard is None:
+        return vocab, "V"
+    return shard.vocab_global, "V_glob (the global vocabulary of the process_group)"
+
+
 def label_owner(
     labels: torch.Tensor, ignore_index: int, shard: VocabShard
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +178,21 @@ def combine_local_outputs(
         shard,
     )
     return lp, ent if ent is not None else ent_r, rank if rank is not None else rank_r, lse, stats
+
+
+def finish_sharded_forward(ctx, local, labels, call, saved: tuple):
+    """The end of a vocab-parallel ``autograd.Function.forward`` (token_logprobs and linear_token_logprobs):
+    :func:`combine_local_outputs` of this rank's ``local`` op outputs, then save ``saved`` + the global
+    (stats, entropy) for the backward, keep ``call`` (the non-tensor arguments: ignore_index, want_entropy,
+    want_rank, shard, ...) and mark rank and LSE non-differentiable.
+    Returns (logprobs, entropy, rank, lse)."""
+    lp, ent, rank, lse, stats = combine_local_outputs(
+        local, labels, call.ignore_index, call.want_entropy, call.want_rank, call.shard)
+    ctx.save_for_backward(*saved, stats, ent)
+    ctx.call = call
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(rank, lse)
+    return lp, ent, rank, lse
 
 
 def combine_vocab_shards(

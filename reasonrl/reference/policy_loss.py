@@ -32,10 +32,11 @@ from typing import NamedTuple
 
 import torch
 
-from reasonrl.losses.config import CLIP_FAMILY, ISCorrection, LossNormalizers, PolicyLossConfig
-from reasonrl.losses.types import Extreme, LossMetrics, LossOutput, RolloutISMetrics, Sum
+from reasonrl.loss_config import CLIP_FAMILY, ISCorrection, LossNormalizers, PolicyLossConfig
+from reasonrl.loss_types import Extreme, LossMetrics, LossOutput, RolloutISMetrics, Sum
 
-__all__ = ["policy_loss_reference", "rollout_is_weights", "top_entropy_mask"]
+__all__ = ["policy_loss_reference", "rollout_is_weights", "top_entropy_mask", "LossInputs", "loss_inputs",
+           "loss_from_inputs"]
 
 _INF = float("inf")
 
@@ -481,43 +482,112 @@ def policy_loss_reference(
         ``LossOutput(loss, metrics, per_token_loss)``; ``loss`` is 0-d, float32 (float64 for float64
         logprobs); metrics are detached device tensors.
     """
-    cfg = config
     if not logprobs.is_floating_point():
         raise TypeError(f"logprobs: expected a floating tensor, got {logprobs.dtype}")
-    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    s = _segments(logprobs, mask, cu_seqlens, dtype)
-    lt, level = cfg.loss_type, cfg.importance_sampling_level
-    eta = cfg.entropy_coef if entropy_coef is None else entropy_coef
-    bonus = isinstance(eta, torch.Tensor) or eta != 0.0
+    inputs = loss_inputs(
+        logprobs, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+        normalizers=normalizers, config=config,
+    )
+    return loss_from_inputs(logprobs, inputs, entropies=entropies, normalizers=normalizers, config=config,
+                            entropy_coef=entropy_coef, return_per_token=return_per_token)
+
+
+class LossInputs(NamedTuple):
+    """Everything of the loss that does not depend on the current log-probs and entropies: the token layout,
+    the per-token inputs and the aggregation coefficients (flat ``[N]``, compute dtype, 0 at masked tokens).
+    :func:`loss_inputs` builds it once per call; the fused kernels read their per-token inputs from it
+    (reasonrl/losses/fused.py) and :func:`loss_from_inputs` evaluates the loss over it."""
+
+    s: _Segments
+    dtype: torch.dtype
+    a_tok: torch.Tensor  # advantage of each token (masked)
+    a_seq: torch.Tensor | None  # per-sequence advantage [B] when one was given
+    old: torch.Tensor | None  # old log-probs (not masked, not detached)
+    ref: torch.Tensor | None
+    samp: torch.Tensor | None
+    rho: torch.Tensor | None  # rollout-correction weight (detached), from is_weights or config.is_correction
+    is_metrics: RolloutISMetrics | None
+    agg_pg: torch.Tensor  # aggregation coefficient of the policy term (section 10)
+    agg_loss: torch.Tensor  # aggregation coefficient of loss_agg_mode (the KL term, verl's entropy bonus)
+
+
+def loss_inputs(
+    tokens: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    sampling_logprobs: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
+    normalizers: LossNormalizers,
+    config: PolicyLossConfig,
+    dtype: torch.dtype | None = None,
+) -> LossInputs:
+    """The :class:`LossInputs` of one call; ``tokens`` has the token shape (the log-probs, or the mask) and
+    sets the compute dtype (fp64 for fp64, else fp32) unless ``dtype`` is given. Checks the arguments'
+    shapes and combinations."""
+    cfg = config
+    if dtype is None:
+        dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    s = _segments(tokens, mask, cu_seqlens, dtype)
     if cfg.beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs are required when beta != 0 (beta={cfg.beta})")
-    if entropies is None and (bonus or cfg.top_entropy_quantile < 1.0):
-        raise ValueError("entropies are required by the entropy bonus and by top_entropy_quantile < 1")
     if cfg.is_correction is not None:
         if is_weights is not None:
             raise ValueError("pass either is_weights or config.is_correction, not both")
         if old_logprobs is None or sampling_logprobs is None:
             raise ValueError("config.is_correction needs old_logprobs and sampling_logprobs")
 
-    # Inputs as flat [N] tokens in the compute dtype, 0 at masked tokens (see the module docstring).
-    lp = s.masked(logprobs.reshape(-1).to(dtype))
     a_tok, a_seq = _per_seq_or_token(advantages.detach(), "advantages", s, dtype)
     a_tok = s.masked(a_tok)
     old = _per_token(old_logprobs, "old_logprobs", s, dtype)
-    lp_old = lp.detach() if old is None else s.masked(old.detach())
     ref = _per_token(ref_logprobs, "ref_logprobs", s, dtype)
     samp = _per_token(sampling_logprobs, "sampling_logprobs", s, dtype)
-    h = _per_token(entropies, "entropies", s, dtype)
-    h = None if h is None else s.masked(h)
 
     rho = is_metrics = None
     if is_weights is not None:
         rho, rho_seq = _per_seq_or_token(is_weights.detach(), "is_weights", s, dtype)
-        if lt == "vespo" and rho_seq is not None:
+        if cfg.loss_type == "vespo" and rho_seq is not None:
             raise ValueError("loss_type='vespo' needs token-level is_weights (TRL rejects sequence-level "
                              "IS modes)")
-    elif cfg.is_correction is not None:
-        rho, is_metrics = _rollout_is(lp_old, samp.detach(), s, cfg.is_correction)
+    elif cfg.is_correction is not None:  # needs old_logprobs (checked above): lp_old = old
+        rho, is_metrics = _rollout_is(s.masked(old.detach()), samp.detach(), s, cfg.is_correction)
+
+    # Section 10: Loss = sum c_pg * l + beta * sum c_kl * kappa.
+    pg_mode = cfg.policy_agg_mode or cfg.loss_agg_mode
+    agg_pg = _agg_coef(pg_mode, cfg, s, normalizers)
+    agg_loss = agg_pg if cfg.loss_agg_mode == pg_mode else _agg_coef(cfg.loss_agg_mode, cfg, s, normalizers)
+    return LossInputs(s, dtype, a_tok, a_seq, old, ref, samp, rho, is_metrics, agg_pg, agg_loss)
+
+
+def loss_from_inputs(
+    logprobs: torch.Tensor,
+    inputs: LossInputs,
+    *,
+    entropies: torch.Tensor | None,
+    normalizers: LossNormalizers,
+    config: PolicyLossConfig,
+    entropy_coef: float | torch.Tensor | None = None,
+    return_per_token: bool = False,
+) -> LossOutput:
+    """The loss (sections 5-12) over ``logprobs`` / ``entropies`` (the token shape of ``inputs``) and the
+    call's :class:`LossInputs`: what :func:`policy_loss_reference` returns for the same arguments."""
+    cfg = config
+    s, dtype, a_tok, a_seq, old, ref, samp, rho, is_metrics, c_pg, c_kl = inputs
+    lt, level = cfg.loss_type, cfg.importance_sampling_level
+    eta = cfg.entropy_coef if entropy_coef is None else entropy_coef
+    bonus = isinstance(eta, torch.Tensor) or eta != 0.0
+    if entropies is None and (bonus or cfg.top_entropy_quantile < 1.0):
+        raise ValueError("entropies are required by the entropy bonus and by top_entropy_quantile < 1")
+
+    # Inputs as flat [N] tokens in the compute dtype, 0 at masked tokens (see the module docstring).
+    lp = s.masked(logprobs.reshape(-1).to(dtype))
+    lp_old = lp.detach() if old is None else s.masked(old.detach())
+    h = _per_token(entropies, "entropies", s, dtype)
+    h = None if h is None else s.masked(h)
 
     # 1. log-ratio (0 at masked tokens), with verl's optional clamp.
     delta = lp - lp_old
@@ -594,10 +664,7 @@ def policy_loss_reference(
         if cfg.kl_bias_correction:  # TRL (DeepSeek-V3.2): times the uncapped weight, with its gradient
             kappa = kappa * w
 
-    # 6. aggregation (section 10): Loss = sum c_pg * l + beta * sum c_kl * kappa.
-    pg_mode = cfg.policy_agg_mode or cfg.loss_agg_mode
-    c_pg = _agg_coef(pg_mode, cfg, s, normalizers)
-    c_kl = c_pg if cfg.loss_agg_mode == pg_mode else _agg_coef(cfg.loss_agg_mode, cfg, s, normalizers)
+    # 6. aggregation (section 10) with the coefficients of loss_inputs.
     per_token = s.masked(c_pg * pg)
     kl_tok = None if kappa is None else s.masked(c_kl * kappa)
     if cfg.beta != 0.0:
@@ -611,7 +678,7 @@ def policy_loss_reference(
             m_h = (s.valid if e is None else e).to(dtype)
             h_bar = (h * m_h).sum() / m_h.sum().clamp(min=1) / normalizers.effective_grad_accum_steps
         else:  # verl: loss_agg_mode with the mask m and the global batch info
-            h_bar = (_agg_coef(cfg.loss_agg_mode, cfg, s, normalizers) * h).sum()
+            h_bar = (c_kl * h).sum()  # c_kl is the loss_agg_mode coefficient
     loss = loss_before_entropy - eta * h_bar if bonus else loss_before_entropy
 
     metrics = _metrics(

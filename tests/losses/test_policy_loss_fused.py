@@ -28,6 +28,8 @@ from reasonrl.losses import (
     policy_loss_from_logits,
 )
 from reasonrl.losses import fused as fused_mod
+from reasonrl.ops.policy_loss import FROM_LOGITS, kernel_codes, registered_ops
+from reasonrl.reference.policy_loss import loss_inputs
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 F64 = torch.float64
@@ -153,25 +155,28 @@ def _reference_token_grads(cfg, b, norms, advantages, is_weights=None):
 
 
 def _functor_grads(cfg, b, norms, advantages, is_weights=None):
-    inputs = fused_mod.token_inputs(
-        valid=b["mask"],
-        advantages=advantages,
-        cu_seqlens=None,
-        old_logprobs=b["old"],
-        ref_logprobs=b["ref"],
-        sampling_logprobs=b["samp"],
-        is_weights=is_weights,
-        normalizers=norms,
+    inputs = fused_mod.kernel_inputs(
+        loss_inputs(
+            b["mask"],
+            advantages=advantages,
+            cu_seqlens=None,
+            old_logprobs=b["old"],
+            ref_logprobs=b["ref"],
+            sampling_logprobs=b["samp"],
+            is_weights=is_weights,
+            normalizers=norms,
+            config=cfg,
+            dtype=b["lp"].dtype,
+            mask=b["mask"],
+        ),
         config=cfg,
+        normalizers=norms,
         entropy_coef=cfg.entropy_coef,
-        dtype=b["lp"].dtype,
     )
     g_lp = torch.ops.reasonrl.policy_loss_token_grad(
         b["lp"].reshape(-1),
         inputs,
-        fused_mod.loss_kind(cfg),
-        fused_mod.kl_kind(cfg),
-        fused_mod.kernel_params(cfg, has_old=True),
+        *kernel_codes(cfg, has_old=True),
     )
     return g_lp.reshape(b["lp"].shape), inputs[:, 5].reshape(b["lp"].shape)
 
@@ -180,9 +185,7 @@ def _functor_grads(cfg, b, norms, advantages, is_weights=None):
 def cpp_ops(available_impls):
     if "cpp" not in available_impls:
         pytest.skip("the compiled extension is not available")
-    from reasonrl.ops.policy_loss import fused_kernel
-
-    fused_kernel("cpp")  # registers the fake kernels
+    registered_ops(FROM_LOGITS, "cpp")  # registers the fake kernels
 
 
 def _close(actual, expected, name, rtol=1e-10, atol=1e-13):
@@ -429,20 +432,24 @@ def _opcheck_args(dtype=torch.float32):
     cfg = CONFIGS["dapo+kl+entropy"]
     logits, labels, kw = _logits_case("packed", b=2, t=3, v=37, seed=4, dtype=dtype)
     valid = kw["mask"] & (labels != -100)
-    inputs = fused_mod.token_inputs(
-        valid=valid,
-        advantages=kw["advantages"],
-        cu_seqlens=kw["cu_seqlens"],
-        old_logprobs=kw["old_logprobs"],
-        ref_logprobs=kw["ref_logprobs"],
-        sampling_logprobs=None,
-        is_weights=None,
-        normalizers=LossNormalizers(),
+    inputs = fused_mod.kernel_inputs(
+        loss_inputs(
+            valid,
+            advantages=kw["advantages"],
+            cu_seqlens=kw["cu_seqlens"],
+            old_logprobs=kw["old_logprobs"],
+            ref_logprobs=kw["ref_logprobs"],
+            sampling_logprobs=None,
+            is_weights=None,
+            normalizers=LossNormalizers(),
+            config=cfg,
+            dtype=torch.float64 if dtype == F64 else torch.float32,
+            mask=valid,
+        ),
         config=cfg,
+        normalizers=LossNormalizers(),
         entropy_coef=cfg.entropy_coef,
-        dtype=torch.float64 if dtype == F64 else torch.float32,
     )
-    params = fused_mod.kernel_params(cfg, True)
     return (
         logits,
         labels.masked_fill(~valid, -100),
@@ -450,9 +457,7 @@ def _opcheck_args(dtype=torch.float32):
         0.9,
         -100,
         inputs,
-        fused_mod.loss_kind(cfg),
-        fused_mod.kl_kind(cfg),
-        params,
+        *kernel_codes(cfg, has_old=True),
     )
 
 

@@ -8,7 +8,8 @@ import torch
 
 from reasonrl.losses import LossNormalizers, PolicyLossConfig, policy_loss, policy_loss_from_logits
 from reasonrl.losses import fused as fused_mod
-from reasonrl.ops.policy_loss import fused_kernel
+from reasonrl.ops.policy_loss import FROM_LOGITS, kernel_codes, registered_ops
+from reasonrl.reference.policy_loss import loss_inputs
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 pytestmark = [
@@ -57,18 +58,23 @@ def test_triton_matches_float64_oracle(vocab, dtype):
 def test_triton_opcheck_and_compile():
     logits, labels, kw = _case(2, 8, 1000, torch.float32)
     valid = kw["mask"]
-    inputs = fused_mod.token_inputs(
-        valid=valid,
-        advantages=kw["advantages"],
-        cu_seqlens=None,
-        old_logprobs=kw["old_logprobs"],
-        ref_logprobs=kw["ref_logprobs"],
-        sampling_logprobs=None,
-        is_weights=None,
-        normalizers=LossNormalizers(),
+    inputs = fused_mod.kernel_inputs(
+        loss_inputs(
+            valid,
+            advantages=kw["advantages"],
+            cu_seqlens=None,
+            old_logprobs=kw["old_logprobs"],
+            ref_logprobs=kw["ref_logprobs"],
+            sampling_logprobs=None,
+            is_weights=None,
+            normalizers=LossNormalizers(),
+            config=CONFIG,
+            dtype=torch.float32,
+            mask=valid,
+        ),
         config=CONFIG,
+        normalizers=LossNormalizers(),
         entropy_coef=CONFIG.entropy_coef,
-        dtype=torch.float32,
     )
     args = (
         logits.reshape(-1, 1000),
@@ -77,11 +83,9 @@ def test_triton_opcheck_and_compile():
         0.9,
         -100,
         inputs,
-        fused_mod.loss_kind(CONFIG),
-        fused_mod.kl_kind(CONFIG),
-        fused_mod.kernel_params(CONFIG, True),
+        *kernel_codes(CONFIG, has_old=True),
     )
-    torch.library.opcheck(fused_kernel("triton"), args)
+    torch.library.opcheck(registered_ops(FROM_LOGITS, "triton"), args)
 
     def step(x):
         return policy_loss_from_logits(

@@ -537,8 +537,9 @@ def test_triton_float64_raises():
         token_logprobs(torch.randn(3, 10, dtype=F64), torch.tensor([1, 2, 3]), impl="triton")
 
 
-def test_explicit_cuda_on_cpu_raises():
-    with pytest.raises(RuntimeError, match="cuda"):
+def test_cuda_is_not_an_impl():
+    """There is no CUDA C++ kernel: on a GPU the kernels are Triton's, so "cuda" is no implementation name."""
+    with pytest.raises(ValueError, match="impl must be one of.*got 'cuda'"):
         token_logprobs(*_args(), impl="cuda")
 
 

@@ -7,6 +7,9 @@ micro-batches and ranks, so that computing them never synchronises with the host
 * ``Sum(sum, count)``: combine by adding both (all-reduce SUM); the mean is ``sum / max(1, count)``.
 * ``Extreme(value, op)``: combine with ``op`` (``"min"`` or ``"max"``; all-reduce MIN / MAX). An empty set
   yields the identity of ``op`` (+inf for min, -inf for max), so combining stays exact.
+
+Public through ``reasonrl.losses``. This module sits below both ``reasonrl.reference`` and ``reasonrl.losses``
+(it imports neither): the reference loss reads it, and the public loss entry points import the reference.
 """
 
 from __future__ import annotations

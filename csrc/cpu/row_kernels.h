@@ -1,6 +1,7 @@
-// ISA-independent interface between csrc/cpu/token_logprobs.cpp (checks, threading, dispatch) and the
-// per-ISA row kernels of token_logprobs_kernel.h. Plain structs of pointers: nothing here depends on the
-// CPU_CAPABILITY a translation unit is compiled for.
+// ISA-independent interface between the CPU ops (token_logprobs.cpp, linear_logprobs.cpp, policy_loss.cpp:
+// checks, threading) and the per-ISA row kernels of row_kernels_impl.h; row_kernels() (cpu_utils.h) picks
+// the variant. Plain structs of pointers: nothing here depends on the CPU_CAPABILITY a translation unit is
+// compiled for.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -118,16 +119,16 @@ struct RowKernels {
 };
 
 // One definition per ISA variant compiled into the extension (csrc/cpu/isa/*.cpp).
-RowKernels token_logprobs_kernels_default();
+RowKernels row_kernels_default();
 #if defined(REASONRL_HAVE_AVX2)
-RowKernels token_logprobs_kernels_avx2();
+RowKernels row_kernels_avx2();
 #endif
 #if defined(REASONRL_HAVE_AVX512)
-RowKernels token_logprobs_kernels_avx512();
+RowKernels row_kernels_avx512();
 #endif
 
 // The variant for this CPU (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=default|avx2|avx512 works).
-const RowKernels& token_logprobs_kernels();
-const char* token_logprobs_isa();
+const RowKernels& row_kernels();
+const char* row_kernels_isa();
 
 }  // namespace reasonrl

@@ -1,11 +1,12 @@
-// token_logprobs row kernels (ops.md section 2), compiled once per CPU ISA.
+// The row kernels of token_logprobs, linear_token_logprobs and the fused policy loss (ops.md section 2),
+// compiled once per CPU ISA.
 //
-// This header is included by csrc/cpu/isa/token_logprobs_<isa>.cpp, each of which defines the
+// This header is included by csrc/cpu/isa/row_kernels_<isa>.cpp, each of which defines the
 // CPU_CAPABILITY macros and is compiled with that ISA's flags (-mavx2 -mfma, -mavx512f ..., or none).
 // ATen's at::vec::Vectorized<float> only becomes real SIMD code under those macros and flags; built
 // without them it is a scalar emulation (measured: 366 ms vs 44 ms per forward at fp32 [4096, 32000]).
 // Everything here lives in namespace reasonrl::CPU_CAPABILITY so the variants never collide at link time;
-// csrc/cpu/token_logprobs.cpp picks one at run time (at::get_cpu_capability(), which honours the
+// row_kernels() (csrc/cpu/cpu_utils.h) picks one at run time (at::get_cpu_capability(), which honours the
 // ATEN_CPU_CAPABILITY environment variable exactly as ATen's own kernels do).
 //
 // Numerics (all fp32 for fp32/bf16/fp16 input; fp64 for fp64 input, scalar code):
@@ -39,7 +40,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "token_logprobs_rows.h"
+#include "row_kernels.h"
 
 namespace reasonrl {
 inline namespace CPU_CAPABILITY {
@@ -639,7 +640,7 @@ void fused_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, c
   }
 }
 
-// The table of entry points this ISA variant exports (see token_logprobs_rows.h).
+// The table of entry points this ISA variant exports (see row_kernels.h).
 inline RowKernels make_row_kernels() {
   RowKernels k;
 #define REASONRL_FILL(T, field_fwd, field_bwd, field_fused)                     \

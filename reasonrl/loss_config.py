@@ -4,6 +4,9 @@
 rollout (training/inference mismatch) correction weights; ``LossNormalizers`` carries the per-call global
 counts. ``PolicyLossConfig.from_trl`` and ``PolicyLossConfig.from_verl`` build the exact presets of TRL 1.16
 ``GRPOConfig`` and of a verl 0.9.1 actor config (section 3.2).
+
+Public through ``reasonrl.losses``. This module sits below both ``reasonrl.reference`` and ``reasonrl.losses``
+(it imports neither): the reference loss reads it, and the public loss entry points import the reference.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _real_value(owner: str, name: str, value: Any) -> float:
     return float(v)
 
 
-def _check_real(owner: str, name: str, value: Any, ok: Callable[[float], bool], allowed: str, *,
+def check_real(owner: str, name: str, value: Any, ok: Callable[[float], bool], allowed: str, *,
                 optional: bool = False) -> None:
     """ValueError unless ``value`` is finite and ``ok(value)``; ``allowed`` describes the range. ``optional``:
     None is allowed (the feature is off)."""
@@ -117,9 +120,9 @@ class ISCorrection:
         _choice("ISCorrection.mode", self.mode, ("truncate", "mask"))
         # c_min = 0 is an open lower bound for truncate and masks only rho = 0 for mask (TRL accepts it).
         c = "ISCorrection"
-        _check_real(c, "c_min", self.c_min, lambda v: v >= 0, "a finite number >= 0", optional=True)
-        _check_real(c, "c_max", self.c_max, lambda v: v > 0, "a finite number > 0", optional=True)
-        _check_real(c, "log_clamp", self.log_clamp, lambda v: v > 0, "a finite number > 0", optional=True)
+        check_real(c, "c_min", self.c_min, lambda v: v >= 0, "a finite number >= 0", optional=True)
+        check_real(c, "c_max", self.c_max, lambda v: v > 0, "a finite number > 0", optional=True)
+        check_real(c, "log_clamp", self.log_clamp, lambda v: v > 0, "a finite number > 0", optional=True)
         # Both checks as TRL's GRPOConfig.__post_init__.
         if self.c_min is not None and self.c_max is not None and self.c_min >= self.c_max:
             raise ValueError(f"ISCorrection: c_min ({self.c_min}) must be less than c_max ({self.c_max})")
@@ -273,32 +276,32 @@ class PolicyLossConfig:
         no bonus; epsilon_low / epsilon_high = 0: no clip range on that side)."""
         c = "PolicyLossConfig"
         pos, nonneg = (lambda v: v > 0), (lambda v: v >= 0)
-        _check_real(c, "epsilon_low", self.epsilon_low, lambda v: 0 <= v < 1, "a finite number in [0, 1)")
-        _check_real(c, "epsilon_high", self.epsilon_high, nonneg, "a finite number >= 0", optional=True)
-        _check_real(c, "delta", self.delta, lambda v: v > 1, "a finite number > 1", optional=True)
-        _check_real(c, "dual_clip_c", self.dual_clip_c, lambda v: v > 1, "a finite number > 1")
+        check_real(c, "epsilon_low", self.epsilon_low, lambda v: 0 <= v < 1, "a finite number in [0, 1)")
+        check_real(c, "epsilon_high", self.epsilon_high, nonneg, "a finite number >= 0", optional=True)
+        check_real(c, "delta", self.delta, lambda v: v > 1, "a finite number > 1", optional=True)
+        check_real(c, "dual_clip_c", self.dual_clip_c, lambda v: v > 1, "a finite number > 1")
         # A clamp c <= 0 of the log-ratio would clamp to the empty interval [-c, c] (a zero gradient).
-        _check_real(c, "log_ratio_clamp", self.log_ratio_clamp, pos, "a finite number > 0", optional=True)
+        check_real(c, "log_ratio_clamp", self.log_ratio_clamp, pos, "a finite number > 0", optional=True)
         # The neutral log-weight is 0: an upper clamp <= 0 would clamp the on-policy weight (zero gradient).
-        _check_real(c, "seq_log_ratio_max", self.seq_log_ratio_max, pos, "a finite number > 0", optional=True)
-        _check_real(c, "cispo_ratio_max", self.cispo_ratio_max, pos, "a finite number > 0")
-        _check_real(c, "sapo_tau_pos", self.sapo_tau_pos, pos, "a finite number > 0")
-        _check_real(c, "sapo_tau_neg", self.sapo_tau_neg, pos, "a finite number > 0")
+        check_real(c, "seq_log_ratio_max", self.seq_log_ratio_max, pos, "a finite number > 0", optional=True)
+        check_real(c, "cispo_ratio_max", self.cispo_ratio_max, pos, "a finite number > 0")
+        check_real(c, "sapo_tau_pos", self.sapo_tau_pos, pos, "a finite number > 0")
+        check_real(c, "sapo_tau_neg", self.sapo_tau_neg, pos, "a finite number > 0")
         # VESPO phi(W) = e^lam W^k e^(-lam W): k is a power (>= 0: down-weights W < 1, TRL's meaning), lam a
         # decay rate (>= 0; values below 1e-4 act as 1e-4, TRL's clamp).
         for name in ("vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
-            _check_real(c, name, getattr(self, name), nonneg, "a finite number >= 0")
-        _check_real(c, "beta", self.beta, nonneg, "a finite number >= 0 (0: no KL term)")
-        _check_real(c, "entropy_coef", self.entropy_coef, lambda v: True, "a finite number")
-        _check_real(c, "top_entropy_quantile", self.top_entropy_quantile, lambda v: 0 <= v <= 1,
+            check_real(c, name, getattr(self, name), nonneg, "a finite number >= 0")
+        check_real(c, "beta", self.beta, nonneg, "a finite number >= 0 (0: no KL term)")
+        check_real(c, "entropy_coef", self.entropy_coef, lambda v: True, "a finite number")
+        check_real(c, "top_entropy_quantile", self.top_entropy_quantile, lambda v: 0 <= v <= 1,
                     "a finite number in [0, 1]")
-        _check_real(c, "off_policy_mask_threshold", self.off_policy_mask_threshold, nonneg,
+        check_real(c, "off_policy_mask_threshold", self.off_policy_mask_threshold, nonneg,
                     "a finite number >= 0", optional=True)
-        _check_real(c, "temperature", self.temperature, lambda v: v >= _FLT_TINY,
+        check_real(c, "temperature", self.temperature, lambda v: v >= _FLT_TINY,
                     f"a finite number >= {_FLT_TINY:.7g} (the smallest normal float32, so that "
                     "1 / temperature is finite)")
         _check_int(c, "max_completion_length", self.max_completion_length, 1, optional=True)
-        _check_real(c, "loss_scale_factor", self.loss_scale_factor, pos, "a finite number > 0", optional=True)
+        check_real(c, "loss_scale_factor", self.loss_scale_factor, pos, "a finite number > 0", optional=True)
 
     @property
     def epsilon_high_value(self) -> float:
@@ -491,11 +494,11 @@ class LossNormalizers:
                     raise ValueError(f"{c}.{name} must be a real number or a one-element real tensor, got a "
                                      f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
                 if value.device.type == "cpu":  # checkable without a device sync
-                    _check_real(c, name, value, lambda v: v >= 0,
+                    check_real(c, name, value, lambda v: v >= 0,
                                 "finite and >= 0 (a tensor count of 0 is an empty window, clamped to 1 as "
                                 "TRL does)")
                 continue
-            _check_real(c, name, value, lambda v: v > 0,
+            check_real(c, name, value, lambda v: v > 0,
                         "a finite number > 0 (None: the local count; TRL's empty-window count 0 is "
                         "accepted as a 0-d tensor, not as a Python number)")
         _check_int(c, "grad_accum_steps", self.grad_accum_steps, 1)

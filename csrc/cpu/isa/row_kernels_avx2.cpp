@@ -1,0 +1,9 @@
+// The row kernels for CPU_CAPABILITY=AVX2. setup.py compiles this file with the ISA's flags
+// (see ISA_FLAGS there); row_kernels_impl.h holds the code shared by every variant.
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "../row_kernels_impl.h"
+
+namespace reasonrl {
+RowKernels row_kernels_avx2() { return CPU_CAPABILITY::make_row_kernels(); }
+}  // namespace reasonrl
