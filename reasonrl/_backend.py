@@ -383,10 +383,10 @@ def check_temperature(op: str, temperature, token_shape: torch.Size, device: tor
 
 
 def validate_rows(op: str, labels_flat: torch.Tensor, temperature, ignore_index: int, vocab: int,
-                  vocab_name: str = "V") -> None:
+                  vocab_name: str = "V", *, dtype: torch.dtype) -> None:
     """The checks that need a host sync (only with validate=True): every label other than ``ignore_index``
     in ``[0, vocab)`` (``vocab_name`` says what ``vocab`` is), every temperature value finite and at least
-    :func:`min_temperature` of its dtype."""
+    :func:`min_temperature` of the input ``dtype`` (the compute precision, whatever the temperature's own)."""
     bad = (labels_flat != ignore_index) & ((labels_flat < 0) | (labels_flat >= vocab))
     n_bad = int(bad.sum())
     if n_bad:
@@ -396,7 +396,7 @@ def validate_rows(op: str, labels_flat: torch.Tensor, temperature, ignore_index:
             f"ignore_index={ignore_index}; first at flattened row {first} (label {int(labels_flat[first])})"
         )
     if isinstance(temperature, torch.Tensor):
-        tiny = min_temperature(temperature.dtype)
+        tiny = min_temperature(dtype)
         ok = torch.isfinite(temperature) & (temperature >= tiny)
         if not bool(ok.all()):
             first = int((~ok).reshape(-1).nonzero()[0, 0])

@@ -99,7 +99,8 @@ class _LossCall:
         self.entry, self.labels, self.valid, self.ignore_index = entry, labels, valid, ignore_index
         self.config, self.loss_kw = loss_kw["config"], loss_kw
         self.temperature = self.config.temperature if temperature is None else temperature
-        self.validate = backend.resolve_validate(validate)
+        self.validate = backend.resolve_validate(validate, x)
+        self.dtype = x.dtype
         self.num_tokens = token_shape[0] if len(token_shape) else 0
         self.single_pass = False
 
@@ -118,7 +119,8 @@ class _LossCall:
         _validate_cu_seqlens(self.loss_kw["cu_seqlens"], self.num_tokens, self.validate)
         validate, entry, ignore_index = self.validate, self.entry, self.ignore_index
         if validate:
-            backend.validate_rows(entry, self.labels.reshape(-1), self.temperature, ignore_index, vocab)
+            backend.validate_rows(entry, self.labels.reshape(-1), self.temperature, ignore_index, vocab,
+                                  dtype=self.dtype)
 
         def check_outputs(lp, labels_flat):
             if validate:

@@ -355,7 +355,8 @@ def linear_token_logprobs(
     vocab, h = weight.shape
     shard = shard_of_call(OP, process_group, vocab, vocab_start, validate=validate, device=hidden.device)
     if validate:
-        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard))
+        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard),
+                              dtype=hidden.dtype)
 
     impl = backend.select_impl(OP, impl, hidden.device.type, hidden.dtype)
     if shard is not None and impl != "cpp":

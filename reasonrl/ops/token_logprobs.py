@@ -301,7 +301,8 @@ def token_logprobs(
     vocab = logits.shape[-1]
     shard = shard_of_call(OP, process_group, vocab, vocab_start, validate=validate, device=logits.device)
     if validate:
-        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard))
+        backend.validate_rows(OP, labels.reshape(-1), temperature, ignore_index, *label_bound(vocab, shard),
+                              dtype=logits.dtype)
 
     impl = backend.select_impl(OP, impl, logits.device.type, logits.dtype)
     if shard is not None and impl == "reference":
