@@ -20,6 +20,9 @@ BENCHMARKS: dict[str, str] = {
     "linear": ".bench_linear",
     "policy_loss_hidden": ".bench_policy_loss_hidden",
     "r3_reward": ".bench_r3_reward",
+    # TRL's GRPOTrainer loss step: TRL's path, use_liger_kernel=True, reasonrl's drop-in (needs trl; not in
+    # the demo selection: several minutes on 2 cores)
+    "trl_step": ".bench_trl_step",
 }
 # What `make demo` (`reasonrl demo`, which passes --demo) runs: it must stay under 3 minutes on 2 cores. The
 # policy-loss quick profile (the training step's hot path, every baseline) takes ~2 min there; the others
