@@ -1,4 +1,4 @@
-"""Benchmarks of reasonrl ops (performance.md section 4), installed as ``reasonrl.bench``.
+"""Benchmarks of reasonrl ops (docs/performance.md section 4), installed as ``reasonrl.bench``.
 
 ``reasonrl bench`` or ``python -m reasonrl.bench.bench_<op>``; results land in ``--out-dir`` (default: the
 current directory; ``make demo`` uses bench/results/, which git ignores).
@@ -6,7 +6,7 @@ current directory; ``make demo`` uses bench/results/, which git ignores).
 Layout: one thin ``bench_<op>.py`` per benchmark (its providers, inputs and correctness checks, declared as a
 ``harness.Benchmark``) on one harness: ``harness`` (providers, the per-case protocol, command line),
 ``inputs`` (specs and rotating input sets, from the generators of ``reasonrl.testing``), ``timing``,
-``memory``, ``ceilings``, ``accuracy`` (the ops.md section 8 bounds) and ``report`` (JSON, Markdown,
+``memory``, ``ceilings``, ``accuracy`` (the docs/ops.md section 8 bounds) and ``report`` (JSON, Markdown,
 terminal tables, PNG). ``common`` re-exports the public helpers under their historical names.
 """
 

@@ -1,5 +1,5 @@
-"""Accuracy bounds (ops.md section 8, from the ONE tolerance table of ``reasonrl.testing``) for the
-correctness gate of every benchmark (performance.md section 4.4), and the looser documented bound for peers.
+"""Accuracy bounds (docs/ops.md section 8, from the ONE tolerance table of ``reasonrl.testing``) for the
+correctness gate of every benchmark (docs/performance.md section 4.4), and the looser documented bound for peers.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from reasonrl import testing
 
-# Providers other than reasonrl (peers and the reference baselines) are held to max(ops.md bound,
+# Providers other than reasonrl (peers and the reference baselines) are held to max(docs/ops.md bound,
 # PEER_RTOL[dtype] * scale), scale = 1 + max|oracle| for outputs and max|oracle| for gradients. fp32: 1e-3.
 # 16-bit: 5e-2, because peers may legitimately compute in the input dtype (TRL's CPU bf16 path takes the
 # log-softmax in bf16: its entropy and gradients are ~2% of max|oracle| off at V = 4000); a semantic error
@@ -22,7 +22,7 @@ class MaxError:
     """Running max |impl - oracle| over valid rows, accumulated block by block.
 
     ``err_beyond_ulp`` is the same maximum after granting each element ``ulps`` units in the last place of
-    ``ulp_dtype`` at the oracle value (the 16-bit gradient rule of ops.md section 8).
+    ``ulp_dtype`` at the oracle value (the 16-bit gradient rule of docs/ops.md section 8).
     """
 
     def __init__(self) -> None:
@@ -46,7 +46,7 @@ class MaxError:
 
 
 def acceptance_bound(quantity: str, dtype: torch.dtype, err_ref: float, magnitude: float) -> float:
-    """ops.md section 8 from the one tolerance table (``reasonrl.testing``): ``quantity`` is 'stat'
+    """docs/ops.md section 8 from the one tolerance table (``reasonrl.testing``): ``quantity`` is 'stat'
     (magnitude 1 + max|oracle|) or 'grad' (magnitude max of the upstream gradients)."""
     tol = testing.tolerance(quantity, dtype)
     return tol.ref_factor * err_ref + tol.atol_scale * magnitude

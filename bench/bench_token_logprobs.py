@@ -1,4 +1,4 @@
-"""Benchmark of ``token_logprobs`` (ops.md section 2) following performance.md section 4.
+"""Benchmark of ``token_logprobs`` (docs/ops.md section 2) following docs/performance.md section 4.
 
 Workload: log-prob + entropy (``want_entropy=True``) of sampled labels at temperature 0.9, ~10% of rows
 ``ignore_index``; the backward takes random upstream gradients on both outputs.
@@ -19,12 +19,12 @@ Providers (side by side in one run; a missing one is a row saying why, never dro
   log-prob subset and their gradients are checked against the log-prob-only oracle.
 
 Modes: ``fwd`` (the forward under ``torch.no_grad``, as old-policy and reference log-probs are computed and
-as performance.md section 3 times the CPU forward), ``bwd`` (``autograd.grad`` on a retained training graph,
+as docs/performance.md section 3 times the CPU forward), ``bwd`` (``autograd.grad`` on a retained training graph,
 timed alone), ``full`` (training forward + backward).
 
 Correctness gate (section 4.4): each provider runs the forward without autograd and the training forward +
 backward once on input set 0, and both are compared with the float64 reference over valid rows. reasonrl
-must meet ops.md section 8 (the tolerance table of ``reasonrl.testing``), every other provider the looser
+must meet docs/ops.md section 8 (the tolerance table of ``reasonrl.testing``), every other provider the looser
 ``bench.accuracy.peer_bound`` (the compiled reference is fused and reordered by inductor: its fp32 gradient
 error is a few times the eager one's). A provider failing a mode is ``incorrect`` there and not timed.
 
@@ -57,12 +57,12 @@ from .memory import peak_memory
 OP = "token_logprobs"
 MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
 MODES = ("fwd", "bwd", "full")
-# performance.md section 1: (reads, writes) of the logits, in units of N*V*b.
+# docs/performance.md section 1: (reads, writes) of the logits, in units of N*V*b.
 TRAFFIC = {"fwd": (1, 0), "bwd": (1, 1), "full": (2, 1)}
 # Distributions whose versions are recorded with the results.
 PEER_DISTS = ("trl", "liger-kernel", "flash-attn", "transformers")
 
-# (N, V, dtype) per profile and device type. The CPU quick case is the acceptance shape of performance.md
+# (N, V, dtype) per profile and device type. The CPU quick case is the acceptance shape of docs/performance.md
 # section 3 (fp32 [4096, 32000], 2 threads); it is sized to finish in under 3 minutes on 2 cores with every
 # provider. The CPU full profile stays below ~20 GiB: the eager reference keeps about five fp32 [N, V]
 # tensors per retained graph, and the bwd mode retains one graph per rotating input set.
@@ -284,7 +284,7 @@ class _Oracle:
 
 def _reference_chunk(x: torch.Tensor, y: torch.Tensor, g_lp: torch.Tensor, g_h: torch.Tensor,
                      spec: LogitsInputSpec, compute_dtype: torch.dtype, variants: set[str]) -> _Oracle:
-    """The reference on a block of rows, in ``compute_dtype``; float64 is the oracle of ops.md section 8.
+    """The reference on a block of rows, in ``compute_dtype``; float64 is the oracle of docs/ops.md section 8.
 
     As in ``reasonrl.testing``, the logits are upcast exactly before the autograd leaf, so the gradients are
     in ``compute_dtype`` and never rounded back to 16 bits (the 16-bit rule grants the implementation one
@@ -318,7 +318,7 @@ def _check(spec: LogitsInputSpec, inp: LogitsInputs, results: dict[str, GateResu
     grad_ulps = testing.tolerance("grad", dtype).ulps  # 1 for 16-bit gradients, else 0
     ref: dict[str, MaxError] = defaultdict(MaxError)
     err: dict[str, dict[str, MaxError]] = {name: defaultdict(MaxError) for name in results}
-    # err(reference in fp32) of ops.md section 8. With fp32 inputs the eager provider's training pass *is*
+    # err(reference in fp32) of docs/ops.md section 8. With fp32 inputs the eager provider's training pass *is*
     # that reference (same function on the same whole tensor, fp32 gradients): reuse it. Otherwise run it
     # block by block like the oracle: bounded memory, and for 16-bit inputs fp32 gradients. (ATen's fp32
     # row reductions are often more accurate on a block than on the whole tensor, so this bound can be a
@@ -366,7 +366,7 @@ def _check(spec: LogitsInputSpec, inp: LogitsInputs, results: dict[str, GateResu
                 err_ref = ref[f"grad:{v}"].err
                 bound = acceptance_bound("grad", dtype, err_ref, upstream[v])
                 scale = e.max_oracle
-                # 16-bit gradients may also be 1 ulp of their dtype off the oracle (ops.md section 8).
+                # 16-bit gradients may also be 1 ulp of their dtype off the oracle (docs/ops.md section 8).
                 measured = e.err_beyond_ulp if grad_ulps else e.err
             else:
                 err_ref = ref[quantity].err

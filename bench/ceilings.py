@@ -1,4 +1,4 @@
-"""Ceilings (performance.md section 4.6) and the floor of the counting rules of section 1: read and copy
+"""Ceilings (docs/performance.md section 4.6) and the floor of the counting rules of section 1: read and copy
 bandwidth (CPU and GPU), bf16 8192^3 matmul (GPU), and the op's own GEMM for the hidden-state benchmarks.
 """
 

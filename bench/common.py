@@ -3,11 +3,11 @@
 They live in focused modules; this one re-exports them under the names they have always had, so that a
 benchmark (and code written against earlier versions) can import everything from one place:
 
-* ``inputs``: specs, rotating input sets (performance.md section 4.3), hand-over files for subprocesses;
+* ``inputs``: specs, rotating input sets (docs/performance.md section 4.3), hand-over files for subprocesses;
 * ``timing``: the CPU and GPU timing protocols (4.5);
 * ``ceilings``: measured bandwidth / matmul / GEMM ceilings and the floor of the counted traffic (4.6);
 * ``memory``: peak memory and the fresh-process measurement (4.7);
-* ``accuracy``: the bounds of the correctness gate (ops.md section 8, 4.4);
+* ``accuracy``: the bounds of the correctness gate (docs/ops.md section 8, 4.4);
 * ``report``: environment metadata, statuses, the results JSON, tables and plot (4.8-4.9);
 * ``harness``: providers and the protocol of one case shared by every ``bench_<op>.py``.
 

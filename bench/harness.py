@@ -3,7 +3,7 @@
 A benchmark (``bench_<op>.py``) declares what is specific to it as a :class:`Benchmark` subclass: its
 providers, how its input sets are made, what one gate call of a provider returns, how the results are checked
 against the float64 oracle, what is timed per mode, what it counts (bytes or FLOP) and how its peak memory is
-taken. Everything else is here and the same for every benchmark (performance.md section 4):
+taken. Everything else is here and the same for every benchmark (docs/performance.md section 4):
 
 1. inputs: the rotating input sets of the case (section 4.3);
 2. availability: a provider whose module is missing, which needs CUDA, or which its own check rules out gets
@@ -57,7 +57,7 @@ class Provider:
     name: str
     build: Callable[[Any, torch.device], Any]
     note: str = ""
-    strict: bool = False  # held to ops.md section 8 (reasonrl); the others get accuracy.peer_bound
+    strict: bool = False  # held to docs/ops.md section 8 (reasonrl); the others get accuracy.peer_bound
     cuda_only: bool = False
     module: str | None = None  # top-level module that must be importable ("not installed" otherwise)
     unavailable: Callable[[torch.device, torch.dtype], str | None] | None = None  # reason it cannot run
@@ -83,7 +83,7 @@ class Verdict:
 
 @dataclass
 class Work:
-    """What one call of a mode counts (performance.md section 1): ``amount`` bytes (unit "GB/s") or FLOP
+    """What one call of a mode counts (docs/performance.md section 1): ``amount`` bytes (unit "GB/s") or FLOP
     (unit "GFLOP/s"), and its time at the measured ceilings."""
 
     amount: float
@@ -110,7 +110,7 @@ class Benchmark:
     compiled: ClassVar[str] = "reference-compiled"
     profile_help: ClassVar[str] = ""
     modes_help: ClassVar[str] = ""
-    default_cpu_threads: ClassVar[int] = 2  # the thread count of the CPU targets (performance.md section 3)
+    default_cpu_threads: ClassVar[int] = 2  # the thread count of the CPU targets (docs/performance.md section 3)
 
     def default_modes(self, profile: str, device: torch.device) -> list[str]:
         return list(self.modes)

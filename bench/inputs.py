@@ -1,4 +1,4 @@
-"""Benchmark inputs (performance.md section 4.3): the specs recorded with the results and the rotating input
+"""Benchmark inputs (docs/performance.md section 4.3): the specs recorded with the results and the rotating input
 sets built from them.
 
 The generators themselves (an lm_head scaled to a target entropy, labels sampled from the softmax, ignored

@@ -1,4 +1,4 @@
-"""Peak memory (performance.md section 4.7): CPU -- peak-RSS delta in a fresh subprocess per case (the child
+"""Peak memory (docs/performance.md section 4.7): CPU -- peak-RSS delta in a fresh subprocess per case (the child
 runs ``python -m <benchmark module> --_memcase <json>``); GPU -- incremental
 ``torch.cuda.max_memory_allocated``.
 """

@@ -1,4 +1,4 @@
-"""Results (performance.md section 4.8-4.9): environment metadata, the report dictionary written as JSON,
+"""Results (docs/performance.md section 4.8-4.9): environment metadata, the report dictionary written as JSON,
 speed-ups against the reference baselines, Markdown and terminal tables, and the PNG plot.
 
 matplotlib and rich (the ``bench`` extra) are imported where they are used; without them the terminal table
@@ -103,7 +103,7 @@ def _nvidia_driver() -> str | None:
 
 
 def environment(device: torch.device, peers: Sequence[str] = ()) -> dict[str, Any]:
-    """Run metadata required by performance.md section 4.9."""
+    """Run metadata required by docs/performance.md section 4.9."""
     env: dict[str, Any] = {
         "device_type": device.type,
         "device_name": device_name(device),

@@ -1,4 +1,4 @@
-"""Timing (performance.md section 4.5): CPU -- ``time.perf_counter`` around each call, 3 warm-ups, >= 10
+"""Timing (docs/performance.md section 4.5): CPU -- ``time.perf_counter`` around each call, 3 warm-ups, >= 10
 repeats or >= 1 s (then at least 3; the same 1 s rule caps the warm-up of multi-second calls), median / p20 /
 p80; GPU -- ``triton.testing.do_bench`` with quantiles (0.5, 0.2, 0.8), imported only when used.
 """

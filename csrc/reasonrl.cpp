@@ -9,11 +9,11 @@
 #include "cpu/cpu_utils.h"
 
 TORCH_LIBRARY(reasonrl, m) {
-  // token_logprobs (ops.md section 2). logits [N, V]; outputs [N] (entropy / rank empty when not wanted).
+  // token_logprobs (docs/ops.md section 2). logits [N, V]; outputs [N] (entropy / rank empty when not wanted).
   // inplace_backward is not used by the forward kernel: it is recorded so that the autograd backward knows
   // whether to write the gradient into the storage of logits. `stats` [N, 2] holds what the backward needs
   // per row: m = max_j x_j / tau and log sum_j exp(x_j / tau - m); only the paired backward reads it.
-  // Vocab-parallel mode (ops.md 3.3): logits hold global columns [vocab_start, vocab_start + V) of
+  // Vocab-parallel mode (docs/ops.md 3.3): logits hold global columns [vocab_start, vocab_start + V) of
   // vocab_global ids (0 = unsharded), labels are global ids; label_logit [N] (fp32, optional) is the raw label
   // logit shared by its owner rank, the pivot of the rank count. The defaults are the unsharded op.
   m.def(
@@ -29,11 +29,11 @@ TORCH_LIBRARY(reasonrl, m) {
       "token_logprobs_bwd_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
       "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, Tensor stats, "
       "Tensor entropy, int vocab_start=0, int vocab_global=0) -> ()");
-  // linear_token_logprobs (ops.md section 3): token_logprobs(hidden @ weight.T + bias, labels) without the
+  // linear_token_logprobs (docs/ops.md section 3): token_logprobs(hidden @ weight.T + bias, labels) without the
   // [N, V] logits. hidden [N, H], weight [V, H], bias [V]?; outputs as token_logprobs_fwd (stats [N, 2]).
   // chunk_rows: rows per GEMM chunk (0 = the default workspace). The backward recomputes the logits chunk by
   // chunk; output_mask selects (grad_hidden, grad_weight, grad_bias); gradients not requested are [0].
-  // Vocab-parallel mode (ops.md 3.3) as for token_logprobs_fwd: weight / bias are the rows [vocab_start,
+  // Vocab-parallel mode (docs/ops.md 3.3) as for token_logprobs_fwd: weight / bias are the rows [vocab_start,
   // vocab_start + V) of a vocab_global-id lm_head, labels are global ids, label_logit [N] the shared raw label
   // logit (rank pivot); the outputs are this shard's statistics, combined in Python (ops/vocab_parallel.py).
   m.def(
@@ -46,7 +46,7 @@ TORCH_LIBRARY(reasonrl, m) {
       "Tensor? bias, Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
       "Tensor stats, Tensor entropy, int chunk_rows, bool[3] output_mask, int vocab_start=0, "
       "int vocab_global=0) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
-  // The single-pass fused policy loss (losses.md section 13.1; csrc/cpu/policy_loss.cpp documents the
+  // The single-pass fused policy loss (docs/losses.md section 13.1; csrc/cpu/policy_loss.cpp documents the
   // token_inputs columns, loss_kind / kl_kind codes and the params order). Returns lp, H, LSE, the per-token
   // upstream gradients it used, and dLoss/dlogits, all computed in one sweep over the logits.
   m.def(

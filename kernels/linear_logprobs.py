@@ -1,4 +1,4 @@
-"""Triton kernels of ``linear_token_logprobs`` (ops.md section 3): per-token log-prob, entropy, rank and LSE
+"""Triton kernels of ``linear_token_logprobs`` (docs/ops.md section 3): per-token log-prob, entropy, rank and LSE
 straight from ``hidden [N, H]`` and the lm_head ``weight [V, H]`` (+ ``bias [V]``), forward and backward,
 never materialising the N x V logits.
 
@@ -19,13 +19,13 @@ Forward (``linear_logprobs_fwd``): split-vocabulary tiling, two kernels.
   [BLOCK_N, BLOCK_V] with ``tl.dot`` over H in BLOCK_K steps (input dtype, fp32 accumulator; fp32 inputs use
   ``input_precision="ieee"`` so no TF32 rounding), adds the bias, scales by 1/tau (held as two floats
   hi + lo, z - m = fma(x, lo, fma(x, hi, -m)), see ``_rows_setup``) and folds the tile into the
-  online state of ops.md 2.2 per row: the raw maximum x_m (from -inf) and the shift m it defines,
+  online state of docs/ops.md 2.2 per row: the raw maximum x_m (from -inf) and the shift m it defines,
   s = sum exp(z - m), the shifted entropy accumulator b = sum (z - m) exp(z - m), the raw label logit x_y
   (gathered when its tile passes) and, with HAS_RANK, the count of columns j != y with x_j > x_y. The
   partial (x_m, s, b, x_y[, count]) of every split is written to a workspace [splits, 4, N] fp32
   (+ [splits, N] int32).
 * ``_linear_logprobs_combine_kernel``: one program per 128 rows merges the splits exactly as the
-  vocab-parallel combine of ops.md 3.3 (M = the shift of max x_m, S = sum s_r e^(m_r - M),
+  vocab-parallel combine of docs/ops.md 3.3 (M = the shift of max x_m, S = sum s_r e^(m_r - M),
   B = sum e^(m_r - M) (b_r + (m_r - M) s_r)) and writes logprobs, entropy = ln S - B / S, rank, LSE and
   ``stats`` [N, 2] = (M_hi, ln S + M_lo), the pair the backward needs (the logits path writes the same pair).
 
@@ -40,7 +40,7 @@ Why split the vocabulary: one program per row block sweeping all of V gives only
 at any N for the price of an O(splits x N) workspace and a tiny combine. ``splits`` aims at
 2 x SM-count programs (1 on CPU / the interpreter; tests force more).
 
-Rank (ops.md 3.3): with HAS_RANK each program first computes the raw label logit x_y = h . W[y] + b[y] by a
+Rank (docs/ops.md 3.3): with HAS_RANK each program first computes the raw label logit x_y = h . W[y] + b[y] by a
 per-row gathered dot product (O(N H) per split, negligible), then counts x_j > x_y over the tile-computed
 x_j, the label column excluded by index; only near-ties within GEMM rounding can differ from the reference.
 ``lp`` always uses the label logit of the streaming pass.
@@ -50,7 +50,7 @@ For each chunk of ``vc`` vocabulary columns (and, only for N > ~1M rows, each ch
 
 1. ``_linear_logprobs_dz_kernel`` (grid: row blocks x vocab blocks of the chunk, grouped for L2 reuse)
    recomputes the logits tiles with the forward's tile code, forms ln p = (z - m) - ln s from ``stats``
-   and dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau (ops.md 2.3) in fp32, writes dx to the
+   and dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau (docs/ops.md 2.3) in fp32, writes dx to the
    workspace [N, vc] in the input dtype and the per-row-block column sums of the fp32 dx to
    [row_blocks, vc] (for grad_bias). Invalid rows (ignore_index, out-of-range label, bad temperature)
    write 0. 2 N vc H FLOP.
@@ -61,19 +61,19 @@ For each chunk of ``vc`` vocabulary columns (and, only for N > ~1M rows, each ch
 4. grad_bias[chunk] = sum over row blocks of the partial column sums (fp32, fixed order).
 
 Every output element is produced by one program in a fixed order, so gradients are bitwise reproducible
-(the ``deterministic=True`` contract of ops.md 0) and no atomics are used. Alternative considered: one tile
+(the ``deterministic=True`` contract of docs/ops.md 0) and no atomics are used. Alternative considered: one tile
 kernel with fp32 atomics into grad_hidden and grad_weight (CCE's scheme): the same 6NVH FLOP and no
 workspace, but non-deterministic, a V x H fp32 buffer, and an atomic read-modify-write of
 (BLOCK_N + BLOCK_V) x H fp32 per tile; it is left as future work behind ``deterministic=False``.
 
 Precision of the backward GEMMs: for bf16 / fp16 inputs dx is rounded once to the input dtype before the
-tensor-core dot (fp32 accumulation), which is exactly what the ops.md 8 yardstick "reference in the input
+tensor-core dot (fp32 accumulation), which is exactly what the docs/ops.md 8 yardstick "reference in the input
 dtype, fp32 accumulation" does (its grad_logits are in the input dtype); grad_bias is summed from the fp32
 dx. fp32 inputs keep dx in fp32 and use IEEE fp32 dots.
 
 Memory. Forward: O(splits x N) fp32 workspace. Backward: the dx workspace N x vc x elt bytes plus
 (N / BLOCK_N) x vc x 4 for the bias partials, with vc the largest multiple of BLOCK_V that keeps it under
-``WORKSPACE_BYTES`` (256 MiB; ops.md 3.1); an fp32 grad_hidden accumulator N x H x 4 bytes for 16-bit
+``WORKSPACE_BYTES`` (256 MiB; docs/ops.md 3.1); an fp32 grad_hidden accumulator N x H x 4 bytes for 16-bit
 hidden (256 MiB at N = 16k, H = 4096); an fp32 [V] grad_bias accumulator. Only when N x BLOCK_V x elt
 exceeds the budget (N > 1M rows in bf16) are rows chunked too, and then grad_weight is accumulated in an
 fp32 [V, H] buffer (V x H x 4 bytes, the one the spec allows) across row chunks.
@@ -110,7 +110,7 @@ import torch
 import triton
 import triton.language as tl
 
-#: Upper bound on the backward's dx workspace (ops.md 3.1: "bounded tile workspace, default <= 256 MiB").
+#: Upper bound on the backward's dx workspace (docs/ops.md 3.1: "bounded tile workspace, default <= 256 MiB").
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
@@ -137,7 +137,7 @@ def _rows_setup(
 
     Why two terms (as csrc/cpu/row_kernels_impl.h does): with hi alone the rounding of 1/tau scales every
     z of a row by up to (1 + 6e-8), ~5e-7 in ln p at |z| ~ 10, which is over the fp32 gradient budget of
-    ops.md 8 (the reference rounds x / tau once). z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about
+    docs/ops.md 8 (the reference rounds x / tau once). z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about
     one rounding of the small result. The residual 1 - tau hi is exact in an fma."""
     label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     if HAS_TEMP:
@@ -287,7 +287,7 @@ def _linear_logprobs_fwd_kernel(
     # A block with no valid row (prompt / padding rows the caller did not compact away) skips the GEMM.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         if HAS_RANK:
-            # Raw label logit x_y = h . W[y] + b[y] (before temperature, ops.md 2.1), by a gathered dot.
+            # Raw label logit x_y = h . W[y] + b[y] (before temperature, docs/ops.md 2.1), by a gathered dot.
             safe_label = tl.where(valid, label, 0)
             x_label = tl.zeros([BLOCK_N], dtype=tl.float32)
             ks = tl.arange(0, BLOCK_K)
@@ -330,7 +330,7 @@ def _linear_logprobs_fwd_kernel(
                 count += tl.sum(above.to(tl.int32), axis=1)
             # The raw x_y, gathered when its tile passes (only the owning split sees it; the others keep 0).
             t += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
-            # ops.md 2.2 per row, one maximum per tile: tau > 0, so the raw maximum is also that of z.
+            # docs/ops.md 2.2 per row, one maximum per tile: tau > 0, so the raw maximum is also that of z.
             # While a row has seen only -inf, the shift is (0, 0): d = -inf and e = 0 (never -inf - -inf),
             # alpha = 0 and s, b stay 0. NaN / +inf logits make d NaN for that column, so s and everything
             # after it become NaN.
@@ -414,7 +414,7 @@ def _linear_logprobs_combine_kernel(
         xm_r = tl.load(base, mask=row_ok, other=-float("inf"))
         s_r = tl.load(base + n_rows, mask=row_ok, other=0.0)
         t += tl.load(base + 3 * n_rows, mask=row_ok, other=0.0)  # only the owning split is non-zero
-        # ops.md 3.3 step 3: a split that saw only -inf (x_m = -inf) contributes 0, never exp(-inf + inf).
+        # docs/ops.md 3.3 step 3: a split that saw only -inf (x_m = -inf) contributes 0, never exp(-inf + inf).
         fin = xm_r > -float("inf")
         m_r, m_r_lo = _shift_of(xm_r, inv_hi, inv_lo)
         dm = tl.where(fin, tl.minimum((m_r - big_m) + (m_r_lo - big_m_lo), 0.0), 0.0)
@@ -691,7 +691,7 @@ def _bwd_chunks(n_rows: int, vocab: int, block_n: int, block_v: int, elt: int) -
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    # fp32 inputs: true fp32 products, no TF32 (the oracle rule of ops.md 8 is sized for fp32 arithmetic).
+    # fp32 inputs: true fp32 products, no TF32 (the oracle rule of docs/ops.md 8 is sized for fp32 arithmetic).
     # The environment is read at call time, like reasonrl._backend does (see _dot for the interpreter case).
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return dict(

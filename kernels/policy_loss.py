@@ -1,4 +1,4 @@
-"""Triton kernel of the single-pass fused policy loss (losses.md section 13.1).
+"""Triton kernel of the single-pass fused policy loss (docs/losses.md section 13.1).
 
 One program per row, as the token_logprobs kernels (and with their row sweeps, ``_row_stats`` /
 ``_row_grad``, so the numerics of lp, H and the gradient are exactly theirs):
@@ -96,7 +96,7 @@ def _token_grad(
     BIAS_CORRECTION: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
 ):
-    """dLoss/dlp of one token: d(c_pg l_pg + c_kl kappa)/dlp (losses.md 6, 7, 9), torch.clamp's convention
+    """dLoss/dlp of one token: d(c_pg l_pg + c_kl kappa)/dlp (docs/losses.md 6, 7, 9), torch.clamp's convention
     at the bounds (the gradient passes on a bound) and the unclipped branch on the clip's tie."""
     delta = 0.0
     if HAS_OLD:

@@ -1,11 +1,11 @@
-"""Triton kernels of ``token_logprobs`` (ops.md section 2): forward and backward, one program per row.
+"""Triton kernels of ``token_logprobs`` (docs/ops.md section 2): forward and backward, one program per row.
 
 Contract (the registered ops in ``reasonrl/ops/token_logprobs.py`` check it): ``logits`` ``[N, V]`` with
 unit stride on V (any row stride), fp32 / bf16 / fp16; ``labels`` ``[N]`` int32/int64; ``temperature``
 ``[N]`` fp32 (stride 0 allowed) or None with ``temperature_scalar``. Outputs fp32.
 
 Forward: a 1-D grid of N programs (any N up to 2^31 - 1; nothing on grid axes 1/2). Each program streams its
-row in BLOCK_V columns with the online log-sum-exp of ops.md 2.2: z = x / tau, one maximum per block,
+row in BLOCK_V columns with the online log-sum-exp of docs/ops.md 2.2: z = x / tau, one maximum per block,
 e = exp2((z - m) log2(e)) (the difference, not z, is scaled to base 2: the exponent's rounding error stays
 proportional to |z - m|, which is what keeps the gradient within 2x of the fp32 reference's error), and the
 shifted entropy accumulator b = sum (z - m) e so that H = ln(s) - b / s never cancels (1.4426950408889634 is
@@ -29,7 +29,7 @@ block, the exponent the forward summed (so gradient rows sum to 0 to fp32 roundi
 and writes dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau in the logits dtype. Reading a block
 before writing the same addresses makes the in-place variant (grad aliasing logits) safe.
 
-Vocab-parallel mode (ops.md 3.3): ``logits`` are the global columns [vocab_start, vocab_start + V) of a
+Vocab-parallel mode (docs/ops.md 3.3): ``logits`` are the global columns [vocab_start, vocab_start + V) of a
 vocabulary of ``vocab_global`` ids and labels are global ids (``vocab_global = V, vocab_start = 0`` is the
 unsharded op; both are runtime arguments, never specialised). A row whose label another rank owns gets this
 shard's statistics and lp = -inf (no label logit here); its rank count uses the pivot ``label_logit`` [N]
@@ -73,7 +73,7 @@ def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperatu
 @triton.jit
 def _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY: tl.constexpr, HAS_RANK: tl.constexpr,
                BLOCK_V: tl.constexpr):
-    """One streaming sweep over a row (ops.md 2.2): the shift m + m_lo of z = x / tau (see the module
+    """One streaming sweep over a row (docs/ops.md 2.2): the shift m + m_lo of z = x / tau (see the module
     docstring), s = sum exp(d), the shifted entropy accumulator b = sum d exp(d), d = z - m - m_lo <= 0, and
     the rank count #{j : x_j > x_label}."""
     xm = -float("inf")  # running RAW maximum: tau > 0, so it is also the maximum of z
@@ -131,7 +131,7 @@ def _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LAB
 
 @triton.jit
 def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V: tl.constexpr):
-    """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row (ops.md 2.3),
+    """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row (docs/ops.md 2.3),
     with ln p_j = fma(x_j, 1/tau, -m) - log_s formed as the forward formed every exponent (``log_s`` is the
     second statistic, ln s + m_lo)."""
     cols = tl.arange(0, BLOCK_V)

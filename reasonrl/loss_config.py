@@ -1,4 +1,4 @@
-"""Hyper-parameters of the policy losses (losses.md sections 3 and 4).
+"""Hyper-parameters of the policy losses (docs/losses.md sections 3 and 4).
 
 ``PolicyLossConfig`` is the one frozen dataclass of the GRPO-family loss; ``ISCorrection`` configures the
 rollout (training/inference mismatch) correction weights; ``LossNormalizers`` carries the per-call global
@@ -94,7 +94,7 @@ def _check_int(owner: str, name: str, value: Any, minimum: int, *, optional: boo
 
 @dataclass(frozen=True)
 class ISCorrection:
-    """Rollout-correction weights rho = pi_old / pi_sampler computed inside the loss (losses.md 8.3).
+    """Rollout-correction weights rho = pi_old / pi_sampler computed inside the loss (docs/losses.md 8.3).
 
     Attributes:
         level: ``"token"`` (one ratio per token) or ``"sequence"`` (the product of the token ratios).
@@ -132,7 +132,7 @@ class ISCorrection:
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Hyper-parameters of the GRPO-family policy loss (losses.md 3.1); defaults mirror TRL's GRPOConfig.
+    """Hyper-parameters of the GRPO-family policy loss (docs/losses.md 3.1); defaults mirror TRL's GRPOConfig.
 
     Which trainer each option mirrors:
 
@@ -211,7 +211,7 @@ class PolicyLossConfig:
                 _choice(name, mode, LOSS_AGG_MODES)
                 if mode == "token-sum" and self.agg_version == "legacy":
                     raise ValueError(f"{name}='token-sum' does not exist with agg_version='legacy' "
-                                     "(losses.md section 10.4)")
+                                     "(docs/losses.md section 10.4)")
         if self.is_correction is not None and not isinstance(self.is_correction, ISCorrection):
             raise ValueError(f"is_correction must be an ISCorrection or None, got {type(self.is_correction)}")
         self._check_numbers()
@@ -455,7 +455,7 @@ def _verl_is_correction(rc: Any) -> ISCorrection | None:
 
 @dataclass(frozen=True)
 class LossNormalizers:
-    """Per-call normalisers of losses.md section 4: values that change every step, never inferred with a
+    """Per-call normalisers of docs/losses.md section 4: values that change every step, never inferred with a
     collective. A missing global count falls back to the local count when ``num_processes == 1`` (what TRL
     and verl do in a single process) and raises ``ValueError`` when ``num_processes > 1``.
 

@@ -1,4 +1,4 @@
-"""Output types shared by every policy-loss implementation (losses.md sections 2 and 12).
+"""Output types shared by every policy-loss implementation (docs/losses.md sections 2 and 12).
 
 The plain-PyTorch reference (``reasonrl.reference.policy_loss``) and the fused kernels return the same
 ``LossOutput``. Metrics are detached device tensors kept as pairs that combine exactly across
@@ -53,7 +53,7 @@ class Extreme:
 
 @dataclass(frozen=True)
 class RolloutISMetrics:
-    """Statistics of the rollout-correction weights rho (losses.md section 8.3), before batch normalisation.
+    """Statistics of the rollout-correction weights rho (docs/losses.md section 8.3), before batch normalisation.
 
     ``weight_*``: rho over valid tokens (token level) or over all sequences, empty ones included (sequence
     level). ``logp_diff_*``: |old_logprobs - sampling_logprobs| over valid tokens whose value is not NaN.
@@ -70,7 +70,7 @@ class RolloutISMetrics:
 
 @dataclass(frozen=True)
 class LossMetrics:
-    """The metrics of losses.md section 12; a field is None when its feature is off or does not apply.
+    """The metrics of docs/losses.md section 12; a field is None when its feature is off or does not apply.
 
     Token-level ``Sum`` pairs count valid tokens (``count = sum of the mask``). Where a metric is per
     sequence (``importance_sampling_level="sequence"`` with a per-sequence advantage, and VESPO's phi), every

@@ -1,4 +1,4 @@
-"""Hugging Face model helpers for the fused lm_head path (ops.md section 3).
+"""Hugging Face model helpers for the fused lm_head path (docs/ops.md section 3).
 
 :func:`hidden_states_and_lm_head` runs the base model of a causal LM (Llama / Qwen2 style: a decoder stack
 followed by a linear ``lm_head``) and returns its last hidden states with the lm_head's weight and bias,

@@ -1,4 +1,4 @@
-"""The numerical acceptance rule of ops.md section 8, its ONE tolerance table, and the realistic input
+"""The numerical acceptance rule of docs/ops.md section 8, its ONE tolerance table, and the realistic input
 generators (logits with a target entropy, labels sampled from the softmax, ignored rows).
 
 Used by the test suite (tests/) and by the benchmarks (reasonrl.bench), which check every provider against
@@ -91,7 +91,7 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("grad", torch.float64): Tolerance(ref_factor=2.0, atol_scale=1e-12),
     ("row_sum", torch.float32): Tolerance(ref_factor=0.0, atol_scale=1e-5),
     ("row_sum", torch.float64): Tolerance(ref_factor=0.0, atol_scale=1e-12),
-    # grad_hidden / grad_weight / grad_bias of linear_token_logprobs (ops.md section 8: 2 x the error of the
+    # grad_hidden / grad_weight / grad_bias of linear_token_logprobs (docs/ops.md section 8: 2 x the error of the
     # reference in the input dtype with fp32 accumulation, + atol); magnitude max |oracle gradient|.
     ("grad_param", torch.float32): Tolerance(ref_factor=2.0, atol_scale=1e-6),
     ("grad_param", torch.bfloat16): Tolerance(ref_factor=2.0, atol_scale=1e-6, ulps=1.0),
@@ -159,7 +159,7 @@ def assert_close_to_oracle(
     ulp_dtype: torch.dtype | None = None,
     ref_factor: float = 2.0,
 ) -> None:
-    """Assert ``err(actual) <= ref_factor * err(reference_same_dtype) + atol_scale * magnitude`` (ops.md 8).
+    """Assert ``err(actual) <= ref_factor * err(reference_same_dtype) + atol_scale * magnitude`` (docs/ops.md 8).
 
     Args:
         actual: the implementation's result, ``[...]`` (statistics) or ``[..., V]`` (gradients).
@@ -219,7 +219,7 @@ def assert_close_to_oracle(
         i = int(excess.argmax())
         ulp_txt = f" + 1 ulp({ulp_dtype}) = {float(allowed[i] - bound):.3e}" if ulp_dtype is not None else ""
         raise AssertionError(
-            f"{name}: err = max|impl - oracle| = {float(diff.max()):.3e} exceeds the ops.md section 8 bound; "
+            f"{name}: err = max|impl - oracle| = {float(diff.max()):.3e} exceeds the docs/ops.md section 8 bound; "
             f"worst element (flat index {i} of the valid finite entries): "
             f"|{float(a[i])!r} - {float(o[i])!r}| = "
             f"{float(diff[i]):.3e} > allowed {float(allowed[i]):.3e} = {ref_factor:g} x err(reference) "
@@ -273,7 +273,7 @@ def assert_param_grad_close(actual, oracle, reference_same_dtype, *, dtype, name
 
 
 def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=None) -> None:
-    """|sum_j dz_j| <= 1e-5 (|g_lp| + |g_H|) per valid row, dz = tau * dx (ops.md 2.3 invariant, fp32)."""
+    """|sum_j dz_j| <= 1e-5 (|g_lp| + |g_H|) per valid row, dz = tau * dx (docs/ops.md 2.3 invariant, fp32)."""
     __tracebackhide__ = True
     dtype = torch.float64 if grad_logits.dtype == torch.float64 else torch.float32
     tol = tolerance("row_sum", dtype)
@@ -317,7 +317,7 @@ def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=Non
 # benchmarks' (lm_head_weight, calibrate_scale, sample_labels_chunked, ignore_rows_and_upstream; composed
 # into rotating input sets by reasonrl.bench.inputs) build logits as hidden states times one lm_head whose
 # scale sets the mean entropy, and sample row chunk by row chunk: [N, V] at benchmark sizes, bounded
-# temporaries (performance.md section 4.3).
+# temporaries (docs/performance.md section 4.3).
 
 
 def row_entropy(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

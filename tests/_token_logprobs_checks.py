@@ -1,6 +1,6 @@
 """Test runners of ``token_logprobs``: run the public op and the reference on one
 :class:`reasonrl.testing.TokenLogprobsCase` and check every output and gradient against the float64 oracle
-with the acceptance rule of ``reasonrl.testing`` (ops.md section 8).
+with the acceptance rule of ``reasonrl.testing`` (docs/ops.md section 8).
 
 Used by tests/ops/test_token_logprobs*.py and tests/test_testing.py (importable from every test module:
 pytest puts tests/, the folder of the root conftest.py, on ``sys.path``). They live with the tests, not in
@@ -134,7 +134,7 @@ def check_token_logprobs(
     per_row: bool = False,
     **kwargs,
 ) -> None:
-    """Assert that ``impl`` meets ops.md section 8 on ``case``: logprobs / entropy / lse against the float64
+    """Assert that ``impl`` meets docs/ops.md section 8 on ``case``: logprobs / entropy / lse against the float64
     oracle, rank exact, ignored rows exactly 0; with ``grad`` ('both' / 'lp' / 'h') also grad_logits from the
     case's upstream gradients, zero gradient rows for ignored rows, and fp32/fp64 gradient row sums ~ 0.
     Every check runs; the assertion lists all that failed.

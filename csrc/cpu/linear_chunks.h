@@ -1,7 +1,7 @@
 // Row compaction and GEMM chunking of the CPU ops that start from hidden states and the lm_head:
 // linear_token_logprobs (linear_logprobs.cpp) and the fused-linear policy loss (policy_loss.cpp).
 //
-//  * Compaction (ops.md 3.1): rows whose label is ignore_index are dropped before any GEMM (valid_rows), so
+//  * Compaction (docs/ops.md 3.1): rows whose label is ignore_index are dropped before any GEMM (valid_rows), so
 //    the cost is proportional to the number of valid rows; results are scattered back with zeros in the
 //    ignored rows (expand_rows).
 //  * Chunking: one chunk of C valid rows at a time, the rows of hidden gathered (and, for 16-bit inputs,
@@ -13,7 +13,7 @@
 //
 // bf16 / fp16 inputs: the GEMMs run in fp32 on upcast operands: the weight is converted once per call
 // (V H 4 bytes) and each chunk of hidden when it is gathered. ATen's CPU bf16 GEMM would round the logits
-// (and dlogits) to bf16, which the contract of ops.md 3 forbids.
+// (and dlogits) to bf16, which the contract of docs/ops.md 3 forbids.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,7 +29,7 @@ namespace reasonrl {
 // (MKL sgemm, H = 512, V = 32000): the h W^T GEMM reaches ~70 GFLOP/s at C = 128, ~105 at 256, ~130 at 512
 // and ~145 at C >= 1024, because each chunk streams the whole weight once; the two backward GEMMs need
 // C >= 512 for the same reason (dx^T h is a rank-C update of the V x H accumulator). 64 MiB is C = 512 at
-// V = 32000 and C = 110 at V = 151936, well inside the 256 MiB of ops.md 3.1.
+// V = 32000 and C = 110 at V = 151936, well inside the 256 MiB of docs/ops.md 3.1.
 constexpr int64_t kDefaultWorkspaceBytes = int64_t(64) << 20;
 
 // Rows per chunk: `requested`, or as many as the default workspace holds ([C, V] logits + [C, H] rows).

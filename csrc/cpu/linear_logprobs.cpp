@@ -1,4 +1,4 @@
-// linear_token_logprobs on CPU (ops.md section 3): token_logprobs(hidden @ weight.T + bias, labels, ...)
+// linear_token_logprobs on CPU (docs/ops.md section 3): token_logprobs(hidden @ weight.T + bias, labels, ...)
 // without ever materialising the N x V logits.
 //
 //   reasonrl::linear_token_logprobs_fwd(hidden [N, H], weight [V, H], bias [V]?, labels [N], temperature [N]?,
@@ -13,7 +13,7 @@
 // Strategy (one chunk of rows at a time, with the compaction and chunking of csrc/cpu/linear_chunks.h; the
 // Python layer in reasonrl/ops/linear_token_logprobs.py flattens leading dimensions, validates values and joins
 // the two ops with torch.library.register_autograd):
-//  * Compaction (ops.md 3.1): rows whose label is ignore_index are dropped before any GEMM, so the cost is
+//  * Compaction (docs/ops.md 3.1): rows whose label is ignore_index are dropped before any GEMM, so the cost is
 //    proportional to the number of valid rows; their outputs, stats and gradient rows are 0.
 //  * Forward, per chunk of C valid rows: the rows of hidden are gathered into a [C, H] buffer, the logits
 //    chunk x = h W^T (+ b) is computed by ATen's GEMM (at::mm_out / at::addmm_out, its own threading) into
@@ -22,7 +22,7 @@
 //    and the per-row stats (m, log s) that the backward needs. The logits are the GEMM's fp32 accumulator,
 //    never rounded to the input dtype.
 //  * Backward, per chunk: recompute x (the same GEMM on the same rows, so bitwise the forward's x), turn it
-//    into dlogits IN PLACE with the backward row kernel (ops.md 2.3, including 1/tau), then
+//    into dlogits IN PLACE with the backward row kernel (docs/ops.md 2.3, including 1/tau), then
 //    grad_hidden[rows] = dx W, grad_weight += dx^T h, grad_bias += sum_rows dx, all fp32 (fp64) GEMMs
 //    accumulating in fp32 (fp64).
 //  * Extra memory: the [C, V] chunk buffer and a [C, H] gather buffer (the workspace, default
@@ -31,7 +31,7 @@
 //  * bf16 / fp16 inputs: the GEMMs run in fp32 on upcast operands: the weight is converted once per call
 //    (V H 4 bytes, the size of the fp32 grad_weight accumulator the backward needs anyway) and each chunk
 //    of hidden when it is gathered. ATen's CPU bf16 GEMM would round the logits (and dlogits) to bf16,
-//    which the contract of ops.md 3 forbids, and an fp32-output mixed GEMM is not available on CPU.
+//    which the contract of docs/ops.md 3 forbids, and an fp32-output mixed GEMM is not available on CPU.
 //    Gradients are rounded to the input dtype once, at the end.
 //  * fp64 inputs: everything in fp64 (the scalar fp64 row kernels), for gradcheck.
 //
@@ -39,7 +39,7 @@
 // token_logprobs row kernels run unchanged as the epilogue); the weight is streamed once per chunk, so
 // chunks must be tall enough for the GEMM to be compute-bound (see chunk_rows_for).
 //
-// Vocab-parallel mode (ops.md 3.3; vocab_start / vocab_global, defaults = unsharded): weight and bias are the
+// Vocab-parallel mode (docs/ops.md 3.3; vocab_start / vocab_global, defaults = unsharded): weight and bias are the
 // rows [vocab_start, vocab_start + V) of the global lm_head and labels are global ids. The ops only fill the
 // RowArgs sharded-label fields: the row kernels then write this shard's statistics (logprobs = -inf on rows
 // whose label another rank owns) and the backward omits the one-hot term there. The collectives and the

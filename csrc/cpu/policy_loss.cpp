@@ -1,4 +1,4 @@
-// The single-pass fused policy loss on CPU (losses.md section 13.1): per-token log-prob, entropy and the
+// The single-pass fused policy loss on CPU (docs/losses.md section 13.1): per-token log-prob, entropy and the
 // gradient of the loss with respect to the logits, in ONE sweep over the logits.
 //
 //   reasonrl::policy_loss_fused(logits [N, V], labels [N], temperature [N] | None, temperature_scalar,
@@ -24,9 +24,9 @@
 //   0 A    advantage of the token (a per-sequence advantage broadcast to its tokens)
 //   1 old  behaviour-policy log-prob (read when params[kHasOld] != 0; otherwise old = sg(lp), ratio 1)
 //   2 ref  reference-policy log-prob (read when kl_kind != kNoKl)
-//   3 c_pg policy-term coefficient: aggregation coefficient x rollout IS weight (losses.md 10, 8.3)
+//   3 c_pg policy-term coefficient: aggregation coefficient x rollout IS weight (docs/losses.md 10, 8.3)
 //   4 c_kl beta x KL aggregation coefficient
-//   5 g_H  upstream gradient of the entropy: -eta x the entropy coefficient of losses.md 11.1
+//   5 g_H  upstream gradient of the entropy: -eta x the entropy coefficient of docs/losses.md 11.1
 //
 // The functor runs in double for every input dtype: it is O(N) scalar work, and double keeps the branch
 // decisions at the clip bounds those of the float64 oracle.
@@ -50,9 +50,9 @@ namespace {
 constexpr int64_t kInputs = 6;
 enum Column : int64_t { kA = 0, kOld = 1, kRef = 2, kCoefPg = 3, kCoefKl = 4, kGradH = 5 };
 
-// loss_kind: the surrogate of losses.md section 7 (vespo is never token-local and is not here).
+// loss_kind: the surrogate of docs/losses.md section 7 (vespo is never token-local and is not here).
 enum LossKind : int64_t { kClip = 0, kCispoUpper = 1, kCispoTwoSided = 2, kSapo = 3, kReinforce = 4 };
-// kl_kind: losses.md section 9; kStraightThrough is added to a base estimator for the "+" variants.
+// kl_kind: docs/losses.md section 9; kStraightThrough is added to a base estimator for the "+" variants.
 enum KlKind : int64_t { kNoKl = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4, kLowVarKl = 5, kStraightThrough = 8 };
 // params, in this order. The codes, the params order and the token_inputs columns restate the table of
 // reasonrl/ops/policy_loss.py (LOSS_KINDS, KL_KINDS, PARAMS, INPUT_COLUMNS), which
@@ -89,7 +89,7 @@ LossParams parse_params(int64_t loss_kind, int64_t kl_kind, at::ArrayRef<double>
                     p[kSapoTauPos], p[kSapoTauNeg], p[kHasOld] != 0.0, p[kKlBiasCorrection] != 0.0};
 }
 
-// dLoss/dlp of one token: the derivative of c_pg * l_pg + c_kl * kappa (losses.md 6, 7, 9) with respect to
+// dLoss/dlp of one token: the derivative of c_pg * l_pg + c_kl * kappa (docs/losses.md 6, 7, 9) with respect to
 // the token's log-prob. Clamps follow torch.clamp's convention (gradient passes on the bound, is blocked
 // strictly beyond it) and the clip's tie takes the unclipped branch, exactly as the reference.
 template <typename acc_t>
@@ -277,7 +277,7 @@ at::Tensor policy_loss_token_grad_cpu(const at::Tensor& logprobs, const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The fused-linear loss (losses.md 13.1, last paragraph; ops.md 3.1): the same single pass, fed by the lm_head
+// The fused-linear loss (docs/losses.md 13.1, last paragraph; docs/ops.md 3.1): the same single pass, fed by the lm_head
 // matmul one chunk of rows at a time, so the [N, V] logits never exist. Because the upstream gradient of
 // every row is known during the forward, each chunk's logits buffer is turned into dLoss/dlogits in place
 // and consumed at once by the two backward GEMMs: 3 GEMMs in total (2NVH forward + 4NVH backward, 6NVH),

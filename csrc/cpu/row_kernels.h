@@ -16,7 +16,7 @@ namespace reasonrl {
 // Forward arguments for one call; rows are processed in [begin, end) chunks by at::parallel_for.
 template <typename scalar_t>
 struct RowArgs {
-  // Statistics are fp32 for fp32/bf16/fp16 input and fp64 for fp64 input (ops.md section 0).
+  // Statistics are fp32 for fp32/bf16/fp16 input and fp64 for fp64 input (docs/ops.md section 0).
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const scalar_t* logits;     // [N, V], unit stride on V
   int64_t row_stride;
@@ -34,7 +34,7 @@ struct RowArgs {
   // their sum, LSE) keeps the exponent exact near the maximum: rounding LSE to fp32 would cost up to half an
   // ulp of |LSE| in every p_j (1e-5 relative at LSE ~ 200), the error log_softmax avoids.
   acc_t* stats;
-  // Vocab-parallel mode (ops.md 3.3). The fields default to the unsharded op, so code that fills a
+  // Vocab-parallel mode (docs/ops.md 3.3). The fields default to the unsharded op, so code that fills a
   // RowArgs with fill_row_args and leaves these alone (or zero-initialises it, `RowArgs<T> a{}`) behaves as
   // before. The logits are then columns [vocab_start, vocab_start + vocab) of a vocabulary of vocab_global
   // ids, and labels are global ids: a label in [0, vocab_global) outside the local columns is legal (another
@@ -49,7 +49,7 @@ struct RowArgs {
   const acc_t* label_logit = nullptr;
 };
 
-// Where a row's label lives (ops.md 3.3). `valid`: the label is a vocabulary id (not ignore_index, inside
+// Where a row's label lives (docs/ops.md 3.3). `valid`: the label is a vocabulary id (not ignore_index, inside
 // [0, vocab_global) or [0, vocab) when unsharded); `local`: its column in this shard, or -1 when another
 // rank owns it.
 struct LabelSlot {
@@ -67,7 +67,7 @@ inline LabelSlot label_slot(const Args& a, int64_t y) {
 
 // The per-row temperature is valid when finite and at least the smallest normal number of the
 // accumulation type (so that 1 / tau is finite: a subnormal tau such as 1e-40 in fp32 has no finite
-// reciprocal); otherwise the row's outputs are NaN and its gradient is 0 (ops.md section 7, validate=False;
+// reciprocal); otherwise the row's outputs are NaN and its gradient is 0 (docs/ops.md section 7, validate=False;
 // the Python layer rejects such temperatures with a ValueError when validating).
 template <typename T>
 inline bool temperature_ok(T tau) {

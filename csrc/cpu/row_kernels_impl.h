@@ -1,4 +1,4 @@
-// The row kernels of token_logprobs, linear_token_logprobs and the fused policy loss (ops.md section 2),
+// The row kernels of token_logprobs, linear_token_logprobs and the fused policy loss (docs/ops.md section 2),
 // compiled once per CPU ISA.
 //
 // This header is included by csrc/cpu/isa/row_kernels_<isa>.cpp, each of which defines the
@@ -12,7 +12,7 @@
 // Numerics (all fp32 for fp32/bf16/fp16 input; fp64 for fp64 input, scalar code):
 //  * One streaming pass per row over the vocabulary in chunks of kChunk columns. Pass 1 reads the chunk
 //    (the raw maximum and the rank count), then pass 2 re-reads it from L1 and accumulates s = sum exp(d_j)
-//    and the SHIFTED entropy accumulator b = sum d_j exp(d_j), d_j = z_j - m (ops.md 2.2), so
+//    and the SHIFTED entropy accumulator b = sum d_j exp(d_j), d_j = z_j - m (docs/ops.md 2.2), so
 //    H = log s - b / s is a difference of two non-negative numbers and never cancels.
 //  * One consistent scaling (docs/numerics.md): d_j is formed by ONE expression, RowShift::d, everywhere
 //    (sums, log-prob, backward), with the shift m = (hi, lo) defined as that same expression's value at the
@@ -70,7 +70,7 @@ inline fVec load_f(const scalar_t* p) {
 
 // exp(d) to about 1 ulp for d <= ~88; exactly 0 for d < ln(FLT_MIN) (-inf included). ATen's exp_u20 is off by
 // up to ~5 ulp near d = 0 (measured 6e-7 relative at p = 0.64), which is where the probabilities and
-// gradients are large, and over the ops.md section 8 gradient budget; Sleef's exp is an out-of-line call.
+// gradients are large, and over the docs/ops.md section 8 gradient budget; Sleef's exp is an out-of-line call.
 // Cody-Waite reduction d = n ln2 + r with ln2 split in two (hi has 9 significant bits, so n * hi is exact),
 // |r| <= ln2 / 2, then the degree-7 Taylor polynomial (truncation 5e-9 relative) by Horner, and 2^n through
 // the exponent bits. NaN is not propagated: callers detect NaN rows separately.
@@ -118,7 +118,7 @@ inline fVec vexp(const fVec& d) {
 // z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about one rounding of the (small) result: more
 // accurate than rounding z = x / tau first, as the fp32 reference does. With hi alone, the rounding of
 // 1/tau scales every z of the row by (1 + 6e-8): at |z| ~ 10 that is ~5e-7 in log p, over the gradient
-// budget of ops.md section 8.
+// budget of docs/ops.md section 8.
 struct InvTau {
   float hi, lo;
   explicit InvTau(float tau) {
@@ -284,7 +284,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - c0);
       const float x_max = chunk_max<scalar_t, kRank>(row + c0, n, x_pivot, &rank_count);
-      // NaN or +inf logits make the row NaN (ops.md section 7); keep scanning only to finish the rank.
+      // NaN or +inf logits make the row NaN (docs/ops.md section 7); keep scanning only to finish the rank.
       bad |= std::isnan(x_max) || x_max == kInf;
       if (bad) continue;
       const float x_new = std::max(x_m, x_max);
@@ -310,7 +310,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
       continue;
     }
-    // All -inf row: m.hi = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (ops.md 2.2).
+    // All -inf row: m.hi = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (docs/ops.md 2.2).
     // lp = d_y - log s with d_y = RowShift::d(x_y), exactly the exponent the sums used for the label column:
     // d_y <= 0 and s >= 1, so lp <= 0; b <= 0, so H >= 0 (see the header comment).
     // stats = (m.hi, log s + m.lo): the backward forms d_j - log s as shifted(x_j, m.hi) - stats[1], and the
@@ -322,7 +322,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     a.stats[2 * r] = m.hi;
     a.stats[2 * r + 1] = static_cast<float>(log_s + m.lo);
     if constexpr (kEntropy) a.entropy[r] = static_cast<float>(log_s - b / s);
-    // The label column is excluded by index (ops.md 3.3): with a shared pivot (vocab-parallel linear op: a
+    // The label column is excluded by index (docs/ops.md 3.3): with a shared pivot (vocab-parallel linear op: a
     // dot product, not this tile's x_y) the owner's own x_y may exceed the pivot by GEMM rounding.
     if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
   }
@@ -369,7 +369,7 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const scalar_t* row = a.logits + r * a.row_stride;
     const bool owner = slot.local >= 0;  // vocab-parallel: the label may live on another rank
     const acc_t x_label = owner ? static_cast<acc_t>(row[slot.local]) : -kInf;
-    // The rank compares the raw logits in their own precision (fp64 for fp64: ops.md 2.1 says raw logits;
+    // The rank compares the raw logits in their own precision (fp64 for fp64: docs/ops.md 2.1 says raw logits;
     // an fp32-rounded comparison ranked 1.0 + 1e-12 level with 1.0).
     const acc_t x_pivot = a.label_logit ? a.label_logit[r] : x_label;
     acc_t m = -kInf;
@@ -414,12 +414,12 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
     a.stats[2 * r] = m;
     a.stats[2 * r + 1] = log_s;
     if constexpr (kEntropy) a.entropy[r] = log_s - b.value() / sum;
-    // The label column is excluded by index (ops.md 3.3), as above.
+    // The label column is excluded by index (docs/ops.md 3.3), as above.
     if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (owner && x_label > x_pivot));
   }
 }
 
-// Backward for rows [begin, end) (ops.md 2.3):
+// Backward for rows [begin, end) (docs/ops.md 2.3):
 //   dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu),  mu = LSE - H,  dx_j = dz_j / tau,
 // with log p_j = d_j = (x_j / tau - m) - log_sum, x_j / tau - m formed as in the forward's sums, so each
 // row's p_j sum to 1 to fp32 rounding (the gradient row-sum invariant) even for |logits| ~ 1e4. As
@@ -515,7 +515,7 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
   }
 }
 
-// The single-pass fused loss for rows [begin, end) (losses.md 13.1; csrc/cpu/policy_loss.cpp): the forward
+// The single-pass fused loss for rows [begin, end) (docs/losses.md 13.1; csrc/cpu/policy_loss.cpp): the forward
 // sweep of fwd_rows_vec, which also keeps exp(z_j - m_c) of every column (m_c = the running maximum when the
 // column's chunk was summed) in a row-sized fp32 scratch buffer; then `rg` turns the row's (lp, H) into the
 // upstream gradients (g_lp, g_H); then one sweep writes the gradient of bwd_rows_vec, re-reading the row from

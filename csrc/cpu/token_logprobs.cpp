@@ -1,4 +1,4 @@
-// token_logprobs on CPU (ops.md section 2): argument checks and threading over the row kernels (row_kernels.h).
+// token_logprobs on CPU (docs/ops.md section 2): argument checks and threading over the row kernels (row_kernels.h).
 //
 //   reasonrl::token_logprobs_fwd(logits [N, V], labels [N], temperature [N] | None, temperature_scalar,
 //                                ignore_index, want_entropy, want_rank, inplace_backward)
@@ -7,7 +7,7 @@
 //                                stats, entropy) -> grad_logits [N, V] (logits dtype, contiguous)
 //   reasonrl::token_logprobs_bwd_inplace(...): same, written into the storage of `logits`.
 //
-// Vocab-parallel mode (ops.md 3.3; the defaults vocab_start = 0, vocab_global = 0 are the unsharded op):
+// Vocab-parallel mode (docs/ops.md 3.3; the defaults vocab_start = 0, vocab_global = 0 are the unsharded op):
 // `logits` are the global columns [vocab_start, vocab_start + V) of a vocabulary of vocab_global ids and
 // labels are global ids. The forward then returns this shard's statistics (rows whose label another rank
 // owns get logprobs = -inf) and, given `label_logit` [N] (the raw label logit), counts the rank against

@@ -1,9 +1,9 @@
-"""GRPO-family policy losses (losses.md): config, normalisers, outputs, the functional and the module.
+"""GRPO-family policy losses (docs/losses.md): config, normalisers, outputs, the functional and the module.
 
 ``policy_loss`` runs the plain-PyTorch reference over per-token log-probabilities;
 ``policy_loss_from_logits`` runs the single-pass fused kernel where the configuration allows it
 (``reasonrl.losses.fused``) and the two-phase composition otherwise. ``AdaptiveEntropyController`` is the
-trainer-side entropy-coefficient controller of losses.md section 11.2.
+trainer-side entropy-coefficient controller of docs/losses.md section 11.2.
 """
 
 from reasonrl.loss_config import ISCorrection, LossNormalizers, PolicyLossConfig

@@ -1,4 +1,4 @@
-"""The single-pass fused policy loss from logits (losses.md section 13.1).
+"""The single-pass fused policy loss from logits (docs/losses.md section 13.1).
 
 When every term of the loss is token-local, the gradient of the loss with respect to a token's log-prob and
 entropy is known as soon as that token's row of logits has been reduced, so one kernel sweep per row can
@@ -8,7 +8,7 @@ separate forward and backward). This module holds:
 * :func:`single_pass_blocker`: which configurations qualify (the others keep the two-phase path of
   ``reasonrl.losses.policy``, which is never more expensive than an unfused forward + backward);
 * :func:`kernel_inputs`: the kernel's per-token inputs (advantage, old / ref log-probs and the coefficients
-  of losses.md section 10, which depend only on the mask and the normalisers) in the column order of
+  of docs/losses.md section 10, which depend only on the mask and the normalisers) in the column order of
   ``reasonrl.ops.policy_loss.INPUT_COLUMNS``, read from the call's ``LossInputs`` (the reference's O(N)
   pre-pass, built once per call);
 * :func:`fused_policy_loss_from_logits` / :func:`fused_policy_loss_from_hidden`: run the kernel, then
@@ -41,7 +41,7 @@ __all__ = [
 
 
 def single_pass_blocker(config: PolicyLossConfig, *, return_per_token: bool = False) -> str | None:
-    """Why ``config`` needs the two-phase path (losses.md 13.2), or None when one sweep suffices."""
+    """Why ``config`` needs the two-phase path (docs/losses.md 13.2), or None when one sweep suffices."""
     if config.importance_sampling_level != "token":
         return (
             f"importance_sampling_level={config.importance_sampling_level!r} couples the tokens of a sequence"

@@ -1,4 +1,4 @@
-"""Public GRPO-family policy loss over per-token log-probabilities (losses.md section 2).
+"""Public GRPO-family policy loss over per-token log-probabilities (docs/losses.md section 2).
 
 ``policy_loss`` (functional) and ``PolicyLoss`` (an ``nn.Module`` that only holds a ``PolicyLossConfig``)
 run the plain-PyTorch reference of ``reasonrl/reference/policy_loss.py``; ``policy_loss_from_logits`` and
@@ -38,7 +38,7 @@ __all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", 
 
 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int, validate: bool | None = None) -> None:
-    """ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync). ``validate`` None: the
+    """docs/ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync). ``validate`` None: the
     global setting."""
     if cu_seqlens is None or not backend.resolve_validate(validate):
         return
@@ -69,11 +69,11 @@ def _with_cu_seqlens_check(reference_fn, name: str):
     return entry
 
 
-# GRPO-family policy loss over per-token log-probabilities (losses.md sections 5-12): the reference.
+# GRPO-family policy loss over per-token log-probabilities (docs/losses.md sections 5-12): the reference.
 policy_loss = _with_cu_seqlens_check(reference.policy_loss_reference, "policy_loss")
-# Rollout-correction weights rho = pi_old / pi_sampler and their metrics (losses.md section 8.3).
+# Rollout-correction weights rho = pi_old / pi_sampler and their metrics (docs/losses.md section 8.3).
 rollout_is_weights = _with_cu_seqlens_check(reference.rollout_is_weights, "rollout_is_weights")
-# Bool mask of the top-rho entropy tokens over all ranks of a process_group (losses.md section 8.2).
+# Bool mask of the top-rho entropy tokens over all ranks of a process_group (docs/losses.md section 8.2).
 top_entropy_mask = _with_cu_seqlens_check(reference.top_entropy_mask, "top_entropy_mask")
 
 
@@ -130,7 +130,7 @@ class _LossCall:
                     check_outputs=check_outputs)
 
     def two_phase(self, out, return_per_token: bool) -> LossOutput:
-        """The reference loss over the op's per-token log-probs and entropies (losses.md 13.2)."""
+        """The reference loss over the op's per-token log-probs and entropies (docs/losses.md 13.2)."""
         _validate_cu_seqlens(self.loss_kw["cu_seqlens"], self.num_tokens, self.validate)
         return reference.policy_loss_reference(out.logprobs, mask=self.valid, entropies=out.entropy,
                                                return_per_token=return_per_token, **self.loss_kw)
@@ -156,7 +156,7 @@ def policy_loss_from_logits(
     impl: str = "auto",
     validate: bool | None = None,
 ) -> LossOutput:
-    """The policy loss straight from logits (losses.md section 2): ``policy_loss`` over
+    """The policy loss straight from logits (docs/losses.md section 2): ``policy_loss`` over
     ``token_logprobs(logits, labels, temperature, want_entropy=True)``, by definition.
 
     Args:
@@ -169,7 +169,7 @@ def policy_loss_from_logits(
     The entropy is always computed (for the ``entropy`` metric, the bonus and the top-entropy mask): in the
     fused kernel it costs one FMA per logit. No [N, V] tensor other than the gradient is allocated.
 
-    Cost (losses.md section 13): when the logits require grad and the configuration is token-local (token
+    Cost (docs/losses.md section 13): when the logits require grad and the configuration is token-local (token
     importance-sampling level, no VESPO, no off-policy or top-entropy mask, ``return_per_token=False``; see
     :func:`reasonrl.losses.fused.single_pass_blocker`), the ``cpp`` and ``triton`` implementations run the
     single-pass kernel: each row of logits is read once and its gradient written once, during the forward
@@ -220,9 +220,9 @@ def policy_loss_from_hidden(
     impl: str = "auto",
     validate: bool | None = None,
 ) -> LossOutput:
-    """The policy loss straight from hidden states and the lm_head (losses.md section 2): by definition
+    """The policy loss straight from hidden states and the lm_head (docs/losses.md section 2): by definition
     ``policy_loss`` over ``linear_token_logprobs(hidden, weight, labels, bias=bias, want_entropy=True)``, whose
-    logits are the fp32 matmul accumulator (ops.md section 3). The [N, V] logits never exist.
+    logits are the fp32 matmul accumulator (docs/ops.md section 3). The [N, V] logits never exist.
 
     Args:
         hidden: ``[B, T, H]`` (padded, with ``mask [B, T]``) or ``[N, H]`` (packed, with ``cu_seqlens``).
@@ -230,7 +230,7 @@ def policy_loss_from_hidden(
             ``reasonrl.models.hidden_states_and_lm_head``), same dtype as ``hidden``. bias: ``[V]`` or None.
         chunk_rows: rows per logits chunk on the fused CPU path (None: the 64 MiB workspace of
             ``linear_token_logprobs``, csrc/cpu/linear_chunks.h).
-        process_group: vocab-parallel lm_head shards (ops.md 3.3): ``weight`` ``[V_r, H]`` / ``bias`` ``[V_r]``
+        process_group: vocab-parallel lm_head shards (docs/ops.md 3.3): ``weight`` ``[V_r, H]`` / ``bias`` ``[V_r]``
             are this rank's rows ``[v_r, v_r + V_r)`` of the lm_head; every other argument (labels are global
             ids) is identical on all ranks. Takes the two-phase path: the sharded
             ``linear_token_logprobs(..., want_entropy=True, process_group=...)`` (``cpp``), then the reference

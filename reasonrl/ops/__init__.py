@@ -1,4 +1,4 @@
-"""Registered ops of reasonrl (ops.md): public functional entry points with implementation dispatch.
+"""Registered ops of reasonrl (docs/ops.md): public functional entry points with implementation dispatch.
 
 What every op shares (implementation choice, lazy registration, validation, the row view) is in
 ``reasonrl._backend``; docs/adding-an-op.md is the recipe for a new op.

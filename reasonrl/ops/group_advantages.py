@@ -1,4 +1,4 @@
-"""``group_advantages``: group-relative advantages of the GRPO family (ops.md section 4).
+"""``group_advantages``: group-relative advantages of the GRPO family (docs/ops.md section 4).
 
 Public entry point :func:`group_advantages` and the trainer presets :func:`advantage_preset`. The op is not on
 the hot path (O(B) work once per batch), so it has exactly one implementation, the vectorised plain-PyTorch
@@ -7,7 +7,7 @@ explicit ``"cpp"`` / ``"triton"`` raises ``RuntimeError`` (there is no kernel to
 request). ``REASONRL_IMPL`` naming a kernel does not make this op fail: the variable only chooses among
 implementations that exist, and here there is one.
 
-This module checks the arguments (ops.md section 7: ``ValueError`` / ``TypeError`` naming the argument, the
+This module checks the arguments (docs/ops.md section 7: ``ValueError`` / ``TypeError`` naming the argument, the
 expected and the received value) and, with ``validate=True``, the values that need a host sync.
 """
 
@@ -44,7 +44,7 @@ backend.declare_op(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Argument checking (ops.md section 7)
+# Argument checking (docs/ops.md section 7)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -301,7 +301,7 @@ def group_advantages(
     impl: str = "auto",
     validate: bool | None = True,
 ) -> Advantages:
-    """Group-relative advantages of ``rewards (B,)`` or ``(B, R)`` (ops.md section 4). No gradient.
+    """Group-relative advantages of ``rewards (B,)`` or ``(B, R)`` (docs/ops.md section 4). No gradient.
 
     Args:
         rewards: ``[B]`` or ``[B, R]`` floating tensor (R reward functions). NaN = "this function did not
@@ -310,7 +310,7 @@ def group_advantages(
         group_ids: ``[B]`` integer ids, rows of a group need not be adjacent (verl ``uid`` layout). Exactly
             one of ``group_size`` / ``group_ids``. Output order is input order either way.
         estimator: ``"grpo" | "dr_grpo" | "rloo" | "reinforce_plus_plus" | "reinforce_plus_plus_baseline" |
-            "gpg" | "opo"`` (ops.md 4.2). ``dr_grpo`` is ``grpo`` with ``scale="none"`` (overrides ``scale``).
+            "gpg" | "opo"`` (docs/ops.md 4.2). ``dr_grpo`` is ``grpo`` with ``scale="none"`` (overrides ``scale``).
         scale: ``grpo``'s divisor: group std (``"group"``), batch std (``"batch"``) or none (``"none"``).
         eps: added to the std (TRL 1e-4, verl 1e-6; see :func:`advantage_preset`).
         reward_weights: ``[R]`` weights of the reward functions (default ones).
@@ -328,7 +328,7 @@ def group_advantages(
             and whitens over the valid tokens with weight 1 each (``lengths`` is then not used).
         token_mask: ``[B, T]`` (padded) or ``[N]`` (packed, with ``cu_seqlens``) mask of valid response
             tokens; only for ``reinforce_plus_plus`` with gamma != 1.
-        cu_seqlens: ``[B + 1]`` int32/int64 offsets of the packed layout (ops.md 1.2); same restriction.
+        cu_seqlens: ``[B + 1]`` int32/int64 offsets of the packed layout (docs/ops.md 1.2); same restriction.
         nan_policy: ``"missing"`` (NaN rows are excluded from every statistic, advantage 0) or ``"raise"``.
         impl: ``"auto"`` or ``"reference"`` (the only implementation); ``"cpp" | "triton"`` raise
             ``RuntimeError``.

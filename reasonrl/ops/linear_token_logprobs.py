@@ -1,5 +1,5 @@
 """``linear_token_logprobs``: per-token log-probabilities, entropy and rank straight from hidden states and the
-lm_head weight, never materialising the ``N x V`` logits (ops.md section 3).
+lm_head weight, never materialising the ``N x V`` logits (docs/ops.md section 3).
 
 Semantics are exactly ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` where the logits are the
 fp32 accumulator of the matmul (never rounded to a 16-bit input dtype). Shapes: ``hidden [..., H]``,
@@ -21,7 +21,7 @@ Implementations, all with the semantics of ``reasonrl/reference/linear_token_log
   deterministic chunked backward with recompute). ``auto`` picks it on CUDA.
 * ``reference``: matmul + ``token_logprobs_reference`` (O(N x V) memory).
 
-Vocab-parallel mode (``process_group`` given, ops.md 3.3): ``weight`` / ``bias`` are this rank's shard of
+Vocab-parallel mode (``process_group`` given, docs/ops.md 3.3): ``weight`` / ``bias`` are this rank's shard of
 lm_head rows. :class:`_LinearVocabParallel` runs the C++ ops in their sharded-label mode (``vocab_start``,
 ``vocab_global``, ``label_logit``) on the shard, combines the statistics with the same code as
 ``token_logprobs`` (``reasonrl.ops.vocab_parallel.combine_local_outputs``: all-reduces MAX and SUM of O(N)
@@ -204,7 +204,7 @@ _NAN_CAUSE = "NaN or inf in hidden, weight or bias, or logits / temperature over
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Vocab-parallel mode (ops.md 3.3)
+# Vocab-parallel mode (docs/ops.md 3.3)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -222,7 +222,7 @@ class _ShardedLinearCall:
 
 
 def _label_logit(x, weight, bias, labels, ignore_index, shard):
-    """The raw label logit h . W[y] (+ b[y]) on every rank (ops.md 3.3, the pivot of the sharded rank count):
+    """The raw label logit h . W[y] (+ b[y]) on every rank (docs/ops.md 3.3, the pivot of the sharded rank count):
     a per-row dot product with the label's weight row on its owner, in the accumulation dtype, shared by one
     all-reduce MAX. O(N H) work and memory (the gathered weight rows)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -319,7 +319,7 @@ def linear_token_logprobs(
         want_entropy: also return the entropy of the temperature-scaled distribution (differentiable).
         want_rank: also return ``1 + #{j != y : x_j > x_y}`` on the fp32 logits (int32, not differentiable).
         return_lse: also return the (detached) log-sum-exp of ``logits / temperature``.
-        process_group: vocab-parallel mode (ops.md 3.3). ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``) are
+        process_group: vocab-parallel mode (docs/ops.md 3.3). ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``) are
             then this rank's contiguous shard of lm_head rows, global ids ``[v_r, v_r + V_r)``; ``hidden``,
             ``labels`` (GLOBAL ids), ``temperature``, ``ignore_index`` and every keyword are identical on all
             ranks. Outputs are identical on all ranks and equal the op on the full weight; each rank gets the

@@ -1,4 +1,4 @@
-"""The fused policy-loss kernels (losses.md section 13.1): their interface table and their registered ops.
+"""The fused policy-loss kernels (docs/losses.md section 13.1): their interface table and their registered ops.
 
 **The interface table** (this module's constants: the one source of truth). The kernels take, besides the
 row inputs of ``token_logprobs``, a ``token_inputs [N, len(INPUT_COLUMNS)]`` tensor, a ``loss_kind`` code,
@@ -53,7 +53,7 @@ __all__ = [
 # The interface table
 # ----------------------------------------------------------------------------------------------------------
 
-# loss_kind: the per-token surrogates of losses.md section 7 that both kernels have a branch for.
+# loss_kind: the per-token surrogates of docs/losses.md section 7 that both kernels have a branch for.
 LOSS_KINDS: dict[str, int] = {"clip": 0, "cispo_upper": 1, "cispo_two_sided": 2, "sapo": 3, "reinforce": 4}
 
 # PolicyLossConfig.loss_type -> the kernel loss kind serving it (a str, or a function of the config), or
@@ -70,7 +70,7 @@ LOSS_TYPE_KINDS: dict[str, object] = {
     "vespo": (None, "vespo's weight is a function of the whole sequence's log-ratio"),
 }
 
-# kl_kind: the KL estimators of losses.md section 9 (0: no KL term); a "+" (straight-through) variant is
+# kl_kind: the KL estimators of docs/losses.md section 9 (0: no KL term); a "+" (straight-through) variant is
 # its base code + KL_STRAIGHT_THROUGH.
 KL_KINDS: dict[str, int] = {"no_kl": 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4, "low_var_kl": 5}
 KL_STRAIGHT_THROUGH = 8
@@ -94,9 +94,9 @@ INPUT_COLUMNS: tuple[str, ...] = (
     "a",  # advantage A of the token (a per-sequence advantage broadcast to its tokens)
     "old",  # behaviour-policy log-prob (read when has_old)
     "ref",  # reference-policy log-prob (read when kl_kind != no_kl)
-    "coef_pg",  # c_pg: aggregation coefficient x rollout IS weight (losses.md 10, 8.3)
+    "coef_pg",  # c_pg: aggregation coefficient x rollout IS weight (docs/losses.md 10, 8.3)
     "coef_kl",  # c_kl: beta x the KL aggregation coefficient
-    "grad_h",  # upstream gradient of the entropy g_H: -eta x the entropy coefficient (losses.md 11.1)
+    "grad_h",  # upstream gradient of the entropy g_H: -eta x the entropy coefficient (docs/losses.md 11.1)
 )
 # The names are those of the C++ enums without their k prefix, in snake case (kCoefPg: coef_pg), and of the
 # Triton constants without their LOSS_ / KL_ / COL_ prefix, in lower case.

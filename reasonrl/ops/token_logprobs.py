@@ -1,4 +1,4 @@
-"""``token_logprobs``: per-token log-probabilities, entropy and rank from logits (ops.md section 2).
+"""``token_logprobs``: per-token log-probabilities, entropy and rank from logits (docs/ops.md section 2).
 
 Public entry point :func:`token_logprobs`. Implementations, all with the semantics of
 ``reasonrl/reference/token_logprobs.py``:
@@ -15,7 +15,7 @@ forward saves the logits by reference plus O(N) statistics (LSE and entropy, fro
 the backward recomputes the softmax on the fly, so no [N, V] fp32 tensor is ever allocated. Gradients flow
 to ``logits`` through ``logprobs`` and ``entropy``; ``rank`` and ``lse`` are not differentiable.
 
-Vocab-parallel mode (``process_group`` given, ops.md 3.3) is a composition in :class:`_VocabParallel`: the
+Vocab-parallel mode (``process_group`` given, docs/ops.md 3.3) is a composition in :class:`_VocabParallel`: the
 same registered forward op run on this rank's shard (``vocab_start`` / ``vocab_global`` arguments), the
 collectives of ``reasonrl.ops.vocab_parallel``, and a backward that calls the registered backward op with the
 GLOBAL statistics (no communication in the backward: the upstream gradients are identical on all ranks).
@@ -183,7 +183,7 @@ _NAN_CAUSE = "NaN or +inf in logits, logits / temperature overflowing, or no fin
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Vocab-parallel mode (ops.md 3.3)
+# Vocab-parallel mode (docs/ops.md 3.3)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -267,7 +267,7 @@ def token_logprobs(
         return_lse: also return the (detached) log-sum-exp of ``logits / temperature``.
         inplace_backward: write the gradient into the storage of ``logits`` (saves one logits-sized buffer;
             ``logits`` must be contiguous and must not be used again). Ignored by ``impl='reference'``.
-        process_group: vocab-parallel mode (ops.md 3.3). ``logits`` ``[..., V_r]`` is then this rank's
+        process_group: vocab-parallel mode (docs/ops.md 3.3). ``logits`` ``[..., V_r]`` is then this rank's
             contiguous shard of global vocabulary ids ``[v_r, v_r + V_r)``; ``labels`` are GLOBAL ids and, with
             ``temperature``, ``ignore_index`` and every keyword, identical on all ranks. Outputs are identical on
             all ranks and equal the op on the full logits; the gradient is with respect to the local shard. The

@@ -1,4 +1,4 @@
-"""Vocab-parallel plumbing shared by the log-prob ops (ops.md section 3.3), ``token_logprobs`` on a logits
+"""Vocab-parallel plumbing shared by the log-prob ops (docs/ops.md section 3.3), ``token_logprobs`` on a logits
 shard and ``linear_token_logprobs`` on an lm_head shard: the shard layout and the exact combination of
 per-shard streaming statistics into the global log-sum-exp, label log-prob, entropy and rank.
 
@@ -138,7 +138,7 @@ def label_owner(
 def share_label_logit(value: torch.Tensor, owner: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """The owner's raw label logit ``value [N]`` on every rank (fp32; fp64 for fp64 logits, so the rank
     compares raw logits in their own precision): non-owners send -inf to one all-reduce MAX. The pivot of
-    the sharded rank count (ops.md 3.3)."""
+    the sharded rank count (docs/ops.md 3.3)."""
     dist = _dist()
     pivot = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)
     pivot = pivot.masked_fill(~owner, float("-inf")).contiguous()
@@ -171,7 +171,7 @@ def combine_local_outputs(
     """``(logprobs, entropy, rank, lse, stats)`` global, from the 5 outputs of a local forward op run in
     vocab-parallel mode (``token_logprobs_fwd`` or ``linear_token_logprobs_fwd``: same layout). Entropy and
     rank stay the op's empty ``[0]`` tensors when not wanted, as in the unsharded op. The one combine of
-    ops.md 3.3 for both ops."""
+    docs/ops.md 3.3 for both ops."""
     lp_r, ent_r, rank_r, _, stats_r = local
     lp, ent, rank, lse, stats = combine_vocab_shards(
         lp_r, stats_r, ent_r if want_entropy else None, rank_r if want_rank else None, labels, ignore_index,
@@ -204,7 +204,7 @@ def combine_vocab_shards(
     ignore_index: int,
     shard: VocabShard,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Global ``(logprobs, entropy, rank, lse, stats)`` from this shard's kernel outputs (ops.md 3.3,
+    """Global ``(logprobs, entropy, rank, lse, stats)`` from this shard's kernel outputs (docs/ops.md 3.3,
     steps 2-5).
 
     Inputs, per row, from the local kernel in vocab-parallel mode: ``lp_r = (z_y - m_r) - log s_r`` (-inf
@@ -212,7 +212,7 @@ def combine_vocab_shards(
     ``entropy_r = H_r = log s_r - b_r / s_r`` and ``rank_r = 1 + c_r`` (0 for invalid rows). The kernels
     do not expose the shifted entropy accumulator b_r itself; b_r / s_r = log s_r - H_r is recovered from
     the two fp32 outputs (both O(log V), so the absolute error is a few fp32 ulps of log V, far inside the
-    1e-5 atol of ops.md section 8).
+    1e-5 atol of docs/ops.md section 8).
 
     In float64, with M = max_r m_r and delta_r = m_r - M <= 0:
 

@@ -1,4 +1,4 @@
-"""Reference ``group_advantages`` (ops.md section 4): group-relative advantages of the GRPO family.
+"""Reference ``group_advantages`` (docs/ops.md section 4): group-relative advantages of the GRPO family.
 
 This IS the implementation of the op (it is not on the hot path: O(B) work once per batch, so there is no
 kernel). Plain vectorised PyTorch: segment reductions with ``index_add_`` / ``scatter_reduce_`` over a dense
@@ -21,7 +21,7 @@ mean, sigma_g their Bessel std):
 * ``dr_grpo``: ``grpo`` with ``scale="none"``. Dr. GRPO: Liu et al. 2025, arXiv:2503.20783.
 * ``rloo``: n_g / (n_g - 1) (r_i - mu_g), the leave-one-out baseline. Ahmadian et al. 2024, arXiv:2402.14740;
   verl ``compute_rloo_outcome_advantage`` / ``compute_rloo_vectorized_outcome_advantage``.
-* ``reinforce_plus_plus_baseline``: r_i - mu_g, then token-weighted whitening over the batch (ops.md 4.3).
+* ``reinforce_plus_plus_baseline``: r_i - mu_g, then token-weighted whitening over the batch (docs/ops.md 4.3).
   REINFORCE++: Hu 2025, arXiv:2501.03262; verl ``compute_reinforce_plus_plus_baseline_outcome_advantage``.
 * ``reinforce_plus_plus``: gamma = 1: whitening of r. gamma != 1: per-token discounted returns G_{i,t} =
   gamma^{k(t)} r_i (k(t) = valid tokens of row i after t; masked tokens carry the return unchanged), whitened
@@ -31,7 +31,7 @@ mean, sigma_g their Bessel std):
 * ``opo``: r_i - b_g with the length-weighted baseline b_g = sum l_j r_j / sum l_j. Hao et al. 2025, OPO,
   arXiv:2505.23585; verl ``compute_opo_outcome_advantage`` (where verl divides 0 by 0 we use b_g = 0).
 
-Several reward functions (ops.md 4.1): ``sum_then_normalize`` (TRL default) sums the weighted rewards first;
+Several reward functions (docs/ops.md 4.1): ``sum_then_normalize`` (TRL default) sums the weighted rewards first;
 ``normalize_then_sum`` is GDPO (arXiv:2601.05242): each function is normalised within its group, the weighted
 sum is then normalised over the batch, TRL-style (``gdpo_final="trl"``) or verl-style whitening (``"verl"``,
 verl 0.9.1 ``compute_gdpo_outcome_advantage``).
@@ -78,7 +78,7 @@ _PRESETS = {
 
 
 def advantage_preset(name: str) -> dict:
-    """Keyword arguments of ``group_advantages`` that reproduce a trainer (ops.md 4.2 preset table).
+    """Keyword arguments of ``group_advantages`` that reproduce a trainer (docs/ops.md 4.2 preset table).
 
     ``"trl"``: eps 1e-4, singleton "zero", nan_policy "missing", gdpo_final "trl" (TRL 1.16 GRPOTrainer).
     ``"verl"``: eps 1e-6, singleton "verl", nan_policy "raise", gdpo_final "verl" (verl 0.9.1 core_algos).
@@ -215,7 +215,7 @@ def _whiten(
     validate: bool,
     what: str,
 ):
-    """Token-weighted whitening of ops.md 4.3 (verl ``masked_whiten``) of ``a [M]`` with weights
+    """Token-weighted whitening of docs/ops.md 4.3 (verl ``masked_whiten``) of ``a [M]`` with weights
     ``weight [M]`` over the ``valid`` entries. Returns (whitened a, 0 on invalid entries; mu_w; sqrt(v)),
     the last two 0-d.
 
@@ -227,7 +227,7 @@ def _whiten(
     total = w.sum()
     if validate and bool(total <= 1):
         raise ValueError(
-            f"group_advantages: {what} needs a whitening weight W > 1 (ops.md 4.3; verl's masked_var raises "
+            f"group_advantages: {what} needs a whitening weight W > 1 (docs/ops.md 4.3; verl's masked_var raises "
             f"too), got W = {float(total):g} (the sum of the weights over the scorable rows)"
         )
     ref = torch.where(valid, a, torch.full_like(a, float("-inf"))).max() if a.numel() else zero
@@ -313,7 +313,7 @@ def group_advantages_reference(
     cu_seqlens: torch.Tensor | None = None,
     validate: bool = True,
 ) -> Advantages:
-    """Group-relative advantages (ops.md 4). Arguments as ``reasonrl.ops.group_advantages`` (which checks
+    """Group-relative advantages (docs/ops.md 4). Arguments as ``reasonrl.ops.group_advantages`` (which checks
     them); NaN rewards are treated as missing (``nan_policy="missing"``; the public op raises for
     ``"raise"``).
     ``validate``: raise ``ValueError`` when a whitening weight W <= 1 (one host sync).

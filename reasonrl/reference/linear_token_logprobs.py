@@ -1,8 +1,8 @@
-"""Reference implementation of ``linear_token_logprobs`` (ops.md section 3): plain PyTorch, written for clarity.
+"""Reference implementation of ``linear_token_logprobs`` (docs/ops.md section 3): plain PyTorch, written for clarity.
 
 Exactly ``token_logprobs_reference(hidden @ weight.T + bias, labels, ...)`` with the logits computed in the
 compute dtype (fp32 for fp32 / bf16 / fp16 inputs, fp64 for fp64 inputs or ``compute_dtype=torch.float64``,
-the oracle of ops.md section 8): the operands are upcast exactly before the matmul, so the logits are the
+the oracle of docs/ops.md section 8): the operands are upcast exactly before the matmul, so the logits are the
 fp32 (fp64) accumulator and are never rounded to the input dtype, as the contract requires.
 
 It materialises the full ``[N, V]`` logits (and autograd keeps several such tensors): never use it where

@@ -1,10 +1,10 @@
-"""Reference implementation of the GRPO-family policy loss (losses.md sections 5-12): plain PyTorch.
+"""Reference implementation of the GRPO-family policy loss (docs/losses.md sections 5-12): plain PyTorch.
 
 This is THE oracle the fused kernels are tested against: every variant is written as the formula of the
 spec, and gradients come from ordinary autograd. Run it in float64 (float64 ``logprobs``) for the oracle
-of ops.md section 8; otherwise the arithmetic is float32 whatever the input dtype.
+of docs/ops.md section 8; otherwise the arithmetic is float32 whatever the input dtype.
 
-Inputs are per-token log-probabilities in one of the two layouts of ops.md section 1:
+Inputs are per-token log-probabilities in one of the two layouts of docs/ops.md section 1:
 
 * padded: ``logprobs [B, T]`` with an optional ``mask [B, T]`` (None: every token counts);
 * packed: ``logprobs [N]`` with ``cu_seqlens [B + 1]`` and an optional ``mask [N]``.
@@ -204,7 +204,7 @@ def top_entropy_mask(
     cu_seqlens: torch.Tensor | None = None,
     process_group=None,
 ) -> torch.Tensor:
-    """Keep the top-``rho`` entropy tokens (TRL's ``get_high_entropy_mask``, losses.md section 8.2).
+    """Keep the top-``rho`` entropy tokens (TRL's ``get_high_entropy_mask``, docs/losses.md section 8.2).
 
     Args:
         entropies: ``[B, T]`` (with ``mask``) or ``[N]`` (with ``cu_seqlens`` and an optional ``mask``).
@@ -288,7 +288,7 @@ def rollout_is_weights(
     cu_seqlens: torch.Tensor | None = None,
     process_group=None,
 ) -> tuple[torch.Tensor, RolloutISMetrics]:
-    """Rollout-correction weights rho = pi_old / pi_sampler (losses.md section 8.3).
+    """Rollout-correction weights rho = pi_old / pi_sampler (docs/losses.md section 8.3).
 
     TRL: ``_generate_and_score_completions``' vLLM importance-sampling ratio (token / sequence x truncate /
     mask); verl 0.9.1: ``rollout_corr_helper.compute_rollout_correction_weights`` (TIS / IcePop, the +-20
@@ -352,7 +352,7 @@ def _global_count(value, local: torch.Tensor, norm: LossNormalizers, name: str) 
         if norm.num_processes > 1:
             raise ValueError(
                 f"normalizers.{name} is required when num_processes > 1: reasonrl never all-reduces a "
-                "normaliser inside a loss (losses.md section 4)"
+                "normaliser inside a loss (docs/losses.md section 4)"
             )
         value = local
     return torch.as_tensor(value, dtype=local.dtype, device=local.device).clamp(min=1)
@@ -460,7 +460,7 @@ def policy_loss_reference(
     entropy_coef: float | torch.Tensor | None = None,
     return_per_token: bool = False,
 ) -> LossOutput:
-    """GRPO-family policy loss over per-token log-probabilities, exactly as losses.md sections 5-12.
+    """GRPO-family policy loss over per-token log-probabilities, exactly as docs/losses.md sections 5-12.
 
     Args:
         logprobs: current-policy log-probs with grad, ``[B, T]`` (padded) or ``[N]`` (packed).

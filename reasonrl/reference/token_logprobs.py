@@ -1,8 +1,8 @@
-"""Reference implementation of ``token_logprobs`` (ops.md section 2): plain PyTorch, written for clarity.
+"""Reference implementation of ``token_logprobs`` (docs/ops.md section 2): plain PyTorch, written for clarity.
 
 This is THE oracle every fused implementation (C++ ``cpp``, Triton ``triton``) is tested against. It
 materialises the full softmax of every row, so it uses O(N x V) fp32 memory: never use it where memory
-matters. Run it in float64 (``compute_dtype=torch.float64``) to obtain the oracle of ops.md section 8.
+matters. Run it in float64 (``compute_dtype=torch.float64``) to obtain the oracle of docs/ops.md section 8.
 
 For a row with raw logits x, label y and temperature tau::
 
@@ -75,7 +75,7 @@ def token_logprobs_reference(
     good = valid & in_range  # rows with a real label
     safe_y = torch.where(good, y, torch.zeros_like(y))
 
-    # The temperature is a constant of the op (ops.md 2.3): detached, so no gradient reaches it.
+    # The temperature is a constant of the op (docs/ops.md 2.3): detached, so no gradient reaches it.
     if isinstance(temperature, torch.Tensor):
         tau = temperature.detach().to(device=x.device, dtype=compute_dtype)
         tau = tau.reshape(-1) if tau.dim() > 0 else tau.reshape(1).expand(x.shape[0])

@@ -1,4 +1,4 @@
-"""policy_loss_from_logits == policy_loss(token_logprobs(...)) (losses.md section 2), for every impl.
+"""policy_loss_from_logits == policy_loss(token_logprobs(...)) (docs/losses.md section 2), for every impl.
 
 The oracle is the float64 reference chain: reference token_logprobs in float64, then the reference loss.
 Grid chosen on purpose: one clip-family config with every token-local feature that needs the entropy (bonus,

@@ -1,4 +1,4 @@
-"""The single-pass fused policy loss (losses.md section 13.1; reasonrl/losses/fused.py, csrc/cpu/policy_loss.cpp,
+"""The single-pass fused policy loss (docs/losses.md section 13.1; reasonrl/losses/fused.py, csrc/cpu/policy_loss.cpp,
 kernels/policy_loss.py).
 
 (a) The per-token functor (``reasonrl::policy_loss_token_grad``, the C++ code the fused kernel runs per row)

@@ -1,4 +1,4 @@
-"""Tests of the reference policy loss (reasonrl/reference/policy_loss.py; losses.md sections 3-12).
+"""Tests of the reference policy loss (reasonrl/reference/policy_loss.py; docs/losses.md sections 3-12).
 
 (a) TRL parity. The installed TRL's own ``GRPOTrainer._compute_loss`` (and through it its
     ``get_off_policy_mask``, ``get_high_entropy_mask`` and ``get_gamma_weights``) runs on a stand-in trainer
@@ -149,7 +149,7 @@ def seq_fraction_extreme(pairs, op):
 def trl():
     trl = pytest.importorskip("trl", reason="TRL is not installed (pip install trl)")
     if not trl.__version__.startswith("1.16."):
-        pytest.skip(f"TRL parity targets TRL 1.16.x (losses.md); installed {trl.__version__}")
+        pytest.skip(f"TRL parity targets TRL 1.16.x (docs/losses.md); installed {trl.__version__}")
     grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
     return SimpleNamespace(GRPOConfig=trl.GRPOConfig, GRPOTrainer=grpo_trainer.GRPOTrainer)
 
@@ -277,7 +277,7 @@ def compare_trl(trl_result, ours_result, cfg: PolicyLossConfig, *, ga: int = 1,
     __tracebackhide__ = True
     loss_t, g_lp_t, g_h_t, logged = trl_result
     loss_o, g_lp_o, g_h_o, out = ours_result
-    # TRL builds SAPO's temperatures as float32 tensors (tau_neg = 1.05 rounds by 5e-8, losses.md 7).
+    # TRL builds SAPO's temperatures as float32 tensors (tau_neg = 1.05 rounds by 5e-8, docs/losses.md 7).
     rtol = 1e-6 if cfg.loss_type == "sapo" else RTOL
     close(loss_o, loss_t, "loss", rtol)
     close(g_lp_o, g_lp_t, "grad logprobs", rtol)
@@ -298,7 +298,7 @@ def compare_trl(trl_result, ours_result, cfg: PolicyLossConfig, *, ga: int = 1,
     elif cfg.loss_type == "vespo":
         expected["vespo/phi_seq_mean"] = m.vespo_phi.mean()
     if cfg.entropy_coef != 0:
-        # TRL logs its policy loss before the 1/GA division for these types (losses.md 12).
+        # TRL logs its policy loss before the 1/GA division for these types (docs/losses.md 12).
         scale = ga if training and cfg.loss_type in ("grpo", "bnpo", "dr_grpo", "sapo", "luspo") else 1
         expected["policy_loss"] = m.policy_loss * scale
     assert set(expected) <= set(logged), f"TRL logged {sorted(logged)}"
@@ -348,7 +348,7 @@ def test_trl_parity(trl, grpo_config, loss_type, level, feature):
 @pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_trl_parity_normalizers(trl, grpo_config, loss_type, training):
     """GA = 4, steps_per_generation = 2, two processes: TRL rescales num_items_in_batch to one accumulation
-    window in training only (losses.md 10.1); the entropy bonus and policy_loss metric scale with GA."""
+    window in training only (docs/losses.md 10.1); the entropy bonus and policy_loss metric scale with GA."""
     ga, spg, procs, num_items = 4, 2, 2, 37.0
     args = grpo_config(loss_type=loss_type, gradient_accumulation_steps=ga, steps_per_generation=spg,
                        entropy_coef=0.01, beta=0.02)
@@ -417,7 +417,7 @@ def verl():
         "verl", reason="verl 0.9.x is not importable (pip install --no-deps verl==0.9.1 plus ray, "
                        "tensordict, omegaconf, codetiming)")
     if not verl.__version__.startswith("0.9."):
-        pytest.skip(f"verl parity targets verl 0.9.x (losses.md); installed {verl.__version__}")
+        pytest.skip(f"verl parity targets verl 0.9.x (docs/losses.md); installed {verl.__version__}")
     from verl.trainer.ppo import core_algos
     from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
     from verl.utils import tensordict_utils
@@ -437,7 +437,7 @@ def verl_actor(v, loss_mode: str, **kwargs):
 
 VERL_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg")
 # verl adds 1e-8 to integer token counts (seq-mean-token-mean, masked_mean): with a bool mask the sum is
-# float32 and the 1e-8 vanishes, where reasonrl keeps it (losses.md 10.3): relative differences <= 1e-8.
+# float32 and the 1e-8 vanishes, where reasonrl keeps it (docs/losses.md 10.3): relative differences <= 1e-8.
 VERL_RTOL = 1e-7
 
 
@@ -856,7 +856,7 @@ def to_packed(b: Batch):
 @pytest.mark.parametrize("kwargs", EDGE_CONFIGS, ids=lambda k: "-".join(str(v) for v in k.values()
                                                                       if isinstance(v, str)))
 def test_packed_layout_matches_padded(kwargs):
-    """ops.md section 1: the same sequences padded [B, T] + mask or packed [N] + cu_seqlens + mask (with an
+    """docs/ops.md section 1: the same sequences padded [B, T] + mask or packed [N] + cu_seqlens + mask (with an
     empty segment) give the same loss, gradients, per-token loss and metrics."""
     cfg = _cfg(kwargs)
     b = make_batch(seed=6)
@@ -1177,7 +1177,7 @@ def test_from_verl_defaults_kl_and_rollout_correction():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Input errors (ops.md section 7)
+# Input errors (docs/ops.md section 7)
 # ----------------------------------------------------------------------------------------------------------
 
 

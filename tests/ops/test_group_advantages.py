@@ -1,9 +1,9 @@
-"""Tests of ``reasonrl.ops.group_advantages`` (ops.md sections 4, 7 and 8).
+"""Tests of ``reasonrl.ops.group_advantages`` (docs/ops.md sections 4, 7 and 8).
 
 Three independent sources of truth:
 
 * ``loop_oracle``: a deliberately simple float64 implementation written in this file, one Python loop per
-  group, straight from the formulas of ops.md 4. It exists only to cross-check the vectorised op (which must
+  group, straight from the formulas of docs/ops.md 4. It exists only to cross-check the vectorised op (which must
   never loop over groups) and shares no code with it.
 * TRL 1.16: ``trl_advantages`` below is the tensor code of ``GRPOTrainer._generate_and_score_completions`` and
   ``trl.trainer.utils.nanstd``, copied with ``self.`` attributes turned into arguments.
@@ -12,7 +12,7 @@ Three independent sources of truth:
 * verl 0.9.1: the estimators of ``verl.trainer.ppo.core_algos`` called on the same rewards (skipped, with the
   reason, when verl cannot be imported; verl is the optional ``verl`` extra, not a dependency).
 
-Accuracy (ops.md 8): fp32 outputs are within 1e-6 of the float64 oracle, relative to the largest oracle value.
+Accuracy (docs/ops.md 8): fp32 outputs are within 1e-6 of the float64 oracle, relative to the largest oracle value.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from reasonrl.reference import group_advantages_reference
 
 F32, F64 = torch.float32, torch.float64
 NAN = float("nan")
-REL_TOL_F32 = 1e-6  # ops.md 8: advantages within 1e-6 relative to the fp64 oracle (fp32 outputs)
+REL_TOL_F32 = 1e-6  # docs/ops.md 8: advantages within 1e-6 relative to the fp64 oracle (fp32 outputs)
 REL_TOL_F64 = 1e-10  # the same computation in fp64: only the summation order differs from the oracle
 # fp64 parity with the trainers is limited by fp32 constants inside their own code: TRL's nanstd computes the
 # Bessel factor count / (count - 1) from int64 tensors (true division gives fp32), verl's singleton std is
@@ -72,7 +72,7 @@ def _stats(values: list[float], n_rows: int) -> tuple[int, float, float]:
 
 
 def _whiten_oracle(values: dict[int, float], weights: dict[int, float], whiten_eps: float):
-    """ops.md 4.3 literally: values/weights keyed by (row or token) over the scorable entries."""
+    """docs/ops.md 4.3 literally: values/weights keyed by (row or token) over the scorable entries."""
     total = sum(weights.values())
     if total <= 1:
         raise ValueError("W <= 1")
@@ -99,7 +99,7 @@ def loop_oracle(
     gamma=1.0,
     token_mask=None,
 ):
-    """float64 oracle of ops.md 4 (padded token layout only). Returns (adv, mean, std, zero_std_rows)."""
+    """float64 oracle of docs/ops.md 4 (padded token layout only). Returns (adv, mean, std, zero_std_rows)."""
     rows = rewards.double().tolist()
     if rewards.dim() == 1:
         rows = [[v] for v in rows]
@@ -239,7 +239,7 @@ def loop_oracle(
 
 
 def assert_rel_close(got, want, rel: float, what: str = "advantages", scale: float = 0.0) -> None:
-    """max |got - want| <= rel * max(max |want|, scale) (ops.md 8), NaN exactly where want is NaN."""
+    """max |got - want| <= rel * max(max |want|, scale) (docs/ops.md 8), NaN exactly where want is NaN."""
     got = torch.as_tensor(got, dtype=F64) if not isinstance(got, torch.Tensor) else got.detach().to(F64)
     want = torch.as_tensor(want, dtype=F64) if not isinstance(want, torch.Tensor) else want.detach().to(F64)
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -609,7 +609,7 @@ def test_validate_none_follows_global_switch():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Errors (ops.md 7)
+# Errors (docs/ops.md 7)
 # ----------------------------------------------------------------------------------------------------------
 
 R4 = torch.tensor([1.0, 0.0, 0.5, 1.0])
@@ -1172,7 +1172,7 @@ def test_property_vectorised_matches_loop_oracle(case):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ops.md 8 on a realistic batch: fp32 output within 1e-6 of the fp64 reference (the oracle of section 8)
+# docs/ops.md 8 on a realistic batch: fp32 output within 1e-6 of the fp64 reference (the oracle of section 8)
 # ----------------------------------------------------------------------------------------------------------
 
 

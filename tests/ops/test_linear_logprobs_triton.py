@@ -4,7 +4,7 @@ the Triton interpreter and (marked gpu) compiled on CUDA.
 The launchers are called directly (the registered ``linear_token_logprobs`` op is tested with the op). The
 oracle is ``hidden @ weight.T + bias`` in float64 followed by THE reference ``token_logprobs_reference``
 in float64, with torch.autograd for the three gradients under random upstream g_lp and g_H. The yardstick
-of ops.md section 8 is the same computation "in the input dtype with fp32 accumulation": fp32 logits from
+of docs/ops.md section 8 is the same computation "in the input dtype with fp32 accumulation": fp32 logits from
 the (exact) products of the inputs, the fp32 reference, grad_logits rounded to the input dtype, and fp32
 GEMMs for grad_hidden / grad_weight / grad_bias rounded to their dtypes.
 
@@ -81,7 +81,7 @@ def _run(hidden, weight, bias, labels, temp, g_lp, g_h, *, want_entropy=True, wa
 
 
 def _reference(hidden, weight, bias, labels, temp, g_lp, g_h, compute_dtype):
-    """Outputs and (grad_hidden, grad_weight, grad_bias). float64: the oracle. float32: the ops.md 8 yardstick
+    """Outputs and (grad_hidden, grad_weight, grad_bias). float64: the oracle. float32: the docs/ops.md 8 yardstick
     in the input dtype (fp32 logits accumulator, grad_logits rounded to the input dtype, fp32 GEMMs)."""
     dtype = hidden.dtype
     if compute_dtype == torch.float64:
@@ -134,7 +134,7 @@ def _check(hidden, weight, bias, labels, temp, g_lp, g_h, tag):
         assert bool((got[~valid] == 0).all()), f"{tag} {name}: ignored rows must be 0"
     assert stats.shape == (n, 2) and torch.equal((stats[:, 0] + stats[:, 1])[valid], lse[valid])
 
-    # rank: exact up to near-ties within GEMM rounding (ops.md 8: columns within 1e-4 (1 + |x_y|) of x_y).
+    # rank: exact up to near-ties within GEMM rounding (docs/ops.md 8: columns within 1e-4 (1 + |x_y|) of x_y).
     assert rank.dtype == torch.int32 and rank.shape == (n,)
     x = _logits64(hidden, weight, bias)
     for i in range(n):
@@ -148,7 +148,7 @@ def _check(hidden, weight, bias, labels, temp, g_lp, g_h, tag):
         hi = 1 + int((others > x[i, y] - tol).sum())
         assert lo <= int(rank[i]) <= hi, f"{tag} rank row {i}: {int(rank[i])} not in [{lo}, {hi}]"
 
-    # Gradients: ops.md 8, err <= 2 err(reference in the input dtype, fp32 accumulation) + atol, with the
+    # Gradients: docs/ops.md 8, err <= 2 err(reference in the input dtype, fp32 accumulation) + atol, with the
     # grad_logits line of the tolerance table (atol 1e-7 x the gradient's magnitude, +1 ulp for 16-bit
     # outputs, which are rounded once).
     tol = tolerance("grad", dtype)
@@ -318,7 +318,7 @@ def test_backward_is_bitwise_deterministic(monkeypatch):
 
 
 def test_runtime_sizes_are_not_specialised():
-    # N, V, H, ignore_index and the chunk offsets must never trigger a recompile (ops.md 0).
+    # N, V, H, ignore_index and the chunk offsets must never trigger a recompile (docs/ops.md 0).
     for kernel, names in (
         (K._linear_logprobs_fwd_kernel, {"n_rows", "vocab", "hdim", "ignore_index", "blocks_per_split"}),
         (K._linear_logprobs_combine_kernel, {"n_rows", "vocab", "ignore_index", "n_splits"}),

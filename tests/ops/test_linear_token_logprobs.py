@@ -1,6 +1,6 @@
-"""Tests of ``reasonrl.linear_token_logprobs`` (ops.md sections 3, 7 and 8) on CPU: ``cpp`` and ``reference``.
+"""Tests of ``reasonrl.linear_token_logprobs`` (docs/ops.md sections 3, 7 and 8) on CPU: ``cpp`` and ``reference``.
 
-Accuracy follows ops.md section 8 through ``reasonrl.testing``: outputs and the three gradients (hidden,
+Accuracy follows docs/ops.md section 8 through ``reasonrl.testing``: outputs and the three gradients (hidden,
 weight, bias) against a float64 oracle (fp64 matmul, then the reference), within 2x the error of the
 reference computed in the input dtype with fp32 accumulation, plus a small atol. The realistic-shape memory
 test measures peak RSS with the benchmarks' own helper (``bench.memory.peak_memory``) in a fresh process.
@@ -100,7 +100,7 @@ def oracle(case: LinearCase, grads=True) -> Run:
 
 
 def check_case(case: LinearCase, impl: str, *, grads=True, tag="", **kwargs) -> None:
-    """ops.md section 8 for every output and gradient; ignored rows exactly 0."""
+    """docs/ops.md section 8 for every output and gradient; ignored rows exactly 0."""
     dtype = case.hidden.dtype
     name = f"{impl} {str(dtype).removeprefix('torch.')} {tuple(case.hidden.shape)}x{case.weight.shape[0]}{tag}"
     got = run(case, linear_token_logprobs, grads=grads, impl=impl, **kwargs)
@@ -115,7 +115,7 @@ def check_case(case: LinearCase, impl: str, *, grads=True, tag="", **kwargs) -> 
         assert_stat_close(x, getattr(ora, field), getattr(ref, field), dtype=dtype, name=f"{name} {field}",
                           valid=valid)
         assert bool((x[~valid] == 0).all()), f"{name} {field}: ignored rows must be 0"
-    # rank: only columns within 1e-4 (1 + |x_y|) of the label logit may be counted differently (ops.md 8).
+    # rank: only columns within 1e-4 (1 + |x_y|) of the label logit may be counted differently (docs/ops.md 8).
     logits = case.hidden.double().reshape(-1, case.hidden.shape[-1]) @ case.weight.double().T
     if case.bias is not None:
         logits = logits + case.bias.double()
@@ -139,7 +139,7 @@ def check_case(case: LinearCase, impl: str, *, grads=True, tag="", **kwargs) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Accuracy against the float64 oracle (ops.md section 8)
+# Accuracy against the float64 oracle (docs/ops.md section 8)
 # ----------------------------------------------------------------------------------------------------------
 
 # Grid chosen on purpose: V = 1000 (not a multiple of the SIMD width or of the row kernels' 2048-column
@@ -276,7 +276,7 @@ def test_opcheck_cpp_ops():
 
 
 def test_compile_fullgraph_cpp():
-    """torch.compile(fullgraph=True) of the public op, validate=False, forward + backward (ops.md 0)."""
+    """torch.compile(fullgraph=True) of the public op, validate=False, forward + backward (docs/ops.md 0)."""
     skip_unless("cpp")
     torch._dynamo.reset()
     case = make_case(12, 16, 300, seed=2)
@@ -303,7 +303,7 @@ def test_compile_fullgraph_cpp():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Edge cases (ops.md sections 3 and 7)
+# Edge cases (docs/ops.md sections 3 and 7)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -389,7 +389,7 @@ def test_auto_picks_cpp_and_explicit_triton_raises(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Errors (ops.md section 7)
+# Errors (docs/ops.md section 7)
 # ----------------------------------------------------------------------------------------------------------
 
 _H, _W, _Y = (lambda: torch.randn(4, 8)), (lambda: torch.randn(10, 8)), (lambda: torch.tensor([0, 1, 9, -100]))
@@ -457,7 +457,7 @@ def test_exports():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Memory (ops.md 3.1): no N x V buffer, forward + backward at [N=8192, H=512, V=32000] fp32
+# Memory (docs/ops.md 3.1): no N x V buffer, forward + backward at [N=8192, H=512, V=32000] fp32
 # ----------------------------------------------------------------------------------------------------------
 
 # Runs in a fresh interpreter so that the peak RSS (VmHWM) of each phase is this op's alone; the helper is

@@ -1,11 +1,11 @@
-"""Tests of ``reasonrl.token_logprobs`` (ops.md sections 2, 7 and 8) for every CPU-runnable implementation.
+"""Tests of ``reasonrl.token_logprobs`` (docs/ops.md sections 2, 7 and 8) for every CPU-runnable implementation.
 
 * ``cpp``: the C++ extension (skipped, with the reason, when it does not load).
 * ``triton``: the Triton kernels under ``TRITON_INTERPRET=1`` (set by tests/conftest.py); the interpreter is
   ~1000x slower than a GPU, so Triton cases stay at N <= 16 rows and V <= 3000.
 * ``reference``: the plain-PyTorch path of the public op.
 
-Accuracy follows ops.md section 8 through ``reasonrl.testing`` (the one tolerance table): the error against a
+Accuracy follows docs/ops.md section 8 through ``reasonrl.testing`` (the one tolerance table): the error against a
 float64 oracle is at most 2x the error of the reference computed in fp32, plus a small atol.
 """
 
@@ -43,7 +43,7 @@ def skip_unless(impl: str, dtype: torch.dtype = F32) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Accuracy against the float64 oracle (ops.md section 8)
+# Accuracy against the float64 oracle (docs/ops.md section 8)
 # ----------------------------------------------------------------------------------------------------------
 
 # Vocabulary sizes chosen against the block structure of the kernels, not at random:
@@ -111,7 +111,7 @@ def test_grad_from_one_output(impl, grad, want_entropy, dtype):
     )
 
 
-# Temperature in each of its accepted forms (ops.md 2, argument table): Python float != 1, 0-d tensor, one
+# Temperature in each of its accepted forms (docs/ops.md 2, argument table): Python float != 1, 0-d tensor, one
 # value per row; fp32 and bf16 because a 16-bit input must still divide by the fp32 temperature.
 @pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
 @pytest.mark.parametrize("temperature", [0.6, "0d", "row"])
@@ -143,7 +143,7 @@ def test_temperature_tensor_equals_float(impl):
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
 def test_gradcheck_fp64(impl):
-    """Central finite differences in fp64: both outputs, per-row temperature, an ignored row (ops.md 2.3)."""
+    """Central finite differences in fp64: both outputs, per-row temperature, an ignored row (docs/ops.md 2.3)."""
     skip_unless(impl, F64)
     g = torch.Generator().manual_seed(0)
     logits = make_logits(5, 9, dtype=F64, generator=g).requires_grad_(True)
@@ -190,7 +190,7 @@ def test_opcheck_cpp_ops():
 
 def test_compile_fullgraph_cpp():
     """torch.compile(fullgraph=True) of the public op on the cpp path, validate=False, forward + backward
-    (ops.md 0: no host sync with validate=False). One test: each compile costs tens of seconds."""
+    (docs/ops.md 0: no host sync with validate=False). One test: each compile costs tens of seconds."""
     skip_unless("cpp")
     torch._dynamo.reset()
     case = make_token_logprobs_inputs(6, 300, seed=2, temperature="row")
@@ -215,7 +215,7 @@ def test_compile_fullgraph_cpp():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Edge cases (ops.md section 7)
+# Edge cases (docs/ops.md section 7)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -235,7 +235,7 @@ def test_no_rows(impl, shape):
 
 @pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
 def test_leading_shape_and_strided_views(impl):
-    """[B, T, V] input and its non-contiguous forms must equal the contiguous case exactly (ops.md 7),
+    """[B, T, V] input and its non-contiguous forms must equal the contiguous case exactly (docs/ops.md 7),
     forward and gradient: the usual shift logits[:, :-1, :] of a leaf (the gradient flows back into the
     leaf and is 0 outside the view), a vocabulary slice [N, V] of an [N, V + 13] buffer (row stride > V,
     unit column stride: the kernels' strided fast path) and a column-major copy (column stride != 1)."""
@@ -490,7 +490,7 @@ def test_inplace_backward_needs_contiguous_logits(impl):
 
 @pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
 def test_deterministic(impl):
-    """Forward and backward are bitwise reproducible for a fixed device, dtype and shape (ops.md 0)."""
+    """Forward and backward are bitwise reproducible for a fixed device, dtype and shape (docs/ops.md 0)."""
     skip_unless(impl)
     case = make_token_logprobs_inputs(16 if impl == "triton" else 200, 900, seed=13)
     a, b = run_token_logprobs(case, impl=impl), run_token_logprobs(case, impl=impl)
@@ -500,7 +500,7 @@ def test_deterministic(impl):
 
 @pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
 def test_no_gradient_to_temperature(impl):
-    """A temperature tensor is a constant (ops.md 2.3): no gradient flows to it, even if it requires grad."""
+    """A temperature tensor is a constant (docs/ops.md 2.3): no gradient flows to it, even if it requires grad."""
     skip_unless(impl)
     case = make_token_logprobs_inputs(4, 50, seed=3, ignore_frac=0.0)
     temp = torch.tensor([0.5, 1.0, 1.5, 2.0], requires_grad=True)
@@ -512,7 +512,7 @@ def test_no_gradient_to_temperature(impl):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Implementation selection (ops.md: explicit requests raise, auto falls back; REASONRL_IMPL)
+# Implementation selection (docs/ops.md: explicit requests raise, auto falls back; REASONRL_IMPL)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -616,7 +616,7 @@ def test_output_dtypes(impl, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Bad inputs (ops.md section 7)
+# Bad inputs (docs/ops.md section 7)
 # ----------------------------------------------------------------------------------------------------------
 
 IMPLS_ALL = ["cpp", "triton", "reference"]
@@ -698,7 +698,7 @@ def test_bad_temperature_raises(impl, bad, form):
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
 @pytest.mark.parametrize("impl", IMPLS_ALL)
 def test_bad_temperature_tensor_no_validate_gives_nan_rows(impl, bad):
-    """ops.md 7: an invalid tensor temperature is not checked with validate=False and 'yields NaN rows':
+    """docs/ops.md 7: an invalid tensor temperature is not checked with validate=False and 'yields NaN rows':
     the row with the bad value must not come out as a plausible number."""
     skip_unless(impl)
     x, labels = torch.randn(3, 10), torch.tensor([1, 2, 3])

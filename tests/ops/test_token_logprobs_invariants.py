@@ -336,7 +336,7 @@ def test_fused_policy_loss_invariants_triton(case):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fp64: the 2x rule of ops.md section 8 against plain torch, at large V
+# fp64: the 2x rule of docs/ops.md section 8 against plain torch, at large V
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Property tests of ``token_logprobs``: random shapes, dtypes, temperatures and ignore patterns against the
-float64 oracle with the acceptance rule of ops.md section 8 (``check_token_logprobs`` of
+float64 oracle with the acceptance rule of docs/ops.md section 8 (``check_token_logprobs`` of
 tests/_token_logprobs_checks.py).
 
 Reproducible in CI: ``derandomize=True`` (examples are a function of the test), no example database, no
