@@ -61,6 +61,14 @@ TORCH_LIBRARY(reasonrl, m) {
       "int chunk_rows) -> (Tensor logprobs, Tensor entropy, Tensor lse, Tensor grad_logprobs, Tensor grad_entropy, "
       "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // The per-token functor of policy_loss_fused alone: dLoss/dlp from lp and token_inputs (tests, O(N)).
+  // r3_reward (docs/ops.md section 5, forward only; csrc/cpu/r3_reward.cpp). Padded: ref_logprobs [G, K, L] with
+  // ref_mask [G, L] bool; packed: [K, M] with ref_cu_seqlens [G + 1] int64. rollout_mask [G, K] bool, baseline
+  // [G, L] / [M] in the accumulation dtype, k_g [G] int64 (top-k size per prompt); weighting 0 linear,
+  // 1 softmax, 2 topk, 3 uniform; reduction 0 weighted_mean, 1 sum. Outputs in the accumulation dtype.
+  m.def(
+      "r3_reward_fwd(Tensor ref_logprobs, Tensor? ref_mask, Tensor? ref_cu_seqlens, Tensor rollout_mask, "
+      "Tensor? baseline, Tensor k_g, int weighting, float softmax_tau, int reduction, float? propagation_gamma, "
+      "int min_valid_rollouts) -> (Tensor reward, Tensor weights, Tensor sigma, Tensor num_valid_rollouts)");
   m.def(
       "policy_loss_token_grad(Tensor logprobs, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) "
       "-> Tensor");

@@ -1,9 +1,9 @@
 """Reference ``r3_reward`` (docs/ops.md section 5): DRO's reasoning-reflection reward from reference
 log-probs.
 
-Plain PyTorch, written for clarity; THE oracle of the op (a fused implementation is planned and must agree
-with this file). Forward only, no autograd. The method and the choice of defaults: docs/rewards.md
-section 2.
+Plain PyTorch, written for clarity; THE oracle of the op (the fused C++ and Triton implementations,
+reasonrl/ops/r3_reward.py, are tested against this file). Forward only, no autograd. The method and the
+choice of defaults: docs/rewards.md section 2.
 
 Input: ``ref_logprobs`` l, the log-probability of reference token j of prompt g teacher-forced after the
 reasoning trace of rollout k, in one of two layouts:

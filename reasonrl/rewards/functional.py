@@ -1,13 +1,14 @@
 """Public functional entry points of the reward tensor ops: ``r3_reward``, ``phase_entropy``,
 ``find_boundary`` (docs/ops.md sections 5 and 6).
 
-They currently run the plain-PyTorch implementation in ``reasonrl/reference/`` (the oracle). Fused C++ and
-Triton implementations are planned; they will be selected here with the same ``impl=`` keyword and must agree
-with the reference. The ops are O(G K L) (R3) and O(N) (phase entropy) elementwise work after the model's
-forward pass, which dominates the reward's cost; the fused versions mainly save kernel launches.
-
-``impl``: ``"auto"`` (default) and ``"reference"`` run the reference; any other value raises ``RuntimeError``
-(an explicit request that cannot be honoured never falls back, docs/ops.md).
+``r3_reward`` dispatches to the registered op (``reasonrl/ops/r3_reward.py``): ``impl="auto"`` takes the
+C++ kernel on CPU tensors and the Triton kernel on CUDA tensors, falling back to the plain-PyTorch reference
+(``reasonrl/reference/``, the oracle); ``"cpp"`` / ``"triton"`` / ``"reference"`` choose explicitly, and an
+explicit choice that cannot run raises ``RuntimeError`` (docs/ops.md section 7: never a silent fallback).
+``phase_entropy`` and ``find_boundary`` run the reference only for now: ``"auto"`` and ``"reference"`` run it,
+any other value raises ``RuntimeError``. The ops are O(G K L) (R3) and O(N) (phase entropy) elementwise work
+after the model's forward pass, which dominates the reward's cost; the fused versions mainly save kernel
+launches and the reference's [G, K, L] temporaries.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from reasonrl.ops import validation_enabled
+from reasonrl.ops.r3_reward import r3_reward as _r3_reward_op
 from reasonrl.reference.phase_entropy import PhaseEntropy, find_boundary_reference, phase_entropy_reference
-from reasonrl.reference.r3_reward import R3Output, r3_reward_reference
+from reasonrl.reference.r3_reward import R3Output
 
 __all__ = ["r3_reward", "phase_entropy", "find_boundary", "R3Output", "PhaseEntropy"]
 
@@ -54,15 +56,14 @@ def r3_reward(
     NaN for invalid rollouts; weights, sigma [G, L] / [M]; num_valid_rollouts [G] int32)``. Every option is
     described in :func:`reasonrl.reference.r3_reward_reference`. Forward only (no autograd).
 
-    Runs the reference implementation for now; a fused implementation is planned.
+    ``impl``: ``"auto"`` (C++ on CPU, Triton on CUDA, else the reference), ``"cpp"``, ``"triton"`` or
+    ``"reference"``; an explicit choice that cannot run raises ``RuntimeError``.
     """
-    _check_impl("r3_reward", impl)
-    return r3_reward_reference(
+    return _r3_reward_op(
         ref_logprobs, ref_mask=ref_mask, ref_cu_seqlens=ref_cu_seqlens, rollout_mask=rollout_mask,
         weighting=weighting, softmax_tau=softmax_tau, topk=topk, reduction=reduction,
         baseline_logprobs=baseline_logprobs, propagation_gamma=propagation_gamma,
-        min_valid_rollouts=min_valid_rollouts,
-        validate=validation_enabled() if validate is None else validate,
+        min_valid_rollouts=min_valid_rollouts, impl=impl, validate=validate,
     )
 
 
