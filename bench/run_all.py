@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "policy_loss": ".bench_policy_loss",
     "linear": ".bench_linear",
     "policy_loss_hidden": ".bench_policy_loss_hidden",
+    "r3_reward": ".bench_r3_reward",
 }
 # What `make demo` (`reasonrl demo`, which passes --demo) runs: it must stay under 3 minutes on 2 cores. The
 # policy-loss quick profile (the training step's hot path, every baseline) takes ~2 min there; the others

@@ -17,3 +17,15 @@ __all__ += ["LaserConfig", "LaserLengthMonitor", "LaserReward"]
 from reasonrl.rewards.r3 import R3Config, R3Reward  # noqa: E402
 
 __all__ += ["R3Config", "R3Reward"]
+from reasonrl.rewards.filtering import (  # noqa: E402
+    FilterResult,
+    R3FilterConfig,
+    r3_filter_round,
+    r3_filter_select,
+)
+
+__all__ += ["R3FilterConfig", "FilterResult", "r3_filter_round", "r3_filter_select"]
+from reasonrl.rewards.adapters import as_trl_reward, as_verl_score  # noqa: E402
+from reasonrl.rewards.combine import WeightedSumReward  # noqa: E402
+
+__all__ += ["WeightedSumReward", "as_trl_reward", "as_verl_score"]

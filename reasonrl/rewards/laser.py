@@ -268,7 +268,8 @@ class LaserReward:
     """LASER / LASER-D / LASER-DE rewards (docs/rewards.md section 4).
 
     ``reward(completions, references, completion_ids=..., group_size=K | group_ids=..., prompts=...)``: the
-    lengths are ``len(completion_ids[i])`` (or ``completion_lengths=``); the groups (for the difficulty
+    lengths are ``len(completion_ids[i])`` (or ``completion_lengths=``, or the token count of the text when
+    the reward was built with a ``tokenizer`` and no ids are given); the groups (for the difficulty
     buckets) are contiguous blocks of ``group_size`` rows (TRL layout) or ``group_ids``; without either, rows
     with equal prompts form a group. LASER-D / DE read the targets of ``monitor`` (a
     :class:`LaserLengthMonitor`, created when not given; call ``monitor.update`` after each monitor
@@ -281,8 +282,9 @@ class LaserReward:
     name = "laser"
 
     def __init__(self, config: LaserConfig | None = None, *, monitor: LaserLengthMonitor | None = None,
-                 **overrides):
+                 tokenizer=None, **overrides):
         base = config or LaserConfig()
+        self.tokenizer = tokenizer
         self.config = LaserConfig(**{**base.__dict__, **overrides}) if overrides else base
         self.monitor = monitor or LaserLengthMonitor(self.config)
 
@@ -294,6 +296,10 @@ class LaserReward:
         n = len(completions)
         check_batch("references", references, n)
         if completion_lengths is None:
+            if completion_ids is None and self.tokenizer is not None:  # text only (e.g. verl's compute_score)
+                tok = self.tokenizer
+                completion_ids = [tok(completion_text(x) or "", add_special_tokens=False)["input_ids"]
+                                  for x in completions]
             check_batch("completion_ids", completion_ids, n)
             completion_lengths = [len(x) for x in completion_ids]
         check_batch("completion_lengths", completion_lengths, n)

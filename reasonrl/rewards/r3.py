@@ -285,6 +285,30 @@ class R3Reward:
                  references: Sequence | None = None, *, prompt_ids: Sequence | None = None,
                  completion_ids: Sequence | None = None, reference_ids: Sequence | None = None,
                  group_size: int | None = None, group_ids: Sequence | None = None, **kwargs) -> RewardOutput:
+        prep = self.prepare(prompts, completions, references, prompt_ids=prompt_ids,
+                            completion_ids=completion_ids, reference_ids=reference_ids, group_size=group_size,
+                            group_ids=group_ids)
+        stats = self.score(prep)
+        keys = ("n", "groups", "y_ids", "scored_ref", "answer_len", "status", "truncated", "traces", "row_of",
+                "base_row")
+        return self._assemble(*(prep[k] for k in keys), stats)
+
+    def score(self, prep: dict, *, want_rank: bool = False) -> list:
+        """Run the scoring model over the rows of :meth:`prepare` (per-row ``RowStats`` of the reference)."""
+        cfg = self.config
+        if not prep["rows_cont"]:
+            return []
+        model = self.scoring_model
+        with scoring_mode(model):
+            return score_rows(model, prep["g_prompt"], prep["rows_cont"], prep["rows_owner"],
+                              prep["rows_first"], temperature=cfg.score_temperature, want_rank=want_rank,
+                              prefix_sharing=cfg.prefix_sharing, max_batch_tokens=cfg.max_batch_tokens)
+
+    def prepare(self, prompts: Sequence | None = None, completions: Sequence | None = None,
+                references: Sequence | None = None, *, prompt_ids: Sequence | None = None,
+                completion_ids: Sequence | None = None, reference_ids: Sequence | None = None,
+                group_size: int | None = None, group_ids: Sequence | None = None) -> dict:
+        """Token ids, groups, validity and the scoring rows of a call (for ``__call__`` and the filter)."""
         cfg = self.config
         n = _batch_size(prompts, completions, references, prompt_ids, completion_ids, reference_ids)
         marker = self._config_ids(cfg.think_end_ids, cfg.think_end)
@@ -387,14 +411,9 @@ class R3Reward:
                 rows_owner.append(gi)
                 rows_first.append(len(masked) + len(sep))
 
-        stats = []
-        if rows_cont:
-            with scoring_mode(model):
-                stats = score_rows(model, g_prompt, rows_cont, rows_owner, rows_first,
-                                   temperature=cfg.score_temperature, prefix_sharing=cfg.prefix_sharing,
-                                   max_batch_tokens=cfg.max_batch_tokens)
-        return self._assemble(n, groups, y_ids, scored_ref, answer_len, status, truncated, traces, row_of,
-                              base_row, stats)
+        return dict(n=n, groups=groups, y_ids=y_ids, scored_ref=scored_ref, answer_len=answer_len,
+                    status=status, truncated=truncated, traces=traces, row_of=row_of, base_row=base_row,
+                    g_prompt=g_prompt, rows_cont=rows_cont, rows_owner=rows_owner, rows_first=rows_first)
 
     def _assemble(self, n, groups, y_ids, scored_ref, answer_len, status, truncated, traces, row_of, base_row,
                   stats) -> RewardOutput:
