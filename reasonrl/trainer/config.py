@@ -150,8 +150,8 @@ class OptimConfig:
 
 @dataclass
 class EntropyControlConfig:
-    """The adaptive entropy coefficient (losses.md section 11.2, ``AdaptiveEntropyController``): when enabled
-    it replaces ``loss.entropy_coef`` at every optimiser step."""
+    """The adaptive entropy coefficient (docs/losses.md section 11.2, ``AdaptiveEntropyController``): when
+    enabled it replaces ``loss.entropy_coef`` at every optimiser step."""
 
     enabled: bool = False
     initial_coef: float = 0.0
@@ -297,7 +297,8 @@ def validate(cfg: TrainerConfig) -> None:
     _check(o.micro_batch_size >= 0, f"optim.micro_batch_size must be >= 0, got {o.micro_batch_size}")
     mini = batch // o.mini_batches
     # Equal micro-batches: TRL's grpo / dr_grpo / bnpo normalisations divide by the LOCAL micro-batch size
-    # times GA (losses.md 10.1), which adds up to the mini-batch's normalisation only when sizes are equal.
+    # times GA (docs/losses.md 10.1), which adds up to the mini-batch's normalisation only when the sizes
+    # are equal.
     _check(
         o.micro_batch_size == 0 or mini % o.micro_batch_size == 0,
         f"optim.micro_batch_size ({o.micro_batch_size}) must divide the mini-batch size (prompts_per_step "
@@ -330,7 +331,7 @@ def build_loss_config(cfg: TrainerConfig):
     # The loss evaluates the policy at the temperature the rollouts were sampled with (also under a preset).
     overrides.setdefault("temperature", cfg.rollout.temperature)
     if cfg.loss_preset != "trl":
-        # Dr. GRPO's constant L_max (losses.md 10.1): the generation budget unless the loss section sets it.
+        # Dr. GRPO's constant L_max (docs/losses.md 10.1): the generation budget unless `loss` sets it.
         overrides.setdefault("max_completion_length", cfg.rollout.max_new_tokens)
     try:
         if cfg.loss_preset == "trl":
