@@ -17,8 +17,8 @@ measurably. The number sits in ``\\boxed{}`` so that the numeric verifier (docs/
 (with ``boxed_fallback``) and LASER (which needs ``\\boxed{}`` after ``</think>``) can all score it.
 
 Difficulty levels: 1 = one operation, 2 = two, 3 = four (two products, a sum, a difference). Numbers stay
-small (products of one-digit factors, results below 200), so a model of a few million parameters can learn
-the format quickly and the arithmetic only partly.
+small (factors 2-6, or 2-5 at level 3; added or removed amounts 1-9; results below 60), so a model of about a
+million parameters learns the format quickly and the arithmetic only partly.
 
 Splits: a problem belongs to the held-out split iff a hash of its content (level, template, name, item,
 numbers) falls in a fixed 1/5 of the hash space; the train generator rejects those problems, so the two splits
@@ -113,34 +113,34 @@ def _sentence(name: str, item: str, value: int) -> str:
 
 def _level1(rng: random.Random, name: str, item: str, he: str) -> tuple[str, str, int, tuple]:
     if rng.random() < 0.5:
-        a, b = rng.randint(2, 40), rng.randint(2, 20)
+        a, b = rng.randint(2, 20), rng.randint(2, 9)
         q = f"{name} has {a} {item}. {he} buys {b} more {item}."
         return q, f"{a} + {b} = {a + b}", a + b, ("add", a, b)
-    a = rng.randint(10, 50)
-    b = rng.randint(2, a - 1)
+    a = rng.randint(10, 29)
+    b = rng.randint(2, 9)
     q = f"{name} has {a} {item}. {he} gives away {b} {item}."
     return q, f"{a} - {b} = {a - b}", a - b, ("sub", a, b)
 
 
 def _level2(rng: random.Random, name: str, item: str, he: str) -> tuple[str, str, int, tuple]:
     box = rng.choice(_BOXES)
-    n, k = rng.randint(2, 9), rng.randint(2, 9)
+    n, k = rng.randint(2, 6), rng.randint(2, 6)
     p = n * k
     if rng.random() < 0.5:
-        b = rng.randint(2, 20)
+        b = rng.randint(2, 9)
         q = f"{name} has {n} {box} with {k} {item} in each {_BOX_ONE[box]}. {he} buys {b} more {item}."
         return q, f"{n} * {k} = {p} . {p} + {b} = {p + b}", p + b, (box, "add", n, k, b)
-    b = rng.randint(1, p - 1)
+    b = rng.randint(1, min(9, p - 1))
     q = f"{name} has {n} {box} with {k} {item} in each {_BOX_ONE[box]}. {he} gives away {b} {item}."
     return q, f"{n} * {k} = {p} . {p} - {b} = {p - b}", p - b, (box, "sub", n, k, b)
 
 
 def _level3(rng: random.Random, name: str, item: str, he: str) -> tuple[str, str, int, tuple]:
     box1, box2 = rng.sample(_BOXES, 2)
-    n1, k1, n2, k2 = (rng.randint(2, 9) for _ in range(4))
+    n1, k1, n2, k2 = (rng.randint(2, 5) for _ in range(4))
     p1, p2 = n1 * k1, n2 * k2
     s = p1 + p2
-    b = rng.randint(1, s - 1)
+    b = rng.randint(1, min(9, s - 1))
     q = (
         f"{name} has {n1} {box1} with {k1} {item} in each {_BOX_ONE[box1]}. {he} buys {n2} {box2} with {k2} "
         f"{item} in each {_BOX_ONE[box2]}. {he} gives away {b} {item}."

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default="reasonrl/assets/tiny-arith", help="output folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=600, help="SFT optimiser steps")
+    ap.add_argument("--steps", type=int, default=300, help="SFT optimiser steps")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=160)
