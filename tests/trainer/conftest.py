@@ -19,14 +19,14 @@ def _one_thread():
 
 
 def _small_config(tmp_path, *overrides: str, preset: str | None = "dro"):
-    """A run of a few seconds: 2 prompts x 4 completions of at most 48 tokens, no progress bar, no plot."""
+    """A run of a few seconds: 2 prompts x 4 completions of at most 72 tokens, no progress bar, no plot."""
     base = [
         "steps=2",
         "prompts_per_step=2",
         "rollout.group_size=4",
-        "rollout.max_new_tokens=48",
+        "rollout.max_new_tokens=72",
         "eval.size=8",
-        "eval.max_new_tokens=48",
+        "eval.max_new_tokens=72",
         "optim.lr=1e-3",
         f"log.out_dir={tmp_path}",
         "log.progress=false",

@@ -49,7 +49,14 @@ def test_infinite_reward_is_rejected(small_config, tmp_path, embedded):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(small_config, tmp_path, embedded):
     model, tok = copy.deepcopy(embedded[0]), embedded[1]
-    cfg = small_config(tmp_path, "steps=3", "log.save_every=1", "rewards=[{name: task}]", "eval.size=2")
+    cfg = small_config(
+        tmp_path,
+        "steps=3",
+        "log.save_every=1",
+        "rewards=[{name: task}]",
+        "eval.size=2",
+        "rollout.mask_truncated_completions=false",
+    )
     trainer = Trainer(cfg, model=model, tokenizer=tok)
 
     # From the second step on, the training forward (grad enabled; generation and the old-log-prob pass run

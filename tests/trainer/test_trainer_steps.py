@@ -241,6 +241,7 @@ def test_train_writes_metrics_curves_checkpoint(small_config, tmp_path, embedded
         "log.save_every=1",
         "log.save_total_limit=1",
         "optim.updates_per_batch=2",
+        "rollout.mask_truncated_completions=false",
         "optim.mini_batches=2",
         "entropy_control.enabled=true",
     )
