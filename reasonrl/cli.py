@@ -1,11 +1,15 @@
-"""Command line: ``reasonrl info | bench | demo``.
+"""Command line: ``reasonrl info | bench | train | demo``.
 
 * ``info``  versions, which backends are active on this machine and why the others are not.
 * ``bench`` the benchmarks (``reasonrl.bench``, installed with the package from the checkout's bench/);
   arguments after ``bench`` are passed to ``reasonrl.bench.run_all``; results go to ``--out-dir``
   (default: the current directory).
-* ``demo``  what ``make demo`` runs: ``info``, then the quick profile of the fused policy-loss benchmark
-  (the training step's hot path; ``reasonrl bench`` runs every benchmark).
+* ``train`` the trainer (docs/trainer.md): ``reasonrl train [--preset dro|grpo|pear|laser] [--config x.yaml]
+  [--key value | key=value ...]``, e.g. ``reasonrl train --preset dro --steps 50 --optim.lr 5e-4``;
+  ``--print-config`` shows the merged configuration and exits.
+* ``demo``  what ``make demo`` runs: ``info``, a short DRO training of the embedded tiny model on the embedded
+  arithmetic task (held-out accuracy before / after, curves), then the quick profile of the fused
+  policy-loss benchmark (the training step's hot path; ``reasonrl bench`` runs every benchmark).
 """
 
 from __future__ import annotations
@@ -43,23 +47,118 @@ def _run_bench(argv: list[str]) -> int:
     return run(argv)
 
 
+def _overrides(rest: list[str]) -> list[str]:
+    """``--key value`` / ``--key=value`` / ``key=value`` arguments as OmegaConf dot-list items."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                out.append(f"{key}={rest[i + 1]}")
+                i += 1
+            else:
+                out.append(f"{key}=true")
+        elif "=" in arg:
+            out.append(arg)
+        else:
+            raise SystemExit(f"reasonrl train: cannot read argument {arg!r}; use --key value or key=value")
+        i += 1
+    return out
+
+
+def _train(argv: list[str]) -> int:
+    from reasonrl.trainer import PRESETS, ConfigError, Trainer, config_to_yaml, load_config
+
+    ap = argparse.ArgumentParser(prog="reasonrl train", description="GRPO-family training (docs/trainer.md). "
+                                 "Any other --key value sets a TrainerConfig field (dotted for sections: "
+                                 "--optim.lr 1e-4, --loss.beta 0.01, --rewards.0.options.weighting topk).")
+    ap.add_argument("--config", help="YAML file with TrainerConfig fields")
+    ap.add_argument("--preset", choices=PRESETS, help="start from a paper preset")
+    ap.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
+    args, rest = ap.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, preset=args.preset, overrides=_overrides(rest))
+    except ConfigError as exc:
+        print(f"reasonrl train: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    summary = Trainer(cfg).train()
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    print(f"held-out accuracy: {pct(summary['heldout_accuracy_before'])} before -> "
+          f"{pct(summary['heldout_accuracy_after'])} after {summary['steps']} steps "
+          f"({summary['before'].get('heldout_n', 0)} problems, greedy)")
+    levels = sorted(k for k in summary["after"] if k.startswith("heldout_accuracy_level"))
+    if levels:
+        per = [f"{k[-1]}: {pct(summary['before'].get(k))} -> {pct(summary['after'][k])}" for k in levels]
+        print("  per level: " + ", ".join(per))
+    print(f"reward: {summary['reward_first']:.3f} (first step) -> {summary['reward_last']:.3f} (last step)")
+    t = summary["mean_time"]
+    if t:
+        parts = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}s" for k, v in t.items() if k != "time/step")
+        print(f"time per step: {t.get('time/step', 0):.2f}s ({parts})")
+    print(f"training wall time: {summary['wall_s']:.0f}s; metrics: {summary['metrics']}; curves: "
+          f"{summary['curves']}; checkpoint: {summary['checkpoint']}")
+
+
+#: The demo's training run: the dro preset (R3 + length penalty, Dr. GRPO loss, KL 0.001, top-p 0.95) scaled
+#: to the tiny model and a 2-core CPU: 16 steps of 8 prompts x 8 completions, temperature 0.7, one pass of
+#: two mini-batches per batch, a learning rate for a 1M-parameter model, one thread (faster than two for
+#: matrices this small, and robust on a shared machine).
+DEMO_OVERRIDES = [
+    "steps=16", "prompts_per_step=8", "rollout.group_size=8", "rollout.temperature=0.7",
+    "rollout.max_new_tokens=72", "optim.lr=2e-5", "optim.warmup_ratio=0.0", "optim.updates_per_batch=1",
+    "optim.mini_batches=2", "eval.size=200", "eval.max_new_tokens=72", "threads=1", "log.out_dir=runs/demo",
+]
+
+
+def _demo(rest: list[str]) -> int:
+    from reasonrl.trainer import Trainer, load_config
+
+    out_dir = "bench/results"
+    if "--out-dir" in rest:
+        i = rest.index("--out-dir")
+        out_dir = rest[i + 1]
+    _print_info()
+    print("\n== reasonrl train --preset dro (embedded tiny Llama, embedded arithmetic task) ==")
+    print("   overrides: " + " ".join(DEMO_OVERRIDES))
+    cfg = load_config(preset="dro", overrides=DEMO_OVERRIDES)
+    summary = Trainer(cfg).train()
+    _print_summary(summary)
+    print("\n== fused policy-loss benchmark, quick profile (reasonrl bench runs every benchmark) ==")
+    return _run_bench(["--demo", "--profile", "quick", "--out-dir", out_dir])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reasonrl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and active backends")
     sub.add_parser("bench", help="run the benchmarks (options: reasonrl bench --help)", add_help=False)
-    sub.add_parser("demo", help="info, then the quick profile of the policy-loss benchmark")
+    sub.add_parser("train", help="GRPO-family training (options: reasonrl train --help)", add_help=False)
+    sub.add_parser("demo", help="info, a short DRO training of the embedded model, the quick benchmark",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         _print_info()
         return 0
     if args.command == "bench":
         return _run_bench(rest)
+    if args.command == "train":
+        return _train(rest)
     if args.command == "demo":
-        _print_info()
-        print()
-        return _run_bench(["--demo", "--profile", "quick", *rest])
+        return _demo(rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

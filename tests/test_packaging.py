@@ -76,6 +76,18 @@ def test_build_py_maps_kernels_to_reasonrl_kernels(tmp_path):
             continue
         rel = path.relative_to(ROOT).as_posix()
         assert rel in built, f"{rel} is not in the build: add its package to [tool.setuptools] packages"
+    # Package data: the embedded tiny model (loaded with from_pretrained by the trainer) and the presets.
+    files = {p.relative_to(lib).as_posix() for p in lib.rglob("*") if p.is_file()}
+    for required in (
+        "reasonrl/assets/tiny-arith/model.safetensors",
+        "reasonrl/assets/tiny-arith/config.json",
+        "reasonrl/assets/tiny-arith/tokenizer.json",
+        "reasonrl/assets/tiny-arith/tokenizer_config.json",
+        "reasonrl/trainer/presets/dro.yaml",
+    ):
+        assert required in files, f"{required} missing from the build (pyproject.toml package-data)"
+    for preset in (ROOT / "reasonrl/trainer/presets").glob("*.yaml"):
+        assert f"reasonrl/trainer/presets/{preset.name}" in files
     # Tests are not part of the package.
     assert not any(p.startswith("tests/") for p in built)
 
