@@ -462,7 +462,9 @@ class Trainer:
                 rows = range(m * mb_size, (m + 1) * mb_size)
                 micro = self._micro_slices(rows)
                 normalizers = LossNormalizers(
-                    num_items_in_batch=int(loss_mask[rows.start : rows.stop].sum()),
+                    # A mini-batch without loss tokens (every completion masked) has a zero loss; 1 is TRL's
+                    # clamp(min=1) of an empty window (a Python 0 is rejected by LossNormalizers).
+                    num_items_in_batch=max(1, int(loss_mask[rows.start : rows.stop].sum())),
                     global_num_seqs=len(rows),
                     grad_accum_steps=len(micro),
                     padded_length=r.max_new_tokens,

@@ -106,7 +106,7 @@ def _slow_loss(snap, ref_model, trainer, rec, rewards):
         entropies=cur.entropy,
         config=trainer.loss_config,
         normalizers=LossNormalizers(
-            num_items_in_batch=int(rec.loss_mask.sum()),
+            num_items_in_batch=max(1, int(rec.loss_mask.sum())),  # as the trainer: an empty window counts 1
             global_num_seqs=len(rec.completion_ids),
             grad_accum_steps=1,
             padded_length=cfg.rollout.max_new_tokens,
