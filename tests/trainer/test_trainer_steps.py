@@ -2,10 +2,10 @@
 
 For every step the model is snapshotted before the step; the slow step recomputes, with full logits and the
 plain-PyTorch oracles of reasonrl/reference on that snapshot: the old log-probs, the rewards (R3 from one
-teacher-forced forward per completion, the task verifier from the decoded text), the advantages and the loss
-of the whole batch in a single call. The trainer's values come from the fused hidden-state path with
-gradient accumulation over micro-batches, so agreement checks the fused ops, the reward plumbing and the
-global normalisers at once.
+teacher-forced forward per completion, the task verifier from the decoded text), the advantages, and the
+loss of the whole batch in a single call with its gradient. The trainer's values come from the fused
+hidden-state path with gradient accumulation over micro-batches, so agreement checks the fused ops, the
+reward plumbing and the global normalisers at once.
 """
 
 from __future__ import annotations
@@ -115,7 +115,18 @@ def _slow_loss(snap, ref_model, trainer, rec, rewards):
     return cur, ref_lp, adv, out.loss
 
 
-def _check_step(trainer, snap, ref_model, rec, *, r3_col=None, task_col=None):
+def _capture_grads(trainer) -> dict:
+    """The gradients the optimiser is about to apply (after accumulation; clipping is off in these tests)."""
+    grads: dict = {}
+
+    def hook(optimizer, args, kwargs):
+        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
+
+    trainer.optimizer.register_step_pre_hook(hook)
+    return grads
+
+
+def _check_step(trainer, snap, ref_model, rec, *, r3_col=None, task_col=None, grads=None):
     K = trainer.config.rollout.group_size
     cur, ref_lp, adv, loss = None, None, None, None
     rewards = rec.rewards.clone()
@@ -141,6 +152,11 @@ def _check_step(trainer, snap, ref_model, rec, *, r3_col=None, task_col=None):
     torch.testing.assert_close(rec.advantages, adv.float(), atol=1e-4, rtol=1e-4)
     assert len(rec.micro_losses) == 1 and len(rec.micro_losses[0]) > 1, "expected gradient accumulation"
     assert sum(rec.micro_losses[0]) == pytest.approx(float(loss.detach()), abs=1e-5, rel=1e-4)
+    if grads is not None:  # the accumulated fused gradient equals the reference gradient of the whole batch
+        loss.backward()
+        for name, p in snap.named_parameters():
+            err = float((grads[name] - p.grad).norm() / p.grad.norm().clamp(min=1e-12))
+            assert err < 1e-3, f"gradient of {name}: relative error {err:.2e}"
 
 
 def _params(model):
@@ -154,10 +170,12 @@ def test_two_steps_embedded_model_match_reference(small_config, tmp_path, embedd
         "rewards=[{name: r3, weight: 1.0}, {name: task, weight: 0.5}]",
         "loss.beta=0.01",
         "optim.micro_batch_size=2",
+        "optim.max_grad_norm=0",
         "rollout.max_new_tokens=40",
     )
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     assert trainer.ref_model is not None  # beta > 0: frozen reference for the KL
+    grads = _capture_grads(trainer)
     first = _params(model)
     for _ in range(2):
         snap = copy.deepcopy(model)
@@ -165,7 +183,7 @@ def test_two_steps_embedded_model_match_reference(small_config, tmp_path, embedd
         metrics = trainer.step()
         rec = trainer.last_record
         assert rec.rewards.shape == (8, 2)
-        _check_step(trainer, snap, trainer.ref_model, rec, r3_col=0, task_col=1)
+        _check_step(trainer, snap, trainer.ref_model, rec, r3_col=0, task_col=1, grads=grads)
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters()), "no parameter moved"
         for key in (
             "reward",
@@ -213,12 +231,14 @@ def test_two_steps_random_qwen2_match_reference(small_config, tmp_path, embedded
         "loss.loss_type=grpo",
         "loss.beta=0.0",
         "optim.micro_batch_size=2",
+        "optim.max_grad_norm=0",
         "rollout.mask_truncated_completions=false",
         "rollout.max_new_tokens=12",
         preset="grpo",
     )
     trainer = Trainer(cfg, model=model, tokenizer=tok, rewards=[("length", length_reward, 1.0)])
     assert trainer.ref_model is None
+    grads = _capture_grads(trainer)
     for _ in range(2):
         snap = copy.deepcopy(model)
         before = _params(model)
@@ -228,7 +248,7 @@ def test_two_steps_random_qwen2_match_reference(small_config, tmp_path, embedded
             [len(t) / 100.0 for t in tok.batch_decode(rec.completion_ids, skip_special_tokens=True)]
         )[:, None]
         torch.testing.assert_close(rec.rewards, expect)
-        _check_step(trainer, snap, None, rec)
+        _check_step(trainer, snap, None, rec, grads=grads)
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
