@@ -148,9 +148,22 @@ def _rows_setup(
     tau_ok = (tau >= 1.1754943508222875e-38) & (tau < float("inf"))
     valid = row_ok & (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
     tau = tl.where(valid, tau, 1.0)
-    inv_hi = 1.0 / tau
-    inv_lo = tl.fma(-tau, inv_hi, 1.0) / tau
+    # Correctly rounded divisions (div.rn), not the approximate div.full.f32 of `/` on the GPU: every
+    # kernel of the forward, combine and backward derives the same (hi, lo) (docs/numerics.md section 6).
+    inv_hi = tl.div_rn(1.0, tau)
+    inv_lo = tl.div_rn(tl.fma(-tau, inv_hi, 1.0), tau)
     return label, inv_hi, inv_lo, valid
+
+
+@triton.jit
+def _multiple_of_16(n, ALIGNED: tl.constexpr):
+    """``n`` itself; with ALIGNED (the host checked n % 16 == 0) written as (n // 16) * 16 so that Triton's
+    alignment analysis sees it (``tl.multiple_of`` does not apply to scalar arguments). Masks ``k < n`` on
+    a tile's contiguous dimension are then constant over 16 elements: 16-byte loads, which is also what
+    lets Triton turn the K loop's loads into cp.async and pipeline it (it pipelines no 2-byte loads)."""
+    if ALIGNED:
+        n = (n // 16) * 16
+    return n
 
 
 @triton.jit
@@ -258,7 +271,9 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    hdim = _multiple_of_16(hdim, ALIGNED)  # ALIGNED: H % 16 == 0 (host-checked), 16-byte GEMM loads
     pid = tl.program_id(0).to(tl.int64)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
     row_block = pid % n_row_blocks
@@ -305,8 +320,13 @@ def _linear_logprobs_fwd_kernel(
         v_start = split * blocks_per_split * BLOCK_V
         v_end = tl.minimum(vocab, v_start + blocks_per_split * BLOCK_V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-            col_ok = cols < v_end
+            # Columns as int32 offsets inside the tile and the label as its offset from v0 (-1 when not in
+            # this tile): int64 column indices in the MMA layout would cost 2 registers per element of the
+            # epilogue, the difference between spilling and not at 128 x 128 tiles.
+            cols = tl.arange(0, BLOCK_V)
+            col_ok = cols < v_end - v0
+            lab = label - v0
+            lab = tl.where((lab >= 0) & (lab < BLOCK_V), lab, -1).to(tl.int32)
             x = _logits_tile(
                 hidden_ptr,
                 weight_ptr,
@@ -326,10 +346,10 @@ def _linear_logprobs_fwd_kernel(
                 UPCAST_DOT,
             )
             if HAS_RANK:
-                above = (x > x_label[:, None]) & (cols[None, :] != label[:, None]) & col_ok[None, :]
+                above = (x > x_label[:, None]) & (cols[None, :] != lab[:, None]) & col_ok[None, :]
                 count += tl.sum(above.to(tl.int32), axis=1)
             # The raw x_y, gathered when its tile passes (only the owning split sees it; the others keep 0).
-            t += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
+            t += tl.sum(tl.where(cols[None, :] == lab[:, None], x, 0.0), axis=1)
             # ops.md 2.2 per row, one maximum per tile: tau > 0, so the raw maximum is also that of z.
             # While a row has seen only -inf, the shift is (0, 0): d = -inf and e = 0 (never -inf - -inf),
             # alpha = 0 and s, b stay 0. NaN / +inf logits make d NaN for that column, so s and everything
@@ -436,7 +456,7 @@ def _linear_logprobs_combine_kernel(
     tl.store(stats_ptr + 2 * rows, tl.where(valid, big_m, fill), mask=row_ok)
     tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s + big_m_lo, fill), mask=row_ok)
     if HAS_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(valid, log_s - big_b / big_s, fill), mask=row_ok)
+        tl.store(entropy_ptr + rows, tl.where(valid, log_s - tl.div_rn(big_b, big_s), fill), mask=row_ok)
     if HAS_RANK:
         tl.store(rank_ptr + rows, tl.where(valid, count + 1, 0), mask=row_ok)
 
@@ -482,7 +502,13 @@ def _linear_logprobs_dz_kernel(
     GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    # ALIGNED: H, the chunk's column count and its first column are multiples of 16 (host-checked), so the
+    # GEMM loads, the bias load and the dx stores are 16-byte accesses.
+    hdim = _multiple_of_16(hdim, ALIGNED)
+    v_count = _multiple_of_16(v_count, ALIGNED)
+    v_start = _multiple_of_16(v_start, ALIGNED)
     # Grouped tile order (GROUP_N row blocks sweep the vocabulary blocks together) so the weight and hidden
     # tiles of concurrently running programs stay in L2.
     pid = tl.program_id(0).to(tl.int64)
@@ -585,10 +611,26 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    A_K_CONTIG: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """C[m, n] (+)= sum_k A[m, k] B[k, n] with an fp32 accumulator; C is stored in its own dtype. With
     ACCUMULATE the existing C (fp32) is added once, after the K loop: each C element is owned by one program
-    and summed in a fixed order (deterministic). Element offsets a/b/c_offset address chunks of a buffer."""
+    and summed in a fixed order (deterministic). Element offsets a/b/c_offset address chunks of a buffer.
+
+    Layouts: B and C are contiguous along n; A along k (A_K_CONTIG, dx @ weight) or along m (dx^T @ hidden).
+    ALIGNED (host-checked): the sizes of those contiguous dimensions and the three offsets are multiples of
+    16, so every tile load / store is 16 bytes wide and the K loop is pipelined with cp.async. The size
+    along A's strided dimension (the token count for dx^T @ hidden) may be anything."""
+    if ALIGNED:
+        n_size = _multiple_of_16(n_size, True)
+        if A_K_CONTIG:
+            k_size = _multiple_of_16(k_size, True)
+        else:
+            m_size = _multiple_of_16(m_size, True)
+        a_offset = _multiple_of_16(a_offset, True)
+        b_offset = _multiple_of_16(b_offset, True)
+        c_offset = _multiple_of_16(c_offset, True)
     pid = tl.program_id(0).to(tl.int64)
     n_pid_m = tl.cdiv(m_size, BLOCK_M)
     n_pid_n = tl.cdiv(n_size, BLOCK_N)
@@ -647,18 +689,59 @@ def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
-def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype) -> dict:
-    """Constexpr tile sizes: a few buckets, never one variant per N, V or H (see the module docstring)."""
+def _arch(device: torch.device, arch: int | None) -> int:
+    """Compute capability x 10 the tile configurations are chosen for: ``arch`` when given (the ahead-of-time
+    compile check passes it with meta tensors), the device's on CUDA, else 90 (the interpreter: the tiles
+    only change how fast it runs, never the results' semantics)."""
+    if arch is not None:
+        return int(arch)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype, arch: int = 90,
+                 forward: bool = False) -> dict:
+    """Constexpr tile sizes and pipeline depth of the forward (``forward=True``) and dz kernels: a few
+    buckets, never one variant per N, V or H (see the module docstring). Checked by compiling for each
+    architecture (bench/sm90_report.py: no spills, 16-byte cp.async loads, the MMA kind), not timed.
+
+    * 16-bit inputs, sm_90 / sm_100: BLOCK_K = 64, 8 warps (two warpgroups of wgmma on sm_90), 3 stages.
+      dz: 128 x 128 tiles (96 KiB of shared memory for the operand ring, 254 registers). Forward:
+      128 x 64 (72 KiB): its online-softmax epilogue keeps more per-row state live, and at 128 x 128 it
+      needs 255 registers plus 12-20 bytes of spills with the pipelined K loop (197, none, at 128 x 64).
+    * 16-bit inputs, sm_80 (mma.sync, 164 KiB of shared memory): BLOCK_K = 32 and 4 stages.
+    * fp32 inputs (IEEE fp32 dots on the FMA units, no tensor cores): 64 x 64 x 32, 8 warps, 2 stages
+      (more stages only add shared memory: the FMA dot, not the loads, is the bottleneck).
+    BLOCK_N (rows) follows N up to 128 so that small batches do not compute 128-row tiles of padding."""
     block_n = min(128, max(16, _next_pow2(n_rows)))
     if dtype == torch.float32:
-        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8)
-    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_K=64, num_warps=8 if block_n >= 64 else 4)
+        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2)
+    warps = 8 if block_n >= 64 else 4
+    block_v = 64 if forward else 128
+    if arch < 90:
+        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=32, num_warps=warps, num_stages=4)
+    return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=64, num_warps=warps, num_stages=3)
 
 
-def _matmul_config(dtype: torch.dtype) -> dict:
+def _matmul_config(dtype: torch.dtype, arch: int = 90) -> dict:
+    """Tiles of the backward's two GEMMs (same reasoning as ``_tile_config``; no epilogue to speak of, so
+    one more stage than the dz kernel on sm_90 / sm_100: 4 x 32 KiB)."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+    if arch < 90:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def _aligned(sizes, tensors) -> bool:
+    """The ALIGNED constexpr: every size / offset in ``sizes`` and every row stride and base address of
+    ``tensors`` is a multiple of 16 elements (then the kernels' 2-D tiles load and store 16 bytes at a time).
+    Sizes stay runtime arguments; this flag is the only extra compiled variant."""
+    return all(int(x) % 16 == 0 for x in sizes) and all(
+        t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors
+    )
 
 
 def _target_programs(device: torch.device) -> int:
@@ -712,6 +795,7 @@ def linear_logprobs_fwd(
     want_rank,
     *,
     launch=None,
+    arch=None,
 ):
     """Forward of ``linear_token_logprobs`` without the N x V logits.
 
@@ -720,6 +804,7 @@ def linear_logprobs_fwd(
         bias: [V] or None.
         labels: [N] int64. temperature: [N] fp32 (any stride) or None, then ``temperature_scalar`` (float).
         launch: ``torch.library.wrap_triton`` inside a ``triton_op``; direct launch by default.
+        arch: compute capability x 10 to choose tiles for (default: the device's; see ``_arch``).
 
     Returns:
         (logprobs [N] fp32, entropy [N] fp32 or [0], rank [N] int32 or [0], lse [N] fp32,
@@ -736,7 +821,7 @@ def linear_logprobs_fwd(
     rank = torch.empty((n if want_rank else 0,), device=dev, dtype=torch.int32)
     if n == 0:
         return lp, ent, rank, lse, stats
-    cfg = _tile_config(n, vocab, hdim, hidden.dtype)
+    cfg = _tile_config(n, vocab, hdim, hidden.dtype, _arch(dev, arch), forward=True)
     n_rb = _cdiv(n, cfg["BLOCK_N"])
     splits, per_split = _vocab_splits(n_rb, _cdiv(vocab, cfg["BLOCK_V"]), dev)
     part = torch.empty((splits, 4, n), device=dev, dtype=torch.float32)
@@ -764,6 +849,7 @@ def linear_logprobs_fwd(
         HAS_TEMP=has_temp,
         HAS_ENTROPY=want_entropy,
         HAS_RANK=want_rank,
+        ALIGNED=_aligned((hdim,), (hidden, weight)),
         **_dot_args(hidden.dtype),
         **cfg,
     )
@@ -807,6 +893,7 @@ def linear_logprobs_bwd(
     entropy,
     *,
     launch=None,
+    arch=None,
 ):
     """Backward of ``linear_token_logprobs``: recomputes the logits tiles (see the module docstring).
 
@@ -830,8 +917,9 @@ def linear_logprobs_bwd(
             torch.zeros_like(bias) if has_bias else None,
         )
     has_temp = temperature is not None
-    cfg = _tile_config(n, vocab, hdim, hidden.dtype)
-    mcfg = _matmul_config(hidden.dtype)
+    cc = _arch(dev, arch)
+    cfg = _tile_config(n, vocab, hdim, hidden.dtype, cc)
+    mcfg = _matmul_config(hidden.dtype, cc)
     dot = _dot_args(hidden.dtype)
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     nc, vc = _bwd_chunks(n, vocab, block_n, block_v, hidden.element_size())
@@ -894,6 +982,7 @@ def linear_logprobs_bwd(
                 HAS_GRAD_LP=has_lp,
                 HAS_GRAD_H=has_h,
                 GROUP_N=8,
+                ALIGNED=_aligned((hdim, nv, v0), (hidden, weight, dx)),
                 **dot,
                 **cfg,
             )
@@ -915,6 +1004,9 @@ def linear_logprobs_bwd(
                 gw_acc.stride(0),
                 1,
                 ACCUMULATE=r0 > 0,
+                A_K_CONTIG=False,
+                ALIGNED=_aligned((nv, hdim, r0 * hidden.stride(0), v0 * gw_acc.stride(0)),
+                                 (dx, hidden, gw_acc)),
                 **mm,
             )
             # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]
@@ -935,6 +1027,9 @@ def linear_logprobs_bwd(
                 gh_acc.stride(0),
                 1,
                 ACCUMULATE=v0 > 0,
+                A_K_CONTIG=True,
+                ALIGNED=_aligned((nv, hdim, v0 * weight.stride(0), r0 * gh_acc.stride(0)),
+                                 (dx, weight, gh_acc)),
                 **mm,
             )
             if has_bias:
