@@ -209,34 +209,34 @@ def _cases(subset: str, arch: int):
         ]
         return out
 
+    # The full set: every dtype x alignment class x block bucket, with the flag combinations that change
+    # the code the most (each flag alone and all together), not their whole product (~200 compilations).
+    tok_flags = [(False, False, False, False), (True, False, False, False), (True, False, True, False),
+                 (True, True, False, False), (True, True, True, True),
+                 (False, True, False, True)]  # fmt: skip
+    bwd_flags = [(True, False, False), (False, True, False), (True, True, False), (True, True, True)]
+    lin_flags = [(False, False, True, False, True, True), (False, False, True, False, True, False),
+                 (True, True, True, True, False, False), (False, False, False, False, False, False),
+                 (True, True, True, False, True, True)]  # fmt: skip
     for dt in dtypes:
         for vkey in VOCABS:
-            for ent in (False, True):
-                for rank in (False, True):
-                    for temp in (False, True):
-                        # The shared label logit (vocab-parallel rank pivot) is passed only with a rank.
-                        for pivot in (False, True) if rank else (False,):
-                            name = (f"token_logprobs_fwd {dt} {vkey} ent={ent} rank={rank} temp={temp} "
-                                    f"pivot={pivot}")
-                            out.append((name, tok_fwd(dt, vkey, ent, rank, temp, pivot)))
-            for has_lp, has_h in ((True, False), (False, True), (True, True)):
-                for temp in (False, True):
-                    name = f"token_logprobs_bwd {dt} {vkey} lp={has_lp} H={has_h} temp={temp}"
-                    out.append((name, tok_bwd(dt, vkey, has_lp, has_h, temp)))
-            for preset in _LOSS_PRESETS:
-                for temp in (False, True) if preset == "grpo_clip_k3" else (False,):
+            for ent, rank, temp, pivot in tok_flags:
+                name = f"token_logprobs_fwd {dt} {vkey} ent={ent} rank={rank} temp={temp} pivot={pivot}"
+                out.append((name, tok_fwd(dt, vkey, ent, rank, temp, pivot)))
+            for has_lp, has_h, temp in bwd_flags:
+                name = f"token_logprobs_bwd {dt} {vkey} lp={has_lp} H={has_h} temp={temp}"
+                out.append((name, tok_bwd(dt, vkey, has_lp, has_h, temp)))
+            presets = _LOSS_PRESETS if vkey == "aligned" else ("grpo_clip_k3",)
+            for preset in presets:
+                for temp in (False, True) if preset == "grpo_clip_k3" and vkey == "aligned" else (False,):
                     out.append((f"policy_loss_fused {dt} {vkey} {preset} temp={temp}",
                                 pl_fused(dt, vkey, preset, temp)))  # fmt: skip
         for hkey in HIDDEN:
             for n in (N_ROWS, 16):  # the largest and the smallest row-block bucket
-                for bias in (False, True):
-                    for temp in (False, True):
-                        for ent, rank in ((True, False), (True, True), (False, False)):
-                            grads = ((True, True), (True, False)) if (ent and not rank) else ((False, False),)
-                            for g_lp, g_h in grads:
-                                name = (f"linear {dt} {hkey} N={n} bias={bias} temp={temp} ent={ent} "
-                                        f"rank={rank} bwd=({g_lp},{g_h})")  # fmt: skip
-                                out.append((name, lin(dt, hkey, n, bias, temp, ent, rank, g_lp, g_h)))
+                for bias, temp, ent, rank, g_lp, g_h in lin_flags:
+                    name = (f"linear {dt} {hkey} N={n} bias={bias} temp={temp} ent={ent} rank={rank} "
+                            f"bwd=({g_lp},{g_h})")  # fmt: skip
+                    out.append((name, lin(dt, hkey, n, bias, temp, ent, rank, g_lp, g_h)))
         for preset in _LOSS_PRESETS:
             out.append((f"linear_policy_loss {dt} {preset}", lin_pl(dt, preset)))
     return out

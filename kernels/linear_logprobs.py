@@ -83,23 +83,34 @@ forward + backward 8NVH. The backward re-reads the workspace twice (2 x N x V x 
 reference shape, ~3 ms at 3 TB/s against a 76 ms compute floor) and, with several chunks, the fp32
 grad_hidden accumulator once per chunk (N x H x 8 bytes per chunk).
 
-Block sizes (constexpr, ``_tile_config``): BLOCK_N = next power of two of N clamped to [16, 128] (four
-buckets, so small batches do not compute 128-row tiles of padding); BLOCK_V = 128, BLOCK_K = 64,
-num_warps = 8 for 16-bit inputs (the H100 bf16 default: 128 x 128 x 64 tiles); BLOCK_N <= 64, BLOCK_V = 64,
-BLOCK_K = 32, num_warps = 8 for fp32 (IEEE fp32 dots run on FMA units; smaller tiles keep register pressure
-sane). Checked only by compiling ahead of time for sm_90 on a machine without a GPU (ptxas resource usage:
-no spills for the bf16 forward / dz kernels at 128 x 128 x 64, 8 warps; 24 bytes of stack for fp32 at
-64 x 64 x 32, 8 warps, against 288 with 4 warps). Nothing has been timed or tuned on a GPU.
+Block sizes (constexpr, ``_tile_config`` / ``_matmul_config``, per architecture): BLOCK_N = next power of
+two of N clamped to [16, 128] (four buckets, so small batches do not compute 128-row tiles of padding). For
+16-bit inputs on sm_90 / sm_100: forward and dz (always the same tiles) 128 x 64 x 64, matmul 128 x 128 x 64,
+8 warps, 3 / 4 pipeline stages; sm_80: BLOCK_K = 32 and 4 stages. fp32 inputs (IEEE fp32 dots on the FMA
+units): 64 x 64 x 32 (forward, dz: 8 warps; matmul: 4), 3 stages. A 128 x 128 forward tile needed 255
+registers and 12-20 bytes of spills once its K loop was pipelined, hence 64 vocabulary columns.
+Checked by compiling ahead of time without a GPU (``bench/sm90_report.py``, ``make check-sm90``, the table
+in docs/gpu-kernels.md): every specialisation compiles for sm_90a with no spills, 16-byte cp.async loads
+with copy groups in flight and wgmma with one group in flight (mma.sync on sm_80, tcgen05 on sm_100).
+Nothing has been timed or tuned on a GPU.
 
-N, V, H, the chunk offsets and ignore_index are runtime arguments listed in ``do_not_specialize``, so a
-new sequence length, vocabulary or hidden size never recompiles a kernel (row strides are left to Triton's
-usual ==1 / %16 specialisation: at most two variants, for vectorised loads). Tile origins are int64; offsets
-inside a tile are int32, which assumes BLOCK x row stride < 2^31 (H and the workspace width below 2^24).
+Specialisation. N, V, H, the chunk offsets and ignore_index are runtime arguments listed in
+``do_not_specialize``, so a new sequence length, vocabulary or hidden size never recompiles a kernel. One
+constexpr, ALIGNED, says that the sizes along the tiles' contiguous dimensions (H; the vocabulary chunk in
+the backward) and the element offsets are multiples of 16 (``_aligned``, checked on the host); the kernels
+then rewrite those sizes as (n // 16) * 16, which Triton's alignment analysis understands: every tile load
+becomes 16 bytes wide, which is also the condition for Triton to issue cp.async and pipeline the K loop (it
+pipelines no 2-byte loads). Sizes that are not multiples of 16 (H = 4100, the last chunk of V = 50257) run
+the ALIGNED=False variant: the same code with 2-byte masked loads, unpipelined. Row strides keep Triton's
+usual ==1 / %16 specialisation (for contiguous tensors they follow H, so no further variants). Tile origins
+are int64; offsets inside a tile are int32, which assumes BLOCK x row stride < 2^31 (H and the workspace
+width below 2^24).
 
 Known limits: the number of kernel launches of the backward (the chunk loop) and the split count of the
 forward are computed on the host from N and V; under ``torch.compile`` with dynamic shapes that host code
-is traced, so those counts may add guards (unverified: no GPU in the task that wrote this). No tuning,
-no warp specialisation / TMA (Hopper); float64 is not supported (use the cpp or reference implementation).
+is traced, so those counts may add guards (unverified: no GPU in the task that wrote this). No tuning, no
+TMA descriptors or warp specialisation (cp.async rings; TMA would need a device-side descriptor allocator
+inside ``torch.library.triton_op``); float64 is not supported (use the cpp or reference implementation).
 """
 
 from __future__ import annotations
@@ -322,7 +333,7 @@ def _linear_logprobs_fwd_kernel(
         for v0 in range(v_start, v_end, BLOCK_V):
             # Columns as int32 offsets inside the tile and the label as its offset from v0 (-1 when not in
             # this tile): int64 column indices in the MMA layout would cost 2 registers per element of the
-            # epilogue, the difference between spilling and not at 128 x 128 tiles.
+            # epilogue (the scarcest resource of this kernel: see _tile_config).
             cols = tl.arange(0, BLOCK_V)
             col_ok = cols < v_end - v0
             lab = label - v0
@@ -448,13 +459,17 @@ def _linear_logprobs_combine_kernel(
     big_s = tl.where(valid, big_s, 1.0)  # ignored / padding lanes: no log(0) (their outputs are filled below)
     log_s = tl.log(big_s)
     fill = tl.where(label == ignore_index, 0.0, float("nan"))
-    # lp = d(x_y) - ln S <= 0 (the label's exponent as its split summed it); stats fold M_lo into ln S so
-    # that the backward's fma(x, lo, fma(x, hi, -M)) - stats[1] is that same d minus ln S.
-    d_y = _shifted(t, inv_hi, inv_lo, tl.where(big_xm > -float("inf"), big_m, 0.0), big_m_lo)
-    tl.store(logprobs_ptr + rows, tl.where(valid, d_y - log_s, fill), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(valid, big_m + (big_m_lo + log_s), fill), mask=row_ok)
+    # stats fold M_lo into ln S; lp is formed by the backward's expression, fma(x, lo, fma(x, hi, -M)) -
+    # stats[1], so that it is bitwise the ln p_y the dz kernel recomputes (docs/numerics.md section 6). <= 0
+    # exactly: the fma pair is <= M_lo (equal at the maximum) and ln S + M_lo rounds to >= M_lo.
+    log_s_lo = log_s + big_m_lo
+    m_fin = tl.where(big_xm > -float("inf"), big_m, 0.0)
+    lp = tl.fma(t, inv_lo, tl.fma(t, inv_hi, -m_fin)) - log_s_lo
+    lp = tl.where(t == -float("inf"), -float("inf"), lp)
+    tl.store(logprobs_ptr + rows, tl.where(valid, lp, fill), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(valid, big_m + log_s_lo, fill), mask=row_ok)
     tl.store(stats_ptr + 2 * rows, tl.where(valid, big_m, fill), mask=row_ok)
-    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s + big_m_lo, fill), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s_lo, fill), mask=row_ok)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + rows, tl.where(valid, log_s - tl.div_rn(big_b, big_s), fill), mask=row_ok)
     if HAS_RANK:
@@ -701,35 +716,37 @@ def _arch(device: torch.device, arch: int | None) -> int:
     return 90
 
 
-def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype, arch: int = 90,
-                 forward: bool = False) -> dict:
-    """Constexpr tile sizes and pipeline depth of the forward (``forward=True``) and dz kernels: a few
-    buckets, never one variant per N, V or H (see the module docstring). Checked by compiling for each
-    architecture (bench/sm90_report.py: no spills, 16-byte cp.async loads, the MMA kind), not timed.
+def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """Constexpr tile sizes and pipeline depth of the forward and dz kernels: a few buckets, never one
+    variant per N, V or H (see the module docstring). Checked by compiling for each architecture
+    (bench/sm90_report.py: no spills, 16-byte cp.async loads, the MMA kind), not timed.
 
-    * 16-bit inputs, sm_90 / sm_100: BLOCK_K = 64, 8 warps (two warpgroups of wgmma on sm_90), 3 stages.
-      dz: 128 x 128 tiles (96 KiB of shared memory for the operand ring, 254 registers). Forward:
-      128 x 64 (72 KiB): its online-softmax epilogue keeps more per-row state live, and at 128 x 128 it
-      needs 255 registers plus 12-20 bytes of spills with the pipelined K loop (197, none, at 128 x 64).
+    The forward and the dz kernel always share one configuration: the dz kernel recomputes the forward's
+    logits tiles, and the same tile code with the same tiles gives the same bits (the backward's ln p_j is
+    then exactly the forward's, docs/numerics.md section 6).
+
+    * 16-bit inputs, sm_90 / sm_100: 128 x 64 x 64 tiles, 8 warps (two warpgroups of wgmma on sm_90),
+      3 stages (72 KiB of shared memory for the operand ring). 128 x 128 would halve the shared-memory
+      traffic per MMA, but the forward's online-softmax epilogue then needs 255 registers and 12-20 bytes
+      of spills once its K loop is pipelined (197 registers, none, at 128 x 64).
     * 16-bit inputs, sm_80 (mma.sync, 164 KiB of shared memory): BLOCK_K = 32 and 4 stages.
-    * fp32 inputs (IEEE fp32 dots on the FMA units, no tensor cores): 64 x 64 x 32, 8 warps, 2 stages
-      (more stages only add shared memory: the FMA dot, not the loads, is the bottleneck).
+    * fp32 inputs (IEEE fp32 dots on the FMA units, no tensor cores): 64 x 64 x 32, 8 warps, 3 stages
+      (32 KiB; with 2 stages Triton's pipeline keeps no copy in flight during the dot).
     BLOCK_N (rows) follows N up to 128 so that small batches do not compute 128-row tiles of padding."""
     block_n = min(128, max(16, _next_pow2(n_rows)))
     if dtype == torch.float32:
-        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=3)
     warps = 8 if block_n >= 64 else 4
-    block_v = 64 if forward else 128
     if arch < 90:
-        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=32, num_warps=warps, num_stages=4)
-    return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=64, num_warps=warps, num_stages=3)
+        return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=warps, num_stages=4)
+    return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=64, num_warps=warps, num_stages=3)
 
 
 def _matmul_config(dtype: torch.dtype, arch: int = 90) -> dict:
     """Tiles of the backward's two GEMMs (same reasoning as ``_tile_config``; no epilogue to speak of, so
     one more stage than the dz kernel on sm_90 / sm_100: 4 x 32 KiB)."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     if arch < 90:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
@@ -821,7 +838,7 @@ def linear_logprobs_fwd(
     rank = torch.empty((n if want_rank else 0,), device=dev, dtype=torch.int32)
     if n == 0:
         return lp, ent, rank, lse, stats
-    cfg = _tile_config(n, vocab, hdim, hidden.dtype, _arch(dev, arch), forward=True)
+    cfg = _tile_config(n, vocab, hdim, hidden.dtype, _arch(dev, arch))
     n_rb = _cdiv(n, cfg["BLOCK_N"])
     splits, per_split = _vocab_splits(n_rb, _cdiv(vocab, cfg["BLOCK_V"]), dev)
     part = torch.empty((splits, 4, n), device=dev, dtype=torch.float32)

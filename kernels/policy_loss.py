@@ -179,11 +179,13 @@ def _policy_loss_fused_kernel(
         x_label = tl.load(row_ptr + label).to(tl.float32)
         m, m_lo, s, b, _ = _row_stats(row_ptr, x_label, inv_tau, vocab, True, False, BLOCK_V, STAGES)
         log_s = tl.log(s)
-        lp = (tl.fma(x_label, inv_tau, -m) - m_lo) - log_s  # as kernels/token_logprobs.py: <= 0 exactly
+        log_s_lo = log_s + m_lo
+        # As kernels/token_logprobs.py: <= 0 exactly, and bitwise the ln p_y of the gradient sweep below.
+        lp = tl.fma(x_label, inv_tau, -m) - log_s_lo
         h = log_s - tl.div_rn(b, s)
         tl.store(logprobs_ptr + row, lp)
         tl.store(entropy_ptr + row, h)
-        tl.store(lse_ptr + row, m + (m_lo + log_s))
+        tl.store(lse_ptr + row, m + log_s_lo)
         inp = inputs_ptr + row * 6
         g_lp = _token_grad(
             lp,
@@ -213,8 +215,7 @@ def _policy_loss_fused_kernel(
             g_h = 0.0
         tl.store(grad_lp_ptr + row, g_lp)
         tl.store(grad_h_ptr + row, g_h)
-        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s + m_lo, g_lp, g_h, h, vocab, BLOCK_V,
-                  STAGES)
+        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s_lo, g_lp, g_h, h, vocab, BLOCK_V, STAGES)
     else:
         fill = tl.where(label == ignore_index, 0.0, float("nan"))
         tl.store(logprobs_ptr + row, fill)

@@ -11,8 +11,10 @@ proportional to |z - m|, which is what keeps the gradient within 2x of the fp32 
 shifted entropy accumulator b = sum (z - m) e so that H = ln(s) - b / s never cancels (1.4426950408889634 is
 log2(e) in the kernels). m starts at -inf; a block whose maximum is -inf leaves the state unchanged (the rescale factor is computed only when m is finite); terms with
 z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are runtime arguments, so a new
-sequence length or vocabulary never recompiles; only BLOCK_V and the feature flags (HAS_ENTROPY, HAS_RANK,
-HAS_TEMP) are constexpr.
+sequence length or vocabulary never recompiles; only BLOCK_V, STAGES and the feature flags (HAS_ENTROPY,
+HAS_RANK, HAS_TEMP) are constexpr, plus ALIGNED (``_aligned``: V and the row strides are multiples of 16),
+the one extra variant, in which the row sweeps load 16 bytes per thread and instruction through a cp.async
+pipeline (``_stream_config``; the other variant is the same code with 2- / 4-byte loads).
 
 One consistent scaling (docs/numerics.md): d_j = z_j - m is formed by ONE expression everywhere,
 d(x) = fma(x, 1/tau, -m) - m_lo, with the shift m + m_lo defined by that expression at the row's RAW maximum
@@ -232,12 +234,15 @@ def _token_logprobs_fwd_kernel(
         m, m_lo, s, b, count = _row_stats(row_ptr, pivot, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V,
                                           STAGES)
         log_s = tl.log(s)
-        # lp = d_y - log s, d_y formed exactly as every exponent of the loop: <= 0 (-inf on a rank that does
-        # not own the label).
-        tl.store(logprobs_ptr + row, (tl.fma(x_label, inv_tau, -m) - m_lo) - log_s)
-        tl.store(lse_ptr + row, m + (m_lo + log_s))
+        # lp = ln p_y by the backward's expression, fma(x_y, 1/tau, -m) - (ln s + m_lo) with the stored second
+        # statistic: bitwise the log-probability the backward (and the fused loss) recomputes for the label
+        # (docs/numerics.md section 6). <= 0 exactly: fma(x_y, 1/tau, -m) <= m_lo (monotone rounding, equal
+        # at the maximum) and ln s + m_lo rounds to >= m_lo (ln s >= 0); -inf on a rank without the label.
+        log_s_lo = log_s + m_lo
+        tl.store(logprobs_ptr + row, tl.fma(x_label, inv_tau, -m) - log_s_lo)
+        tl.store(lse_ptr + row, m + log_s_lo)
         tl.store(stats_ptr + 2 * row, m)
-        tl.store(stats_ptr + 2 * row + 1, log_s + m_lo)
+        tl.store(stats_ptr + 2 * row + 1, log_s_lo)
         if HAS_ENTROPY:
             tl.store(entropy_ptr + row, log_s - tl.div_rn(b, s))
         if HAS_RANK:
