@@ -17,7 +17,8 @@ SASS is read for:
 The checks (``check_result``): no spills anywhere; in the alignment class where the data allow it (sizes and
 row strides multiples of 16 elements), 16-byte global loads (plain or cp.async) in the streaming kernels and
 16-byte cp.async (>= 1 copy group in flight) or TMA, plus on sm_90 wgmma with >= 1 group in flight, in
-the 16-bit GEMM kernels.
+the 16-bit GEMM kernels (wgmma needs 64-row tiles: the 16- and 32-row buckets for small batches use
+mma.sync).
 
 Usage (from the repository root; ``make check-sm90`` runs the full set)::
 
@@ -413,9 +414,19 @@ def compile_launch(launch: Launch, arch: int) -> dict:
         arch=arch,
         seconds=round(seconds, 1),
         aligned=_aligned(launch, constexprs),
+        tile_rows=_tile_rows(constexprs, launch),
         dtype=_data_dtype(signature),
     )
     return res
+
+
+def _tile_rows(constexprs: dict, launch: Launch) -> int:
+    """Rows of a GEMM tile (BLOCK_N of the forward / dz kernels, BLOCK_M of the matmul); 0 elsewhere."""
+    names = [p.name for p in launch.kernel.params]
+    c = {names[p[0]]: v for p, v in constexprs.items()}
+    if launch.kernel.__name__ == "_matmul_kernel":
+        return int(c.get("BLOCK_M", 0))
+    return int(c.get("BLOCK_N", 0)) if "BLOCK_K" in c else 0
 
 
 def _data_dtype(signature: dict) -> str:
@@ -457,7 +468,8 @@ def check_result(r: dict) -> list[str]:
             bad.append(f"no 16-byte cp.async / TMA in a 16-bit GEMM kernel (LDGSTS {r['ldgsts']})")
         elif r["tma"] == 0 and not r["cp_async_wait_max"]:
             bad.append("cp.async not pipelined (no copy group left in flight: cp.async.wait_group 0 only)")
-        if r["arch"] == 90:
+        # wgmma works on 64-row warpgroup tiles: the small-batch buckets (16 / 32 rows) use mma.sync.
+        if r["arch"] == 90 and r["tile_rows"] >= 64:
             if not r["hgmma"]:
                 bad.append("no wgmma (HGMMA) in a 16-bit GEMM kernel on sm_90")
             elif not r["wgmma_inflight"]:
@@ -520,6 +532,51 @@ def _compile_index(i: int):
     return _compile_safe(_POOL_ITEMS[i])
 
 
+def summarise_cache(cache_dir: str) -> list[dict]:
+    """The same features for every kernel a real run compiled into a Triton cache (``TRITON_CACHE_DIR``):
+    bench/gpu_check.sh uses it to record what the device actually ran next to this ahead-of-time check.
+    Registers and stack come from ``cuobjdump --dump-resource-usage`` (no ptxas log is kept in a cache)."""
+    import glob
+    import json
+
+    from triton import knobs
+
+    out = []
+    for meta_path in sorted(glob.glob(os.path.join(cache_dir, "*", "*.json"))):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        cubin_path = meta_path[: -len(".json")] + ".cubin"
+        if "num_warps" not in meta or not os.path.exists(cubin_path):
+            continue
+        with open(cubin_path, "rb") as fh:
+            cubin = fh.read()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin_path],
+                               capture_output=True, text=True).stdout  # fmt: skip
+        regs = re.search(r"REG:(\d+)", usage)
+        stack = re.search(r"STACK:(\d+)", usage)
+        r = dict(kernel=meta.get("name", "?"), regs=int(regs.group(1)) if regs else 0,
+                 stack=int(stack.group(1)) if stack else 0, shared=meta.get("shared", 0),
+                 tile=f"w{meta.get('num_warps')} s{meta.get('num_stages')}",
+                 target=str(meta.get("target")))  # fmt: skip
+        r.update(_sass_features(cubin))
+        ptx_path = meta_path[: -len(".json")] + ".ptx"
+        if os.path.exists(ptx_path):
+            with open(ptx_path) as fh:
+                r.update(_ptx_features(fh.read()))
+        out.append(r)
+    return out
+
+
+def _print_cache_summary(rows: list[dict]) -> None:
+    cols = ("kernel", "tile", "regs", "stack B", "LDL/STL", "smem B", "global loads", "pipelining", "MMA")
+    print("  ".join(cols))
+    for r in rows:
+        r.setdefault("cp_async_wait_max", None)
+        r.setdefault("wgmma_inflight", None)
+        print("  ".join([r["kernel"], r["tile"], str(r["regs"]), str(r["stack"]), str(r["spill_insts"]),
+                         str(r["shared"]), "LDG " + _widths(r["ldg"]), _pipeline(r), _mma(r)]))  # fmt: skip
+
+
 def unavailable_reason() -> str | None:
     """Why sm_90 compilation cannot run here (None when it can): Triton's CUDA backend and ptxas."""
     try:
@@ -573,6 +630,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, action="append", help="compute capability x10 (default 90)")
     p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 1))))
     p.add_argument("--only", help="only the helper calls whose case name contains this text")
+    p.add_argument("--from-cache", metavar="DIR",
+                   help="summarise the kernels a run compiled into this Triton cache, then exit")  # fmt: skip
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
     p.add_argument("--json", help="also write every result (and its check failures) as JSON to this file")
     p.add_argument("--no-check", action="store_true",
@@ -587,6 +646,9 @@ def main(argv=None) -> int:
     if why:
         print(f"sm90_report: SKIP: {why}")
         return 3
+    if a.from_cache:
+        _print_cache_summary(summarise_cache(a.from_cache))
+        return 0
     archs = a.arch or [90]
     t0 = time.perf_counter()
     # A private cache: every specialisation is really compiled (ptxas -v runs), never read from a cache.

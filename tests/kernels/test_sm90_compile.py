@@ -98,6 +98,7 @@ def test_gemm_kernels_pipelined_on_tensor_cores(report):
         assert r["aligned"], (r["kernel"], r["variant"])  # H = 4096, V = 151936: the aligned class
         assert r["ldgsts"].get("16", 0) > 0 or r["tma"] > 0, (r["kernel"], r["ldgsts"])
         assert r["cp_async_wait_max"] or r["tma"], (r["kernel"], "loads not pipelined")
+        assert r["tile_rows"] >= 64, (r["kernel"], r["tile"])  # N = 4096: full tiles, wgmma possible
         assert r["hgmma"] > 0 and r["wgmma_inflight"], (r["kernel"], r["hgmma"], r["wgmma_inflight"])
 
 
