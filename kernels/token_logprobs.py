@@ -56,11 +56,13 @@ def _block_v(vocab: int) -> int:
 
 
 def _aligned(vocab: int, *tensors) -> bool:
-    """Whether every row of ``tensors`` ([N, V] views) starts on a 16-element boundary and V is a multiple
-    of 16: then the kernels may tell Triton so (the ALIGNED constexpr) and the row sweeps compile to 16-byte
-    loads / stores (8 bf16 or 4 fp32 per thread and instruction) instead of 2- or 4-byte ones. The sizes
-    stay runtime arguments; this is the only extra compiled variant."""
-    return vocab % 16 == 0 and all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+    """Whether V and the row strides of ``tensors`` ([N, V] views) are multiples of 16: then the kernels may
+    tell Triton so (the ALIGNED constexpr) and the row sweeps compile to 16-byte loads / stores (8 bf16 or 4
+    fp32 per thread and instruction) instead of 2- or 4-byte ones. The sizes stay runtime arguments; this is
+    the only extra compiled variant. Only shapes and strides are read, never ``data_ptr()`` (a FakeTensor has
+    none while torch.compile traces the op): the base address's alignment is Triton's own run-time
+    specialisation of pointer arguments, and the flag asserts nothing about it."""
+    return vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
 
 
 def _stream_config(vocab: int) -> dict:
