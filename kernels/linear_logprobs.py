@@ -732,21 +732,32 @@ def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype, arch: i
     * 16-bit inputs, sm_80 (mma.sync, 164 KiB of shared memory): BLOCK_K = 32 and 4 stages.
     * fp32 inputs (IEEE fp32 dots on the FMA units, no tensor cores): 64 x 64 x 32, 8 warps, 3 stages
       (32 KiB; with 2 stages Triton's pipeline keeps no copy in flight during the dot).
+    * H not a multiple of 16 (the ALIGNED=False variant: 2-byte loads, which Triton cannot pipeline):
+      BLOCK_K = 32 and one stage. The scalar loads' addresses and masks cost registers; at BLOCK_K = 64
+      the forward spilled up to 260 bytes (250 registers, none, at 32).
     BLOCK_N (rows) follows N up to 128 so that small batches do not compute 128-row tiles of padding."""
     block_n = min(128, max(16, _next_pow2(n_rows)))
     if dtype == torch.float32:
-        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=3)
+        stages = 3 if hdim % 16 == 0 else 1
+        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=stages)
     warps = 8 if block_n >= 64 else 4
+    if hdim % 16 != 0:
+        return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=warps, num_stages=1)
     if arch < 90:
         return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=warps, num_stages=4)
     return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=64, num_warps=warps, num_stages=3)
 
 
-def _matmul_config(dtype: torch.dtype, arch: int = 90) -> dict:
+def _matmul_config(dtype: torch.dtype, arch: int = 90, aligned: bool = True) -> dict:
     """Tiles of the backward's two GEMMs (same reasoning as ``_tile_config``; no epilogue to speak of, so
-    one more stage than the dz kernel on sm_90 / sm_100: 4 x 32 KiB)."""
+    128 x 128 tiles and one more stage than the dz kernel on sm_90 / sm_100: 4 x 32 KiB). ``aligned``: the
+    call's ALIGNED flag; without it (2-byte loads, no pipeline) 128 x 64 x 32 in one stage, since the fp32
+    accumulate variant spilled 36-52 bytes at 128 x 128."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+        stages = 3 if aligned else 1
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=stages)
+    if not aligned:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=1)
     if arch < 90:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
@@ -936,7 +947,6 @@ def linear_logprobs_bwd(
     has_temp = temperature is not None
     cc = _arch(dev, arch)
     cfg = _tile_config(n, vocab, hdim, hidden.dtype, cc)
-    mcfg = _matmul_config(hidden.dtype, cc)
     dot = _dot_args(hidden.dtype)
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     nc, vc = _bwd_chunks(n, vocab, block_n, block_v, hidden.element_size())
@@ -962,7 +972,6 @@ def linear_logprobs_bwd(
     stats = stats.contiguous()
     g_lp = grad_logprobs.float().contiguous() if has_lp else stats
     g_h = grad_entropy.float().contiguous() if has_h else stats
-    mm = dict(**dot, **mcfg)
 
     for r0 in range(0, n, nc):
         nr = min(nc, n - r0)
@@ -1004,6 +1013,8 @@ def linear_logprobs_bwd(
                 **cfg,
             )
             # grad_weight[v0:v0+nv] (+)= dx^T @ hidden[r0:r0+nr]
+            al = _aligned((nv, hdim, r0 * hidden.stride(0), v0 * gw_acc.stride(0)), (dx, hidden, gw_acc))
+            mcfg = _matmul_config(hidden.dtype, cc, al)
             launch(_matmul_kernel)[(_cdiv(nv, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
                 dx,
                 hidden,
@@ -1022,11 +1033,13 @@ def linear_logprobs_bwd(
                 1,
                 ACCUMULATE=r0 > 0,
                 A_K_CONTIG=False,
-                ALIGNED=_aligned((nv, hdim, r0 * hidden.stride(0), v0 * gw_acc.stride(0)),
-                                 (dx, hidden, gw_acc)),
-                **mm,
+                ALIGNED=al,
+                **dot,
+                **mcfg,
             )
             # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]
+            al = _aligned((nv, hdim, v0 * weight.stride(0), r0 * gh_acc.stride(0)), (dx, weight, gh_acc))
+            mcfg = _matmul_config(hidden.dtype, cc, al)
             launch(_matmul_kernel)[(_cdiv(nr, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
                 dx,
                 weight,
@@ -1045,9 +1058,9 @@ def linear_logprobs_bwd(
                 1,
                 ACCUMULATE=v0 > 0,
                 A_K_CONTIG=True,
-                ALIGNED=_aligned((nv, hdim, v0 * weight.stride(0), r0 * gh_acc.stride(0)),
-                                 (dx, weight, gh_acc)),
-                **mm,
+                ALIGNED=al,
+                **dot,
+                **mcfg,
             )
             if has_bias:
                 gb_acc[v0 : v0 + nv] += dbias[:n_rb, :nv].sum(0)
