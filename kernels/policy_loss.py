@@ -266,6 +266,7 @@ def policy_loss_fused(
         bias_correction,
     ) = params
     has_temp = temperature is not None
+    aligned = _aligned(vocab, logits, grad)
     launch(_policy_loss_fused_kernel)[(n,)](
         logits,
         labels,
@@ -298,7 +299,7 @@ def policy_loss_fused(
         HAS_OLD=bool(has_old),
         BIAS_CORRECTION=bool(bias_correction),
         DUAL_CLIP=float(dual_clip_c) > 0,
-        ALIGNED=_aligned(vocab, logits, grad),
-        **_stream_config(vocab),
+        ALIGNED=aligned,
+        **_stream_config(vocab, aligned),
     )
     return lp, ent, lse, g_lp, g_h, grad

@@ -14,7 +14,7 @@ z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are 
 sequence length or vocabulary never recompiles; only BLOCK_V, STAGES and the feature flags (HAS_ENTROPY,
 HAS_RANK, HAS_TEMP) are constexpr, plus ALIGNED (``_aligned``: V and the row strides are multiples of 16),
 the one extra variant, in which the row sweeps load 16 bytes per thread and instruction through a cp.async
-pipeline (``_stream_config``; the other variant is the same code with 2- / 4-byte loads).
+pipeline (``_stream_config``; the other variant is the same code with 2- / 4-byte loads, unpipelined).
 
 One consistent scaling (docs/numerics.md): d_j = z_j - m is formed by ONE expression everywhere,
 d(x) = fma(x, 1/tau, -m) - m_lo, with the shift m + m_lo defined by that expression at the row's RAW maximum
@@ -65,7 +65,7 @@ def _aligned(vocab: int, *tensors) -> bool:
     return vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
 
 
-def _stream_config(vocab: int) -> dict:
+def _stream_config(vocab: int, aligned: bool) -> dict:
     """Launch constants of the one-program-per-row sweeps (also used by kernels/policy_loss.py).
 
     * BLOCK_V: ``_block_v``. num_warps: 8 for the 4096 block, 4 for the 1024 one, so that each thread
@@ -74,11 +74,12 @@ def _stream_config(vocab: int) -> dict:
     * STAGES: the sweep loops are software-pipelined with ``tl.range(..., num_stages=STAGES)``: on sm_80+
       the next STAGES - 1 blocks are fetched by cp.async into shared memory while the current one is
       reduced, so one program keeps several 16-byte loads in flight instead of waiting on each block
-      (STAGES x BLOCK_V x element bytes of shared memory: 48 KiB for fp32 at 4096, 24 KiB for bf16). Triton
-      pipelines only the ALIGNED variant (cp.async needs 4-byte-or-wider accesses); the other one runs the
-      same loop unpipelined. Chosen, not tuned: no GPU has timed it (docs/gpu-kernels.md)."""
+      ((STAGES - 1) x BLOCK_V x element bytes of shared memory: 32 KiB for fp32 at 4096, 16 KiB for bf16).
+      Only the ALIGNED variant is pipelined (``aligned``): the other one's 2-byte loads cannot become
+      cp.async, and its fp32 form pipelined with 4-byte copies needed 165 registers (1 program per SM).
+      Chosen, not tuned: no GPU has timed it (docs/gpu-kernels.md)."""
     block = _block_v(vocab)
-    return dict(BLOCK_V=block, STAGES=3, num_warps=8 if block >= 4096 else 4)
+    return dict(BLOCK_V=block, STAGES=3 if aligned else 1, num_warps=8 if block >= 4096 else 4)
 
 
 @triton.jit
@@ -330,6 +331,7 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         return lp, ent, rank, lse, stats
     has_temp = temperature is not None
     has_pivot = label_logit is not None
+    aligned = _aligned(vocab, logits)
     launch(_token_logprobs_fwd_kernel)[(n,)](
         logits,
         labels,
@@ -351,8 +353,8 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         HAS_ENTROPY=want_entropy,
         HAS_RANK=want_rank,
         HAS_LABEL_LOGIT=has_pivot,
-        ALIGNED=_aligned(vocab, logits),
-        **_stream_config(vocab),
+        ALIGNED=aligned,
+        **_stream_config(vocab, aligned),
     )
     return lp, ent, rank, lse, stats
 
@@ -366,6 +368,7 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature,
     has_temp = temperature is not None
     has_lp = grad_logprobs is not None
     has_h = grad_entropy is not None
+    aligned = _aligned(vocab, logits, grad)
     launch(_token_logprobs_bwd_kernel)[(n,)](
         grad_logprobs.float().contiguous() if has_lp else stats,
         grad_entropy.float().contiguous() if has_h else stats,
@@ -386,7 +389,7 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature,
         HAS_TEMP=has_temp,
         HAS_GRAD_LP=has_lp,
         HAS_GRAD_H=has_h,
-        ALIGNED=_aligned(vocab, logits, grad),
-        **_stream_config(vocab),
+        ALIGNED=aligned,
+        **_stream_config(vocab, aligned),
     )
     return grad
