@@ -87,7 +87,7 @@ Block sizes (constexpr, ``_tile_config`` / ``_matmul_config``, per architecture)
 two of N clamped to [16, 128] (four buckets, so small batches do not compute 128-row tiles of padding). For
 16-bit inputs on sm_90 / sm_100: forward and dz (always the same tiles) 128 x 64 x 64, matmul 128 x 128 x 64,
 8 warps, 3 / 4 pipeline stages; sm_80: BLOCK_K = 32 and 4 stages. fp32 inputs (IEEE fp32 dots on the FMA
-units): 64 x 64 x 32 (forward, dz: 8 warps; matmul: 4), 3 stages. A 128 x 128 forward tile needed 255
+units): 64 x 64 x 32, 8 warps, 3 stages. A 128 x 128 forward tile needed 255
 registers and 12-20 bytes of spills once its K loop was pipelined, hence 64 vocabulary columns.
 Checked by compiling ahead of time without a GPU (``bench/sm90_report.py``, ``make check-sm90``, the table
 in docs/gpu-kernels.md): every specialisation compiles for sm_90a with no spills, 16-byte cp.async loads
@@ -731,15 +731,18 @@ def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype, arch: i
       of spills once its K loop is pipelined (197 registers, none, at 128 x 64).
     * 16-bit inputs, sm_80 (mma.sync, 164 KiB of shared memory): BLOCK_K = 32 and 4 stages.
     * fp32 inputs (IEEE fp32 dots on the FMA units, no tensor cores): 64 x 64 x 32, 8 warps, 3 stages
-      (32 KiB; with 2 stages Triton's pipeline keeps no copy in flight during the dot).
+      (32 KiB; with 2 stages Triton's pipeline keeps no copy in flight during the dot; 2 for the small-batch
+      tiles on sm_100, where 3 spilled).
     * H not a multiple of 16 (the ALIGNED=False variant: 2-byte loads, which Triton cannot pipeline):
       BLOCK_K = 32 and one stage. The scalar loads' addresses and masks cost registers; at BLOCK_K = 64
       the forward spilled up to 260 bytes (250 registers, none, at 32).
     BLOCK_N (rows) follows N up to 128 so that small batches do not compute 128-row tiles of padding."""
     block_n = min(128, max(16, _next_pow2(n_rows)))
     if dtype == torch.float32:
-        stages = 3 if hdim % 16 == 0 else 1
-        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=stages)
+        block_n = min(block_n, 64)
+        # sm_100's ptxas spilled 4 bytes for 16-row tiles with 3 stages (none with 2).
+        stages = (2 if arch >= 100 and block_n < 64 else 3) if hdim % 16 == 0 else 1
+        return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=stages)
     warps = 8 if block_n >= 64 else 4
     if hdim % 16 != 0:
         return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=warps, num_stages=1)
@@ -754,8 +757,12 @@ def _matmul_config(dtype: torch.dtype, arch: int = 90, aligned: bool = True) -> 
     call's ALIGNED flag; without it (2-byte loads, no pipeline) 128 x 64 x 32 in one stage, since the fp32
     accumulate variant spilled 36-52 bytes at 128 x 128."""
     if dtype == torch.float32:
+        # Warps and stages as the compile check found them spill-free: with 4 warps the FMA dot's operand
+        # fragments spilled 8-36 bytes (aligned: sm_80; unaligned: sm_100), with 8 the unaligned one 4 bytes
+        # on sm_90.
         stages = 3 if aligned else 1
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=stages)
+        warps = 8 if aligned or arch >= 100 else 4
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=warps, num_stages=stages)
     if not aligned:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=1)
     if arch < 90:
