@@ -9,9 +9,14 @@ set -uo pipefail
 OUT=${OUT:-bench/results/gpu-local}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# A fresh Triton cache: at the end, the kernels this run compiled are summarised (registers, stack, load
+# widths, cp.async pipelining, MMA kind) by the same reader as the ahead-of-time check of docs/gpu-kernels.md.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/reasonrl-gpu-check-triton-cache}
+rm -rf "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/device.txt"
 time python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$OUT/install.log"
 python3 -m reasonrl.cli info | tee "$OUT/info.txt"
 timeout 180 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 timeout 360 python3 -m reasonrl.cli bench --profile quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+python3 -m reasonrl.bench.sm90_report --from-cache "$TRITON_CACHE_DIR" > "$OUT/triton_kernels.txt" 2>&1
 ls -la "$OUT"

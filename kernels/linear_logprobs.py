@@ -83,23 +83,34 @@ forward + backward 8NVH. The backward re-reads the workspace twice (2 x N x V x 
 reference shape, ~3 ms at 3 TB/s against a 76 ms compute floor) and, with several chunks, the fp32
 grad_hidden accumulator once per chunk (N x H x 8 bytes per chunk).
 
-Block sizes (constexpr, ``_tile_config``): BLOCK_N = next power of two of N clamped to [16, 128] (four
-buckets, so small batches do not compute 128-row tiles of padding); BLOCK_V = 128, BLOCK_K = 64,
-num_warps = 8 for 16-bit inputs (the H100 bf16 default: 128 x 128 x 64 tiles); BLOCK_N <= 64, BLOCK_V = 64,
-BLOCK_K = 32, num_warps = 8 for fp32 (IEEE fp32 dots run on FMA units; smaller tiles keep register pressure
-sane). Checked only by compiling ahead of time for sm_90 on a machine without a GPU (ptxas resource usage:
-no spills for the bf16 forward / dz kernels at 128 x 128 x 64, 8 warps; 24 bytes of stack for fp32 at
-64 x 64 x 32, 8 warps, against 288 with 4 warps). Nothing has been timed or tuned on a GPU.
+Block sizes (constexpr, ``_tile_config`` / ``_matmul_config``, per architecture): BLOCK_N = next power of
+two of N clamped to [16, 128] (four buckets, so small batches do not compute 128-row tiles of padding). For
+16-bit inputs on sm_90 / sm_100: forward and dz (always the same tiles) 128 x 64 x 64, matmul 128 x 128 x 64,
+8 warps, 3 / 4 pipeline stages; sm_80: BLOCK_K = 32 and 4 stages. fp32 inputs (IEEE fp32 dots on the FMA
+units): 64 x 64 x 32, 8 warps, 3 stages. A 128 x 128 forward tile needed 255
+registers and 12-20 bytes of spills once its K loop was pipelined, hence 64 vocabulary columns.
+Checked by compiling ahead of time without a GPU (``bench/sm90_report.py``, ``make check-sm90``, the table
+in docs/gpu-kernels.md): every specialisation compiles for sm_90a with no spills, 16-byte cp.async loads
+with copy groups in flight and wgmma with one group in flight (mma.sync on sm_80, tcgen05 on sm_100).
+Nothing has been timed or tuned on a GPU.
 
-N, V, H, the chunk offsets and ignore_index are runtime arguments listed in ``do_not_specialize``, so a
-new sequence length, vocabulary or hidden size never recompiles a kernel (row strides are left to Triton's
-usual ==1 / %16 specialisation: at most two variants, for vectorised loads). Tile origins are int64; offsets
-inside a tile are int32, which assumes BLOCK x row stride < 2^31 (H and the workspace width below 2^24).
+Specialisation. N, V, H, the chunk offsets and ignore_index are runtime arguments listed in
+``do_not_specialize``, so a new sequence length, vocabulary or hidden size never recompiles a kernel. One
+constexpr, ALIGNED, says that the sizes along the tiles' contiguous dimensions (H; the vocabulary chunk in
+the backward) and the element offsets are multiples of 16 (``_aligned``, checked on the host); the kernels
+then rewrite those sizes as (n // 16) * 16, which Triton's alignment analysis understands: every tile load
+becomes 16 bytes wide, which is also the condition for Triton to issue cp.async and pipeline the K loop (it
+pipelines no 2-byte loads). Sizes that are not multiples of 16 (H = 4100, the last chunk of V = 50257) run
+the ALIGNED=False variant: the same code with 2-byte masked loads, unpipelined. Row strides keep Triton's
+usual ==1 / %16 specialisation (for contiguous tensors they follow H, so no further variants). Tile origins
+are int64; offsets inside a tile are int32, which assumes BLOCK x row stride < 2^31 (H and the workspace
+width below 2^24).
 
 Known limits: the number of kernel launches of the backward (the chunk loop) and the split count of the
 forward are computed on the host from N and V; under ``torch.compile`` with dynamic shapes that host code
-is traced, so those counts may add guards (unverified: no GPU in the task that wrote this). No tuning,
-no warp specialisation / TMA (Hopper); float64 is not supported (use the cpp or reference implementation).
+is traced, so those counts may add guards (unverified: no GPU in the task that wrote this). No tuning, no
+TMA descriptors or warp specialisation (cp.async rings; TMA would need a device-side descriptor allocator
+inside ``torch.library.triton_op``); float64 is not supported (use the cpp or reference implementation).
 """
 
 from __future__ import annotations
@@ -148,9 +159,22 @@ def _rows_setup(
     tau_ok = (tau >= 1.1754943508222875e-38) & (tau < float("inf"))
     valid = row_ok & (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
     tau = tl.where(valid, tau, 1.0)
-    inv_hi = 1.0 / tau
-    inv_lo = tl.fma(-tau, inv_hi, 1.0) / tau
+    # Correctly rounded divisions (div.rn), not the approximate div.full.f32 of `/` on the GPU: every
+    # kernel of the forward, combine and backward derives the same (hi, lo) (docs/numerics.md section 6).
+    inv_hi = tl.div_rn(1.0, tau)
+    inv_lo = tl.div_rn(tl.fma(-tau, inv_hi, 1.0), tau)
     return label, inv_hi, inv_lo, valid
+
+
+@triton.jit
+def _multiple_of_16(n, ALIGNED: tl.constexpr):
+    """``n`` itself; with ALIGNED (the host checked n % 16 == 0) written as (n // 16) * 16 so that Triton's
+    alignment analysis sees it (``tl.multiple_of`` does not apply to scalar arguments). Masks ``k < n`` on
+    a tile's contiguous dimension are then constant over 16 elements: 16-byte loads, which is also what
+    lets Triton turn the K loop's loads into cp.async and pipeline it (it pipelines no 2-byte loads)."""
+    if ALIGNED:
+        n = (n // 16) * 16
+    return n
 
 
 @triton.jit
@@ -258,7 +282,9 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    hdim = _multiple_of_16(hdim, ALIGNED)  # ALIGNED: H % 16 == 0 (host-checked), 16-byte GEMM loads
     pid = tl.program_id(0).to(tl.int64)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
     row_block = pid % n_row_blocks
@@ -305,8 +331,13 @@ def _linear_logprobs_fwd_kernel(
         v_start = split * blocks_per_split * BLOCK_V
         v_end = tl.minimum(vocab, v_start + blocks_per_split * BLOCK_V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-            col_ok = cols < v_end
+            # Columns as int32 offsets inside the tile and the label as its offset from v0 (-1 when not in
+            # this tile): int64 column indices in the MMA layout would cost 2 registers per element of the
+            # epilogue (the scarcest resource of this kernel: see _tile_config).
+            cols = tl.arange(0, BLOCK_V)
+            col_ok = cols < v_end - v0
+            lab = label - v0
+            lab = tl.where((lab >= 0) & (lab < BLOCK_V), lab, -1).to(tl.int32)
             x = _logits_tile(
                 hidden_ptr,
                 weight_ptr,
@@ -326,10 +357,10 @@ def _linear_logprobs_fwd_kernel(
                 UPCAST_DOT,
             )
             if HAS_RANK:
-                above = (x > x_label[:, None]) & (cols[None, :] != label[:, None]) & col_ok[None, :]
+                above = (x > x_label[:, None]) & (cols[None, :] != lab[:, None]) & col_ok[None, :]
                 count += tl.sum(above.to(tl.int32), axis=1)
             # The raw x_y, gathered when its tile passes (only the owning split sees it; the others keep 0).
-            t += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
+            t += tl.sum(tl.where(cols[None, :] == lab[:, None], x, 0.0), axis=1)
             # docs/ops.md 2.2 per row, one maximum per tile: tau > 0, so the raw maximum is also that of z.
             # While a row has seen only -inf, the shift is (0, 0): d = -inf and e = 0 (never -inf - -inf),
             # alpha = 0 and s, b stay 0. NaN / +inf logits make d NaN for that column, so s and everything
@@ -428,15 +459,19 @@ def _linear_logprobs_combine_kernel(
     big_s = tl.where(valid, big_s, 1.0)  # ignored / padding lanes: no log(0) (their outputs are filled below)
     log_s = tl.log(big_s)
     fill = tl.where(label == ignore_index, 0.0, float("nan"))
-    # lp = d(x_y) - ln S <= 0 (the label's exponent as its split summed it); stats fold M_lo into ln S so
-    # that the backward's fma(x, lo, fma(x, hi, -M)) - stats[1] is that same d minus ln S.
-    d_y = _shifted(t, inv_hi, inv_lo, tl.where(big_xm > -float("inf"), big_m, 0.0), big_m_lo)
-    tl.store(logprobs_ptr + rows, tl.where(valid, d_y - log_s, fill), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(valid, big_m + (big_m_lo + log_s), fill), mask=row_ok)
+    # stats fold M_lo into ln S; lp is formed by the backward's expression, fma(x, lo, fma(x, hi, -M)) -
+    # stats[1], so that it is bitwise the ln p_y the dz kernel recomputes (docs/numerics.md section 6). <= 0
+    # exactly: the fma pair is <= M_lo (equal at the maximum) and ln S + M_lo rounds to >= M_lo.
+    log_s_lo = log_s + big_m_lo
+    m_fin = tl.where(big_xm > -float("inf"), big_m, 0.0)
+    lp = tl.fma(t, inv_lo, tl.fma(t, inv_hi, -m_fin)) - log_s_lo
+    lp = tl.where(t == -float("inf"), -float("inf"), lp)
+    tl.store(logprobs_ptr + rows, tl.where(valid, lp, fill), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(valid, big_m + log_s_lo, fill), mask=row_ok)
     tl.store(stats_ptr + 2 * rows, tl.where(valid, big_m, fill), mask=row_ok)
-    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s + big_m_lo, fill), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, tl.where(valid, log_s_lo, fill), mask=row_ok)
     if HAS_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(valid, log_s - big_b / big_s, fill), mask=row_ok)
+        tl.store(entropy_ptr + rows, tl.where(valid, log_s - tl.div_rn(big_b, big_s), fill), mask=row_ok)
     if HAS_RANK:
         tl.store(rank_ptr + rows, tl.where(valid, count + 1, 0), mask=row_ok)
 
@@ -482,7 +517,13 @@ def _linear_logprobs_dz_kernel(
     GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    # ALIGNED: H, the chunk's column count and its first column are multiples of 16 (host-checked), so the
+    # GEMM loads, the bias load and the dx stores are 16-byte accesses.
+    hdim = _multiple_of_16(hdim, ALIGNED)
+    v_count = _multiple_of_16(v_count, ALIGNED)
+    v_start = _multiple_of_16(v_start, ALIGNED)
     # Grouped tile order (GROUP_N row blocks sweep the vocabulary blocks together) so the weight and hidden
     # tiles of concurrently running programs stay in L2.
     pid = tl.program_id(0).to(tl.int64)
@@ -585,10 +626,26 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    A_K_CONTIG: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """C[m, n] (+)= sum_k A[m, k] B[k, n] with an fp32 accumulator; C is stored in its own dtype. With
     ACCUMULATE the existing C (fp32) is added once, after the K loop: each C element is owned by one program
-    and summed in a fixed order (deterministic). Element offsets a/b/c_offset address chunks of a buffer."""
+    and summed in a fixed order (deterministic). Element offsets a/b/c_offset address chunks of a buffer.
+
+    Layouts: B and C are contiguous along n; A along k (A_K_CONTIG, dx @ weight) or along m (dx^T @ hidden).
+    ALIGNED (host-checked): the sizes of those contiguous dimensions and the three offsets are multiples of
+    16, so every tile load / store is 16 bytes wide and the K loop is pipelined with cp.async. The size
+    along A's strided dimension (the token count for dx^T @ hidden) may be anything."""
+    if ALIGNED:
+        n_size = _multiple_of_16(n_size, True)
+        if A_K_CONTIG:
+            k_size = _multiple_of_16(k_size, True)
+        else:
+            m_size = _multiple_of_16(m_size, True)
+        a_offset = _multiple_of_16(a_offset, True)
+        b_offset = _multiple_of_16(b_offset, True)
+        c_offset = _multiple_of_16(c_offset, True)
     pid = tl.program_id(0).to(tl.int64)
     n_pid_m = tl.cdiv(m_size, BLOCK_M)
     n_pid_n = tl.cdiv(n_size, BLOCK_N)
@@ -647,18 +704,79 @@ def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
-def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype) -> dict:
-    """Constexpr tile sizes: a few buckets, never one variant per N, V or H (see the module docstring)."""
+def _arch(device: torch.device, arch: int | None) -> int:
+    """Compute capability x 10 the tile configurations are chosen for: ``arch`` when given (the ahead-of-time
+    compile check passes it with meta tensors), the device's on CUDA, else 90 (the interpreter: the tiles
+    only change how fast it runs, never the results' semantics)."""
+    if arch is not None:
+        return int(arch)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def _tile_config(n_rows: int, vocab: int, hdim: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """Constexpr tile sizes and pipeline depth of the forward and dz kernels: a few buckets, never one
+    variant per N, V or H (see the module docstring). Checked by compiling for each architecture
+    (bench/sm90_report.py: no spills, 16-byte cp.async loads, the MMA kind), not timed.
+
+    The forward and the dz kernel always share one configuration: the dz kernel recomputes the forward's
+    logits tiles, and the same tile code with the same tiles gives the same bits (the backward's ln p_j is
+    then exactly the forward's, docs/numerics.md section 6).
+
+    * 16-bit inputs, sm_90 / sm_100: 128 x 64 x 64 tiles, 8 warps (two warpgroups of wgmma on sm_90),
+      3 stages (72 KiB of shared memory for the operand ring). 128 x 128 would halve the shared-memory
+      traffic per MMA, but the forward's online-softmax epilogue then needs 255 registers and 12-20 bytes
+      of spills once its K loop is pipelined (197 registers, none, at 128 x 64).
+    * 16-bit inputs, sm_80 (mma.sync, 164 KiB of shared memory): BLOCK_K = 32 and 4 stages.
+    * fp32 inputs (IEEE fp32 dots on the FMA units, no tensor cores): 64 x 64 x 32, 8 warps, 3 stages
+      (32 KiB; with 2 stages Triton's pipeline keeps no copy in flight during the dot; 2 for the small-batch
+      tiles on sm_100, where 3 spilled).
+    * H not a multiple of 16 (the ALIGNED=False variant: 2-byte loads, which Triton cannot pipeline):
+      BLOCK_K = 32 and one stage. The scalar loads' addresses and masks cost registers; at BLOCK_K = 64
+      the forward spilled up to 260 bytes (250 registers, none, at 32).
+    BLOCK_N (rows) follows N up to 128 so that small batches do not compute 128-row tiles of padding."""
     block_n = min(128, max(16, _next_pow2(n_rows)))
     if dtype == torch.float32:
-        return dict(BLOCK_N=min(block_n, 64), BLOCK_V=64, BLOCK_K=32, num_warps=8)
-    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_K=64, num_warps=8 if block_n >= 64 else 4)
+        block_n = min(block_n, 64)
+        # sm_100's ptxas spilled 4 bytes for 16-row tiles with 3 stages (none with 2).
+        stages = (2 if arch >= 100 and block_n < 64 else 3) if hdim % 16 == 0 else 1
+        return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=stages)
+    warps = 8 if block_n >= 64 else 4
+    if hdim % 16 != 0:
+        return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=warps, num_stages=1)
+    if arch < 90:
+        return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=32, num_warps=warps, num_stages=4)
+    return dict(BLOCK_N=block_n, BLOCK_V=64, BLOCK_K=64, num_warps=warps, num_stages=3)
 
 
-def _matmul_config(dtype: torch.dtype) -> dict:
+def _matmul_config(dtype: torch.dtype, arch: int = 90, aligned: bool = True) -> dict:
+    """Tiles of the backward's two GEMMs (same reasoning as ``_tile_config``; no epilogue to speak of, so
+    128 x 128 tiles and one more stage than the dz kernel on sm_90 / sm_100: 4 x 32 KiB). ``aligned``: the
+    call's ALIGNED flag; without it (2-byte loads, no pipeline) 128 x 64 x 32 in one stage, since the fp32
+    accumulate variant spilled 36-52 bytes at 128 x 128."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8)
+        # Warps and stages as the compile check found them spill-free: with 4 warps the FMA dot's operand
+        # fragments spilled 8-36 bytes (aligned: sm_80; unaligned: sm_100), with 8 the unaligned one 4 bytes
+        # on sm_90.
+        stages = 3 if aligned else 1
+        warps = 8 if aligned or arch >= 100 else 4
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=warps, num_stages=stages)
+    if not aligned:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=1)
+    if arch < 90:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def _aligned(sizes, tensors) -> bool:
+    """The ALIGNED constexpr: every size / offset in ``sizes`` and every row stride of ``tensors`` is a
+    multiple of 16 elements (then the kernels' 2-D tiles load and store 16 bytes at a time). Sizes stay
+    runtime arguments; this flag is the only extra compiled variant. Shapes and strides only, never
+    ``data_ptr()`` (FakeTensors under torch.compile have none): base-address alignment is Triton's own
+    run-time specialisation of pointer arguments, which the flag does not assert."""
+    return all(x % 16 == 0 for x in sizes) and all(t.stride(0) % 16 == 0 for t in tensors)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -712,6 +830,7 @@ def linear_logprobs_fwd(
     want_rank,
     *,
     launch=None,
+    arch=None,
 ):
     """Forward of ``linear_token_logprobs`` without the N x V logits.
 
@@ -720,6 +839,7 @@ def linear_logprobs_fwd(
         bias: [V] or None.
         labels: [N] int64. temperature: [N] fp32 (any stride) or None, then ``temperature_scalar`` (float).
         launch: ``torch.library.wrap_triton`` inside a ``triton_op``; direct launch by default.
+        arch: compute capability x 10 to choose tiles for (default: the device's; see ``_arch``).
 
     Returns:
         (logprobs [N] fp32, entropy [N] fp32 or [0], rank [N] int32 or [0], lse [N] fp32,
@@ -736,7 +856,7 @@ def linear_logprobs_fwd(
     rank = torch.empty((n if want_rank else 0,), device=dev, dtype=torch.int32)
     if n == 0:
         return lp, ent, rank, lse, stats
-    cfg = _tile_config(n, vocab, hdim, hidden.dtype)
+    cfg = _tile_config(n, vocab, hdim, hidden.dtype, _arch(dev, arch))
     n_rb = _cdiv(n, cfg["BLOCK_N"])
     splits, per_split = _vocab_splits(n_rb, _cdiv(vocab, cfg["BLOCK_V"]), dev)
     part = torch.empty((splits, 4, n), device=dev, dtype=torch.float32)
@@ -764,6 +884,7 @@ def linear_logprobs_fwd(
         HAS_TEMP=has_temp,
         HAS_ENTROPY=want_entropy,
         HAS_RANK=want_rank,
+        ALIGNED=_aligned((hdim,), (hidden, weight)),
         **_dot_args(hidden.dtype),
         **cfg,
     )
@@ -807,6 +928,7 @@ def linear_logprobs_bwd(
     entropy,
     *,
     launch=None,
+    arch=None,
 ):
     """Backward of ``linear_token_logprobs``: recomputes the logits tiles (see the module docstring).
 
@@ -830,8 +952,8 @@ def linear_logprobs_bwd(
             torch.zeros_like(bias) if has_bias else None,
         )
     has_temp = temperature is not None
-    cfg = _tile_config(n, vocab, hdim, hidden.dtype)
-    mcfg = _matmul_config(hidden.dtype)
+    cc = _arch(dev, arch)
+    cfg = _tile_config(n, vocab, hdim, hidden.dtype, cc)
     dot = _dot_args(hidden.dtype)
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     nc, vc = _bwd_chunks(n, vocab, block_n, block_v, hidden.element_size())
@@ -857,7 +979,6 @@ def linear_logprobs_bwd(
     stats = stats.contiguous()
     g_lp = grad_logprobs.float().contiguous() if has_lp else stats
     g_h = grad_entropy.float().contiguous() if has_h else stats
-    mm = dict(**dot, **mcfg)
 
     for r0 in range(0, n, nc):
         nr = min(nc, n - r0)
@@ -894,10 +1015,13 @@ def linear_logprobs_bwd(
                 HAS_GRAD_LP=has_lp,
                 HAS_GRAD_H=has_h,
                 GROUP_N=8,
+                ALIGNED=_aligned((hdim, nv, v0), (hidden, weight, dx)),
                 **dot,
                 **cfg,
             )
             # grad_weight[v0:v0+nv] (+)= dx^T @ hidden[r0:r0+nr]
+            al = _aligned((nv, hdim, r0 * hidden.stride(0), v0 * gw_acc.stride(0)), (dx, hidden, gw_acc))
+            mcfg = _matmul_config(hidden.dtype, cc, al)
             launch(_matmul_kernel)[(_cdiv(nv, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
                 dx,
                 hidden,
@@ -915,9 +1039,14 @@ def linear_logprobs_bwd(
                 gw_acc.stride(0),
                 1,
                 ACCUMULATE=r0 > 0,
-                **mm,
+                A_K_CONTIG=False,
+                ALIGNED=al,
+                **dot,
+                **mcfg,
             )
             # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]
+            al = _aligned((nv, hdim, v0 * weight.stride(0), r0 * gh_acc.stride(0)), (dx, weight, gh_acc))
+            mcfg = _matmul_config(hidden.dtype, cc, al)
             launch(_matmul_kernel)[(_cdiv(nr, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
                 dx,
                 weight,
@@ -935,7 +1064,10 @@ def linear_logprobs_bwd(
                 gh_acc.stride(0),
                 1,
                 ACCUMULATE=v0 > 0,
-                **mm,
+                A_K_CONTIG=True,
+                ALIGNED=al,
+                **dot,
+                **mcfg,
             )
             if has_bias:
                 gb_acc[v0 : v0 + nv] += dbias[:n_rb, :nv].sum(0)

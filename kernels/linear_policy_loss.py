@@ -61,8 +61,8 @@ def _token_grad_kernel(
     tl.store(g_h_ptr + offs, tl.where(bad, 0.0, g_h), mask=in_n)
 
 
-def linear_policy_loss(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, token_inputs,
-                       loss_kind, kl_kind, params, *, launch=None):  # fmt: skip
+def linear_policy_loss(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
+                       token_inputs, loss_kind, kl_kind, params, *, launch=None, arch=None):  # fmt: skip
     """Returns (logprobs, entropy, lse, grad_logprobs, grad_entropy, grad_hidden, grad_weight, grad_bias) like
     the C++ op ``reasonrl::policy_loss_from_hidden_fused`` (grad_bias empty without a bias)."""
     launch = launch or (lambda kernel: kernel)
@@ -71,7 +71,8 @@ def linear_policy_loss(hidden, weight, bias, labels, temperature, temperature_sc
         raise ValueError(f"linear_policy_loss: token_inputs must be float32 [N, {NUM_INPUTS.value}] = "
                          f"[{n}, {NUM_INPUTS.value}], got {token_inputs.dtype} {tuple(token_inputs.shape)}")
     lp, ent, _rank, lse, stats = linear_logprobs_fwd(
-        hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, True, False, launch=launch
+        hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, True, False,
+        launch=launch, arch=arch,
     )
     g_lp = torch.zeros((n,), device=hidden.device, dtype=torch.float32)
     g_h = torch.zeros((n,), device=hidden.device, dtype=torch.float32)
@@ -83,7 +84,7 @@ def linear_policy_loss(hidden, weight, bias, labels, temperature, temperature_sc
         )  # fmt: skip
     grad_hidden, grad_weight, grad_bias = linear_logprobs_bwd(
         g_lp, g_h, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, stats, ent,
-        launch=launch,
+        launch=launch, arch=arch,
     )
     if grad_bias is None:
         grad_bias = torch.empty((0,), device=weight.device, dtype=weight.dtype)

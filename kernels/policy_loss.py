@@ -23,12 +23,14 @@ import triton
 import triton.language as tl
 
 from reasonrl.kernels.token_logprobs import (
-    _block_v,
+    _aligned,
     _direct_launch,
+    _multiple_of_16,
     _row_grad,
     _row_setup,
     _row_stats,
     _row_zero,
+    _stream_config,
 )
 
 # The kernels' interface: codes of loss_kind / kl_kind, the token_inputs columns and the params order. The
@@ -193,8 +195,11 @@ def _policy_loss_fused_kernel(
     BIAS_CORRECTION: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    vocab = _multiple_of_16(vocab, ALIGNED)  # 16-byte row sweeps (kernels/token_logprobs.py)
     label, tau, valid = _row_setup(
         labels_ptr,
         temperature_ptr,
@@ -208,15 +213,17 @@ def _policy_loss_fused_kernel(
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     if valid:
-        inv_tau = 1.0 / tau
+        inv_tau = tl.div_rn(1.0, tau)  # correctly rounded, as kernels/token_logprobs.py
         x_label = tl.load(row_ptr + label).to(tl.float32)
-        m, m_lo, s, b, _ = _row_stats(row_ptr, x_label, inv_tau, vocab, True, False, BLOCK_V)
+        m, m_lo, s, b, _ = _row_stats(row_ptr, x_label, inv_tau, vocab, True, False, BLOCK_V, STAGES)
         log_s = tl.log(s)
-        lp = (tl.fma(x_label, inv_tau, -m) - m_lo) - log_s  # as kernels/token_logprobs.py: <= 0 exactly
-        h = log_s - b / s
+        log_s_lo = log_s + m_lo
+        # As kernels/token_logprobs.py: <= 0 exactly, and bitwise the ln p_y of the gradient sweep below.
+        lp = tl.fma(x_label, inv_tau, -m) - log_s_lo
+        h = log_s - tl.div_rn(b, s)
         tl.store(logprobs_ptr + row, lp)
         tl.store(entropy_ptr + row, h)
-        tl.store(lse_ptr + row, m + (m_lo + log_s))
+        tl.store(lse_ptr + row, m + log_s_lo)
         inp = inputs_ptr + row * NUM_INPUTS
         g_lp = _token_grad(
             lp,
@@ -246,7 +253,7 @@ def _policy_loss_fused_kernel(
             g_h = 0.0
         tl.store(grad_lp_ptr + row, g_lp)
         tl.store(grad_h_ptr + row, g_h)
-        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s + m_lo, g_lp, g_h, h, vocab, BLOCK_V)
+        _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s_lo, g_lp, g_h, h, vocab, BLOCK_V, STAGES)
     else:
         fill = tl.where(label == ignore_index, 0.0, float("nan"))
         tl.store(logprobs_ptr + row, fill)
@@ -287,6 +294,7 @@ def policy_loss_fused(
         )
     floats, flags = loss_launch_args(loss_kind, kl_kind, params)
     has_temp = temperature is not None
+    aligned = _aligned(vocab, logits, grad)
     launch(_policy_loss_fused_kernel)[(n,)](
         logits,
         labels,
@@ -307,7 +315,7 @@ def policy_loss_fused(
         *floats,
         HAS_TEMP=has_temp,
         **flags,
-        BLOCK_V=_block_v(vocab),
-        num_warps=8,
+        ALIGNED=aligned,
+        **_stream_config(vocab, aligned),
     )
     return lp, ent, lse, g_lp, g_h, grad

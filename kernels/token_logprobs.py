@@ -11,8 +11,10 @@ proportional to |z - m|, which is what keeps the gradient within 2x of the fp32 
 shifted entropy accumulator b = sum (z - m) e so that H = ln(s) - b / s never cancels (1.4426950408889634 is
 log2(e) in the kernels). m starts at -inf; a block whose maximum is -inf leaves the state unchanged (the rescale factor is computed only when m is finite); terms with
 z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are runtime arguments, so a new
-sequence length or vocabulary never recompiles; only BLOCK_V and the feature flags (HAS_ENTROPY, HAS_RANK,
-HAS_TEMP) are constexpr.
+sequence length or vocabulary never recompiles; only BLOCK_V, STAGES and the feature flags (HAS_ENTROPY,
+HAS_RANK, HAS_TEMP) are constexpr, plus ALIGNED (``_aligned``: V and the row strides are multiples of 16),
+the one extra variant, in which the row sweeps load 16 bytes per thread and instruction through a cp.async
+pipeline (``_stream_config``; the other variant is the same code with 2- / 4-byte loads, unpipelined).
 
 One consistent scaling (docs/numerics.md): d_j = z_j - m is formed by ONE expression everywhere,
 d(x) = fma(x, 1/tau, -m) - m_lo, with the shift m + m_lo defined by that expression at the row's RAW maximum
@@ -53,6 +55,33 @@ def _block_v(vocab: int) -> int:
     return 1024 if vocab <= 8192 else 4096
 
 
+def _aligned(vocab: int, *tensors) -> bool:
+    """Whether V and the row strides of ``tensors`` ([N, V] views) are multiples of 16: then the kernels may
+    tell Triton so (the ALIGNED constexpr) and the row sweeps compile to 16-byte loads / stores (8 bf16 or 4
+    fp32 per thread and instruction) instead of 2- or 4-byte ones. The sizes stay runtime arguments; this is
+    the only extra compiled variant. Only shapes and strides are read, never ``data_ptr()`` (a FakeTensor has
+    none while torch.compile traces the op): the base address's alignment is Triton's own run-time
+    specialisation of pointer arguments, and the flag asserts nothing about it."""
+    return vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
+
+
+def _stream_config(vocab: int, aligned: bool) -> dict:
+    """Launch constants of the one-program-per-row sweeps (also used by kernels/policy_loss.py).
+
+    * BLOCK_V: ``_block_v``. num_warps: 8 for the 4096 block, 4 for the 1024 one, so that each thread
+      holds 8 consecutive elements (16 bytes of bf16 / fp16, 2 x 16 bytes of fp32) per block: the widest
+      load the hardware has, on every architecture since sm_80.
+    * STAGES: the sweep loops are software-pipelined with ``tl.range(..., num_stages=STAGES)``: on sm_80+
+      the next STAGES - 1 blocks are fetched by cp.async into shared memory while the current one is
+      reduced, so one program keeps several 16-byte loads in flight instead of waiting on each block
+      ((STAGES - 1) x BLOCK_V x element bytes of shared memory: 32 KiB for fp32 at 4096, 16 KiB for bf16).
+      Only the ALIGNED variant is pipelined (``aligned``): the other one's 2-byte loads cannot become
+      cp.async, and its fp32 form pipelined with 4-byte copies needed 165 registers (1 program per SM).
+      Chosen, not tuned: no GPU has timed it (docs/gpu-kernels.md)."""
+    block = _block_v(vocab)
+    return dict(BLOCK_V=block, STAGES=3 if aligned else 1, num_warps=8 if block >= 4096 else 4)
+
+
 @triton.jit
 def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar, vocab, ignore_index,
                HAS_TEMP: tl.constexpr):
@@ -72,7 +101,7 @@ def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperatu
 
 @triton.jit
 def _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY: tl.constexpr, HAS_RANK: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+               BLOCK_V: tl.constexpr, STAGES: tl.constexpr):
     """One streaming sweep over a row (docs/ops.md 2.2): the shift m + m_lo of z = x / tau (see the module
     docstring), s = sum exp(d), the shifted entropy accumulator b = sum d exp(d), d = z - m - m_lo <= 0, and
     the rank count #{j : x_j > x_label}."""
@@ -83,7 +112,7 @@ def _row_stats(row_ptr, x_label, inv_tau, vocab, HAS_ENTROPY: tl.constexpr, HAS_
     b = 0.0
     count = 0
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab, BLOCK_V):
+    for start in tl.range(0, vocab, BLOCK_V, num_stages=STAGES):
         offs = start + cols
         in_v = offs < vocab
         x = tl.load(row_ptr + offs, mask=in_v, other=-float("inf")).to(tl.float32)
@@ -130,12 +159,14 @@ def _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LAB
 
 
 @triton.jit
-def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V: tl.constexpr):
+def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V: tl.constexpr,
+              STAGES: tl.constexpr):
     """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row (docs/ops.md 2.3),
     with ln p_j = fma(x_j, 1/tau, -m) - log_s formed as the forward formed every exponent (``log_s`` is the
-    second statistic, ln s + m_lo)."""
+    second statistic, ln s + m_lo). The pipelined loop prefetches later blocks before writing this one: an
+    in-place gradient (grad_row_ptr == row_ptr) still reads every block before overwriting it."""
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab, BLOCK_V):
+    for start in tl.range(0, vocab, BLOCK_V, num_stages=STAGES):
         offs = start + cols
         in_v = offs < vocab
         x = tl.load(row_ptr + offs, mask=in_v, other=0.0).to(tl.float32)
@@ -146,6 +177,16 @@ def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, voc
         dz = tl.where(p > 0, dz, 0.0)  # p = 0 at -inf logits: never 0 * inf
         dz = tl.where(offs == label, dz + g_lp, dz)
         tl.store(grad_row_ptr + offs, (dz * inv_tau).to(grad_row_ptr.dtype.element_ty), mask=in_v)
+
+
+@triton.jit
+def _multiple_of_16(n, ALIGNED: tl.constexpr):
+    """``n`` itself; with ALIGNED (the host checked n % 16 == 0) written as (n // 16) * 16, which Triton's
+    alignment analysis can see through (``tl.multiple_of`` does not apply to scalar arguments): masks
+    ``offs < n`` are then constant over groups of 16 columns and the row sweeps vectorise."""
+    if ALIGNED:
+        n = (n // 16) * 16
+    return n
 
 
 @triton.jit
@@ -179,25 +220,34 @@ def _token_logprobs_fwd_kernel(
     HAS_RANK: tl.constexpr,
     HAS_LABEL_LOGIT: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    vocab = _multiple_of_16(vocab, ALIGNED)
     # Labels are checked against the global vocabulary (= vocab unless vocab-parallel).
     label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
                                    vocab_global, ignore_index, HAS_TEMP)
     if valid:
-        inv_tau = 1.0 / tau
+        # Correctly rounded (div.rn), not the approximate div.full.f32 that `1.0 / tau` compiles to: the
+        # backward and the fused loss compute the same bits (docs/numerics.md section 6).
+        inv_tau = tl.div_rn(1.0, tau)
         row_ptr = logits_ptr + row * stride_logits_n
         _, x_label, pivot = _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LABEL_LOGIT)
-        m, m_lo, s, b, count = _row_stats(row_ptr, pivot, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V)
+        m, m_lo, s, b, count = _row_stats(row_ptr, pivot, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V,
+                                          STAGES)
         log_s = tl.log(s)
-        # lp = d_y - log s, d_y formed exactly as every exponent of the loop: <= 0 (-inf on a rank that does
-        # not own the label).
-        tl.store(logprobs_ptr + row, (tl.fma(x_label, inv_tau, -m) - m_lo) - log_s)
-        tl.store(lse_ptr + row, m + (m_lo + log_s))
+        # lp = ln p_y by the backward's expression, fma(x_y, 1/tau, -m) - (ln s + m_lo) with the stored second
+        # statistic: bitwise the log-probability the backward (and the fused loss) recomputes for the label
+        # (docs/numerics.md section 6). <= 0 exactly: fma(x_y, 1/tau, -m) <= m_lo (monotone rounding, equal
+        # at the maximum) and ln s + m_lo rounds to >= m_lo (ln s >= 0); -inf on a rank without the label.
+        log_s_lo = log_s + m_lo
+        tl.store(logprobs_ptr + row, tl.fma(x_label, inv_tau, -m) - log_s_lo)
+        tl.store(lse_ptr + row, m + log_s_lo)
         tl.store(stats_ptr + 2 * row, m)
-        tl.store(stats_ptr + 2 * row + 1, log_s + m_lo)
+        tl.store(stats_ptr + 2 * row + 1, log_s_lo)
         if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, log_s - b / s)
+            tl.store(entropy_ptr + row, log_s - tl.div_rn(b, s))
         if HAS_RANK:
             tl.store(rank_ptr + row, (count + 1).to(tl.int32))
     else:
@@ -234,14 +284,17 @@ def _token_logprobs_bwd_kernel(
     HAS_GRAD_LP: tl.constexpr,
     HAS_GRAD_H: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    vocab = _multiple_of_16(vocab, ALIGNED)
     label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
                                    vocab_global, ignore_index, HAS_TEMP)
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     if valid:
-        inv_tau = 1.0 / tau  # bitwise the forward's
+        inv_tau = tl.div_rn(1.0, tau)  # bitwise the forward's
         m = tl.load(stats_ptr + 2 * row)
         log_s = tl.load(stats_ptr + 2 * row + 1)
         g_lp = 0.0
@@ -255,7 +308,7 @@ def _token_logprobs_bwd_kernel(
         # The one-hot term only where this shard holds the label (local column -1 matches no column).
         local = label - vocab_start
         local = tl.where((local >= 0) & (local < vocab), local, -1)
-        _row_grad(row_ptr, grad_row_ptr, local, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V)
+        _row_grad(row_ptr, grad_row_ptr, local, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V, STAGES)
     else:
         _row_zero(grad_row_ptr, vocab, BLOCK_V)
 
@@ -278,6 +331,7 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         return lp, ent, rank, lse, stats
     has_temp = temperature is not None
     has_pivot = label_logit is not None
+    aligned = _aligned(vocab, logits)
     launch(_token_logprobs_fwd_kernel)[(n,)](
         logits,
         labels,
@@ -299,8 +353,8 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         HAS_ENTROPY=want_entropy,
         HAS_RANK=want_rank,
         HAS_LABEL_LOGIT=has_pivot,
-        BLOCK_V=_block_v(vocab),
-        num_warps=8,
+        ALIGNED=aligned,
+        **_stream_config(vocab, aligned),
     )
     return lp, ent, rank, lse, stats
 
@@ -314,6 +368,7 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature,
     has_temp = temperature is not None
     has_lp = grad_logprobs is not None
     has_h = grad_entropy is not None
+    aligned = _aligned(vocab, logits, grad)
     launch(_token_logprobs_bwd_kernel)[(n,)](
         grad_logprobs.float().contiguous() if has_lp else stats,
         grad_entropy.float().contiguous() if has_h else stats,
@@ -334,7 +389,7 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature,
         HAS_TEMP=has_temp,
         HAS_GRAD_LP=has_lp,
         HAS_GRAD_H=has_h,
-        BLOCK_V=_block_v(vocab),
-        num_warps=8,
+        ALIGNED=aligned,
+        **_stream_config(vocab, aligned),
     )
     return grad

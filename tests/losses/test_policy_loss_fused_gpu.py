@@ -32,7 +32,7 @@ def _case(b, t, vocab, dtype, seed=0):
     return logits, labels, dict(mask=mask, advantages=adv, old_logprobs=old, ref_logprobs=old - 0.05)
 
 
-@pytest.mark.parametrize("vocab", [32000, 151936])
+@pytest.mark.parametrize("vocab", [32000, 50257, 151936])  # 50257: the unaligned-row variant
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_matches_float64_oracle(vocab, dtype):
     logits, labels, kw = _case(4, 16, vocab, dtype)

@@ -30,11 +30,12 @@ IGNORE = -100
 
 
 def _small_config(monkeypatch, workspace_bytes=16 * 1024):
+    # Small tiles (the interpreter's speed); the architecture / forward arguments are ignored.
     monkeypatch.setattr(
-        K, "_tile_config", lambda n, v, h, dt: dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32, num_warps=4)
+        K, "_tile_config", lambda n, v, h, dt, *a, **k: dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32, num_warps=4)
     )
     monkeypatch.setattr(
-        K, "_matmul_config", lambda dt: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4)
+        K, "_matmul_config", lambda dt, *a: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4)
     )
     monkeypatch.setattr(K, "_target_programs", lambda device: 8)
     monkeypatch.setattr(K, "WORKSPACE_BYTES", workspace_bytes)
