@@ -157,10 +157,10 @@ def _cases(subset: str, arch: int):
 
         return run
 
-    def lin(dt, hkey, n, bias, temp, ent, rank, bwd_lp, bwd_h):
+    def lin(dt, hkey, n, bias, temp, ent, rank, bwd_lp, bwd_h, vkey="aligned"):
         def run(launch):
             h = HIDDEN[hkey]
-            v = VOCABS["aligned"]
+            v = VOCABS[vkey]
             hid = _meta((n, h), dtypes[dt])
             w = _meta((v, h), dtypes[dt])
             b = _meta((v,), dtypes[dt]) if bias else None
@@ -238,6 +238,9 @@ def _cases(subset: str, arch: int):
                     name = (f"linear {dt} {hkey} N={n} bias={bias} temp={temp} ent={ent} rank={rank} "
                             f"bwd=({g_lp},{g_h})")  # fmt: skip
                     out.append((name, lin(dt, hkey, n, bias, temp, ent, rank, g_lp, g_h)))
+        # A vocabulary that is not a multiple of 16: the backward's last chunk (bias + both gradients).
+        odd_v = lin(dt, "aligned", N_ROWS, True, False, True, False, True, True, vkey="unaligned")
+        out.append((f"linear {dt} aligned V=50257 N={N_ROWS} bias=True bwd=(True,True)", odd_v))
         for preset in _LOSS_PRESETS:
             out.append((f"linear_policy_loss {dt} {preset}", lin_pl(dt, preset)))
     return out
@@ -318,7 +321,8 @@ def _variant(launch: Launch, signature: dict, constexprs: dict, attrs: dict) -> 
 def _tile(constexprs: dict, launch: Launch, options) -> str:
     names = [p.name for p in launch.kernel.params]
     c = {names[p[0]]: v for p, v in constexprs.items()}
-    dims = [str(c[n]) for n in ("BLOCK_N", "BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK", "BLOCK_R") if n in c]
+    order = ("BLOCK_M", "BLOCK_N", "BLOCK_K") if "BLOCK_M" in c else ("BLOCK_N", "BLOCK_V", "BLOCK_K")
+    dims = [str(c[n]) for n in (*order, "BLOCK", "BLOCK_R") if n in c]
     return f"{'x'.join(dims)} w{options.num_warps} s{options.num_stages}"
 
 

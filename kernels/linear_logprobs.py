@@ -519,11 +519,16 @@ def _linear_logprobs_dz_kernel(
     UPCAST_DOT: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    # ALIGNED: H, the chunk's column count and its first column are multiples of 16 (host-checked), so the
-    # GEMM loads, the bias load and the dx stores are 16-byte accesses.
+    # ALIGNED: H and the chunk's first column are multiples of 16 (host-checked), so the GEMM loads are
+    # 16-byte accesses. The stores cover the chunk's columns rounded up to 16 (v_store): the extra columns
+    # (only in the last chunk of a vocabulary that is not a multiple of 16) hold zeros in the workspace's
+    # padding (its width is a multiple of BLOCK_V), which no later kernel reads, so the dx stores are 16
+    # bytes wide whatever V is and a vocabulary never selects the ALIGNED=False variant on its own.
     hdim = _multiple_of_16(hdim, ALIGNED)
-    v_count = _multiple_of_16(v_count, ALIGNED)
     v_start = _multiple_of_16(v_start, ALIGNED)
+    v_store = v_count
+    if ALIGNED:
+        v_store = ((v_count + 15) // 16) * 16
     # Grouped tile order (GROUP_N row blocks sweep the vocabulary blocks together) so the weight and hidden
     # tiles of concurrently running programs stay in L2.
     pid = tl.program_id(0).to(tl.int64)
@@ -596,10 +601,10 @@ def _linear_logprobs_dz_kernel(
     tl.store(
         dx_ptr + local_rows[:, None] * stride_dx_n + local_cols[None, :],
         dx.to(dx_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
+        mask=row_ok[:, None] & (local_cols < v_store)[None, :],
     )
     if HAS_BIAS:
-        tl.store(dbias_ptr + rb * stride_dbias_n + local_cols, tl.sum(dx, axis=0), mask=col_ok)
+        tl.store(dbias_ptr + rb * stride_dbias_n + local_cols, tl.sum(dx, axis=0), mask=local_cols < v_store)
 
 
 @triton.jit(do_not_specialize=["m_size", "n_size", "k_size", "a_offset", "b_offset", "c_offset"])
@@ -1015,7 +1020,7 @@ def linear_logprobs_bwd(
                 HAS_GRAD_LP=has_lp,
                 HAS_GRAD_H=has_h,
                 GROUP_N=8,
-                ALIGNED=_aligned((hdim, nv, v0), (hidden, weight, dx)),
+                ALIGNED=_aligned((hdim, v0), (hidden, weight, dx)),
                 **dot,
                 **cfg,
             )
