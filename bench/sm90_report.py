@@ -211,7 +211,7 @@ def _cases(subset: str, arch: int):
         return out
 
     # The full set: every dtype x alignment class x block bucket, with the flag combinations that change
-    # the code the most (each flag alone and all together), not their whole product (~200 compilations).
+    # the code the most (each flag alone and all together), not their whole product (~245 compilations).
     tok_flags = [(False, False, False, False), (True, False, False, False), (True, False, True, False),
                  (True, True, False, False), (True, True, True, True),
                  (False, True, False, True)]  # fmt: skip

@@ -100,8 +100,9 @@ constexpr, ALIGNED, says that the sizes along the tiles' contiguous dimensions (
 the backward) and the element offsets are multiples of 16 (``_aligned``, checked on the host); the kernels
 then rewrite those sizes as (n // 16) * 16, which Triton's alignment analysis understands: every tile load
 becomes 16 bytes wide, which is also the condition for Triton to issue cp.async and pipeline the K loop (it
-pipelines no 2-byte loads). Sizes that are not multiples of 16 (H = 4100, the last chunk of V = 50257) run
-the ALIGNED=False variant: the same code with 2-byte masked loads, unpipelined. Row strides keep Triton's
+pipelines no 2-byte loads). Sizes that are not multiples of 16 (H = 4100; for the matmuls also the last
+chunk of V = 50257) run the ALIGNED=False variant: the same code with 2-byte masked loads, unpipelined, on
+smaller K tiles (``_tile_config``). Row strides keep Triton's
 usual ==1 / %16 specialisation (for contiguous tensors they follow H, so no further variants). Tile origins
 are int64; offsets inside a tile are int32, which assumes BLOCK x row stride < 2^31 (H and the workspace
 width below 2^24).
