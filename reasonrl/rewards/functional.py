@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from reasonrl.ops import validation_enabled
-from reasonrl.ops.r3_reward import r3_reward as _r3_reward_op
+
+# r3_reward is the registered op itself (C++ on CPU, Triton on CUDA, the reference as fallback).
+from reasonrl.ops.r3_reward import r3_reward
 from reasonrl.reference.phase_entropy import PhaseEntropy, find_boundary_reference, phase_entropy_reference
 from reasonrl.reference.r3_reward import R3Output
 
@@ -31,40 +33,6 @@ def _check_impl(op: str, impl: str) -> None:
     if impl not in _IMPLS:
         raise RuntimeError(f"{op}: impl={impl!r} is not available: this op currently has the 'reference' "
                            "implementation only (use impl='auto' or 'reference')")
-
-
-def r3_reward(
-    ref_logprobs: torch.Tensor,
-    *,
-    ref_mask: torch.Tensor | None = None,
-    ref_cu_seqlens: torch.Tensor | None = None,
-    rollout_mask: torch.Tensor | None = None,
-    weighting: str = "linear",
-    softmax_tau: float = 1.0,
-    topk: float | int = 0.1,
-    reduction: str = "weighted_mean",
-    baseline_logprobs: torch.Tensor | None = None,
-    propagation_gamma: float | None = None,
-    min_valid_rollouts: int = 2,
-    impl: str = "auto",
-    validate: bool | None = None,
-) -> R3Output:
-    """DRO's reasoning-reflection reward from the reference outcome's log-probs (docs/ops.md section 5).
-
-    ``ref_logprobs`` ``[G, K, L]`` fp32 with ``ref_mask [G, L]`` (padded), or ``[K, M]`` with
-    ``ref_cu_seqlens [G + 1]`` (packed); ``rollout_mask [G, K]``. Returns ``R3Output(reward [G, K] fp32,
-    NaN for invalid rollouts; weights, sigma [G, L] / [M]; num_valid_rollouts [G] int32)``. Every option is
-    described in :func:`reasonrl.reference.r3_reward_reference`. Forward only (no autograd).
-
-    ``impl``: ``"auto"`` (C++ on CPU, Triton on CUDA, else the reference), ``"cpp"``, ``"triton"`` or
-    ``"reference"``; an explicit choice that cannot run raises ``RuntimeError``.
-    """
-    return _r3_reward_op(
-        ref_logprobs, ref_mask=ref_mask, ref_cu_seqlens=ref_cu_seqlens, rollout_mask=rollout_mask,
-        weighting=weighting, softmax_tau=softmax_tau, topk=topk, reduction=reduction,
-        baseline_logprobs=baseline_logprobs, propagation_gamma=propagation_gamma,
-        min_valid_rollouts=min_valid_rollouts, impl=impl, validate=validate,
-    )
 
 
 def phase_entropy(
