@@ -776,6 +776,21 @@ def _matmul_config(dtype: torch.dtype, arch: int = 90, aligned: bool = True) -> 
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
+def _matmul_into(a, b, c, sizes, *, accumulate: bool, a_k_contig: bool, dot: dict, arch: int, launch) -> None:
+    """``C[c_off:] (+)= A @ B`` through ``_matmul_kernel``. ``a`` / ``b`` are ``(tensor, element offset,
+    stride along M or K, stride along K or N)``, ``c`` is ``(tensor, element offset)`` (row-major, unit column
+    stride), ``sizes`` is ``(M, N, K)``. The tile config follows the alignment of the sizes and offsets."""
+    (a_t, a_off, a_sm, a_sk), (b_t, b_off, b_sk, b_sn), (c_t, c_off) = a, b, c
+    m, n_cols, k = sizes
+    a_cols = k if a_k_contig else m  # A's contiguous extent (dx's vocab columns in both backward GEMMs)
+    aligned = _aligned((a_cols, n_cols, b_off, c_off), (a_t, b_t, c_t))
+    cfg = _matmul_config(b_t.dtype, arch, aligned)
+    launch(_matmul_kernel)[(_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n_cols, cfg["BLOCK_N"]),)](
+        a_t, b_t, c_t, m, n_cols, k, a_off, b_off, c_off, a_sm, a_sk, b_sk, b_sn, c_t.stride(0), 1,
+        ACCUMULATE=accumulate, A_K_CONTIG=a_k_contig, ALIGNED=aligned, **dot, **cfg,
+    )  # fmt: skip
+
+
 def _aligned(sizes, tensors) -> bool:
     """The ALIGNED constexpr: every size / offset in ``sizes`` and every row stride of ``tensors`` is a
     multiple of 16 elements (then the kernels' 2-D tiles load and store 16 bytes at a time). Sizes stay
@@ -1025,55 +1040,29 @@ def linear_logprobs_bwd(
                 **dot,
                 **cfg,
             )
-            # grad_weight[v0:v0+nv] (+)= dx^T @ hidden[r0:r0+nr]
-            al = _aligned((nv, hdim, r0 * hidden.stride(0), v0 * gw_acc.stride(0)), (dx, hidden, gw_acc))
-            mcfg = _matmul_config(hidden.dtype, cc, al)
-            launch(_matmul_kernel)[(_cdiv(nv, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
-                dx,
-                hidden,
-                gw_acc,
-                nv,
-                hdim,
-                nr,
-                0,
-                r0 * hidden.stride(0),
-                v0 * gw_acc.stride(0),
-                1,
-                dx.stride(0),
-                hidden.stride(0),
-                1,
-                gw_acc.stride(0),
-                1,
-                ACCUMULATE=r0 > 0,
-                A_K_CONTIG=False,
-                ALIGNED=al,
-                **dot,
-                **mcfg,
+            # grad_weight[v0:v0+nv] (+)= dx^T @ hidden[r0:r0+nr]: A = dx read transposed (K = rows strided).
+            _matmul_into(
+                (dx, 0, 1, dx.stride(0)),
+                (hidden, r0 * hidden.stride(0), hidden.stride(0), 1),
+                (gw_acc, v0 * gw_acc.stride(0)),
+                (nv, hdim, nr),
+                accumulate=r0 > 0,
+                a_k_contig=False,
+                dot=dot,
+                arch=cc,
+                launch=launch,
             )
-            # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]
-            al = _aligned((nv, hdim, v0 * weight.stride(0), r0 * gh_acc.stride(0)), (dx, weight, gh_acc))
-            mcfg = _matmul_config(hidden.dtype, cc, al)
-            launch(_matmul_kernel)[(_cdiv(nr, mcfg["BLOCK_M"]) * _cdiv(hdim, mcfg["BLOCK_N"]),)](
-                dx,
-                weight,
-                gh_acc,
-                nr,
-                hdim,
-                nv,
-                0,
-                v0 * weight.stride(0),
-                r0 * gh_acc.stride(0),
-                dx.stride(0),
-                1,
-                weight.stride(0),
-                1,
-                gh_acc.stride(0),
-                1,
-                ACCUMULATE=v0 > 0,
-                A_K_CONTIG=True,
-                ALIGNED=al,
-                **dot,
-                **mcfg,
+            # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]: A = dx row-major (K = vocab contiguous).
+            _matmul_into(
+                (dx, 0, dx.stride(0), 1),
+                (weight, v0 * weight.stride(0), weight.stride(0), 1),
+                (gh_acc, r0 * gh_acc.stride(0)),
+                (nr, hdim, nv),
+                accumulate=v0 > 0,
+                a_k_contig=True,
+                dot=dot,
+                arch=cc,
+                launch=launch,
             )
             if has_bias:
                 gb_acc[v0 : v0 + nv] += dbias[:n_rb, :nv].sum(0)

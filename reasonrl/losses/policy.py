@@ -32,6 +32,7 @@ from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
 from reasonrl.ops.policy_loss import FROM_HIDDEN, FROM_LOGITS
 from reasonrl.ops.token_logprobs import token_logprobs
 from reasonrl.reference import policy_loss as reference
+from reasonrl.reference.layout import check_cu_seqlens
 
 __all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", "PolicyLoss", "FusedLinearPolicyLoss",
            "rollout_is_weights", "top_entropy_mask"]
@@ -42,15 +43,7 @@ def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int, valid
     global setting."""
     if cu_seqlens is None or not backend.resolve_validate(validate):
         return
-    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens: expected an int32/int64 [B + 1] tensor, got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.detach().to("cpu", torch.int64)
-    if int(cu[0]) != 0 or int(cu[-1]) != num_tokens or bool((cu.diff() < 0).any()):
-        raise ValueError(
-            f"cu_seqlens must start at 0, be non-decreasing and end at N = {num_tokens}; got "
-            f"{cu.tolist()[:8]}{' ...' if cu.numel() > 8 else ''} (last {int(cu[-1])})"
-        )
+    check_cu_seqlens(cu_seqlens, num_tokens, op="policy_loss", validate=True)
 
 
 def _with_cu_seqlens_check(reference_fn, name: str):

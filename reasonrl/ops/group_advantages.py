@@ -342,44 +342,13 @@ def group_advantages(
         ``group_mean`` / ``group_std`` ``[B]``; ``zero_std_rows`` a 0-d int64 tensor; ``num_rows`` = B. TRL's
         ``frac_reward_zero_std`` is ``zero_std_rows / num_rows``.
     """
-    reward_weights = _check_args(
-        rewards,
-        group_size,
-        group_ids,
-        estimator,
-        scale,
-        eps,
-        reward_weights,
-        multi_reward,
-        gdpo_final,
-        lengths,
-        singleton,
-        whiten_eps,
-        gpg_f_norm,
-        gamma,
-        token_mask,
-        cu_seqlens,
-        nan_policy,
-    )
+    args = dict(locals())  # every argument by name: checked, then handed to the reference as they are
+    args["reward_weights"] = _check_args(**{k: v for k, v in args.items() if k not in ("impl", "validate")})
     backend.resolve_impl(OP, impl, rewards.device, rewards.dtype)
-    if backend.resolve_validate(validate):
-        _validate_values(rewards, reward_weights, lengths, token_mask, cu_seqlens, nan_policy)
-    return group_advantages_reference(
-        rewards,
-        group_size=group_size,
-        group_ids=group_ids,
-        estimator=estimator,
-        scale=scale,
-        eps=float(eps),
-        reward_weights=reward_weights,
-        multi_reward=multi_reward,
-        gdpo_final=gdpo_final,
-        lengths=lengths,
-        singleton=singleton,
-        whiten_eps=float(whiten_eps),
-        gpg_f_norm=float(gpg_f_norm),
-        gamma=float(gamma),
-        token_mask=token_mask,
-        cu_seqlens=cu_seqlens,
-        validate=bool(validate),
-    )
+    args["validate"] = backend.resolve_validate(validate)
+    if args["validate"]:
+        _validate_values(rewards, args["reward_weights"], lengths, token_mask, cu_seqlens, nan_policy)
+    for name in ("eps", "whiten_eps", "gpg_f_norm", "gamma"):
+        args[name] = float(args[name])
+    del args["impl"], args["nan_policy"]  # one implementation; "raise" was enforced by the checks above
+    return group_advantages_reference(**args)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from reasonrl import _backend as backend
+from reasonrl.reference.layout import check_cu_seqlens
 from reasonrl.reference.r3_reward import (
     R3Output,
     _as_bool_mask,
@@ -106,21 +107,10 @@ def _kernel_args(ref_logprobs, ref_mask, ref_cu_seqlens, rollout_mask, baseline_
         if lp.dim() != 2:
             raise ValueError(f"{OP}: ref_logprobs: the packed layout (ref_cu_seqlens given) needs [K, M], "
                              f"got shape {tuple(lp.shape)}")
-        cu = ref_cu_seqlens
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(f"{OP}: ref_cu_seqlens: expected [G + 1] with G >= 0, got shape "
-                             f"{tuple(getattr(cu, 'shape', ()))}")
-        if cu.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{OP}: ref_cu_seqlens: expected int32 or int64, got {cu.dtype}")
         k, m = lp.shape
-        cu = cu.to(device=dev, dtype=torch.int64).contiguous()
+        cu = check_cu_seqlens(ref_cu_seqlens, m, op=OP, name="ref_cu_seqlens", validate=validate, device=dev,
+                              total_name="M = ref_logprobs.shape[1]").contiguous()
         g = cu.numel() - 1
-        if validate:
-            c = cu.cpu()
-            if int(c[0]) != 0 or int(c[-1]) != m or bool((c.diff() < 0).any()):
-                raise ValueError(f"{OP}: ref_cu_seqlens must start at 0, be non-decreasing and end at "
-                                 f"M = {m} (ref_logprobs.shape[1]); got {c.tolist()[:8]}"
-                                 f"{' ...' if c.numel() > 8 else ''}")
         if base is not None and tuple(base.shape) != (m,):
             raise ValueError(f"{OP}: baseline_logprobs: expected shape ({m},) = [M] (packed), got "
                              f"{tuple(base.shape)}")

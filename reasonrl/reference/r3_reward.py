@@ -53,6 +53,8 @@ from typing import NamedTuple
 
 import torch
 
+from reasonrl.reference.layout import check_cu_seqlens
+
 __all__ = ["R3Output", "r3_reward_reference", "WEIGHTINGS", "REDUCTIONS", "resolve_topk"]
 
 WEIGHTINGS = ("linear", "softmax", "topk", "uniform")
@@ -122,18 +124,9 @@ def _as_bool_mask(mask: torch.Tensor, name: str, shape: tuple, validate: bool) -
 
 def _packed_to_padded(lp: torch.Tensor, cu: torch.Tensor, baseline: torch.Tensor | None, validate: bool):
     """[K, M] + cu [G+1] -> ([G, K, L], mask [G, L], baseline [G, L] | None, (seg, pos) to scatter back)."""
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{_OP}: ref_cu_seqlens: expected [G + 1] with G >= 0, got shape {tuple(cu.shape)}")
-    if cu.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{_OP}: ref_cu_seqlens: expected int32 or int64, got {cu.dtype}")
     k, m = lp.shape
-    cu = cu.to(device=lp.device, dtype=torch.int64)
-    if validate:
-        c = cu.cpu()
-        if int(c[0]) != 0 or int(c[-1]) != m or bool((c.diff() < 0).any()):
-            raise ValueError(f"{_OP}: ref_cu_seqlens must start at 0, be non-decreasing and end at M = {m} "
-                             f"(ref_logprobs.shape[1]); got {c.tolist()[:8]}"
-                             f"{' ...' if c.numel() > 8 else ''}")
+    cu = check_cu_seqlens(cu, m, op=_OP, name="ref_cu_seqlens", total_name="M = ref_logprobs.shape[1]",
+                          validate=validate, device=lp.device)
     g = cu.numel() - 1
     lengths = cu.diff()
     width = int(lengths.max()) if g > 0 else 0
