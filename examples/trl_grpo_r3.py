@@ -17,22 +17,17 @@ import tempfile
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig
 
 from reasonrl.integrations.trl import GRPOTrainer  # the one changed line: was `from trl import GRPOTrainer`
 from reasonrl.rewards import R3Reward, as_trl_reward
+from reasonrl.testing import tiny_causal_lm, word_tokenizer  # test-size model and tokenizer builders
 
 
-def tiny_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(vocab: int):
     """Words "w0" ... plus "</think>" (id 3): whitespace-separated, no download."""
     words = ["<unk>", "<pad>", "<eos>", "</think>"] + [f"w{i}" for i in range(vocab - 4)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
-    )
+    return word_tokenizer(words, unk="<unk>", pad="<pad>", eos="<eos>")
 
 
 def main() -> None:
@@ -43,21 +38,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer(args.vocab)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=args.vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            pad_token_id=1,
-            eos_token_id=2,
-            bos_token_id=None,
-        )
-    )
+    # A random Qwen2 of ~60k parameters (tied embeddings), the shape of a real one.
+    model = tiny_causal_lm("qwen2", args.vocab, hidden_size=64, max_positions=256, tie=True,
+                           pad_token_id=1, eos_token_id=2, bos_token_id=None)
     data = Dataset.from_dict(
         {
             "prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10 w11"],

@@ -56,6 +56,9 @@ __all__ = [
     "lm_head_weight",
     "sample_labels_chunked",
     "ignore_rows_and_upstream",
+    "tiny_config",
+    "tiny_causal_lm",
+    "word_tokenizer",
 ]
 
 
@@ -544,3 +547,67 @@ def ignore_rows_and_upstream(
     g_lp = torch.randn(n, generator=generator, device=labels.device) * valid
     g_h = torch.randn(n, generator=generator, device=labels.device) * valid
     return valid, g_lp, g_h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny transformers models and tokenizers (built from a config: nothing is downloaded)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    *,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 64,
+    tie: bool = False,
+    **extra,
+):
+    """A ``LlamaConfig`` / ``Qwen2Config`` (``family`` ``"llama"`` / ``"qwen2"``) of a random model small
+    enough for a unit test: intermediate size 2 x hidden, grouped-query attention by default (heads /
+    kv_heads).
+    ``extra`` goes to the config as is (pad / eos ids, ``bos_token_id=None``, ...)."""
+    import transformers
+
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+    if family not in classes:
+        raise ValueError(f"tiny_config: family must be one of {sorted(classes)}, got {family!r}")
+    return classes[family](
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
+        **extra,
+    )
+
+
+def tiny_causal_lm(family: str, vocab_size: int, *, seed: int | None = None, dtype=None, **config):
+    """A random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` from :func:`tiny_config` (same keywords),
+    initialised under ``torch.manual_seed(seed)`` when ``seed`` is given, cast to ``dtype``."""
+    import transformers
+
+    cfg = tiny_config(family, vocab_size, **config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.Qwen2ForCausalLM
+    model = cls(cfg)
+    return model if dtype is None else model.to(dtype)
+
+
+def word_tokenizer(words: list[str], *, unk: str, pad: str, eos: str):
+    """A whitespace-split word-level ``PreTrainedTokenizerFast`` whose ids are the positions in ``words``
+    (no training, no download): test and example prompts are written as the words themselves."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, eos_token=eos)

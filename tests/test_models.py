@@ -9,18 +9,13 @@ import torch
 
 from reasonrl import linear_token_logprobs
 from reasonrl.models import hidden_states_and_lm_head
+from reasonrl.testing import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny(kind: str, tied: bool):
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    return model.eval()
+    return tiny_causal_lm(kind, 97, tie=tied).eval()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -33,14 +33,12 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
     TrainerCallback,
 )
 
 from reasonrl.integrations import trl as rtrl  # noqa: E402
-from reasonrl.testing import tolerance  # noqa: E402
+from reasonrl import testing as rtesting  # noqa: E402
+from reasonrl.testing import tolerance, word_tokenizer  # noqa: E402
 
 VOCAB = 48  # small: the EOS token (id 2) ends ~20% of the 10-token completions, so lengths and masks vary
 MAX_COMPLETION = 10
@@ -58,31 +56,15 @@ _NOT_COMPARED = (
 )
 
 
-def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(vocab: int = VOCAB):
     """A word-level tokenizer over tokens "t0" ... "t{vocab-1}" (no download): t0 unk, t1 pad, t2 eos."""
-    tok = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")
-    )
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2")
+    return word_tokenizer([f"t{i}" for i in range(vocab)], unk="t0", pad="t1", eos="t2")
 
 
 def tiny_config(family: str):
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=1,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
-    if family == "qwen2":  # tied embeddings: the lm_head weight is the input embedding
-        return Qwen2Config(tie_word_embeddings=True, **common)
-    return LlamaConfig(tie_word_embeddings=False, **common)
+    # Qwen2 with tied embeddings (the lm_head weight is the input embedding), Llama untied.
+    return rtesting.tiny_config(family, VOCAB, layers=1, heads=2, kv_heads=1, tie=family == "qwen2",
+                                pad_token_id=1, eos_token_id=2, bos_token_id=None)
 
 
 @pytest.fixture(scope="module")

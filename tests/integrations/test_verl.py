@@ -26,7 +26,7 @@ from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.workers.config import FSDPActorConfig  # noqa: E402
 
 from reasonrl.integrations import verl as rverl  # noqa: E402
-from reasonrl.testing import tolerance  # noqa: E402
+from reasonrl.testing import tiny_causal_lm, tolerance  # noqa: E402
 
 AGG_MODES = [
     "token-mean",
@@ -158,20 +158,7 @@ def test_agg_loss_matches_verl(agg, info):
 
 
 def _tiny_qwen2(dtype):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=301,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).to(dtype)
+    return tiny_causal_lm("qwen2", 301, seed=0, dtype=dtype, layers=1, heads=2, kv_heads=1)
 
 
 def _backend_model(backend: str, dtype):

@@ -11,6 +11,7 @@ import torch
 
 from reasonrl.rewards import PEARConfig, PEARReward
 from reasonrl.rewards.pear import gsm8k_strict_answer
+from reasonrl.testing import tiny_causal_lm
 
 M = 9  # id of the </think> token in these examples
 
@@ -106,9 +107,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.mark.parametrize("prefix_sharing", ["kv_cache", "none"])
 def test_model_entropies_match_full_logits(prefix_sharing):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).double()
+    model = tiny_causal_lm("llama", 50, dtype=torch.float64)
     prompts = [[3, 4, 5], [3, 4, 5], [7]]
     comps = [[1, 2, M, 3], [4, M], [6, 6, 6, M, 1, 2]]
     rw = PEARReward(think_end_ids=(M,), model=model, temperature=0.7, prefix_sharing=prefix_sharing)

@@ -13,6 +13,7 @@ import torch
 
 from reasonrl.reference import r3_reward_reference
 from reasonrl.rewards import R3Config, R3Reward
+from reasonrl.testing import tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,14 +25,7 @@ EOS = 1
 
 
 def tiny(kind: str, dtype=torch.float64, max_pos=128):
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos)
-    torch.manual_seed(0 if kind == "llama" else 1)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    return model.to(dtype)
+    return tiny_causal_lm(kind, V, seed=0 if kind == "llama" else 1, dtype=dtype, max_positions=max_pos)
 
 
 def batch():

@@ -23,6 +23,7 @@ from reasonrl.reference import group_advantages_reference, token_logprobs_refere
 from reasonrl.reference.policy_loss import policy_loss_reference
 from reasonrl.reference.r3_reward import r3_reward_reference
 from reasonrl.tasks.arithmetic import ANSWER_PREFIX, THINK_END, verify
+from reasonrl.testing import tiny_causal_lm
 from reasonrl.trainer import Trainer
 from reasonrl.trainer.trainer import IGNORE
 
@@ -205,23 +206,9 @@ def test_two_steps_embedded_model_match_reference(small_config, tmp_path, embedd
 
 def test_two_steps_random_qwen2_match_reference(small_config, tmp_path, embedded):
     """A tiny random Qwen2 (tied embeddings, q/k/v biases) with a user reward: the completion length."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tok = embedded[1]
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    )
+    model = tiny_causal_lm("qwen2", len(tok), hidden_size=48, max_positions=256, tie=True,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
     def length_reward(completions, **kwargs):
         return torch.tensor([len(c) / 100.0 for c in completions])
