@@ -615,6 +615,9 @@ def test_validate_none_follows_global_switch():
 R4 = torch.tensor([1.0, 0.0, 0.5, 1.0])
 MASK = torch.ones(4, 3)
 
+# Per-token returns of four rewards in groups of two (REINFORCE++, gamma 0.9): the packed / padded layout cases.
+PER_TOKEN_R4 = dict(rewards=R4, group_size=2, estimator="reinforce_plus_plus", gamma=0.9)
+
 BAD_INPUTS = [
     (
         dict(rewards=torch.tensor([1, 0]), group_size=2),
@@ -709,70 +712,32 @@ BAD_INPUTS = [
         r"token_mask must have shape \[B, T\] with B = 4, got \(3, 2\)",
     ),
     (
-        dict(
-            rewards=R4,
-            group_size=2,
-            estimator="reinforce_plus_plus",
-            gamma=0.9,
-            token_mask=MASK,
-            cu_seqlens=torch.tensor([0, 3, 6, 9, 12]),
-        ),
+        dict(PER_TOKEN_R4, token_mask=MASK, cu_seqlens=torch.tensor([0, 3, 6, 9, 12])),
         ValueError,
         "mixes two layouts",
     ),
     (
-        dict(
-            rewards=R4,
-            group_size=2,
-            estimator="reinforce_plus_plus",
-            gamma=0.9,
-            cu_seqlens=torch.tensor([0.0, 1, 2, 3, 4]),
-        ),
+        dict(PER_TOKEN_R4, cu_seqlens=torch.tensor([0.0, 1, 2, 3, 4])),
         ValueError,
         "cu_seqlens must be int32 or int64",
     ),
     (
-        dict(
-            rewards=R4,
-            group_size=2,
-            estimator="reinforce_plus_plus",
-            gamma=0.9,
-            cu_seqlens=torch.tensor([0, 1, 2]),
-        ),
+        dict(PER_TOKEN_R4, cu_seqlens=torch.tensor([0, 1, 2])),
         ValueError,
         r"cu_seqlens must have shape \[B \+ 1\] = \(5,\), got \(3,\)",
     ),
     (
-        dict(
-            rewards=R4,
-            group_size=2,
-            estimator="reinforce_plus_plus",
-            gamma=0.9,
-            cu_seqlens=torch.tensor([1, 1, 2, 3, 4]),
-        ),
+        dict(PER_TOKEN_R4, cu_seqlens=torch.tensor([1, 1, 2, 3, 4])),
         ValueError,
         r"cu_seqlens\[0\] must be 0, got 1",
     ),
     (
-        dict(
-            rewards=R4,
-            group_size=2,
-            estimator="reinforce_plus_plus",
-            gamma=0.9,
-            cu_seqlens=torch.tensor([0, 2, 1, 3, 4]),
-        ),
+        dict(PER_TOKEN_R4, cu_seqlens=torch.tensor([0, 2, 1, 3, 4])),
         ValueError,
         "non-decreasing",
     ),
     (
-        dict(
-            rewards=R4,
-            group_size=2,
-            estimator="reinforce_plus_plus",
-            gamma=0.9,
-            cu_seqlens=torch.tensor([0, 1, 2, 3, 4]),
-            token_mask=torch.ones(5),
-        ),
+        dict(PER_TOKEN_R4, cu_seqlens=torch.tensor([0, 1, 2, 3, 4]), token_mask=torch.ones(5)),
         ValueError,
         r"cu_seqlens\[B\] = 4 must equal N = token_mask.shape\[0\] = 5",
     ),
