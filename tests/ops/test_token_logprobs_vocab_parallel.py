@@ -38,6 +38,21 @@ F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 WORLD = 2
 
 
+def _input_grad(out, x, which, case):
+    """d(g_lp . lp + g_h . H)/dx for ``which`` in ("both", "lp", "h"), or None."""
+    if which is None:
+        return None
+    outs, gs = [], []
+    if which in ("both", "lp"):
+        outs.append(out.logprobs)
+        gs.append(case.g_lp.to(out.logprobs.dtype))
+    if which in ("both", "h"):
+        outs.append(out.entropy)
+        gs.append(case.g_h.to(out.entropy.dtype))
+    (grad,) = torch.autograd.grad(outs, [x], gs)
+    return grad
+
+
 def _skip_unless(impl: str, dtype: torch.dtype = F32) -> None:
     why = unavailable_reason(impl, CPU, dtype)
     if why is not None:
@@ -186,16 +201,7 @@ def _run_one(spec: Sharded, rank: int, group):
         vocab_start=lo if spec.pass_vocab_start else None,
         impl=spec.impl,
     )
-    grad = None
-    if spec.grad is not None:
-        outs, gs = [], []
-        if spec.grad in ("both", "lp"):
-            outs.append(out.logprobs)
-            gs.append(case.g_lp.to(out.logprobs.dtype))
-        if spec.grad in ("both", "h"):
-            outs.append(out.entropy)
-            gs.append(case.g_h.to(out.entropy.dtype))
-        (grad,) = torch.autograd.grad(outs, [x], gs)
+    grad = _input_grad(out, x, spec.grad, case)
     detached = tuple(None if t is None else t.detach() for t in out)
     return detached, grad
 
@@ -274,16 +280,7 @@ def _unsharded(spec: Sharded):
         return_lse=True,
         impl="cpp",
     )
-    grad = None
-    if spec.grad is not None:
-        outs, gs = [], []
-        if spec.grad in ("both", "lp"):
-            outs.append(out.logprobs)
-            gs.append(case.g_lp.to(out.logprobs.dtype))
-        if spec.grad in ("both", "h"):
-            outs.append(out.entropy)
-            gs.append(case.g_h.to(out.entropy.dtype))
-        (grad,) = torch.autograd.grad(outs, [x], gs)
+    grad = _input_grad(out, x, spec.grad, case)
     return out, grad
 
 
