@@ -142,16 +142,22 @@ def environment(device: torch.device, peers: Sequence[str] = ()) -> dict[str, An
 # ----------------------------------------------------------------------------------------------------------
 
 
-def fill_speedups(rows: list[dict[str, Any]], eager: str, compiled: str) -> None:
-    """speedup_vs_eager / speedup_vs_compiled: baseline median / row median, same op, case and mode."""
+def fill_speedups(rows: list[dict[str, Any]], eager: str, compiled: str | tuple[str, ...]) -> None:
+    """speedup_vs_eager / speedup_vs_compiled: baseline median / row median, same op, case and mode. With
+    several compiled baselines the fastest one that passed in that case and mode is the baseline (the
+    strongest compiled formulation); its name is the row's ``compiled_baseline``."""
+    compiled = (compiled,) if isinstance(compiled, str) else tuple(compiled)
     base: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        if r["status"] == OK and r["provider"] in (eager, compiled):
+        if r["status"] == OK and r["provider"] in (eager, *compiled):
             base.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r["median_ms"]
     for r in rows:
         b = base.get((r["op"], r["case"], r["mode"]), {})
-        for key, name in (("speedup_vs_eager", eager), ("speedup_vs_compiled", compiled)):
-            r[key] = b[name] / r["median_ms"] if r["status"] == OK and name in b else None
+        ok = r["status"] == OK
+        r["speedup_vs_eager"] = b[eager] / r["median_ms"] if ok and eager in b else None
+        best = min((name for name in compiled if name in b), key=b.__getitem__, default=None)
+        r["compiled_baseline"] = best
+        r["speedup_vs_compiled"] = b[best] / r["median_ms"] if ok and best is not None else None
 
 
 def _fmt(x: float | None, kind: str) -> str:

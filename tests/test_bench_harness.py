@@ -109,3 +109,20 @@ def test_modes_of_other_benchmarks_are_skipped(capsys):
     # `reasonrl bench --modes bwd` reaches every benchmark: one without that mode runs nothing and succeeds.
     assert harness.main(_Fake(), ["--modes", "bwd"]) == 0
     assert "none of the requested modes applies" in capsys.readouterr().err
+
+
+def test_speedup_is_against_the_fastest_compiled_baseline():
+    from reasonrl.bench import report
+
+    def row(provider, ms, status="ok"):
+        return {"op": "op", "case": "c", "mode": "fwd", "provider": provider, "median_ms": ms, "status": status}
+
+    rows = [row("eager", 100.0), row("compiled-a", 40.0), row("compiled-b", 25.0), row("ours", 10.0),
+            row("compiled-c", 5.0, status="error")]
+    report.fill_speedups(rows, "eager", ("compiled-a", "compiled-b", "compiled-c"))
+    ours = rows[3]
+    assert ours["compiled_baseline"] == "compiled-b"  # the failed, faster one does not count
+    assert ours["speedup_vs_compiled"] == 2.5 and ours["speedup_vs_eager"] == 10.0
+    assert rows[4]["speedup_vs_compiled"] is None
+    report.fill_speedups(rows, "eager", "compiled-a")  # one baseline by name, as before
+    assert ours["speedup_vs_compiled"] == 4.0
