@@ -115,7 +115,7 @@ def test_speedup_is_against_the_fastest_compiled_baseline():
     from reasonrl.bench import report
 
     def row(provider, ms, status="ok"):
-        return {"op": "op", "case": "c", "mode": "fwd", "provider": provider, "median_ms": ms, "status": status}
+        return dict(op="op", case="c", mode="fwd", provider=provider, median_ms=ms, status=status)
 
     rows = [row("eager", 100.0), row("compiled-a", 40.0), row("compiled-b", 25.0), row("ours", 10.0),
             row("compiled-c", 5.0, status="error")]
