@@ -77,7 +77,7 @@ class RolloutConfig:
     seed_per_prompt: sample each prompt's K completions with their own seed, derived from the step and the
     prompt's position in the global batch (one ``generate`` call per prompt), so that a prompt's rollouts do
     not depend on which other prompts share the call. Always on in a distributed run; set it in a single
-    process to reproduce one (docs/trainer.md section 8).
+    process to reproduce one (docs/trainer.md section 10).
     """
 
     backend: str = "hf"
@@ -194,7 +194,7 @@ class LogConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data parallelism under ``torchrun`` (docs/trainer.md section 8). ``mode``: ``auto`` (``ddp`` when the
+    """Data parallelism under ``torchrun`` (docs/trainer.md section 10). ``mode``: ``auto`` (``ddp`` when the
     launcher's ``WORLD_SIZE`` is > 1, else a single process), ``off``, ``ddp`` (replicated model, gradients
     all-reduced) or ``fsdp2`` (``torch.distributed.fsdp.fully_shard`` per decoder layer and on the root).
     ``backend``: ``auto`` (``nccl`` on CUDA, ``gloo`` on the CPU), ``gloo`` or ``nccl``. ``timeout_s``: the

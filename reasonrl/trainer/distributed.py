@@ -1,4 +1,4 @@
-"""Data-parallel training of :class:`reasonrl.trainer.Trainer` under ``torchrun`` (docs/trainer.md section 8).
+"""Data-parallel training of :class:`reasonrl.trainer.Trainer` under torchrun (docs/trainer.md section 10).
 
 :class:`DistContext` is everything the trainer does differently with more than one process:
 

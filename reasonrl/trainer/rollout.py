@@ -29,7 +29,7 @@ class SamplingParams:
     """num_samples: K completions per prompt; temperature, top_p, top_k (0: off), max_new_tokens; seed: the
     generator seed of this call (None: the global RNG state). prompt_seeds: None, or one seed per prompt:
     each prompt's K completions are then sampled from its own seed, independently of the other prompts of
-    the call (what makes a distributed run's rollouts those of one process, docs/trainer.md section 8);
+    the call (what makes a distributed run's rollouts those of one process, docs/trainer.md section 10);
     it takes precedence over ``seed``."""
 
     num_samples: int

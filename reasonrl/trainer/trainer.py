@@ -169,7 +169,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        # Under torchrun: the process group, this rank's device, its share of every step (section 8).
+        # Under torchrun: the process group, this rank's device and step share (docs/trainer.md section 10).
         self.dist = setup_distributed(cfg, cfg.device)
         self.dist.check_config(cfg)
         if model is None:
@@ -361,7 +361,7 @@ class Trainer:
         times: dict[str, float] = {}
         t_step = time.perf_counter()
         items = self._next_items()
-        # This rank's whole groups (all of them in one process), laid out per mini-batch (section 8).
+        # This rank's whole groups (all of them in one process), laid out per mini-batch (docs/trainer.md 10).
         positions = self.dist.positions(len(items), cfg.optim.mini_batches)
         items = [items[j] for j in positions]
         prompt_ids = [self._encode(it["prompt"]) for it in items]

@@ -1,4 +1,4 @@
-"""Data-parallel training (docs/trainer.md section 8): two gloo processes on the CPU against one process at
+"""Data-parallel training (docs/trainer.md section 10): two gloo processes on the CPU against one process at
 the same global batch and seed.
 
 The workers (``torch.multiprocessing.spawn``, a ``file://`` store in a temporary directory, one CPU thread
