@@ -205,16 +205,21 @@ class DistContext:
             if cfg.r3_filter.enabled:
                 raise ValueError("distributed.mode=fsdp2: r3_filter scores with the policy model; use ddp")
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``ddp``: every rank starts from rank 0's parameters (broadcast). ``fsdp2``: ``fully_shard`` on each
-        decoder layer, then on the root. Returns the model (wrapped in place)."""
-        if self.mode == "ddp":
-            import torch.distributed as dist
+    def broadcast_parameters(self, model: torch.nn.Module) -> None:
+        """``ddp``: rank 0's parameters and buffers on every rank (a model initialised differently per rank
+        would otherwise train apart). Called before the reference model is copied from the policy."""
+        if self.mode != "ddp":
+            return
+        import torch.distributed as dist
 
-            with torch.no_grad():
-                for t in list(model.parameters()) + list(model.buffers()):
-                    dist.broadcast(t.data, src=0)
-        elif self.fsdp:
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``fsdp2``: ``fully_shard`` on each decoder layer, then on the root (in place; the model is
+        returned). Otherwise nothing."""
+        if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
             from reasonrl.models import _decoder

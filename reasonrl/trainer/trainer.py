@@ -180,6 +180,7 @@ class Trainer:
         if tokenizer is None:
             raise ValueError("Trainer: pass the tokenizer with the model")
         self.model, self.tokenizer = model, tokenizer
+        self.dist.broadcast_parameters(model)  # ddp: every rank (and its reference copy) starts from rank 0's
         self.device = next(model.parameters()).device
         self.loss_config = build_loss_config(cfg)
         need = cfg.steps * cfg.prompts_per_step
@@ -209,7 +210,7 @@ class Trainer:
         self.backend = (
             backend if backend is not None else make_backend(cfg.rollout.backend, model, tokenizer, cfg)
         )
-        self.dist.wrap(model)  # before the optimiser: fully_shard replaces the parameters by DTensors
+        self.dist.wrap(model)  # fsdp2, before the optimiser: fully_shard replaces the parameters by DTensors
         if self.dist.fsdp and hasattr(self.backend, "synced_gpus"):
             self.backend.synced_gpus = True
         o = cfg.optim
