@@ -206,9 +206,10 @@ class DistContext:
                 raise ValueError("distributed.mode=fsdp2: r3_filter scores with the policy model; use ddp")
 
     def broadcast_parameters(self, model: torch.nn.Module) -> None:
-        """``ddp``: rank 0's parameters and buffers on every rank (a model initialised differently per rank
-        would otherwise train apart). Called before the reference model is copied from the policy."""
-        if self.mode != "ddp":
+        """Rank 0's parameters and buffers on every rank (a model initialised differently per rank would
+        otherwise train apart under ``ddp``, or be sharded from mismatched copies under ``fsdp2``). Called
+        before the reference model is copied from the policy and before ``fully_shard``."""
+        if not self.enabled:
             return
         import torch.distributed as dist
 

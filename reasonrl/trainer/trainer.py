@@ -180,7 +180,7 @@ class Trainer:
         if tokenizer is None:
             raise ValueError("Trainer: pass the tokenizer with the model")
         self.model, self.tokenizer = model, tokenizer
-        self.dist.broadcast_parameters(model)  # ddp: every rank (and its reference copy) starts from rank 0's
+        self.dist.broadcast_parameters(model)  # every rank (and its reference copy) starts from rank 0's
         self.device = next(model.parameters()).device
         self.loss_config = build_loss_config(cfg)
         need = cfg.steps * cfg.prompts_per_step

@@ -3,7 +3,8 @@ the same global batch and seed.
 
 The workers (``torch.multiprocessing.spawn``, a ``file://`` store in a temporary directory, one CPU thread
 each) build a Trainer on the embedded model, run the steps and save what the comparison needs: the
-parameters, the step metrics and the completions of their share. The comparisons run here against one
+parameters, the step metrics and the completions of their share. Rank 1 perturbs its loaded weights first:
+the Trainer must start every rank from rank 0's. The comparisons run here against one
 process with ``rollout.seed_per_prompt=true`` (the per-prompt seeds a distributed run always uses).
 
 Tolerance (the fp32 rule of docs/ops.md section 8 applied to training steps): the distributed run differs
@@ -75,10 +76,15 @@ def _config(tmp_path, preset: str, *extra: str):
     return load_config(preset=preset, overrides=[*_BASE, f"log.out_dir={tmp_path}", *extra])
 
 
-def _run(cfg, steps: int):
+def _run(cfg, steps: int, perturb: bool = False):
     """``steps`` trainer steps on the embedded model: (trainer, [metrics], [completion ids per step],
-    {name: gradient of the first optimiser step})."""
+    {name: gradient of the first optimiser step}). ``perturb``: noise on the loaded weights (the Trainer
+    must replace them by rank 0's)."""
     model, tok = load_model_and_tokenizer("embedded")
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     first_grads: dict[str, torch.Tensor] = {}
 
@@ -114,7 +120,7 @@ def _worker(rank: int, init: str, out_dir: str, preset: str, extra: list[str], s
     )
     try:
         cfg = load_config(preset=preset, overrides=[*_BASE, f"log.out_dir={out_dir}/run", *extra])
-        trainer, metrics, completions, grads = _run(cfg, steps)
+        trainer, metrics, completions, grads = _run(cfg, steps, perturb=rank == 1)
         params = _full_params(trainer.model)
         ckpt = str(trainer.save_checkpoint()) if save else None
         torch.save(
