@@ -87,8 +87,10 @@ def _train(argv: list[str]) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    summary = Trainer(cfg).train()
-    _print_summary(summary)
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    if trainer.dist.is_main:  # under torchrun: rank 0 alone reports (docs/trainer.md section 10)
+        _print_summary(summary)
     return 0
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "EvalConfig",
     "LogConfig",
     "TaskConfig",
+    "DistributedConfig",
     "ConfigError",
     "load_config",
     "PRESETS",
@@ -73,6 +74,10 @@ class RolloutConfig:
     generation_batch_size: prompts per ``generate`` call (0: all of them at once).
     mask_truncated_completions: completions without EOS get no loss (DAPO's overlong filtering; DRO masks
     them too).
+    seed_per_prompt: sample each prompt's K completions with their own seed, derived from the step and the
+    prompt's position in the global batch (one ``generate`` call per prompt), so that a prompt's rollouts do
+    not depend on which other prompts share the call. Always on in a distributed run; set it in a single
+    process to reproduce one (docs/trainer.md section 10).
     """
 
     backend: str = "hf"
@@ -83,6 +88,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     generation_batch_size: int = 0
     mask_truncated_completions: bool = False
+    seed_per_prompt: bool = False
 
 
 @dataclass
@@ -187,6 +193,20 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data parallelism under ``torchrun`` (docs/trainer.md section 10). ``mode``: ``auto`` (``ddp`` when the
+    launcher's ``WORLD_SIZE`` is > 1, else a single process), ``off``, ``ddp`` (replicated model, gradients
+    all-reduced) or ``fsdp2`` (``torch.distributed.fsdp.fully_shard`` per decoder layer and on the root).
+    ``backend``: ``auto`` (``nccl`` on CUDA, ``gloo`` on the CPU), ``gloo`` or ``nccl``. ``timeout_s``: the
+    collectives' timeout. ``bucket_mb``: size of the gradient all-reduce buckets of ``ddp``."""
+
+    mode: str = "auto"
+    backend: str = "auto"
+    timeout_s: float = 1800.0
+    bucket_mb: float = 25.0
+
+
+@dataclass
 class TrainerConfig:
     """Everything a run needs (docs/trainer.md section 2). ``model``: ``"embedded"`` (the tiny model shipped
     in reasonrl/assets) or a ``from_pretrained`` path / id; ``tokenizer``: None = the model's. ``steps``:
@@ -220,6 +240,7 @@ class TrainerConfig:
     entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -304,6 +325,19 @@ def validate(cfg: TrainerConfig) -> None:
         f"optim.micro_batch_size ({o.micro_batch_size}) must divide the mini-batch size (prompts_per_step "
         f"x group_size / mini_batches = {mini}) so that every micro-batch has the same size",
     )
+    d = cfg.distributed
+    mode = str(d.mode).lower()  # YAML reads `off` as a boolean
+    d.mode = {"false": "off", "no": "off"}.get(mode, mode)
+    _check(
+        d.mode in ("auto", "off", "ddp", "fsdp2"),
+        f"distributed.mode must be auto, off, ddp or fsdp2, got {d.mode!r}",
+    )
+    _check(
+        d.backend in ("auto", "gloo", "nccl"),
+        f"distributed.backend must be auto, gloo or nccl, got {d.backend!r}",
+    )
+    _check(d.timeout_s > 0, f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+    _check(d.bucket_mb > 0, f"distributed.bucket_mb must be > 0, got {d.bucket_mb}")
     # YAML reads on / off as booleans: accept them (and true / false) and normalise.
     tb = str(cfg.log.tensorboard).lower()
     cfg.log.tensorboard = {"true": "on", "yes": "on", "false": "off", "no": "off"}.get(tb, tb)

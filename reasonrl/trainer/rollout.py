@@ -27,7 +27,10 @@ __all__ = ["SamplingParams", "Rollouts", "RolloutBackend", "HFGenerateBackend", 
 @dataclass(frozen=True)
 class SamplingParams:
     """num_samples: K completions per prompt; temperature, top_p, top_k (0: off), max_new_tokens; seed: the
-    generator seed of this call (None: the global RNG state)."""
+    generator seed of this call (None: the global RNG state). prompt_seeds: None, or one seed per prompt:
+    each prompt's K completions are then sampled from its own seed, independently of the other prompts of
+    the call (what makes a distributed run's rollouts those of one process, docs/trainer.md section 10);
+    it takes precedence over ``seed``."""
 
     num_samples: int
     temperature: float = 1.0
@@ -35,6 +38,7 @@ class SamplingParams:
     top_k: int = 0
     max_new_tokens: int = 64
     seed: int | None = None
+    prompt_seeds: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -64,11 +68,14 @@ class HFGenerateBackend:
 
     Args:
         model: the policy (a causal LM). tokenizer: gives the pad and EOS ids. batch_size: prompts per
-            ``generate`` call (0: all).
+            ``generate`` call (0: all). synced_gpus: transformers' ``synced_gpus`` (set by the trainer under
+            FSDP2: every forward is a collective, so a rank whose completions have ended keeps stepping
+            until every rank's have).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 0):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 0, synced_gpus: bool = False):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, int(batch_size)
+        self.synced_gpus = bool(synced_gpus)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
@@ -99,11 +106,23 @@ class HFGenerateBackend:
             eos_token_id=self.eos_id,
             use_cache=True,
         )
+        if self.synced_gpus:
+            gen_kwargs["synced_gpus"] = True
+        seeds = params.prompt_seeds
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(
+                f"SamplingParams.prompt_seeds has {len(seeds)} seeds for {len(prompt_ids)} prompts"
+            )
+        # Per-prompt seeds: one generate call per prompt, seeded, and no padding (a prompt's sampled
+        # tokens depend only on its seed and the weights, not on the other prompts of the batch).
+        starts = range(0, len(prompt_ids), 1 if seeds is not None else step)
         try:
-            if params.seed is not None:
+            if params.seed is not None and seeds is None:
                 torch.manual_seed(params.seed)
-            for s in range(0, len(prompt_ids), step):
-                chunk = prompt_ids[s : s + step]
+            for s in starts:
+                if seeds is not None:
+                    torch.manual_seed(seeds[s])
+                chunk = prompt_ids[s : s + (1 if seeds is not None else step)]
                 width = max(len(p) for p in chunk)
                 ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros_like(ids)

@@ -50,9 +50,9 @@ from reasonrl.losses import (
     Sum,
     policy_loss_from_logits,
 )
-from reasonrl.models import hidden_states_and_lm_head
 from reasonrl.ops import advantage_preset, group_advantages, linear_token_logprobs, token_logprobs
 from reasonrl.trainer.config import TrainerConfig, build_loss_config, config_to_yaml
+from reasonrl.trainer.distributed import metric_weights, prompt_seed, setup_distributed
 from reasonrl.trainer.metrics import MetricsWriter, plot_curves, progress_postfix
 from reasonrl.trainer.rewards import build_rewards, score_rewards
 from reasonrl.trainer.rollout import RolloutBackend, SamplingParams, make_backend
@@ -169,14 +169,18 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
+        # Under torchrun: the process group, this rank's device and step share (docs/trainer.md section 10).
+        self.dist = setup_distributed(cfg, cfg.device)
+        self.dist.check_config(cfg)
         if model is None:
             model, loaded_tok = load_model_and_tokenizer(
-                cfg.model, cfg.tokenizer, dtype=cfg.dtype, device=cfg.device
+                cfg.model, cfg.tokenizer, dtype=cfg.dtype, device=str(self.dist.device)
             )
             tokenizer = tokenizer or loaded_tok
         if tokenizer is None:
             raise ValueError("Trainer: pass the tokenizer with the model")
         self.model, self.tokenizer = model, tokenizer
+        self.dist.broadcast_parameters(model)  # every rank (and its reference copy) starts from rank 0's
         self.device = next(model.parameters()).device
         self.loss_config = build_loss_config(cfg)
         need = cfg.steps * cfg.prompts_per_step
@@ -206,6 +210,9 @@ class Trainer:
         self.backend = (
             backend if backend is not None else make_backend(cfg.rollout.backend, model, tokenizer, cfg)
         )
+        self.dist.wrap(model)  # fsdp2, before the optimiser: fully_shard replaces the parameters by DTensors
+        if self.dist.fsdp and hasattr(self.backend, "synced_gpus"):
+            self.backend.synced_gpus = True
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
@@ -301,7 +308,7 @@ class Trainer:
                 width = int(attn[sl].sum(1).max())
                 i, a, y = ids[sl, :width], attn[sl, :width], labels[sl, : width - 1]
                 if self.config.loss_impl == "fused_linear":
-                    hidden, weight, bias = hidden_states_and_lm_head(model, i, a)
+                    hidden, weight, bias = self.dist.hidden_states_and_lm_head(model, i, a)
                     out = linear_token_logprobs(
                         hidden[:, :-1],
                         weight,
@@ -338,7 +345,7 @@ class Trainer:
             entropy_coef=None if self.entropy_ctl is None else self.entropy_ctl.coef,
         )
         if self.config.loss_impl == "fused_linear":
-            hidden, _, _ = hidden_states_and_lm_head(self.model, ids, attn)
+            hidden, _, _ = self.dist.hidden_states_and_lm_head(self.model, ids, attn)
             return self.fused_loss(hidden[:, :-1], labels.masked_fill(~mask, IGNORE), **kw)
         logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
         return policy_loss_from_logits(
@@ -355,8 +362,12 @@ class Trainer:
         times: dict[str, float] = {}
         t_step = time.perf_counter()
         items = self._next_items()
+        # This rank's whole groups (all of them in one process), laid out per mini-batch (docs/trainer.md 10).
+        positions = self.dist.positions(len(items), cfg.optim.mini_batches)
+        items = [items[j] for j in positions]
         prompt_ids = [self._encode(it["prompt"]) for it in items]
         K = r.group_size
+        step_seed = cfg.seed * 1_000_003 + self.step_count
 
         t = time.perf_counter()
         params = SamplingParams(
@@ -365,7 +376,10 @@ class Trainer:
             top_p=r.top_p,
             top_k=r.top_k,
             max_new_tokens=r.max_new_tokens,
-            seed=cfg.seed * 1_000_003 + self.step_count,
+            seed=step_seed,
+            prompt_seeds=tuple(prompt_seed(step_seed, j) for j in positions)
+            if r.seed_per_prompt or self.dist.enabled
+            else None,
         )
         roll = self.backend.generate(prompt_ids, params)
         times["time/generation"] = time.perf_counter() - t
@@ -457,6 +471,11 @@ class Trainer:
         agg: dict[str, Sum] = {}
         grad_norms = []
         mb_size = B // cfg.optim.mini_batches
+        # The loss tokens of every mini-batch over all ranks: the GLOBAL normaliser (one all-reduce per step).
+        global_tokens = self.dist.all_reduce(
+            loss_mask.reshape(cfg.optim.mini_batches, -1).sum(1).to(torch.float64)
+        ).tolist()
+        world = self.dist.world_size
         for epoch in range(cfg.optim.updates_per_batch):
             for m in range(cfg.optim.mini_batches):
                 rows = range(m * mb_size, (m + 1) * mb_size)
@@ -464,9 +483,10 @@ class Trainer:
                 normalizers = LossNormalizers(
                     # A mini-batch without loss tokens (every completion masked) has a zero loss; 1 is TRL's
                     # clamp(min=1) of an empty window (a Python 0 is rejected by LossNormalizers).
-                    num_items_in_batch=max(1, int(loss_mask[rows.start : rows.stop].sum())),
-                    global_num_seqs=len(rows),
+                    num_items_in_batch=max(1, int(global_tokens[m])),
+                    global_num_seqs=len(rows) * world,
                     grad_accum_steps=len(micro),
+                    num_processes=world,
                     padded_length=r.max_new_tokens,
                 )
                 losses = []
@@ -482,6 +502,7 @@ class Trainer:
                     if not math.isfinite(value):
                         self.optimizer.zero_grad(set_to_none=True)
                         raise TrainingError(self._fault(f"non-finite loss ({value})", epoch, m, u))
+                    self.dist.set_gradient_sync(self.model, u == len(micro) - 1)
                     out.loss.backward()
                     losses.append(value)
                     self._accumulate(agg, out.metrics)
@@ -490,16 +511,16 @@ class Trainer:
                 t_loss += time.perf_counter() - t
                 rec.micro_losses.append(losses)
                 t = time.perf_counter()
+                self.dist.reduce_gradients(self.model)  # ddp: the ranks' gradients averaged
                 norm = torch.nn.utils.clip_grad_norm_(
                     self.model.parameters(),
                     cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf"),
                 )
-                if not math.isfinite(float(norm)):
+                norm = self.dist.to_float(norm)
+                if not math.isfinite(norm):
                     self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingError(
-                        self._fault(f"non-finite gradient norm ({float(norm)})", epoch, m, None)
-                    )
-                grad_norms.append(float(norm))
+                    raise TrainingError(self._fault(f"non-finite gradient norm ({norm})", epoch, m, None))
+                grad_norms.append(norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -515,8 +536,8 @@ class Trainer:
         self.step_count += 1
         self.last_record = rec
         times["time/step"] = time.perf_counter() - t_step
-        metrics = self._metrics(rec, adv, agg, grad_norms, times)
-        return metrics
+        metrics = self._metrics(rec, adv, self.dist.reduce_sums(agg), grad_norms, times)
+        return self.dist.reduce_metrics(metrics, metric_weights(rec))
 
     def _fault(self, what: str, epoch: int, mini: int, micro: int | None) -> str:
         where = f"step {self.step_count + 1}, update pass {epoch}, mini-batch {mini}"
@@ -638,6 +659,7 @@ class Trainer:
                     max_new_tokens=e.max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=eos,
+                    **self.dist.generate_kwargs(),
                 )
                 gen = out[:, width:].tolist()
                 texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
@@ -665,16 +687,25 @@ class Trainer:
         folder then renamed (atomic on one file system); older checkpoints beyond ``save_total_limit`` are
         removed after the new one exists."""
         root = self.out_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step_count:06d}"
+        # Distributed: rank 0 writes (FSDP2: the full state dicts, gathered by every rank first).
+        model_sd, optim_sd = self.dist.full_state_dicts(self.model, self.optimizer)
+        if not self.dist.is_main:
+            self.dist.barrier()
+            self.last_checkpoint = final
+            return final
+        root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-step-{self.step_count:06d}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.model.save_pretrained(tmp, safe_serialization=True, state_dict=model_sd)
         self.tokenizer.save_pretrained(tmp)
         torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            {
+                "optimizer": self.optimizer.state_dict() if optim_sd is None else optim_sd,
+                "scheduler": self.scheduler.state_dict(),
+            },
             tmp / "optimizer.pt",
         )
         state = {
@@ -690,6 +721,7 @@ class Trainer:
         done = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in done[: -max(1, self.config.log.save_total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return final
 
     def _log(self, record: dict) -> None:
@@ -770,15 +802,20 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        self._writer = MetricsWriter(self.out_dir, cfg.log.tensorboard)
+        main = self.dist.is_main  # distributed: rank 0 alone writes files and shows the progress bar
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            self._writer = MetricsWriter(self.out_dir, cfg.log.tensorboard)
         t0 = time.perf_counter()
         try:
             before = self.evaluate()
             self._log({"kind": "eval", "step": 0, **before})
             bar = tqdm(
-                total=cfg.steps, desc="reasonrl train", disable=not cfg.log.progress, dynamic_ncols=True
+                total=cfg.steps,
+                desc="reasonrl train",
+                disable=not (cfg.log.progress and main),
+                dynamic_ncols=True,
             )
             for _ in range(cfg.steps):
                 self._maybe_filter()
@@ -801,7 +838,7 @@ class Trainer:
                 self._writer = None
         png = (
             plot_curves(self.history, self.out_dir / "curves.png", title=f"reasonrl train ({cfg.model})")
-            if cfg.log.plot
+            if cfg.log.plot and main
             else None
         )
         train_rows = [h for h in self.history if h.get("kind") == "train"]
@@ -825,7 +862,8 @@ class Trainer:
             "curves": None if png is None else str(png),
             "checkpoint": str(ckpt),
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
 
