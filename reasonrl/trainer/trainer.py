@@ -26,6 +26,9 @@ Faults: a reward that raises stops the run with a :class:`~reasonrl.trainer.rewa
 reward and the prompt; a non-finite loss or gradient norm stops it with :class:`TrainingError` before the
 optimiser step, so the last checkpoint (written atomically every ``log.save_every`` steps and at the end)
 holds finite parameters.
+
+Checkpoints and resume: :mod:`reasonrl.trainer.checkpoint` (``save_checkpoint``, ``resume``, the ``resume``
+config key and ``reasonrl train --resume``; docs/trainer.md section 7.1).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ from reasonrl.losses import (
 )
 from reasonrl.models import hidden_states_and_lm_head
 from reasonrl.ops import advantage_preset, group_advantages, linear_token_logprobs, token_logprobs
+from reasonrl.trainer.checkpoint import resume_trainer, write_checkpoint
 from reasonrl.trainer.config import TrainerConfig, build_loss_config, config_to_yaml
 from reasonrl.trainer.metrics import MetricsWriter, plot_curves, progress_postfix
 from reasonrl.trainer.rewards import build_rewards, score_rewards
@@ -242,6 +245,8 @@ class Trainer:
         self._filter_set: list[dict] | None = None
         self._cursor = 0
         self._enc_cache: dict[str, list[int]] = {}
+        self._resumed_from: Path | None = None  # the checkpoint resume() restored (train() then skips it)
+        self._ref_fingerprint: str | None = None  # SHA-256 of the frozen reference model, once computed
 
     # ------------------------------------------------------------------------------------------------------
     # Batches
@@ -661,36 +666,26 @@ class Trainer:
         return res
 
     def save_checkpoint(self) -> Path:
-        """Model (safetensors), tokenizer, optimiser + scheduler state and the step, written to a temporary
-        folder then renamed (atomic on one file system); older checkpoints beyond ``save_total_limit`` are
-        removed after the new one exists."""
-        root = self.out_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step_count:06d}"
-        tmp = root / f".tmp-step-{self.step_count:06d}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            tmp / "optimizer.pt",
-        )
-        state = {
-            "step": self.step_count,
-            "entropy_controller": None if self.entropy_ctl is None else self.entropy_ctl.state_dict(),
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / "config.yaml").write_text(config_to_yaml(self.config))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self.last_checkpoint = final
-        done = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in done[: -max(1, self.config.log.save_total_limit)]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        """Write the complete training state (model, optimiser, scheduler, RNG states, data position, reward,
+        backend and entropy-controller state, metrics history) to ``checkpoints/step-NNNNNN`` atomically, with
+        a manifest of file hashes written last; older checkpoints beyond ``save_total_limit`` are removed
+        (:func:`reasonrl.trainer.checkpoint.write_checkpoint`)."""
+        self.last_checkpoint = write_checkpoint(self)
+        return self.last_checkpoint
+
+    def resume(self, path: str | os.PathLike = "latest") -> Path | None:
+        """Restore the state of a checkpoint so that :meth:`train` continues the run bit-identically.
+
+        ``path``: ``"latest"`` (the newest intact checkpoint under ``log.out_dir``; damaged ones are skipped
+        with a warning; none: returns None and the run starts at step 0), a run or checkpoints folder (its
+        newest intact checkpoint) or a checkpoint folder (must be intact). Build the Trainer as the run was
+        built (same config, initial model and dataset); the checkpoint's weights replace the model's.
+
+        Raises:
+            reasonrl.trainer.checkpoint.CheckpointError: a named checkpoint is damaged, or the checkpoint
+                does not fit this trainer (other rewards, reference model, entropy control).
+        """
+        return resume_trainer(self, path)
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -770,17 +765,36 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
+        if cfg.resume and self._resumed_from is None:
+            self.resume(cfg.resume)
+        resumed = self._resumed_from is not None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        self._writer = MetricsWriter(self.out_dir, cfg.log.tensorboard)
+        self._writer = MetricsWriter(
+            self.out_dir, cfg.log.tensorboard, purge_step=self.step_count + 1 if resumed else None
+        )
         t0 = time.perf_counter()
         try:
-            before = self.evaluate()
-            self._log({"kind": "eval", "step": 0, **before})
+            if resumed:  # the initial evaluation is in the restored history
+                before = next(
+                    (
+                        {k: v for k, v in h.items() if k not in ("kind", "step")}
+                        for h in self.history
+                        if h.get("kind") == "eval" and h.get("step") == 0
+                    ),
+                    {},
+                )
+            else:
+                before = self.evaluate()
+                self._log({"kind": "eval", "step": 0, **before})
             bar = tqdm(
-                total=cfg.steps, desc="reasonrl train", disable=not cfg.log.progress, dynamic_ncols=True
+                total=cfg.steps,
+                initial=min(self.step_count, cfg.steps),
+                desc="reasonrl train",
+                disable=not cfg.log.progress,
+                dynamic_ncols=True,
             )
-            for _ in range(cfg.steps):
+            while self.step_count < cfg.steps:
                 self._maybe_filter()
                 metrics = self.step()
                 self._log(metrics)
