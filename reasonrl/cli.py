@@ -113,6 +113,8 @@ def _print_summary(summary: dict) -> None:
     if t:
         parts = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}s" for k, v in t.items() if k != "time/step")
         print(f"time per step: {t.get('time/step', 0):.2f}s ({parts})")
+    if summary.get("resumed_from"):
+        print(f"resumed from {summary['resumed_from']}")
     print(f"training wall time: {summary['wall_s']:.0f}s; metrics: {summary['metrics']}; curves: "
           f"{summary['curves']}; checkpoint: {summary['checkpoint']}")
 

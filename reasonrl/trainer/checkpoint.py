@@ -376,7 +376,7 @@ def find_latest(root: Path, *, warn: bool = True) -> tuple[Path | None, list[tup
         except CheckpointError as exc:
             skipped.append((p, str(exc)))
             if warn:
-                warnings.warn(f"skipping checkpoint {p}: {exc}", CheckpointWarning, stacklevel=3)
+                warnings.warn(f"skipping damaged checkpoint {exc}", CheckpointWarning, stacklevel=3)
             continue
         return p, skipped
     return None, skipped
@@ -476,12 +476,14 @@ def _flat(d: Any, prefix: str = "") -> dict:
 
 
 def _config_diff(saved_yaml: str, current_yaml: str) -> list[str]:
-    """Dotted keys whose values differ between two configurations (``resume`` itself is ignored)."""
+    """Dotted keys whose values differ between two configurations."""
     import yaml
 
     a, b = _flat(yaml.safe_load(saved_yaml) or {}), _flat(yaml.safe_load(current_yaml) or {})
     missing = object()
-    return sorted(k for k in a.keys() | b.keys() if k != "resume" and a.get(k, missing) != b.get(k, missing))
+    # `log.*` (output folder, checkpoint cadence, progress bar) and `resume` do not change the numbers.
+    keys = (k for k in a.keys() | b.keys() if k != "resume" and not k.startswith("log."))
+    return sorted(k for k in keys if a.get(k, missing) != b.get(k, missing))
 
 
 def _rewrite_metrics(trainer) -> None:

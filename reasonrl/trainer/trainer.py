@@ -838,6 +838,7 @@ class Trainer:
             "metrics": str(self.out_dir / "metrics.jsonl"),
             "curves": None if png is None else str(png),
             "checkpoint": str(ckpt),
+            "resumed_from": None if self._resumed_from is None else str(self._resumed_from),
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
