@@ -382,22 +382,31 @@ def find_latest(root: Path, *, warn: bool = True) -> tuple[Path | None, list[tup
     return None, skipped
 
 
-def _resolve(trainer, where: str | os.PathLike) -> tuple[Path | None, Path, list[tuple[Path, str]]]:
-    """(checkpoint or None, the checkpoints folder, the damaged newer ones skipped) for ``"latest"`` (under
-    ``log.out_dir``), a run folder, a checkpoints folder or one checkpoint folder."""
+def _is_checkpoint(p: Path) -> bool:
+    return bool(_STEP_DIR.match(p.name)) or (p / MANIFEST).exists()
+
+
+def _root(trainer, where: str | os.PathLike) -> Path:
+    """The checkpoints folder that ``where`` (``"latest"``, a run, checkpoints or checkpoint folder) is in."""
     if str(where) == "latest":
-        root = Path(trainer.out_dir) / "checkpoints"
-        found, skipped = find_latest(root)
-        return found, root, skipped
+        return Path(trainer.out_dir) / "checkpoints"
     p = Path(where)
-    if _STEP_DIR.match(p.name) or (p / MANIFEST).exists():
-        verify_checkpoint(p)  # an explicitly named checkpoint must be intact: no silent fallback
-        return p, p.parent, []
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    if not root.is_dir():
+    if _is_checkpoint(p):
+        return p.parent
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+def _resolve(trainer, where: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the checkpoint to use or None, the damaged newer ones skipped). An explicitly named checkpoint must be
+    intact: no silent fallback."""
+    p = Path(where)
+    if str(where) != "latest" and _is_checkpoint(p):
+        verify_checkpoint(p)
+        return p, []
+    root = _root(trainer, where)
+    if str(where) != "latest" and not root.is_dir():
         raise CheckpointError(f"resume: {p} is neither a checkpoint, a checkpoints folder nor a run folder")
-    found, skipped = find_latest(root)
-    return found, root, skipped
+    return find_latest(root)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -603,8 +612,9 @@ def resume_trainer(trainer, where: str | os.PathLike = "latest") -> Path | None:
     one, which must be intact). Returns the checkpoint used, or None when ``"latest"`` finds none (the run
     starts at step 0). Damaged checkpoints newer than the one used are renamed ``.corrupt-step-NNNNNN`` (kept
     for inspection, out of the rotation) after a :class:`CheckpointWarning`."""
-    path, root, skipped = _resolve(trainer, where)
-    _clean_leftovers(root)
+    root = _root(trainer, where)
+    _clean_leftovers(root)  # first: a checkpoint a dead writer had renamed aside is put back
+    path, skipped = _resolve(trainer, where)
     if path is None:
         if str(where) != "latest":
             raise CheckpointError(

@@ -361,8 +361,11 @@ def test_every_checkpoint_damaged_starts_fresh_with_warning(tmp_path, three_chec
         _drop_manifest(p)
     cfg = load_config(preset="dro", overrides=[*TINY, "steps=3", f"log.out_dir={run}"])
     trainer = Trainer(cfg, model=copy.deepcopy(embedded[0]), tokenizer=embedded[1])
-    with pytest.warns(CheckpointWarning, match="no intact checkpoint"):
+    with pytest.warns(CheckpointWarning) as caught:
         assert trainer.resume("latest") is None
+    messages = [str(w.message) for w in caught]
+    assert sum("skipping damaged checkpoint" in m for m in messages) == 3
+    assert "no intact checkpoint" in messages[-1] and "starting at step 0" in messages[-1]
     assert trainer.step_count == 0
     with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="no intact checkpoint"):
         trainer.resume(run)
@@ -405,3 +408,49 @@ def test_cli_resume_flag_sets_the_config_key(tmp_path, capsys):
     assert "resume: latest" in capsys.readouterr().out
     assert main(["train", "--print-config", "--resume", str(tmp_path)]) == 0
     assert f"resume: {tmp_path}" in capsys.readouterr().out
+
+
+def test_leftovers_of_a_dead_writer_are_cleaned(tmp_path, three_checkpoints, embedded):
+    """A temporary folder of a writer that died is removed on resume; a checkpoint it had renamed aside to
+    replace it (and never replaced) is put back."""
+    src, _ = three_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    ckpts = run / "checkpoints"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (ckpts / f".tmp-step-000004-{dead.pid}").mkdir()
+    (ckpts / f".tmp-step-000004-{dead.pid}" / "model.safetensors").write_bytes(b"half")
+    os.rename(ckpts / "step-000003", ckpts / f".old-step-000003-{dead.pid}")
+    cfg = load_config(preset="dro", overrides=[*TINY, "steps=3", f"log.out_dir={run}"])
+    trainer = Trainer(cfg, model=copy.deepcopy(embedded[0]), tokenizer=embedded[1])
+    assert trainer.resume("latest") == ckpts / "step-000003"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001", "step-000002", "step-000003"]
+    verify_checkpoint(ckpts / "step-000003")
+
+
+def test_reward_state_dicts_round_trip(embedded):
+    from reasonrl.rewards import LaserConfig, LaserReward, R3Reward
+
+    model = copy.deepcopy(embedded[0])
+    r3 = R3Reward(model, embedded[1], reward_policy="lagged", lag_steps=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    r3.step()
+    r3.step()  # refreshes the lagged copy from the moved policy
+    fresh = R3Reward(copy.deepcopy(embedded[0]), embedded[1], reward_policy="lagged", lag_steps=2)
+    fresh.load_state_dict(r3.state_dict())
+    assert fresh._steps == 2
+    for k, v in r3.scoring_model.state_dict().items():
+        assert torch.equal(v, fresh.scoring_model.state_dict()[k])
+    current = R3Reward(model, embedded[1])
+    with pytest.raises(ValueError, match="'lagged' entry"):
+        fresh.load_state_dict(current.state_dict())
+
+    laser = LaserReward(LaserConfig(method="laser_d", target_length=8))
+    laser.monitor.update([4, 9, 30, 2], [True, True, False, False], [0, 0, 1, 1], step=5)
+    other = LaserReward(LaserConfig(method="laser_d", target_length=8))
+    other.load_state_dict(laser.state_dict())
+    assert other.monitor.targets == laser.monitor.targets and other.monitor.last_step == 5
+    assert other.monitor.coverage == laser.monitor.coverage
