@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _print_info() -> None:
@@ -83,6 +84,9 @@ def _train(argv: list[str]) -> int:
                     help="continue from the newest intact checkpoint under log.out_dir (or from PATH, a "
                     "checkpoint or run folder); same as resume=latest")
     args, rest = ap.parse_known_args(argv)
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        rest.insert(0, args.resume)  # `--resume steps=10`: the key=value after the flag is an override
+        args.resume = "latest"
     overrides = _overrides(rest) + ([f"resume={args.resume}"] if args.resume is not None else [])
     try:
         cfg = load_config(args.config, preset=args.preset, overrides=overrides)

@@ -408,6 +408,9 @@ def test_cli_resume_flag_sets_the_config_key(tmp_path, capsys):
     assert "resume: latest" in capsys.readouterr().out
     assert main(["train", "--print-config", "--resume", str(tmp_path)]) == 0
     assert f"resume: {tmp_path}" in capsys.readouterr().out
+    assert main(["train", "--print-config", "--resume", "steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: latest" in out and "steps: 7" in out
 
 
 def test_leftovers_of_a_dead_writer_are_cleaned(tmp_path, three_checkpoints, embedded):
