@@ -6,7 +6,8 @@
   (default: the current directory).
 * ``train`` the trainer (docs/trainer.md): ``reasonrl train [--preset dro|grpo|pear|laser] [--config x.yaml]
   [--key value | key=value ...]``, e.g. ``reasonrl train --preset dro --steps 50 --optim.lr 5e-4``;
-  ``--print-config`` shows the merged configuration and exits.
+  ``--print-config`` shows the merged configuration and exits; ``--resume [PATH]`` continues a run from its
+  newest intact checkpoint (docs/trainer.md section 7.1).
 * ``demo``  what ``make demo`` runs: ``info``, a short DRO training of the embedded tiny model on the embedded
   arithmetic task (held-out accuracy before / after, curves), then the quick profile of the fused
   policy-loss benchmark (the training step's hot path; ``reasonrl bench`` runs every benchmark).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _print_info() -> None:
@@ -78,9 +80,16 @@ def _train(argv: list[str]) -> int:
     ap.add_argument("--config", help="YAML file with TrainerConfig fields")
     ap.add_argument("--preset", choices=PRESETS, help="start from a paper preset")
     ap.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                    help="continue from the newest intact checkpoint under log.out_dir (or from PATH, a "
+                    "checkpoint or run folder); same as resume=latest")
     args, rest = ap.parse_known_args(argv)
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        rest.insert(0, args.resume)  # `--resume steps=10`: the key=value after the flag is an override
+        args.resume = "latest"
+    overrides = _overrides(rest) + ([f"resume={args.resume}"] if args.resume is not None else [])
     try:
-        cfg = load_config(args.config, preset=args.preset, overrides=_overrides(rest))
+        cfg = load_config(args.config, preset=args.preset, overrides=overrides)
     except ConfigError as exc:
         print(f"reasonrl train: {exc}", file=sys.stderr)
         return 2
@@ -110,6 +119,8 @@ def _print_summary(summary: dict) -> None:
     if t:
         parts = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}s" for k, v in t.items() if k != "time/step")
         print(f"time per step: {t.get('time/step', 0):.2f}s ({parts})")
+    if summary.get("resumed_from"):
+        print(f"resumed from {summary['resumed_from']}")
     print(f"training wall time: {summary['wall_s']:.0f}s; metrics: {summary['metrics']}; curves: "
           f"{summary['curves']}; checkpoint: {summary['checkpoint']}")
 

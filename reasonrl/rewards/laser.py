@@ -211,6 +211,17 @@ class LaserLengthMonitor:
         self.coverage: dict[str, dict[int, float]] = {}
         self.last_step: int | None = None
 
+    def state_dict(self) -> dict:
+        """The adaptive targets, the coverage table and the step of the last evaluation (for checkpoints)."""
+        return {"targets": dict(self.targets), "coverage": {d: dict(c) for d, c in self.coverage.items()},
+                "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.targets = {b: (None if state["targets"].get(b) is None else int(state["targets"][b]))
+                        for b in BUCKETS}
+        self.coverage = {d: {int(k): float(v) for k, v in c.items()} for d, c in state["coverage"].items()}
+        self.last_step = None if state["last_step"] is None else int(state["last_step"])
+
     def candidates(self) -> list[int]:
         c = self.config
         out = [c.target_length]
@@ -287,6 +298,13 @@ class LaserReward:
         self.tokenizer = tokenizer
         self.config = LaserConfig(**{**base.__dict__, **overrides}) if overrides else base
         self.monitor = monitor or LaserLengthMonitor(self.config)
+
+    def state_dict(self) -> dict:
+        """The length monitor's state (LASER-D / DE targets); the config is not state."""
+        return {"monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state_dict(state["monitor"])
 
     def __call__(self, completions: Sequence, references: Sequence | None = None, *, completion_ids=None,
                  completion_lengths: Sequence[int] | None = None, group_size: int | None = None,

@@ -227,6 +227,24 @@ class R3Reward:
         if self.config.reward_policy == "lagged" and self._steps % self.config.lag_steps == 0:
             self.sync()
 
+    def state_dict(self) -> dict:
+        """What a training checkpoint keeps: the step counter and, with ``reward_policy="lagged"``, the
+        lagged copy's parameters and buffers (references, as ``nn.Module.state_dict``). The ``reference``
+        copy is not included: it is the frozen initial policy, rebuilt identically by the trainer."""
+        out: dict = {"steps": self._steps}
+        if self.config.reward_policy == "lagged":
+            out["lagged"] = self._copy.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict` (the lagged copy is overwritten in place)."""
+        if self.config.reward_policy == "lagged":
+            if "lagged" not in state:
+                raise ValueError("R3Reward.load_state_dict: reward_policy='lagged' needs the 'lagged' entry "
+                                 "(the state was saved with another reward_policy)")
+            self._copy.load_state_dict(state["lagged"])
+        self._steps = int(state["steps"])
+
     def sync(self) -> None:
         """Copy the policy's current parameters and buffers into the lagged copy now."""
         if self.config.reward_policy != "lagged":

@@ -2,6 +2,7 @@
 overrides, presets ``dro`` / ``grpo`` / ``pear`` / ``laser``), the rollout-backend interface and the reward
 plumbing. ``reasonrl train`` runs it from the command line."""
 
+from reasonrl.trainer.checkpoint import CheckpointError, CheckpointWarning
 from reasonrl.trainer.config import (
     PRESETS,
     ConfigError,
@@ -24,6 +25,8 @@ __all__ = [
     "ConfigError",
     "RewardError",
     "TrainingError",
+    "CheckpointError",
+    "CheckpointWarning",
     "TaskVerifierReward",
     "RolloutBackend",
     "HFGenerateBackend",

@@ -214,7 +214,9 @@ class TrainerConfig:
     ``prompts_per_step x rollout.group_size`` completions. ``loss_impl``: ``fused_linear`` (default: the loss
     from hidden states and the lm_head, no logits) or ``logits``. ``chunk_rows``: rows per logits chunk of
     the fused loss (None: the library default). ``logprob_workspace_bytes``: chunk buffer of the fused
-    old-log-prob pass (None: default). ``threads``: torch CPU threads (None: torch's default)."""
+    old-log-prob pass (None: default). ``threads``: torch CPU threads (None: torch's default). ``resume``:
+    continue from a checkpoint when :meth:`Trainer.train` starts: ``"latest"`` (the newest intact one under
+    ``log.out_dir``, or step 0 when there is none) or a checkpoint / run folder (docs/trainer.md 7.1)."""
 
     model: str = "embedded"
     tokenizer: str | None = None
@@ -241,6 +243,7 @@ class TrainerConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -275,6 +278,10 @@ def validate(cfg: TrainerConfig) -> None:
     from reasonrl.ops.group_advantages import ESTIMATORS
 
     _check(cfg.steps >= 0, f"steps must be >= 0, got {cfg.steps}")
+    _check(
+        cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume.strip() != ""),
+        f"resume must be 'latest' or a checkpoint path, got {cfg.resume!r}",
+    )
     _check(cfg.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {cfg.prompts_per_step}")
     _check(
         cfg.loss_impl in ("fused_linear", "logits"),

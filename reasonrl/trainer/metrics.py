@@ -20,9 +20,10 @@ def _clean(v: Any) -> Any:
 class MetricsWriter:
     """Appends one JSON object per record to ``metrics.jsonl`` (flushed each time, so a crash keeps what was
     logged) and mirrors scalars to TensorBoard when ``tensorboard`` is ``"on"`` or ``"auto"`` and
-    installed."""
+    installed. ``purge_step``: a resumed run's first new step; TensorBoard drops the events a killed run
+    logged from that step on (``SummaryWriter(purge_step=...)``; the JSONL is rewritten on resume)."""
 
-    def __init__(self, out_dir: Path, tensorboard: str = "auto"):
+    def __init__(self, out_dir: Path, tensorboard: str = "auto", purge_step: int | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
@@ -31,7 +32,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"), purge_step=purge_step)
             except ImportError as exc:
                 if tensorboard == "on":
                     raise RuntimeError("log.tensorboard='on' needs the tensorboard package") from exc

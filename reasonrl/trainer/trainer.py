@@ -26,6 +26,9 @@ Faults: a reward that raises stops the run with a :class:`~reasonrl.trainer.rewa
 reward and the prompt; a non-finite loss or gradient norm stops it with :class:`TrainingError` before the
 optimiser step, so the last checkpoint (written atomically every ``log.save_every`` steps and at the end)
 holds finite parameters.
+
+Checkpoints and resume: :mod:`reasonrl.trainer.checkpoint` (``save_checkpoint``, ``resume``, the ``resume``
+config key and ``reasonrl train --resume``; docs/trainer.md section 7.1).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from reasonrl.losses import (
     policy_loss_from_logits,
 )
 from reasonrl.ops import advantage_preset, group_advantages, linear_token_logprobs, token_logprobs
+from reasonrl.trainer.checkpoint import resume_trainer, step_name, write_checkpoint
 from reasonrl.trainer.config import TrainerConfig, build_loss_config, config_to_yaml
 from reasonrl.trainer.distributed import metric_weights, prompt_seed, setup_distributed
 from reasonrl.trainer.metrics import MetricsWriter, plot_curves, progress_postfix
@@ -249,6 +252,8 @@ class Trainer:
         self._filter_set: list[dict] | None = None
         self._cursor = 0
         self._enc_cache: dict[str, list[int]] = {}
+        self._resumed_from: Path | None = None  # the checkpoint resume() restored (train() then skips it)
+        self._ref_fingerprint: str | None = None  # SHA-256 of the frozen reference model, once computed
 
     # ------------------------------------------------------------------------------------------------------
     # Batches
@@ -683,46 +688,32 @@ class Trainer:
         return res
 
     def save_checkpoint(self) -> Path:
-        """Model (safetensors), tokenizer, optimiser + scheduler state and the step, written to a temporary
-        folder then renamed (atomic on one file system); older checkpoints beyond ``save_total_limit`` are
-        removed after the new one exists."""
-        root = self.out_dir / "checkpoints"
-        final = root / f"step-{self.step_count:06d}"
-        # Distributed: rank 0 writes (FSDP2: the full state dicts, gathered by every rank first).
+        """Write the complete training state (model, optimiser, scheduler, RNG states, data position, reward,
+        backend and entropy-controller state, metrics history) to ``checkpoints/step-NNNNNN`` atomically, with
+        a manifest of file hashes written last; older checkpoints beyond ``save_total_limit`` are removed
+        (:func:`reasonrl.trainer.checkpoint.write_checkpoint`). Distributed: rank 0 writes (under FSDP2 the
+        full state dicts, which every rank gathers first) while the other ranks wait."""
         model_sd, optim_sd = self.dist.full_state_dicts(self.model, self.optimizer)
-        if not self.dist.is_main:
-            self.dist.barrier()
-            self.last_checkpoint = final
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-step-{self.step_count:06d}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        self.model.save_pretrained(tmp, safe_serialization=True, state_dict=model_sd)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict() if optim_sd is None else optim_sd,
-                "scheduler": self.scheduler.state_dict(),
-            },
-            tmp / "optimizer.pt",
-        )
-        state = {
-            "step": self.step_count,
-            "entropy_controller": None if self.entropy_ctl is None else self.entropy_ctl.state_dict(),
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / "config.yaml").write_text(config_to_yaml(self.config))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self.last_checkpoint = final
-        done = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in done[: -max(1, self.config.log.save_total_limit)]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.dist.is_main:
+            self.last_checkpoint = write_checkpoint(self, model_state=model_sd, optimizer_state=optim_sd)
+        else:
+            self.last_checkpoint = self.out_dir / "checkpoints" / step_name(self.step_count)
         self.dist.barrier()
-        return final
+        return self.last_checkpoint
+
+    def resume(self, path: str | os.PathLike = "latest") -> Path | None:
+        """Restore the state of a checkpoint so that :meth:`train` continues the run bit-identically.
+
+        ``path``: ``"latest"`` (the newest intact checkpoint under ``log.out_dir``; damaged ones are skipped
+        with a warning; none: returns None and the run starts at step 0), a run or checkpoints folder (its
+        newest intact checkpoint) or a checkpoint folder (must be intact). Build the Trainer as the run was
+        built (same config, initial model and dataset); the checkpoint's weights replace the model's.
+
+        Raises:
+            reasonrl.trainer.checkpoint.CheckpointError: a named checkpoint is damaged, or the checkpoint
+                does not fit this trainer (other rewards, reference model, entropy control).
+        """
+        return resume_trainer(self, path)
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -803,21 +794,37 @@ class Trainer:
 
         cfg = self.config
         main = self.dist.is_main  # distributed: rank 0 alone writes files and shows the progress bar
+        if cfg.resume and self._resumed_from is None:
+            self.resume(cfg.resume)
+        resumed = self._resumed_from is not None
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(config_to_yaml(cfg))
-            self._writer = MetricsWriter(self.out_dir, cfg.log.tensorboard)
+            self._writer = MetricsWriter(
+                self.out_dir, cfg.log.tensorboard, purge_step=self.step_count + 1 if resumed else None
+            )
         t0 = time.perf_counter()
         try:
-            before = self.evaluate()
-            self._log({"kind": "eval", "step": 0, **before})
+            if resumed:  # the initial evaluation is in the restored history
+                before = next(
+                    (
+                        {k: v for k, v in h.items() if k not in ("kind", "step")}
+                        for h in self.history
+                        if h.get("kind") == "eval" and h.get("step") == 0
+                    ),
+                    {},
+                )
+            else:
+                before = self.evaluate()
+                self._log({"kind": "eval", "step": 0, **before})
             bar = tqdm(
                 total=cfg.steps,
+                initial=min(self.step_count, cfg.steps),
                 desc="reasonrl train",
                 disable=not (cfg.log.progress and main),
                 dynamic_ncols=True,
             )
-            for _ in range(cfg.steps):
+            while self.step_count < cfg.steps:
                 self._maybe_filter()
                 metrics = self.step()
                 self._log(metrics)
@@ -861,6 +868,7 @@ class Trainer:
             "metrics": str(self.out_dir / "metrics.jsonl"),
             "curves": None if png is None else str(png),
             "checkpoint": str(ckpt),
+            "resumed_from": None if self._resumed_from is None else str(self._resumed_from),
         }
         if main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
