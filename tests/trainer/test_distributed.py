@@ -76,10 +76,10 @@ def _config(tmp_path, preset: str, *extra: str):
     return load_config(preset=preset, overrides=[*_BASE, f"log.out_dir={tmp_path}", *extra])
 
 
-def _run(cfg, steps: int, perturb: bool = False):
+def _run(cfg, steps: int, perturb: bool = False, resume: bool = False):
     """``steps`` trainer steps on the embedded model: (trainer, [metrics], [completion ids per step],
     {name: gradient of the first optimiser step}). ``perturb``: noise on the loaded weights (the Trainer
-    must replace them by rank 0's)."""
+    must replace them by rank 0's). ``resume``: continue from the latest checkpoint first."""
     model, tok = load_model_and_tokenizer("embedded")
     if perturb:
         with torch.no_grad():
@@ -95,6 +95,8 @@ def _run(cfg, steps: int, perturb: bool = False):
                 first_grads[name] = (full() if callable(full) else p.grad).detach().clone()
 
     trainer.optimizer.register_step_pre_hook(record)
+    if resume:
+        assert trainer.resume("latest") is not None
     metrics, completions = [], []
     for _ in range(steps):
         metrics.append(trainer.step())
@@ -111,7 +113,8 @@ def _full_params(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, init: str, out_dir: str, preset: str, extra: list[str], steps: int, save: bool):
+def _worker(rank: int, init: str, out_dir: str, preset: str, extra: list[str], steps: int, save: bool,
+            resume_at: int | None = None):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -120,7 +123,13 @@ def _worker(rank: int, init: str, out_dir: str, preset: str, extra: list[str], s
     )
     try:
         cfg = load_config(preset=preset, overrides=[*_BASE, f"log.out_dir={out_dir}/run", *extra])
-        trainer, metrics, completions, grads = _run(cfg, steps, perturb=rank == 1)
+        if resume_at is None:
+            trainer, metrics, completions, grads = _run(cfg, steps, perturb=rank == 1)
+        else:  # a checkpoint after resume_at steps, then a new Trainer (fresh weights) resumes from it
+            first, metrics, completions, grads = _run(cfg, resume_at, perturb=rank == 1)
+            first.save_checkpoint()
+            trainer, m2, c2, _ = _run(cfg, steps - resume_at, perturb=rank == 1, resume=True)
+            metrics, completions = metrics + m2, completions + c2
         params = _full_params(trainer.model)
         ckpt = str(trainer.save_checkpoint()) if save else None
         torch.save(
@@ -135,12 +144,14 @@ def _worker(rank: int, init: str, out_dir: str, preset: str, extra: list[str], s
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, preset: str, extra: list[str], steps: int, save: bool = False) -> list[dict]:
+def _spawn(tmp_path, preset: str, extra: list[str], steps: int, save: bool = False,
+           resume_at: int | None = None) -> list[dict]:
     import torch.multiprocessing as mp
 
     init = f"file://{tmp_path}/store"
     try:
-        mp.spawn(_worker, args=(init, str(tmp_path), preset, extra, steps, save), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(init, str(tmp_path), preset, extra, steps, save, resume_at), nprocs=WORLD,
+                 join=True)
     except Exception:
         errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
         raise AssertionError("a worker failed:\n" + "\n".join(errors)) from None
@@ -222,6 +233,14 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     rollouts and reduced metrics of one process at the same global batch and seed."""
     results = _spawn(tmp_path, "dro", [], steps=2)
     _check_against_single(tmp_path, results, "dro", [], steps=2)
+
+
+def test_ddp_resume_continues_like_one_uninterrupted_process(tmp_path):
+    """2-process DDP: one step, a checkpoint (rank 0 writes), a new Trainer on every rank resumes from it
+    (rank 1 starts from other weights: the checkpoint must replace them), one more step: the rollouts,
+    metrics and parameters of one uninterrupted process over both steps."""
+    results = _spawn(tmp_path, "grpo", list(_FSDP[:1]), steps=2, resume_at=1)
+    _check_against_single(tmp_path, results, "grpo", list(_FSDP[:1]), steps=2)
 
 
 def test_fsdp2_two_processes_one_step(tmp_path):
