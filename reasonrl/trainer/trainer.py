@@ -54,6 +54,7 @@ from reasonrl.models import hidden_states_and_lm_head
 from reasonrl.ops import advantage_preset, group_advantages, linear_token_logprobs, token_logprobs
 from reasonrl.trainer.config import TrainerConfig, build_loss_config, config_to_yaml
 from reasonrl.trainer.metrics import MetricsWriter, plot_curves, progress_postfix
+from reasonrl.trainer.packing import pack_rows, packed_hidden_states, select_attention, token_budget_slices
 from reasonrl.trainer.rewards import build_rewards, score_rewards
 from reasonrl.trainer.rollout import RolloutBackend, SamplingParams, make_backend
 
@@ -178,6 +179,8 @@ class Trainer:
             raise ValueError("Trainer: pass the tokenizer with the model")
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        if cfg.packing:  # before the reference copy below, so that it runs the same attention
+            select_attention(model, cfg.packing_attention)
         self.loss_config = build_loss_config(cfg)
         need = cfg.steps * cfg.prompts_per_step
         if dataset is None:
@@ -242,6 +245,7 @@ class Trainer:
         self._filter_set: list[dict] | None = None
         self._cursor = 0
         self._enc_cache: dict[str, list[int]] = {}
+        self._row_lengths: list[int] = []  # [prompt ; completion] tokens per row of the current batch
 
     # ------------------------------------------------------------------------------------------------------
     # Batches
@@ -263,9 +267,11 @@ class Trainer:
 
     def _pack(self, prompt_ids, completion_ids, truncated):
         """Right-padded ``[B, T]`` sequences [prompt ; completion], labels and the loss mask
-        ``[B, T - 1]``."""
+        ``[B, T - 1]``. This is the record's layout in both modes; with ``packing`` the forward passes pack
+        micro-batches of its rows (reasonrl.trainer.packing), which needs the row lengths kept here."""
         pad = self.tokenizer.pad_token_id
         seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        self._row_lengths = [len(s) for s in seqs]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -280,6 +286,9 @@ class Trainer:
         return ids.to(self.device), attn.to(self.device), labels.to(self.device), loss_mask.to(self.device)
 
     def _micro_slices(self, rows: range) -> list[range]:
+        budget = self.config.optim.micro_batch_tokens
+        if self.config.packing and budget:
+            return token_budget_slices(rows, self._row_lengths, budget)
         mb = self.config.optim.micro_batch_size or len(rows)
         return [rows[i : i + mb] for i in range(0, len(rows), mb)]
 
@@ -290,7 +299,8 @@ class Trainer:
     @torch.no_grad()
     def _logprobs(self, model, ids, attn, labels):
         """Per-token log-probs and entropies of ``labels`` under ``model``, ``[B, T - 1]`` fp32, at the
-        rollout temperature. Fused: hidden states + lm_head through ``linear_token_logprobs`` (no logits)."""
+        rollout temperature. Fused: hidden states + lm_head through ``linear_token_logprobs`` (no logits).
+        With ``packing`` each micro-batch runs packed and its values are scattered back to the padded rows."""
         was = model.training
         model.eval()
         temp = self.loss_config.temperature
@@ -298,6 +308,11 @@ class Trainer:
         try:
             for rows in self._micro_slices(range(ids.shape[0])):
                 sl = slice(rows.start, rows.stop)
+                if self.config.packing:
+                    lp, ent = self._packed_logprobs(model, ids, labels, rows)
+                    lp_rows.append(lp)
+                    ent_rows.append(ent)
+                    continue
                 width = int(attn[sl].sum(1).max())
                 i, a, y = ids[sl, :width], attn[sl, :width], labels[sl, : width - 1]
                 if self.config.loss_impl == "fused_linear":
@@ -324,7 +339,39 @@ class Trainer:
             model.train(was)
         return torch.cat(lp_rows), torch.cat(ent_rows)
 
+    def _packed_logprobs(self, model, ids, labels, rows: range):
+        """One packed micro-batch of :meth:`_logprobs`: ``[len(rows), T - 1]`` log-probs and entropies."""
+        batch = pack_rows(ids, self._row_lengths, rows)
+        y = batch.gather(labels, IGNORE)  # [N]; prompt rows and each segment's last row are IGNORE
+        temp = self.loss_config.temperature
+        if self.config.loss_impl == "fused_linear":
+            hidden, weight, bias = packed_hidden_states(model, batch)
+            out = linear_token_logprobs(
+                hidden,
+                weight,
+                y,
+                bias=bias,
+                temperature=temp,
+                want_entropy=True,
+                impl=self.config.impl,
+                workspace_bytes=self.config.logprob_workspace_bytes,
+            )
+        else:
+            logits = self._packed_logits(model, batch)
+            out = token_logprobs(logits, y, temperature=temp, want_entropy=True, impl=self.config.impl)
+        width = labels.shape[1]
+        return batch.scatter(out.logprobs.float(), width), batch.scatter(out.entropy.float(), width)
+
+    @staticmethod
+    def _packed_logits(model, batch):
+        from reasonrl.trainer.packing import attention_kwargs
+
+        kw = attention_kwargs(model, batch)
+        return model(input_ids=batch.input_ids, use_cache=False, **kw).logits[0]
+
     def _micro_loss(self, rec: StepRecord, rows: range, normalizers: LossNormalizers):
+        if self.config.packing:
+            return self._packed_micro_loss(rec, rows, normalizers)
         sl = slice(rows.start, rows.stop)
         width = int(rec.attention_mask[sl].sum(1).max())
         ids, attn = rec.input_ids[sl, :width], rec.attention_mask[sl, :width]
@@ -344,6 +391,27 @@ class Trainer:
         return policy_loss_from_logits(
             logits, labels.masked_fill(~mask, IGNORE), config=self.loss_config, impl=self.config.impl, **kw
         )
+
+    def _packed_micro_loss(self, rec: StepRecord, rows: range, normalizers: LossNormalizers):
+        """:meth:`_micro_loss` on one packed micro-batch: ``[N, H]`` hidden states with ``cu_seqlens``
+        (docs/ops.md 1.2), the per-token inputs gathered from the padded record."""
+        batch = pack_rows(rec.input_ids, self._row_lengths, rows)
+        mask = batch.gather(rec.loss_mask, False)
+        labels = batch.gather(rec.labels, IGNORE).masked_fill(~mask, IGNORE)
+        kw = dict(
+            advantages=rec.advantages[rows.start : rows.stop],
+            mask=mask,
+            cu_seqlens=batch.cu_seqlens,
+            old_logprobs=batch.gather(rec.old_logprobs, 0.0),
+            ref_logprobs=None if rec.ref_logprobs is None else batch.gather(rec.ref_logprobs, 0.0),
+            normalizers=normalizers,
+            entropy_coef=None if self.entropy_ctl is None else self.entropy_ctl.coef,
+        )
+        if self.config.loss_impl == "fused_linear":
+            hidden, _, _ = packed_hidden_states(self.model, batch)
+            return self.fused_loss(hidden, labels, **kw)
+        logits = self._packed_logits(self.model, batch)
+        return policy_loss_from_logits(logits, labels, config=self.loss_config, impl=self.config.impl, **kw)
 
     # ------------------------------------------------------------------------------------------------------
     # One step
