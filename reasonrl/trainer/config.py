@@ -135,9 +135,9 @@ class OptimConfig:
     updates_per_batch: passes over each rollout batch (PPO epochs; old log-probs are kept from before the
     first). mini_batches: optimiser steps per pass (the batch split into equal mini-batches).
     micro_batch_size: sequences per forward/backward (gradient accumulation inside a mini-batch; 0: the
-    whole mini-batch). micro_batch_tokens: with ``packing``, micro-batches by token budget instead: consecutive
-    rows while their ``[prompt ; completion]`` tokens fit (0: off, micro_batch_size applies; docs/trainer.md
-    section 10.3).
+    whole mini-batch). micro_batch_tokens: with ``packing``, micro-batches by token budget instead:
+    consecutive rows while their ``[prompt ; completion]`` tokens fit (0: off, micro_batch_size applies;
+    docs/trainer.md section 10.3).
     """
 
     lr: float = 1e-6
@@ -335,7 +335,8 @@ def validate(cfg: TrainerConfig) -> None:
         cfg.loss_preset in ("none", "trl", "verl"),
         f"loss_preset must be 'none', 'trl' or 'verl', got {cfg.loss_preset!r}",
     )
-    loss_config = build_loss_config(cfg)  # the loss section: unknown keys and value checks of PolicyLossConfig
+    # The loss section: unknown keys and value checks of PolicyLossConfig.
+    loss_config = build_loss_config(cfg)
     if o.micro_batch_tokens:
         from reasonrl.trainer.packing import check_token_budget_loss
 

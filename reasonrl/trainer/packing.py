@@ -11,11 +11,11 @@ model forward (old and reference log-probs, the policy loss) runs on a *packed* 
   kernel with ``cu_seq_lens_q / _k`` for ``flash_attention_2`` / ``flash_attention_3``; a ``[1, 1, N, N]``
   block-diagonal causal mask for ``sdpa`` (boolean) and ``eager`` (additive, 0 / dtype min).
 
-Per-token values follow docs/ops.md 1.2: row j of segment i predicts token j + 1 of that segment, so the packed
-labels are the padded labels ``labels[i, :L_i - 1]`` followed by ``ignore_index`` for the segment's last row
-(it has no next token). No padding token exists in the packed layout, so none reaches the attention or the
-lm_head; prompt rows carry ``ignore_index`` and are dropped by :func:`reasonrl.linear_token_logprobs` before
-its vocabulary pass. The ``[N, H]`` hidden states go straight to the fused ops with ``cu_seqlens``.
+Per-token values follow docs/ops.md 1.2: row j of segment i predicts token j + 1 of that segment, so the
+packed labels are the padded labels ``labels[i, :L_i - 1]`` followed by ``ignore_index`` for the segment's
+last row (it has no next token). No padding token exists in the packed layout, so none reaches the attention
+or the lm_head; prompt rows carry ``ignore_index`` and are dropped by :func:`reasonrl.linear_token_logprobs`
+before its vocabulary pass. The ``[N, H]`` hidden states go straight to the fused ops with ``cu_seqlens``.
 
 Memory / work decisions:
 
@@ -63,8 +63,9 @@ class PackedBatch:
 
     input_ids / position_ids: ``[1, N]``. cu_seqlens: ``[n + 1]`` int32 on the batch's device. lengths: the
     n segment lengths ``L_i`` (Python ints). row / col: ``[N]`` int64 indices such that packed row k holds
-    padded token ``(row[k], col[k])`` (``row - first_row``: the row within the micro-batch); the same indices map a padded per-token tensor ``[B, T - 1]`` (one
-    extra column appended for the segment's last row) to ``[N]``.
+    padded token ``(row[k], col[k])`` (``row - first_row``: the row within the micro-batch); the same
+    indices map a padded per-token tensor ``[B, T - 1]`` (one extra column appended for the segment's last
+    row) to ``[N]``.
     """
 
     input_ids: torch.Tensor
@@ -100,7 +101,8 @@ class PackedBatch:
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], rows: range) -> PackedBatch:
     """Pack ``rows`` of the right-padded ``input_ids [B, T]`` whose valid lengths are ``lengths[r]``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"pack_rows: input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', None)}")
+        shape = getattr(input_ids, "shape", None)
+        raise ValueError(f"pack_rows: input_ids must be a [B, T] tensor, got {shape}")
     lens = [int(lengths[r]) for r in rows]
     if any(n < 1 or n > input_ids.shape[1] for n in lens):
         raise ValueError(f"pack_rows: every row length must be in [1, T = {input_ids.shape[1]}], got {lens}")
@@ -124,16 +126,20 @@ def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], rows: range) -> P
 def _attn_implementation(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return str(getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", "eager"))
+    impl = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", "eager")
+    return str(impl)
 
 
-def block_diagonal_causal_mask(lengths: Sequence[int], device, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def block_diagonal_causal_mask(
+    lengths: Sequence[int], device, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``[1, 1, N, N]`` mask: query k may attend key j iff both are in the same segment and j <= k.
 
     ``dtype=None``: boolean (True = attend; SDPA's convention). A floating dtype: additive (0 where allowed,
     ``finfo(dtype).min`` elsewhere; eager attention's convention, as transformers' own eager mask)."""
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                  torch.tensor(list(lengths), device=device))
+    seg = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(list(lengths), device=device)
+    )
     n = seg.shape[0]
     idx = torch.arange(n, device=device)
     allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
@@ -152,8 +158,12 @@ def attention_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict:
     if impl in FLASH_IMPLEMENTATIONS:
         # Explicit varlen arguments: transformers would otherwise re-derive them from position_ids (a host
         # sync and a scan per layer).
-        kw.update(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-                  max_length_q=batch.max_length, max_length_k=batch.max_length)
+        kw.update(
+            cu_seq_lens_q=batch.cu_seqlens,
+            cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_length,
+            max_length_k=batch.max_length,
+        )
         kw["attention_mask"] = None
     elif impl in ("sdpa", "eager") and not uses_sliding_window(model):
         dtype = None if impl == "sdpa" else next(model.parameters()).dtype
@@ -176,8 +186,8 @@ def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch):
 
 
 def token_budget_slices(rows: range, lengths: Sequence[int], budget: int) -> list[range]:
-    """Consecutive slices of ``rows`` holding at most ``budget`` tokens each (``sum lengths[r]``); a row longer
-    than the budget forms a micro-batch of its own. Order is kept (rows of one group stay adjacent)."""
+    """Consecutive slices of ``rows`` holding at most ``budget`` tokens each (``sum lengths[r]``); a row
+    longer than the budget forms a micro-batch of its own. Order is kept (rows of one group stay adjacent)."""
     if budget < 1:
         raise ValueError(f"token_budget_slices: budget must be >= 1, got {budget}")
     out: list[range] = []
@@ -216,12 +226,14 @@ def check_token_budget_loss(loss_config, *, entropy_bonus: bool) -> None:
     is a micro-batch mean (11.1), so ``entropy_bonus`` (a non-zero or adaptive coefficient) must be off.
     Raises ValueError otherwise."""
     mode = loss_config.loss_agg_mode
-    ok = (mode is None and loss_config.loss_type in GLOBAL_NORMALISATION_LOSS_TYPES and not entropy_bonus) or (
-        mode is not None and loss_config.agg_version == "0.9"
-    )
+    global_trl = loss_config.loss_type in GLOBAL_NORMALISATION_LOSS_TYPES and not entropy_bonus
+    ok = (mode is None and global_trl) or (mode is not None and loss_config.agg_version == "0.9")
     if not ok:
-        what = (f"loss_type={loss_config.loss_type!r}" if mode is None
-                else f"loss_agg_mode={mode!r} with agg_version={loss_config.agg_version!r}")
+        what = (
+            f"loss_type={loss_config.loss_type!r}"
+            if mode is None
+            else f"loss_agg_mode={mode!r} with agg_version={loss_config.agg_version!r}"
+        )
         if mode is None and loss_config.loss_type in GLOBAL_NORMALISATION_LOSS_TYPES:
             what += " with an entropy bonus (a micro-batch mean under TRL normalisation, docs/losses.md 11.1)"
         raise ValueError(
@@ -242,8 +254,8 @@ def select_attention(model: torch.nn.Module, choice: str) -> str:
         choice = "flash_attention_2" if flash_attention_usable(model) else "model"
     if choice == "flash_attention_2" and not flash_attention_usable(model):
         raise ValueError(
-            "packing_attention='flash_attention_2' needs the flash-attn package, the model on a CUDA device and "
-            "a float16 / bfloat16 dtype; use packing_attention=auto (SDPA otherwise)"
+            "packing_attention='flash_attention_2' needs the flash-attn package, the model on a CUDA device "
+            "and a float16 / bfloat16 dtype; use packing_attention=auto (SDPA otherwise)"
         )
     if choice != "model" and _attn_implementation(model) != choice:
         model.set_attn_implementation(choice)
