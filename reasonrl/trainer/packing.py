@@ -93,9 +93,11 @@ class PackedBatch:
     def scatter(self, packed: torch.Tensor, width: int) -> torch.Tensor:
         """``[N]`` packed per-token values -> ``[n, width]`` padded rows (rows local to this micro-batch,
         zeros elsewhere), dropping each segment's last row: the inverse of :meth:`gather` on valid tokens."""
-        out = packed.new_zeros((len(self.lengths), width + 1))
-        out[self.row - self.first_row, self.col] = packed
-        return out[:, :width]
+        keep = torch.ones_like(self.col, dtype=torch.bool)
+        keep[self.cu_seqlens[1:].long() - 1] = False  # the last row of each segment predicts nothing
+        out = packed.new_zeros((len(self.lengths), width))
+        out[self.row[keep] - self.first_row, self.col[keep]] = packed[keep]
+        return out
 
 
 def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], rows: range) -> PackedBatch:
