@@ -41,6 +41,7 @@ import torch
 __all__ = [
     "PackedBatch",
     "pack_rows",
+    "pack_sequences",
     "attention_kwargs",
     "packed_hidden_states",
     "token_budget_slices",
@@ -48,6 +49,7 @@ __all__ = [
     "check_token_budget_loss",
     "GLOBAL_NORMALISATION_LOSS_TYPES",
     "select_attention",
+    "reward_specs_for_packing",
     "block_diagonal_causal_mask",
 ]
 
@@ -123,6 +125,19 @@ def pack_rows(input_ids: torch.Tensor, lengths: Sequence[int], rows: range) -> P
         col=col,
         first_row=rows.start,
     )
+
+
+def pack_sequences(seqs: Sequence[Sequence[int]], device) -> PackedBatch:
+    """Pack token lists (each of length >= 1) into one ``[1, N]`` sequence (``row`` = the list's index)."""
+    lens = [len(x) for x in seqs]
+    if any(n < 1 for n in lens):
+        raise ValueError(f"pack_sequences: every sequence needs at least one token, got lengths {lens}")
+    ids = torch.tensor([t for x in seqs for t in x], dtype=torch.long, device=device)
+    row = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(device)
+    col = torch.cat([torch.arange(n, dtype=torch.long) for n in lens]).to(device)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    return PackedBatch(ids[None], col[None], cu.to(device), lens, row, col, 0)
 
 
 def _attn_implementation(model: torch.nn.Module) -> str:
@@ -262,3 +277,21 @@ def select_attention(model: torch.nn.Module, choice: str) -> str:
     if choice != "model" and _attn_implementation(model) != choice:
         model.set_attn_implementation(choice)
     return _attn_implementation(model)
+
+
+def reward_specs_for_packing(specs, attn_implementation: str):
+    """The reward specs with R3's scoring packed as well (``prefix_sharing="packed"``) when the packed passes
+    use flash-attention's varlen kernel; an explicit ``prefix_sharing`` option is kept. With a dense
+    block-diagonal mask (SDPA / eager) R3 keeps its KV-cache route: packing its micro-batches of up to
+    ``max_batch_tokens`` (16,384) tokens would cost N^2 attention (module docstring), and that route
+    already sends no padding to the lm_head (only the reference positions are gathered)."""
+    import dataclasses
+
+    if attn_implementation not in FLASH_IMPLEMENTATIONS:
+        return list(specs)
+    out = []
+    for s in specs:
+        if s.name == "r3" and "prefix_sharing" not in s.options:
+            s = dataclasses.replace(s, options={**s.options, "prefix_sharing": "packed"})
+        out.append(s)
+    return out

@@ -54,7 +54,13 @@ from reasonrl.models import hidden_states_and_lm_head
 from reasonrl.ops import advantage_preset, group_advantages, linear_token_logprobs, token_logprobs
 from reasonrl.trainer.config import TrainerConfig, build_loss_config, config_to_yaml
 from reasonrl.trainer.metrics import MetricsWriter, plot_curves, progress_postfix
-from reasonrl.trainer.packing import pack_rows, packed_hidden_states, select_attention, token_budget_slices
+from reasonrl.trainer.packing import (
+    pack_rows,
+    packed_hidden_states,
+    reward_specs_for_packing,
+    select_attention,
+    token_budget_slices,
+)
 from reasonrl.trainer.rewards import build_rewards, score_rewards
 from reasonrl.trainer.rollout import RolloutBackend, SamplingParams, make_backend
 
@@ -179,8 +185,10 @@ class Trainer:
             raise ValueError("Trainer: pass the tokenizer with the model")
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        reward_specs = cfg.rewards
         if cfg.packing:  # before the reference copy below, so that it runs the same attention
-            select_attention(model, cfg.packing_attention)
+            attention = select_attention(model, cfg.packing_attention)
+            reward_specs = reward_specs_for_packing(cfg.rewards, attention)
         self.loss_config = build_loss_config(cfg)
         need = cfg.steps * cfg.prompts_per_step
         if dataset is None:
@@ -204,7 +212,7 @@ class Trainer:
         self.rewards = (
             rewards
             if rewards is not None
-            else build_rewards(cfg.rewards, model=model, tokenizer=tokenizer, reference_model=self.ref_model)
+            else build_rewards(reward_specs, model=model, tokenizer=tokenizer, reference_model=self.ref_model)
         )
         self.backend = (
             backend if backend is not None else make_backend(cfg.rollout.backend, model, tokenizer, cfg)

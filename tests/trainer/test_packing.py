@@ -355,3 +355,48 @@ def test_flash_attention_refused_without_flash(tmp_path):
             backend=ScriptedBackend(len(tok), tok.eos_token_id),
             dataset=[{"prompt": "1 + 1", "reference": "2"}],
         )
+
+
+def test_r3_scoring_packed_has_no_padding(monkeypatch):
+    """R3's scoring engine in packed mode: one [1, N] decoder input with N = sum of the rows' lengths (no
+    padding token), only the scored positions reach the lm_head, and the log-probs equal the padded path's."""
+    from reasonrl.rewards import _scoring
+
+    tok = _tokenizer()
+    model = _tiny_model("qwen2", tok).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (6, 11)]
+    conts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (4, 9, 1, 13, 7)]
+    owner, first = [0, 0, 1, 1, 1], [1, 3, 0, 5, 2]
+    seen, lm_rows = [], []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    real = _scoring.linear_token_logprobs
+
+    def watch(hidden, *args, **kwargs):
+        lm_rows.append(hidden.shape[0])
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(_scoring, "linear_token_logprobs", watch)
+    try:
+        with _scoring.scoring_mode(model):
+            packed = _scoring.score_rows(model, prompts, conts, owner, first, prefix_sharing="packed")
+            seen_packed, rows_packed = list(seen), list(lm_rows)
+            padded = _scoring.score_rows(model, prompts, conts, owner, first, prefix_sharing="none")
+    finally:
+        hook.remove()
+    total = sum(len(prompts[o]) + len(c) for o, c in zip(owner, conts, strict=True))
+    assert seen_packed == [(1, total)]
+    assert rows_packed == [sum(len(c) - s for c, s in zip(conts, first, strict=True))]
+    for a, b in zip(packed, padded, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_r3_packed_only_with_flash():
+    from reasonrl.trainer import RewardSpec
+    from reasonrl.trainer.packing import reward_specs_for_packing
+
+    specs = [RewardSpec("r3"), RewardSpec("r3", options={"prefix_sharing": "none"}), RewardSpec("task")]
+    flash = reward_specs_for_packing(specs, "flash_attention_2")
+    assert [s.options.get("prefix_sharing") for s in flash] == ["packed", "none", None]
+    assert specs[0].options == {}  # the config's specs are not modified
+    assert reward_specs_for_packing(specs, "sdpa") == specs
