@@ -79,13 +79,20 @@ def _tiny_model(kind: str, tok):
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=True, **common))
 
 
-# Two ways to split the batch: the DRO preset (Dr. GRPO loss, KL to the reference) with the same row
+# Ways to split the batch: the DRO preset (Dr. GRPO loss, KL to the reference) with the same row
 # micro-batches in both layouts; and a globally normalised loss (dapo) where the packed run uses token-budget
 # micro-batches of unequal sizes and the padded run the whole batch in one call.
 SPLITS = {
     "rows": dict(
         preset="dro",
         common=["loss.beta=0.01", "optim.micro_batch_size=4"],
+        packed=[],
+        padded=[],
+    ),
+    # The full-logits path (loss_impl=logits) packed the same way: [N, V] logits with cu_seqlens.
+    "logits": dict(
+        preset="grpo",
+        common=["loss_impl=logits", "loss.loss_type=grpo", "loss.beta=0.0", "optim.micro_batch_size=8"],
         packed=[],
         padded=[],
     ),
