@@ -202,7 +202,8 @@ class TrainerConfig:
     ``packing``: run the forward passes on packed (padding-free) micro-batches (docs/trainer.md section 10;
     default off, see there why); ``packing_attention``: the attention of packed passes, ``auto``
     (flash_attention_2 when flash-attn, a CUDA device and a 16-bit dtype are there, else the model's own),
-    ``model`` (keep it), or ``flash_attention_2`` / ``sdpa`` / ``eager``."""
+    ``model`` (keep it), or ``flash_attention_2`` / ``sdpa`` / ``eager``; ``packing_row_tokens``: row width
+    of the SDPA / eager layout (0: the longest sequence of the micro-batch; flash-attention runs one row)."""
 
     model: str = "embedded"
     tokenizer: str | None = None
@@ -218,6 +219,7 @@ class TrainerConfig:
     logprob_workspace_bytes: int | None = None
     packing: bool = False
     packing_attention: str = "auto"
+    packing_row_tokens: int = 0
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="r3")])
@@ -320,6 +322,7 @@ def validate(cfg: TrainerConfig) -> None:
         "optim.micro_batch_tokens needs packing=true (padded micro-batches are counted in sequences: "
         "optim.micro_batch_size)",
     )
+    _check(cfg.packing_row_tokens >= 0, f"packing_row_tokens must be >= 0, got {cfg.packing_row_tokens}")
     _check(
         cfg.packing_attention in PACKING_ATTENTION,
         f"packing_attention must be one of {PACKING_ATTENTION}, got {cfg.packing_attention!r}",

@@ -2,33 +2,41 @@
 
 With ``packing: true`` the trainer still keeps each rollout batch in the padded ``[B, T]`` layout of
 :class:`~reasonrl.trainer.trainer.StepRecord` (the rewards, the advantages and the metrics read it), but every
-model forward (old and reference log-probs, the policy loss) runs on a *packed* micro-batch: the rows'
-``[prompt ; completion]`` tokens concatenated into one ``[1, N]`` sequence, ``N = sum L_i``, with
+model forward (old and reference log-probs, the policy loss, R3's scoring) runs on a *packed* micro-batch:
+the rows' ``[prompt ; completion]`` tokens concatenated, ``N = sum L_i`` tokens (:class:`PackedBatch`), with
+``position_ids`` restarting at 0 at every segment (rotary positions as in the padded rows) and
+``cu_seqlens [n + 1]`` (int32) the segment offsets (docs/ops.md section 1.2). The decoder runs it in one of
+two layouts (:func:`decoder_inputs`), each keeping every segment to itself:
 
-* ``position_ids [1, N]`` restarting at 0 at every segment (rotary positions as in the padded rows),
-* ``cu_seqlens [n + 1]`` (int32) the segment offsets (docs/ops.md section 1.2),
-* an attention layout that keeps every segment to itself (:func:`attention_kwargs`): flash-attention's varlen
-  kernel with ``cu_seq_lens_q / _k`` for ``flash_attention_2`` / ``flash_attention_3``; a ``[1, 1, N, N]``
-  block-diagonal causal mask for ``sdpa`` (boolean) and ``eager`` (additive, 0 / dtype min).
+* ``flash_attention_2`` / ``flash_attention_3``: one ``[1, N]`` row and flash-attention's varlen kernel with
+  ``cu_seq_lens_q / _k``. No empty slot at all; the attention visits only the diagonal blocks
+  (``sum L_i^2``).
+* Otherwise (``sdpa``, ``eager``): the segments bin-packed (first-fit decreasing) into ``R`` rows of width
+  ``W`` (``packing_row_tokens``, default the longest segment) with a ``[R, 1, W, W]`` block-diagonal causal
+  mask (boolean for SDPA, additive 0 / dtype-min for eager) (:func:`row_layout`). SDPA does not skip masked
+  blocks, so one ``[1, N]`` row would cost ``N^2`` attention (at N = 6,551 tokens on the embedded task: 43 M
+  scores per head and layer against the padded layout's 0.8 M); rows of width ~T cost ``R W^2 ~ N T``, about
+  the padded layout's ``B T^2``, while the slots the MLP computes for nothing shrink from the padding
+  (``B T - N``) to the bin-packing remainder. The remainder slots attend only to themselves (no fully masked
+  query row, which is NaN in SDPA) and no token attends to them.
 
 Per-token values follow docs/ops.md 1.2: row j of segment i predicts token j + 1 of that segment, so the
 packed labels are the padded labels ``labels[i, :L_i - 1]`` followed by ``ignore_index`` for the segment's
-last row (it has no next token). No padding token exists in the packed layout, so none reaches the attention
-or the lm_head; prompt rows carry ``ignore_index`` and are dropped by :func:`reasonrl.linear_token_logprobs`
-before its vocabulary pass. The ``[N, H]`` hidden states go straight to the fused ops with ``cu_seqlens``.
+last row (it has no next token). Only the ``[N, H]`` hidden states of real tokens are gathered, so no
+padding slot reaches the lm_head; prompt rows carry ``ignore_index`` and are dropped by
+:func:`reasonrl.linear_token_logprobs` before its vocabulary pass. The hidden states go straight to the fused
+ops with ``cu_seqlens``.
 
 Memory / work decisions:
 
-* The block-diagonal mask of the SDPA / eager path is ``N^2`` elements (bool for SDPA: 16 MiB at N = 4096;
-  the eager path's additive mask is in the model dtype) and SDPA does not skip the masked blocks, so its
-  attention costs ``N^2`` instead of ``sum L_i^2``: keep N bounded with ``optim.micro_batch_tokens``.
-  Flash-attention's varlen kernel only visits the diagonal blocks (``sum L_i^2``) and needs no mask.
+* The dense mask is ``R W^2`` booleans (SDPA) or model-dtype values (eager): 0.6 MiB of booleans for 64 rows
+  of width 100.
 * A model with sliding-window layers gets no hand-built mask (it would drop the window): its attention mask
   is left to transformers, which derives the same block-diagonal structure (plus the window) from the
   restarting ``position_ids`` when ``attention_mask`` is None (``masking_utils.find_packed_sequence_indices``,
-  transformers >= 4.56).
-* The gather / scatter between the two layouts is one advanced-indexing op per tensor (index tensors built
-  once per micro-batch), O(N).
+  transformers >= 4.56; an empty slot has position 0, a sequence of its own).
+* The gathers / scatters between the layouts are one advanced-indexing op per tensor, O(N), with index
+  tensors built once per micro-batch.
 """
 
 from __future__ import annotations
@@ -42,8 +50,11 @@ __all__ = [
     "PackedBatch",
     "pack_rows",
     "pack_sequences",
-    "attention_kwargs",
+    "decoder_inputs",
+    "row_layout",
+    "RowLayout",
     "packed_hidden_states",
+    "packed_logits",
     "token_budget_slices",
     "flash_attention_usable",
     "check_token_budget_loss",
@@ -147,59 +158,130 @@ def _attn_implementation(model: torch.nn.Module) -> str:
     return str(impl)
 
 
-def block_diagonal_causal_mask(
-    lengths: Sequence[int], device, *, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """``[1, 1, N, N]`` mask: query k may attend key j iff both are in the same segment and j <= k.
+def block_diagonal_causal_mask(segments: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[R, 1, W, W]`` mask from segment ids ``[R, W]``: query k may attend key j iff they carry the same
+    segment id and j <= k.
 
     ``dtype=None``: boolean (True = attend; SDPA's convention). A floating dtype: additive (0 where allowed,
     ``finfo(dtype).min`` elsewhere; eager attention's convention, as transformers' own eager mask)."""
-    seg = torch.repeat_interleave(
-        torch.arange(len(lengths), device=device), torch.tensor(list(lengths), device=device)
-    )
-    n = seg.shape[0]
-    idx = torch.arange(n, device=device)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    w = segments.shape[1]
+    idx = torch.arange(w, device=segments.device)
+    allowed = (segments[:, :, None] == segments[:, None, :]) & (idx[None, :] <= idx[:, None])[None]
+    allowed = allowed[:, None]
     if dtype is None:
-        return allowed[None, None]
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=segments.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def attention_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict:
-    """Keyword arguments of the decoder forward that keep the packed segments apart (module docstring)."""
+@dataclass
+class RowLayout:
+    """The segments of a :class:`PackedBatch` placed in ``R`` rows of width ``W`` (first-fit decreasing).
+
+    input_ids / position_ids / segments: ``[R, W]``; a slot holding no token has token id 0, position 0 and
+    a segment id of its own (negative), so it attends only to itself (no fully masked query row, which would
+    be NaN in SDPA) and no token attends to it. src: ``[N]`` flat indices into ``R * W`` of the packed tokens
+    in packed order."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    src: torch.Tensor
+
+    @property
+    def fill(self) -> float:
+        """Fraction of the ``R x W`` slots that hold a token."""
+        return self.src.numel() / max(1, self.input_ids.numel())
+
+
+def row_layout(batch: PackedBatch, width: int) -> RowLayout:
+    """First-fit decreasing bin packing of the segments into rows of ``width`` (>= the longest segment).
+
+    Attention with a dense mask costs ``R W^2`` per layer and head, so rows about as wide as the longest
+    sequence keep it near the padded layout's ``B T^2`` while the padding slots (the MLP's waste) shrink to
+    the bin-packing remainder."""
+    if width < batch.max_length:
+        raise ValueError(f"row_layout: width {width} is below the longest segment ({batch.max_length})")
+    order = sorted(range(len(batch.lengths)), key=lambda i: -batch.lengths[i])
+    free: list[int] = []  # room left per row
+    place = [(0, 0)] * len(batch.lengths)  # (row, offset) of each segment
+    for i in order:
+        n = batch.lengths[i]
+        for r, room in enumerate(free):
+            if room >= n:
+                place[i] = (r, width - room)
+                free[r] -= n
+                break
+        else:
+            place[i] = (len(free), 0)
+            free.append(width - n)
+    R, device = len(free), batch.input_ids.device
+    slot = torch.arange(R * width, device=device)
+    segments = -1 - slot  # every empty slot its own segment
+    position = torch.zeros(R * width, dtype=torch.long, device=device)
+    starts = torch.tensor([r * width + o for r, o in place], dtype=torch.long, device=device)
+    seg_of = torch.repeat_interleave(
+        torch.arange(len(batch.lengths), device=device), torch.tensor(batch.lengths, device=device)
+    )
+    src = starts[seg_of] + batch.col
+    segments[src] = seg_of
+    position[src] = batch.col
+    ids = torch.zeros(R * width, dtype=batch.input_ids.dtype, device=device)
+    ids[src] = batch.input_ids[0]
+    shape = (R, width)
+    return RowLayout(ids.view(shape), position.view(shape), segments.view(shape), src)
+
+
+def decoder_inputs(model: torch.nn.Module, batch: PackedBatch, row_tokens: int = 0):
+    """``(input_ids, kwargs, src)`` for the decoder forward of a packed micro-batch that keeps the segments
+    apart (module docstring); ``src`` (None: the identity) maps the output's flattened rows to the packed
+    tokens. ``row_tokens``: the row width of the dense-mask layout (0: the longest segment; at most N)."""
     from reasonrl.rewards._scoring import uses_sliding_window
 
     impl = _attn_implementation(model)
-    kw: dict = {"position_ids": batch.position_ids}
     if impl in FLASH_IMPLEMENTATIONS:
-        # Explicit varlen arguments: transformers would otherwise re-derive them from position_ids (a host
-        # sync and a scan per layer).
-        kw.update(
+        # One [1, N] row, explicit varlen arguments: transformers would otherwise re-derive them from
+        # position_ids (a host sync and a scan per layer).
+        kw = dict(
+            position_ids=batch.position_ids,
+            attention_mask=None,
             cu_seq_lens_q=batch.cu_seqlens,
             cu_seq_lens_k=batch.cu_seqlens,
             max_length_q=batch.max_length,
             max_length_k=batch.max_length,
         )
-        kw["attention_mask"] = None
-    elif impl in ("sdpa", "eager") and not uses_sliding_window(model):
+        return batch.input_ids, kw, None
+    # Rows wider than the whole micro-batch would only add empty slots.
+    layout = row_layout(batch, max(min(row_tokens, batch.num_tokens), batch.max_length))
+    kw = dict(position_ids=layout.position_ids)
+    if impl in ("sdpa", "eager") and not uses_sliding_window(model):
         dtype = None if impl == "sdpa" else next(model.parameters()).dtype
-        kw["attention_mask"] = block_diagonal_causal_mask(batch.lengths, batch.input_ids.device, dtype=dtype)
+        kw["attention_mask"] = block_diagonal_causal_mask(layout.segments, dtype=dtype)
     else:
         # transformers builds the packed (block-diagonal) mask itself from the restarting position_ids when
-        # attention_mask is None and no cache is used (masking_utils.find_packed_sequence_indices).
+        # attention_mask is None and no cache is used (masking_utils.find_packed_sequence_indices); each
+        # empty slot has position 0, so it is a sequence of its own there too.
         kw["attention_mask"] = None
-    return kw
+    return layout.input_ids, kw, layout.src
 
 
-def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch):
+def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch, row_tokens: int = 0):
     """``(hidden [N, H], lm_head weight, bias)`` of the packed micro-batch (no logits)."""
     from reasonrl.models import hidden_states_and_lm_head
 
-    kw = attention_kwargs(model, batch)
+    ids, kw, src = decoder_inputs(model, batch, row_tokens)
     mask = kw.pop("attention_mask")
-    hidden, weight, bias = hidden_states_and_lm_head(model, batch.input_ids, mask, use_cache=False, **kw)
-    return hidden[0], weight, bias
+    hidden, weight, bias = hidden_states_and_lm_head(model, ids, mask, use_cache=False, **kw)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return (hidden if src is None else hidden[src]), weight, bias
+
+
+def packed_logits(model: torch.nn.Module, batch: PackedBatch, row_tokens: int = 0) -> torch.Tensor:
+    """``[N, V]`` logits of the packed micro-batch (the ``loss_impl="logits"`` path)."""
+    ids, kw, src = decoder_inputs(model, batch, row_tokens)
+    logits = model(input_ids=ids, use_cache=False, **kw).logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    return logits if src is None else logits[src]
 
 
 def token_budget_slices(rows: range, lengths: Sequence[int], budget: int) -> list[range]:
@@ -279,16 +361,11 @@ def select_attention(model: torch.nn.Module, choice: str) -> str:
     return _attn_implementation(model)
 
 
-def reward_specs_for_packing(specs, attn_implementation: str):
-    """The reward specs with R3's scoring packed as well (``prefix_sharing="packed"``) when the packed passes
-    use flash-attention's varlen kernel; an explicit ``prefix_sharing`` option is kept. With a dense
-    block-diagonal mask (SDPA / eager) R3 keeps its KV-cache route: packing its micro-batches of up to
-    ``max_batch_tokens`` (16,384) tokens would cost N^2 attention (module docstring), and that route
-    already sends no padding to the lm_head (only the reference positions are gathered)."""
+def reward_specs_for_packing(specs):
+    """The reward specs with R3's scoring packed as well (``prefix_sharing="packed"``, reasonrl/rewards/
+    _scoring.py) unless the spec sets ``prefix_sharing`` itself; the config's specs are not modified."""
     import dataclasses
 
-    if attn_implementation not in FLASH_IMPLEMENTATIONS:
-        return list(specs)
     out = []
     for s in specs:
         if s.name == "r3" and "prefix_sharing" not in s.options:

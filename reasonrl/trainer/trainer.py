@@ -57,6 +57,7 @@ from reasonrl.trainer.metrics import MetricsWriter, plot_curves, progress_postfi
 from reasonrl.trainer.packing import (
     pack_rows,
     packed_hidden_states,
+    packed_logits,
     reward_specs_for_packing,
     select_attention,
     token_budget_slices,
@@ -187,8 +188,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         reward_specs = cfg.rewards
         if cfg.packing:  # before the reference copy below, so that it runs the same attention
-            attention = select_attention(model, cfg.packing_attention)
-            reward_specs = reward_specs_for_packing(cfg.rewards, attention)
+            select_attention(model, cfg.packing_attention)
+            reward_specs = reward_specs_for_packing(cfg.rewards)
         self.loss_config = build_loss_config(cfg)
         need = cfg.steps * cfg.prompts_per_step
         if dataset is None:
@@ -353,7 +354,7 @@ class Trainer:
         y = batch.gather(labels, IGNORE)  # [N]; prompt rows and each segment's last row are IGNORE
         temp = self.loss_config.temperature
         if self.config.loss_impl == "fused_linear":
-            hidden, weight, bias = packed_hidden_states(model, batch)
+            hidden, weight, bias = packed_hidden_states(model, batch, self.config.packing_row_tokens)
             out = linear_token_logprobs(
                 hidden,
                 weight,
@@ -365,17 +366,10 @@ class Trainer:
                 workspace_bytes=self.config.logprob_workspace_bytes,
             )
         else:
-            logits = self._packed_logits(model, batch)
+            logits = packed_logits(model, batch, self.config.packing_row_tokens)
             out = token_logprobs(logits, y, temperature=temp, want_entropy=True, impl=self.config.impl)
         width = labels.shape[1]
         return batch.scatter(out.logprobs.float(), width), batch.scatter(out.entropy.float(), width)
-
-    @staticmethod
-    def _packed_logits(model, batch):
-        from reasonrl.trainer.packing import attention_kwargs
-
-        kw = attention_kwargs(model, batch)
-        return model(input_ids=batch.input_ids, use_cache=False, **kw).logits[0]
 
     def _micro_loss(self, rec: StepRecord, rows: range, normalizers: LossNormalizers):
         if self.config.packing:
@@ -416,9 +410,9 @@ class Trainer:
             entropy_coef=None if self.entropy_ctl is None else self.entropy_ctl.coef,
         )
         if self.config.loss_impl == "fused_linear":
-            hidden, _, _ = packed_hidden_states(self.model, batch)
+            hidden, _, _ = packed_hidden_states(self.model, batch, self.config.packing_row_tokens)
             return self.fused_loss(hidden, labels, **kw)
-        logits = self._packed_logits(self.model, batch)
+        logits = packed_logits(self.model, batch, self.config.packing_row_tokens)
         return policy_loss_from_logits(logits, labels, config=self.loss_config, impl=self.config.impl, **kw)
 
     # ------------------------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ import torch
 from reasonrl.testing import assert_param_grad_close, assert_stat_close, ulp
 from reasonrl.trainer import ConfigError, Rollouts, Trainer, load_config
 from reasonrl.trainer.packing import (
-    attention_kwargs,
     block_diagonal_causal_mask,
+    decoder_inputs,
     pack_rows,
+    pack_sequences,
     packed_hidden_states,
+    row_layout,
     token_budget_slices,
 )
 
@@ -99,7 +101,8 @@ SPLITS = {
     "tokens": dict(
         preset="grpo",
         common=["loss.loss_type=dapo", "loss.beta=0.0"],
-        packed=["optim.micro_batch_tokens=120"],
+        # ... each packed into ONE row (packing_row_tokens above the budget): the [1, N] layout.
+        packed=["optim.micro_batch_tokens=120", "packing_row_tokens=4096"],
         padded=["optim.micro_batch_size=0"],
     ),
 }
@@ -285,9 +288,11 @@ def test_pack_rows_layout():
         pack_rows(ids, [3, 0, 4], range(3))
 
 
-def test_block_diagonal_mask_and_attention_kwargs():
-    m = block_diagonal_causal_mask([2, 3], "cpu")[0, 0]
-    expect = torch.tensor(
+def test_block_diagonal_mask_and_decoder_inputs():
+    seg = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, -1, -2]])
+    m = block_diagonal_causal_mask(seg)
+    assert m.shape == (2, 1, 5, 5)
+    expect0 = torch.tensor(
         [
             [1, 0, 0, 0, 0],
             [1, 1, 0, 0, 0],
@@ -297,20 +302,45 @@ def test_block_diagonal_mask_and_attention_kwargs():
         ],
         dtype=torch.bool,
     )
-    assert torch.equal(m, expect)
-    add = block_diagonal_causal_mask([2, 3], "cpu", dtype=torch.float32)[0, 0]
-    assert torch.equal(add == 0, expect) and float(add.min()) == torch.finfo(torch.float32).min
+    assert torch.equal(m[0, 0], expect0)
+    # Empty slots (negative ids) attend only to themselves; no token attends to them.
+    assert m[1, 0, 3].tolist() == [False, False, False, True, False] and not bool(m[1, 0, :3, 3:].any())
+    add = block_diagonal_causal_mask(seg, dtype=torch.float32)
+    assert torch.equal(add == 0, m) and float(add.min()) == torch.finfo(torch.float32).min
 
     tok = _tokenizer()
     model = _tiny_model("llama", tok)
-    batch = pack_rows(torch.tensor([[3, 4, 5], [6, 7, 0]]), [3, 2], range(2))
-    model.config._attn_implementation = "flash_attention_2"  # only the kwargs are built here, nothing runs
-    kw = attention_kwargs(model, batch)
-    assert kw["attention_mask"] is None and kw["max_length_q"] == kw["max_length_k"] == 3
-    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5] and kw["cu_seq_lens_k"] is batch.cu_seqlens
+    batch = pack_rows(torch.tensor([[3, 4, 5], [6, 7, 0], [8, 0, 0]]), [3, 2, 1], range(3))
+    model.config._attn_implementation = "flash_attention_2"  # only the inputs are built here, nothing runs
+    ids, kw, src = decoder_inputs(model, batch)
+    assert ids.tolist() == [[3, 4, 5, 6, 7, 8]] and src is None and kw["attention_mask"] is None
+    assert kw["max_length_q"] == kw["max_length_k"] == 3 and kw["position_ids"].tolist() == [
+        [0, 1, 2, 0, 1, 0]
+    ]
+    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 6] and kw["cu_seq_lens_k"] is batch.cu_seqlens
     model.config._attn_implementation = "eager"
-    kw = attention_kwargs(model, batch)
-    assert kw["attention_mask"].dtype == torch.float32 and kw["attention_mask"].shape == (1, 1, 5, 5)
+    ids, kw, src = decoder_inputs(model, batch)  # rows of width 3: [3 4 5] and [6 7 8]
+    assert ids.tolist() == [[3, 4, 5], [6, 7, 8]] and kw["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert kw["attention_mask"].dtype == torch.float32 and kw["attention_mask"].shape == (2, 1, 3, 3)
+    assert torch.equal(ids.reshape(-1)[src], batch.input_ids[0])
+
+
+def test_row_layout_first_fit_decreasing():
+    lengths = [5, 2, 6, 3, 1, 3]
+    ids = torch.zeros(len(lengths), 7, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(1, n + 1) + 10 * i
+    batch = pack_rows(ids, lengths, range(len(lengths)))
+    lay = row_layout(batch, 7)
+    assert lay.input_ids.shape == (3, 7)  # [6, 1], [5, 2], [3, 3] and one empty slot
+    flat = lay.input_ids.reshape(-1)
+    assert torch.equal(flat[lay.src], batch.input_ids[0])
+    assert lay.fill == 20 / 21 and int((lay.segments < 0).sum()) == 1
+    seg = lay.segments.reshape(-1)
+    assert sorted(seg[seg >= 0].tolist()) == sorted(i for i, n in enumerate(lengths) for _ in range(n))
+    assert len(set(seg[seg < 0].tolist())) == int((seg < 0).sum())  # every empty slot its own segment
+    with pytest.raises(ValueError, match="longest segment"):
+        row_layout(batch, 5)
 
 
 def test_token_budget_slices():
@@ -365,8 +395,8 @@ def test_flash_attention_refused_without_flash(tmp_path):
 
 
 def test_r3_scoring_packed_has_no_padding(monkeypatch):
-    """R3's scoring engine in packed mode: one [1, N] decoder input with N = sum of the rows' lengths (no
-    padding token), only the scored positions reach the lm_head, and the log-probs equal the padded path's."""
+    """R3's scoring engine in packed mode: one decoder call on the bin-packed rows, only the scored positions
+    reach the lm_head, and the log-probs equal the padded path's."""
     from reasonrl.rewards import _scoring
 
     tok = _tokenizer()
@@ -391,19 +421,20 @@ def test_r3_scoring_packed_has_no_padding(monkeypatch):
             padded = _scoring.score_rows(model, prompts, conts, owner, first, prefix_sharing="none")
     finally:
         hook.remove()
-    total = sum(len(prompts[o]) + len(c) for o, c in zip(owner, conts, strict=True))
-    assert seen_packed == [(1, total)]
+    seqs = [prompts[o] + c for o, c in zip(owner, conts, strict=True)]
+    layout = row_layout(pack_sequences(seqs, "cpu"), max(len(x) for x in seqs))
+    # One decoder call on the bin-packed rows: fewer slots than the padded [5, 24] layout.
+    assert seen_packed == [tuple(layout.input_ids.shape)] and layout.input_ids.numel() < 5 * 24
     assert rows_packed == [sum(len(c) - s for c, s in zip(conts, first, strict=True))]
     for a, b in zip(packed, padded, strict=True):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
-def test_r3_packed_only_with_flash():
+def test_packing_packs_r3_unless_set():
     from reasonrl.trainer import RewardSpec
     from reasonrl.trainer.packing import reward_specs_for_packing
 
     specs = [RewardSpec("r3"), RewardSpec("r3", options={"prefix_sharing": "none"}), RewardSpec("task")]
-    flash = reward_specs_for_packing(specs, "flash_attention_2")
-    assert [s.options.get("prefix_sharing") for s in flash] == ["packed", "none", None]
+    packed = reward_specs_for_packing(specs)
+    assert [s.options.get("prefix_sharing") for s in packed] == ["packed", "none", None]
     assert specs[0].options == {}  # the config's specs are not modified
-    assert reward_specs_for_packing(specs, "sdpa") == specs
