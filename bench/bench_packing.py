@@ -10,8 +10,9 @@ figures: the whole step (generation included) and the loss phase alone (every mi
 backward on the last step's record), each as the increase over the RSS before it (bench/memory.py).
 
 Modes: ``padded`` (defaults), ``padded-mb8`` (``optim.micro_batch_size=8``), ``packed`` (``packing=true``:
-the whole batch packed into one sequence per pass), ``packed-tok512`` (``packing=true
-optim.micro_batch_tokens=512``).
+the whole batch in one micro-batch, bin-packed into rows of the longest sequence's width), ``packed-tok512``
+(``packing=true optim.micro_batch_tokens=512``), ``packed-1row`` (``packing_row_tokens=1000000``: one
+``[1, N]`` row with a dense N x N mask, what SDPA would do without the row layout).
 
 Usage: ``python -m reasonrl.bench.bench_packing [--steps 3] [--rounds 1] [--threads 1]``. The parent prints a
 Markdown table and writes JSON with ``--json``.
@@ -33,12 +34,14 @@ MODES = {
     "padded-mb8": ["optim.micro_batch_size=8"],
     "packed": ["packing=true"],
     "packed-tok512": ["packing=true", "optim.micro_batch_tokens=512"],
+    "packed-1row": ["packing=true", "packing_row_tokens=1000000"],
 }
 
 
 def _case(payload: dict) -> dict:
     from reasonrl.losses import LossNormalizers
     from reasonrl.trainer import Trainer, load_config
+    from reasonrl.trainer.packing import pack_rows, row_layout
 
     from .memory import peak_memory
 
@@ -67,9 +70,16 @@ def _case(payload: dict) -> dict:
         lengths.extend(len(c) for c in rec.completion_ids)
         real.append(sum(lens))
         micro = trainer._micro_slices(range(B))
-        if trainer.config.packing:
-            tokens.append(sum(lens))
-            attn_area.append(sum(sum(lens[r] for r in m) ** 2 for m in micro))
+        if trainer.config.packing:  # the SDPA row layout of each micro-batch (reasonrl.trainer.packing)
+            slots = area = 0
+            for m in micro:
+                b = pack_rows(rec.input_ids, lens, m)
+                w = max(min(trainer.config.packing_row_tokens, b.num_tokens), b.max_length)
+                lay = row_layout(b, w)
+                slots += lay.input_ids.numel()  # R W
+                area += lay.input_ids.numel() * w  # R W^2
+            tokens.append(slots)
+            attn_area.append(area)
         else:
             widths = [max(lens[r] for r in m) for m in micro]
             tokens.append(sum(len(m) * w for m, w in zip(micro, widths, strict=True)))
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(mode, []).append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
     print(
-        "| mode | step (s) | old log-probs (s) | reward (s) | loss fwd+bwd (s) | forward tokens / step "
+        "| mode | step (s) | old log-probs (s) | reward (s) | loss fwd+bwd (s) | decoder slots / real tokens "
         "| attention area / step | micro-batches | peak RSS, step (MiB) | peak RSS, loss phase (MiB) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {med(lambda r: r['times']['time/old_logprobs']):.2f} "
             f"| {med(lambda r: r['times']['time/reward']):.2f} "
             f"| {med(lambda r: r['times']['time/loss_fwd_bwd']):.2f} "
-            f"| {med(lambda r: r['tokens_per_step']):.0f} | {area:.3g} "
+            f"| {med(lambda r: r['tokens_per_step']):.0f} / {med(lambda r: r['real_tokens_per_step']):.0f} "
+            f"| {area:.3g} "
             f"| {runs[0]['micro_batches']} | {med(lambda r: r['peak_step_mib']):.0f} "
             f"| {med(lambda r: r['peak_loss_phase_mib']):.0f} |"
         )
