@@ -11,8 +11,9 @@ backward on the last step's record), each as the increase over the RSS before it
 
 Modes: ``padded`` (defaults), ``padded-mb8`` (``optim.micro_batch_size=8``), ``packed`` (``packing=true``:
 the whole batch in one micro-batch, bin-packed into rows of the longest sequence's width), ``packed-tok512``
-(``packing=true optim.micro_batch_tokens=512``), ``packed-1row`` (``packing_row_tokens=1000000``: one
-``[1, N]`` row with a dense N x N mask, what SDPA would do without the row layout).
+(``packing=true optim.micro_batch_tokens=512``), ``packed-w256`` (rows 256 tokens wide), ``packed-1row``
+(``packing_row_tokens=1000000``: one ``[1, N]`` row with a dense N x N mask, what SDPA would do without the
+row layout).
 
 Usage: ``python -m reasonrl.bench.bench_packing [--steps 3] [--rounds 1] [--threads 1]``. The parent prints a
 Markdown table and writes JSON with ``--json``.
@@ -34,6 +35,7 @@ MODES = {
     "padded-mb8": ["optim.micro_batch_size=8"],
     "packed": ["packing=true"],
     "packed-tok512": ["packing=true", "optim.micro_batch_tokens=512"],
+    "packed-w256": ["packing=true", "packing_row_tokens=256"],
     "packed-1row": ["packing=true", "packing_row_tokens=1000000"],
 }
 
