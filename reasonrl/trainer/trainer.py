@@ -254,7 +254,8 @@ class Trainer:
         self._filter_set: list[dict] | None = None
         self._cursor = 0
         self._enc_cache: dict[str, list[int]] = {}
-        self._row_lengths: list[int] = []  # [prompt ; completion] tokens per row of the current batch
+        # [prompt ; completion] tokens per row of the current batch: the token-budget micro-batches.
+        self._row_lengths: list[int] = []
 
     # ------------------------------------------------------------------------------------------------------
     # Batches
@@ -277,7 +278,8 @@ class Trainer:
     def _pack(self, prompt_ids, completion_ids, truncated):
         """Right-padded ``[B, T]`` sequences [prompt ; completion], labels and the loss mask
         ``[B, T - 1]``. This is the record's layout in both modes; with ``packing`` the forward passes pack
-        micro-batches of its rows (reasonrl.trainer.packing), which needs the row lengths kept here."""
+        micro-batches of its rows (reasonrl.trainer.packing); the row lengths kept here size the token-budget
+        micro-batches."""
         pad = self.tokenizer.pad_token_id
         seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
         self._row_lengths = [len(s) for s in seqs]
@@ -314,11 +316,12 @@ class Trainer:
         model.eval()
         temp = self.loss_config.temperature
         lp_rows, ent_rows = [], []
+        lengths = attn.sum(1).tolist() if self.config.packing else None
         try:
             for rows in self._micro_slices(range(ids.shape[0])):
                 sl = slice(rows.start, rows.stop)
-                if self.config.packing:
-                    lp, ent = self._packed_logprobs(model, ids, labels, rows)
+                if lengths is not None:
+                    lp, ent = self._packed_logprobs(model, ids, lengths, labels, rows)
                     lp_rows.append(lp)
                     ent_rows.append(ent)
                     continue
@@ -348,9 +351,9 @@ class Trainer:
             model.train(was)
         return torch.cat(lp_rows), torch.cat(ent_rows)
 
-    def _packed_logprobs(self, model, ids, labels, rows: range):
+    def _packed_logprobs(self, model, ids, lengths, labels, rows: range):
         """One packed micro-batch of :meth:`_logprobs`: ``[len(rows), T - 1]`` log-probs and entropies."""
-        batch = pack_rows(ids, self._row_lengths, rows)
+        batch = pack_rows(ids, lengths, rows)
         y = batch.gather(labels, IGNORE)  # [N]; prompt rows and each segment's last row are IGNORE
         temp = self.loss_config.temperature
         if self.config.loss_impl == "fused_linear":
@@ -397,7 +400,7 @@ class Trainer:
     def _packed_micro_loss(self, rec: StepRecord, rows: range, normalizers: LossNormalizers):
         """:meth:`_micro_loss` on one packed micro-batch: ``[N, H]`` hidden states with ``cu_seqlens``
         (docs/ops.md 1.2), the per-token inputs gathered from the padded record."""
-        batch = pack_rows(rec.input_ids, self._row_lengths, rows)
+        batch = pack_rows(rec.input_ids, rec.attention_mask.sum(1).tolist(), rows)
         mask = batch.gather(rec.loss_mask, False)
         labels = batch.gather(rec.labels, IGNORE).masked_fill(~mask, IGNORE)
         kw = dict(
