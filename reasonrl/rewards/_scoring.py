@@ -28,7 +28,13 @@ Work and memory decisions:
   route uses only the standard ``past_key_values`` interface. Its cost: the prefix K/V are copied K times per
   micro-batch (``K * P * layers * 2 * kv_dim`` elements), while the prefix compute drops from K x to 1 x.
   ``prefix_sharing="none"`` runs every ``[q ; c]`` in full (for models without a standard cache, and models
-  with sliding-window attention layers, where it is selected automatically).
+  with sliding-window attention layers, where it is selected automatically). ``prefix_sharing="packed"``
+  runs every ``[q ; c]`` in full too, but packed: the rows of a micro-batch concatenated into one ``[1, N]``
+  sequence with restarting ``position_ids`` and a per-row (block-diagonal) attention layout
+  (reasonrl/trainer/packing.py: flash-attention's varlen kernel, or a block-diagonal mask for SDPA / eager),
+  so no padding token is computed at all. With flash-attention the attention costs sum L_i^2; with a dense
+  mask it costs N^2, so keep ``max_batch_tokens`` small there (micro-batches are counted in packed tokens,
+  the prompt once per row).
 * **Micro-batches** of whole prompts are formed in input order so that no batch exceeds ``max_batch_tokens``
   tokens (prefix pass plus continuation pass; a prompt larger than the budget runs alone).
 * Under ``torch.no_grad()``, in eval mode (dropout off), inside ``torch.random.fork_rng``; every module's
@@ -51,7 +57,7 @@ from reasonrl.ops import linear_token_logprobs
 __all__ = ["RowStats", "score_rows", "scoring_mode", "model_max_length", "uses_sliding_window"]
 
 logger = logging.getLogger("reasonrl")
-PREFIX_SHARING = ("kv_cache", "none")
+PREFIX_SHARING = ("kv_cache", "none", "packed")
 
 
 @dataclass
@@ -107,12 +113,15 @@ def uses_sliding_window(model: torch.nn.Module) -> bool:
 
 
 def _micro_batches(prompts: Sequence[Sequence[int]], rows_of: list[list[int]], conts: Sequence[Sequence[int]],
-                   budget: int) -> Iterator[list[int]]:
+                   budget: int, prompt_per_row: bool = False) -> Iterator[list[int]]:
     batch, used = [], 0
     for g, rows in enumerate(rows_of):
         if not rows:
             continue
-        cost = len(prompts[g]) + sum(len(conts[r]) + 1 for r in rows)
+        if prompt_per_row:  # packed: every row carries its own copy of the prompt
+            cost = sum(len(prompts[g]) + len(conts[r]) for r in rows)
+        else:
+            cost = len(prompts[g]) + sum(len(conts[r]) + 1 for r in rows)
         if batch and used + cost > budget:
             yield batch
             batch, used = [], 0
@@ -149,11 +158,14 @@ def score_rows(
     for r, g in enumerate(owner):
         rows_of[g].append(r)
     out: list[RowStats | None] = [None] * len(conts)
-    for group in _micro_batches(prompts, rows_of, conts, max_batch_tokens):
+    for group in _micro_batches(prompts, rows_of, conts, max_batch_tokens, prefix_sharing == "packed"):
         rows = [r for g in group for r in rows_of[g]]
         if prefix_sharing == "kv_cache":
             hidden_sel, labels, counts, weight, bias = _kv_cache_pass(
                 model, prompts, conts, owner, first_scored, group, rows, device)
+        elif prefix_sharing == "packed":
+            hidden_sel, labels, counts, weight, bias = _packed_pass(
+                model, prompts, conts, owner, first_scored, rows, device)
         else:
             hidden_sel, labels, counts, weight, bias = _full_pass(model, prompts, conts, owner, first_scored,
                                                                   rows, device)
@@ -238,3 +250,24 @@ def _full_pass(model, prompts, conts, owner, first_scored, rows, device):
     hidden, weight, bias = hidden_states_and_lm_head(model, ids.to(device), mask.to(device))
     counts = [b - a for a, b in spans]
     return _gather(hidden, spans), torch.tensor(labels, dtype=torch.long, device=device), counts, weight, bias
+
+
+def _packed_pass(model, prompts, conts, owner, first_scored, rows, device):
+    """``_full_pass`` on one packed ``[1, N]`` sequence: no padding exists, only scored rows are gathered."""
+    from reasonrl.trainer.packing import pack_sequences, packed_hidden_states
+
+    seqs = [[*prompts[owner[r]], *conts[r]] for r in rows]
+    batch = pack_sequences(seqs, device)
+    hidden, weight, bias = packed_hidden_states(model, batch)  # [N, H]
+    starts = batch.cu_seqlens.tolist()
+    idx, labels, counts = [], [], []
+    for i, r in enumerate(rows):
+        q, s = prompts[owner[r]], first_scored[r]
+        # Segment position t predicts token t + 1: the scored tokens conts[r][s:] sit at positions
+        # len(q) + s ... len(seq) - 1, so the predicting rows are one earlier.
+        a, b = starts[i] + len(q) - 1 + s, starts[i] + len(seqs[i]) - 1
+        idx.append(torch.arange(a, b, dtype=torch.long))
+        labels.extend(conts[r][s:])
+        counts.append(b - a)
+    sel = hidden[torch.cat(idx).to(hidden.device)] if idx else hidden[:0]
+    return sel, torch.tensor(labels, dtype=torch.long, device=device), counts, weight, bias

@@ -73,7 +73,7 @@ class R3Config:
     Context: max_length (default: the model's max_position_embeddings) and truncation (``invalid``: a scoring
     sequence longer than max_length makes the rollout invalid, status ``too_long``; ``cot_left``: the trace's
     first tokens are dropped until it fits, keeping its end and the marker).
-    Efficiency: prefix_sharing (``kv_cache`` | ``none``), max_batch_tokens.
+    Efficiency: prefix_sharing (``kv_cache`` | ``none`` | ``packed``), max_batch_tokens.
     """
 
     weighting: str = "linear"

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 PRESETS = ("dro", "grpo", "pear", "laser")
+PACKING_ATTENTION = ("auto", "model", "flash_attention_2", "sdpa", "eager")
 _PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -140,7 +141,9 @@ class OptimConfig:
     updates_per_batch: passes over each rollout batch (PPO epochs; old log-probs are kept from before the
     first). mini_batches: optimiser steps per pass (the batch split into equal mini-batches).
     micro_batch_size: sequences per forward/backward (gradient accumulation inside a mini-batch; 0: the
-    whole mini-batch).
+    whole mini-batch). micro_batch_tokens: with ``packing``, micro-batches by token budget instead:
+    consecutive rows while their ``[prompt ; completion]`` tokens fit (0: off, micro_batch_size applies;
+    docs/trainer.md section 11.3).
     """
 
     lr: float = 1e-6
@@ -152,6 +155,7 @@ class OptimConfig:
     updates_per_batch: int = 1
     mini_batches: int = 1
     micro_batch_size: int = 0
+    micro_batch_tokens: int = 0
 
 
 @dataclass
@@ -216,7 +220,12 @@ class TrainerConfig:
     the fused loss (None: the library default). ``logprob_workspace_bytes``: chunk buffer of the fused
     old-log-prob pass (None: default). ``threads``: torch CPU threads (None: torch's default). ``resume``:
     continue from a checkpoint when :meth:`Trainer.train` starts: ``"latest"`` (the newest intact one under
-    ``log.out_dir``, or step 0 when there is none) or a checkpoint / run folder (docs/trainer.md 7.1)."""
+    ``log.out_dir``, or step 0 when there is none) or a checkpoint / run folder (docs/trainer.md 7.1).
+    ``packing``: run the forward passes on packed (padding-free) micro-batches (docs/trainer.md section 11;
+    default off, see there why); ``packing_attention``: the attention of packed passes, ``auto``
+    (flash_attention_2 when flash-attn, a CUDA device and a 16-bit dtype are there, else the model's own),
+    ``model`` (keep it), or ``flash_attention_2`` / ``sdpa`` / ``eager``; ``packing_row_tokens``: row width
+    of the SDPA / eager layout (0: the longest sequence of the micro-batch; flash-attention runs one row)."""
 
     model: str = "embedded"
     tokenizer: str | None = None
@@ -230,6 +239,9 @@ class TrainerConfig:
     impl: str = "auto"
     chunk_rows: int | None = None
     logprob_workspace_bytes: int | None = None
+    packing: bool = False
+    packing_attention: str = "auto"
+    packing_row_tokens: int = 0
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="r3")])
@@ -345,6 +357,17 @@ def validate(cfg: TrainerConfig) -> None:
     )
     _check(d.timeout_s > 0, f"distributed.timeout_s must be > 0, got {d.timeout_s}")
     _check(d.bucket_mb > 0, f"distributed.bucket_mb must be > 0, got {d.bucket_mb}")
+    _check(o.micro_batch_tokens >= 0, f"optim.micro_batch_tokens must be >= 0, got {o.micro_batch_tokens}")
+    _check(
+        o.micro_batch_tokens == 0 or cfg.packing,
+        "optim.micro_batch_tokens needs packing=true (padded micro-batches are counted in sequences: "
+        "optim.micro_batch_size)",
+    )
+    _check(cfg.packing_row_tokens >= 0, f"packing_row_tokens must be >= 0, got {cfg.packing_row_tokens}")
+    _check(
+        cfg.packing_attention in PACKING_ATTENTION,
+        f"packing_attention must be one of {PACKING_ATTENTION}, got {cfg.packing_attention!r}",
+    )
     # YAML reads on / off as booleans: accept them (and true / false) and normalise.
     tb = str(cfg.log.tensorboard).lower()
     cfg.log.tensorboard = {"true": "on", "yes": "on", "false": "off", "no": "off"}.get(tb, tb)
@@ -356,7 +379,17 @@ def validate(cfg: TrainerConfig) -> None:
         cfg.loss_preset in ("none", "trl", "verl"),
         f"loss_preset must be 'none', 'trl' or 'verl', got {cfg.loss_preset!r}",
     )
-    build_loss_config(cfg)  # the loss section: unknown keys and value checks of PolicyLossConfig
+    # The loss section: unknown keys and value checks of PolicyLossConfig.
+    loss_config = build_loss_config(cfg)
+    if o.micro_batch_tokens:
+        from reasonrl.trainer.packing import check_token_budget_loss
+
+        try:
+            check_token_budget_loss(
+                loss_config, entropy_bonus=loss_config.entropy_coef != 0 or cfg.entropy_control.enabled
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def build_loss_config(cfg: TrainerConfig):

@@ -57,6 +57,14 @@ from reasonrl.trainer.checkpoint import resume_trainer, step_name, write_checkpo
 from reasonrl.trainer.config import TrainerConfig, build_loss_config, config_to_yaml
 from reasonrl.trainer.distributed import metric_weights, prompt_seed, setup_distributed
 from reasonrl.trainer.metrics import MetricsWriter, plot_curves, progress_postfix
+from reasonrl.trainer.packing import (
+    pack_rows,
+    packed_hidden_states,
+    packed_logits,
+    reward_specs_for_packing,
+    select_attention,
+    token_budget_slices,
+)
 from reasonrl.trainer.rewards import build_rewards, score_rewards
 from reasonrl.trainer.rollout import RolloutBackend, SamplingParams, make_backend
 
@@ -185,6 +193,10 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         self.dist.broadcast_parameters(model)  # every rank (and its reference copy) starts from rank 0's
         self.device = next(model.parameters()).device
+        reward_specs = cfg.rewards
+        if cfg.packing:  # before the reference copy below, so that it runs the same attention
+            select_attention(model, cfg.packing_attention)
+            reward_specs = reward_specs_for_packing(cfg.rewards)
         self.loss_config = build_loss_config(cfg)
         need = cfg.steps * cfg.prompts_per_step
         if dataset is None:
@@ -208,7 +220,7 @@ class Trainer:
         self.rewards = (
             rewards
             if rewards is not None
-            else build_rewards(cfg.rewards, model=model, tokenizer=tokenizer, reference_model=self.ref_model)
+            else build_rewards(reward_specs, model=model, tokenizer=tokenizer, reference_model=self.ref_model)
         )
         self.backend = (
             backend if backend is not None else make_backend(cfg.rollout.backend, model, tokenizer, cfg)
@@ -254,6 +266,8 @@ class Trainer:
         self._enc_cache: dict[str, list[int]] = {}
         self._resumed_from: Path | None = None  # the checkpoint resume() restored (train() then skips it)
         self._ref_fingerprint: str | None = None  # SHA-256 of the frozen reference model, once computed
+        # [prompt ; completion] tokens per row of the current batch: the token-budget micro-batches.
+        self._row_lengths: list[int] = []
 
     # ------------------------------------------------------------------------------------------------------
     # Batches
@@ -275,9 +289,12 @@ class Trainer:
 
     def _pack(self, prompt_ids, completion_ids, truncated):
         """Right-padded ``[B, T]`` sequences [prompt ; completion], labels and the loss mask
-        ``[B, T - 1]``."""
+        ``[B, T - 1]``. This is the record's layout in both modes; with ``packing`` the forward passes pack
+        micro-batches of its rows (reasonrl.trainer.packing); the row lengths kept here size the token-budget
+        micro-batches."""
         pad = self.tokenizer.pad_token_id
         seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        self._row_lengths = [len(s) for s in seqs]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -292,6 +309,9 @@ class Trainer:
         return ids.to(self.device), attn.to(self.device), labels.to(self.device), loss_mask.to(self.device)
 
     def _micro_slices(self, rows: range) -> list[range]:
+        budget = self.config.optim.micro_batch_tokens
+        if self.config.packing and budget:
+            return token_budget_slices(rows, self._row_lengths, budget)
         mb = self.config.optim.micro_batch_size or len(rows)
         return [rows[i : i + mb] for i in range(0, len(rows), mb)]
 
@@ -302,14 +322,21 @@ class Trainer:
     @torch.no_grad()
     def _logprobs(self, model, ids, attn, labels):
         """Per-token log-probs and entropies of ``labels`` under ``model``, ``[B, T - 1]`` fp32, at the
-        rollout temperature. Fused: hidden states + lm_head through ``linear_token_logprobs`` (no logits)."""
+        rollout temperature. Fused: hidden states + lm_head through ``linear_token_logprobs`` (no logits).
+        With ``packing`` each micro-batch runs packed and its values are scattered back to the padded rows."""
         was = model.training
         model.eval()
         temp = self.loss_config.temperature
         lp_rows, ent_rows = [], []
+        lengths = attn.sum(1).tolist() if self.config.packing else None
         try:
             for rows in self._micro_slices(range(ids.shape[0])):
                 sl = slice(rows.start, rows.stop)
+                if lengths is not None:
+                    lp, ent = self._packed_logprobs(model, ids, lengths, labels, rows)
+                    lp_rows.append(lp)
+                    ent_rows.append(ent)
+                    continue
                 width = int(attn[sl].sum(1).max())
                 i, a, y = ids[sl, :width], attn[sl, :width], labels[sl, : width - 1]
                 if self.config.loss_impl == "fused_linear":
@@ -336,7 +363,32 @@ class Trainer:
             model.train(was)
         return torch.cat(lp_rows), torch.cat(ent_rows)
 
+    def _packed_logprobs(self, model, ids, lengths, labels, rows: range):
+        """One packed micro-batch of :meth:`_logprobs`: ``[len(rows), T - 1]`` log-probs and entropies."""
+        batch = pack_rows(ids, lengths, rows)
+        y = batch.gather(labels, IGNORE)  # [N]; prompt rows and each segment's last row are IGNORE
+        temp = self.loss_config.temperature
+        if self.config.loss_impl == "fused_linear":
+            hidden, weight, bias = packed_hidden_states(model, batch, self.config.packing_row_tokens)
+            out = linear_token_logprobs(
+                hidden,
+                weight,
+                y,
+                bias=bias,
+                temperature=temp,
+                want_entropy=True,
+                impl=self.config.impl,
+                workspace_bytes=self.config.logprob_workspace_bytes,
+            )
+        else:
+            logits = packed_logits(model, batch, self.config.packing_row_tokens)
+            out = token_logprobs(logits, y, temperature=temp, want_entropy=True, impl=self.config.impl)
+        width = labels.shape[1]
+        return batch.scatter(out.logprobs.float(), width), batch.scatter(out.entropy.float(), width)
+
     def _micro_loss(self, rec: StepRecord, rows: range, normalizers: LossNormalizers):
+        if self.config.packing:
+            return self._packed_micro_loss(rec, rows, normalizers)
         sl = slice(rows.start, rows.stop)
         width = int(rec.attention_mask[sl].sum(1).max())
         ids, attn = rec.input_ids[sl, :width], rec.attention_mask[sl, :width]
@@ -356,6 +408,27 @@ class Trainer:
         return policy_loss_from_logits(
             logits, labels.masked_fill(~mask, IGNORE), config=self.loss_config, impl=self.config.impl, **kw
         )
+
+    def _packed_micro_loss(self, rec: StepRecord, rows: range, normalizers: LossNormalizers):
+        """:meth:`_micro_loss` on one packed micro-batch: ``[N, H]`` hidden states with ``cu_seqlens``
+        (docs/ops.md 1.2), the per-token inputs gathered from the padded record."""
+        batch = pack_rows(rec.input_ids, rec.attention_mask.sum(1).tolist(), rows)
+        mask = batch.gather(rec.loss_mask, False)
+        labels = batch.gather(rec.labels, IGNORE).masked_fill(~mask, IGNORE)
+        kw = dict(
+            advantages=rec.advantages[rows.start : rows.stop],
+            mask=mask,
+            cu_seqlens=batch.cu_seqlens,
+            old_logprobs=batch.gather(rec.old_logprobs, 0.0),
+            ref_logprobs=None if rec.ref_logprobs is None else batch.gather(rec.ref_logprobs, 0.0),
+            normalizers=normalizers,
+            entropy_coef=None if self.entropy_ctl is None else self.entropy_ctl.coef,
+        )
+        if self.config.loss_impl == "fused_linear":
+            hidden, _, _ = packed_hidden_states(self.model, batch, self.config.packing_row_tokens)
+            return self.fused_loss(hidden, labels, **kw)
+        logits = packed_logits(self.model, batch, self.config.packing_row_tokens)
+        return policy_loss_from_logits(logits, labels, config=self.loss_config, impl=self.config.impl, **kw)
 
     # ------------------------------------------------------------------------------------------------------
     # One step

@@ -121,7 +121,7 @@ def make(model, **cfg):
 
 # Both architectures x both prefix-sharing paths, with the options that change which positions are scored.
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("prefix_sharing", ["kv_cache", "none"])
+@pytest.mark.parametrize("prefix_sharing", ["kv_cache", "none", "packed"])
 @pytest.mark.parametrize("options", [
     dict(),
     dict(weighting="topk", topk=2, baseline="masked_cot", propagation=True, score_temperature=0.8),
