@@ -258,20 +258,22 @@ class DistContext:
     # Model access under FSDP2
     # ------------------------------------------------------------------------------------------------------
 
-    def hidden_states_and_lm_head(self, model, input_ids, attention_mask):
-        """:func:`reasonrl.models.hidden_states_and_lm_head`; under FSDP2 through the root's forward (which
-        gathers the root's parameters, lm_head included, and keeps them gathered until the backward), with
-        the logits of one position only."""
+    def hidden_states_and_lm_head(self, model, input_ids, attention_mask, **kwargs):
+        """:func:`reasonrl.models.hidden_states_and_lm_head` (``kwargs``: more decoder inputs, e.g. a packed
+        batch's position ids); under FSDP2 through the root's forward (which gathers the root's parameters,
+        lm_head included, and keeps them gathered until the backward), with the logits of one position
+        only."""
         from reasonrl.models import hidden_states_and_lm_head
 
         if not (self.fsdp and _is_fsdp(model)):  # the frozen reference model is never sharded
-            return hidden_states_and_lm_head(model, input_ids, attention_mask)
+            return hidden_states_and_lm_head(model, input_ids, attention_mask, **kwargs)
+        kwargs.setdefault("use_cache", False)
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            use_cache=False,
             output_hidden_states=True,
             logits_to_keep=1,
+            **kwargs,
         )
         head = model.get_output_embeddings()
         # hidden_states[-1] is the decoder's output after the final norm (what lm_head multiplies).

@@ -265,13 +265,16 @@ def decoder_inputs(model: torch.nn.Module, batch: PackedBatch, row_tokens: int =
     return layout.input_ids, kw, layout.src
 
 
-def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch, row_tokens: int = 0):
-    """``(hidden [N, H], lm_head weight, bias)`` of the packed micro-batch (no logits)."""
-    from reasonrl.models import hidden_states_and_lm_head
+def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch, row_tokens: int = 0, hidden_fn=None):
+    """``(hidden [N, H], lm_head weight, bias)`` of the packed micro-batch (no logits). ``hidden_fn``:
+    ``(model, ids, mask, **decoder_kwargs) -> (hidden, weight, bias)``, default
+    :func:`reasonrl.models.hidden_states_and_lm_head` (the trainer passes its FSDP2-aware one)."""
+    if hidden_fn is None:
+        from reasonrl.models import hidden_states_and_lm_head as hidden_fn
 
     ids, kw, src = decoder_inputs(model, batch, row_tokens)
     mask = kw.pop("attention_mask")
-    hidden, weight, bias = hidden_states_and_lm_head(model, ids, mask, use_cache=False, **kw)
+    hidden, weight, bias = hidden_fn(model, ids, mask, use_cache=False, **kw)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     return (hidden if src is None else hidden[src]), weight, bias
 

@@ -326,7 +326,6 @@ class Trainer:
         With ``packing`` each micro-batch runs packed and its values are scattered back to the padded rows."""
         was = model.training
         model.eval()
-        temp = self.loss_config.temperature
         lp_rows, ent_rows = [], []
         lengths = attn.sum(1).tolist() if self.config.packing else None
         try:
@@ -341,21 +340,10 @@ class Trainer:
                 i, a, y = ids[sl, :width], attn[sl, :width], labels[sl, : width - 1]
                 if self.config.loss_impl == "fused_linear":
                     hidden, weight, bias = self.dist.hidden_states_and_lm_head(model, i, a)
-                    out = linear_token_logprobs(
-                        hidden[:, :-1],
-                        weight,
-                        y,
-                        bias=bias,
-                        temperature=temp,
-                        want_entropy=True,
-                        impl=self.config.impl,
-                        workspace_bytes=self.config.logprob_workspace_bytes,
-                    )
+                    out = self._token_stats(y, hidden=hidden[:, :-1], weight=weight, bias=bias)
                 else:
                     logits = model(input_ids=i, attention_mask=a, use_cache=False).logits[:, :-1]
-                    out = token_logprobs(
-                        logits, y, temperature=temp, want_entropy=True, impl=self.config.impl
-                    )
+                    out = self._token_stats(y, logits=logits)
                 pad = labels.shape[1] - (width - 1)
                 lp_rows.append(torch.nn.functional.pad(out.logprobs.float(), (0, pad)))
                 ent_rows.append(torch.nn.functional.pad(out.entropy.float(), (0, pad)))
@@ -363,26 +351,34 @@ class Trainer:
             model.train(was)
         return torch.cat(lp_rows), torch.cat(ent_rows)
 
+    def _token_stats(self, labels, *, hidden=None, weight=None, bias=None, logits=None):
+        """Log-probs and entropies of ``labels`` at the rollout temperature: from hidden states and the
+        lm_head through ``linear_token_logprobs`` (no logits), or from ``logits`` (``loss_impl="logits"``)."""
+        temp, impl = self.loss_config.temperature, self.config.impl
+        if logits is not None:
+            return token_logprobs(logits, labels, temperature=temp, want_entropy=True, impl=impl)
+        return linear_token_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            temperature=temp,
+            want_entropy=True,
+            impl=impl,
+            workspace_bytes=self.config.logprob_workspace_bytes,
+        )
+
     def _packed_logprobs(self, model, ids, lengths, labels, rows: range):
         """One packed micro-batch of :meth:`_logprobs`: ``[len(rows), T - 1]`` log-probs and entropies."""
         batch = pack_rows(ids, lengths, rows)
         y = batch.gather(labels, IGNORE)  # [N]; prompt rows and each segment's last row are IGNORE
-        temp = self.loss_config.temperature
         if self.config.loss_impl == "fused_linear":
-            hidden, weight, bias = packed_hidden_states(model, batch, self.config.packing_row_tokens)
-            out = linear_token_logprobs(
-                hidden,
-                weight,
-                y,
-                bias=bias,
-                temperature=temp,
-                want_entropy=True,
-                impl=self.config.impl,
-                workspace_bytes=self.config.logprob_workspace_bytes,
+            hidden, weight, bias = packed_hidden_states(
+                model, batch, self.config.packing_row_tokens, hidden_fn=self.dist.hidden_states_and_lm_head
             )
+            out = self._token_stats(y, hidden=hidden, weight=weight, bias=bias)
         else:
-            logits = packed_logits(model, batch, self.config.packing_row_tokens)
-            out = token_logprobs(logits, y, temperature=temp, want_entropy=True, impl=self.config.impl)
+            out = self._token_stats(y, logits=packed_logits(model, batch, self.config.packing_row_tokens))
         width = labels.shape[1]
         return batch.scatter(out.logprobs.float(), width), batch.scatter(out.entropy.float(), width)
 
@@ -425,7 +421,12 @@ class Trainer:
             entropy_coef=None if self.entropy_ctl is None else self.entropy_ctl.coef,
         )
         if self.config.loss_impl == "fused_linear":
-            hidden, _, _ = packed_hidden_states(self.model, batch, self.config.packing_row_tokens)
+            hidden, _, _ = packed_hidden_states(
+                self.model,
+                batch,
+                self.config.packing_row_tokens,
+                hidden_fn=self.dist.hidden_states_and_lm_head,
+            )
             return self.fused_loss(hidden, labels, **kw)
         logits = packed_logits(self.model, batch, self.config.packing_row_tokens)
         return policy_loss_from_logits(logits, labels, config=self.loss_config, impl=self.config.impl, **kw)

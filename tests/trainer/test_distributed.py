@@ -70,6 +70,7 @@ def token_reward(completion_ids, **kwargs):
 
 # FSDP2: the GRPO preset (grpo loss, k3 KL) with a reward that does not run the sharded model.
 _FSDP = [f"rewards=[{{name: '{__name__}:token_reward'}}]", "steps=1"]
+_FSDP_PACKED = [*_FSDP, "packing=true"]
 
 
 def _config(tmp_path, preset: str, *extra: str):
@@ -238,9 +239,10 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 def test_ddp_resume_continues_like_one_uninterrupted_process(tmp_path):
     """2-process DDP: one step, a checkpoint (rank 0 writes), a new Trainer on every rank resumes from it
     (rank 1 starts from other weights: the checkpoint must replace them), one more step: the rollouts,
-    metrics and parameters of one uninterrupted process over both steps."""
-    results = _spawn(tmp_path, "grpo", list(_FSDP[:1]), steps=2, resume_at=1)
-    _check_against_single(tmp_path, results, "grpo", list(_FSDP[:1]), steps=2)
+    metrics and parameters of one uninterrupted process over both steps; packed sequences on both sides."""
+    extra = [_FSDP[0], "packing=true"]  # packed forward passes too (docs/trainer.md section 11)
+    results = _spawn(tmp_path, "grpo", extra, steps=2, resume_at=1)
+    _check_against_single(tmp_path, results, "grpo", extra, steps=2)
 
 
 def test_fsdp2_two_processes_one_step(tmp_path):
@@ -257,6 +259,13 @@ def test_fsdp2_two_processes_one_step(tmp_path):
         assert torch.equal(saved[name], p), name
     state = json.loads(open(os.path.join(ckpt, "trainer_state.json")).read())
     assert state["step"] == 1
+
+
+def test_fsdp2_packed_one_step(tmp_path):
+    """FSDP2 with packed forward passes: the packed decoder call goes through the FSDP2-aware root forward
+    (the lm_head gathered), and one step equals one packed process."""
+    results = _spawn(tmp_path, "grpo", ["distributed.mode=fsdp2", *_FSDP_PACKED], steps=1)
+    _check_against_single(tmp_path, results, "grpo", _FSDP_PACKED, steps=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,3 +323,4 @@ def test_world_size_without_launcher_is_a_clear_error(tmp_path, monkeypatch):
         setup_distributed(_config(tmp_path, "dro"), "cpu")
     with pytest.raises(ValueError, match="distributed.mode=off, but WORLD_SIZE is 2"):
         setup_distributed(_config(tmp_path, "dro", "distributed.mode=off"), "cpu")
+
