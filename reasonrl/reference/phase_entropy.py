@@ -12,8 +12,9 @@ boundary + boundary_len; the marker's own tokens are in neither phase.
 
 Outputs ``PhaseEntropy(mean_before, mean_after, count_before, count_after)``, all ``[B]``: means in fp32
 (fp64 for fp64 input), 0 for an empty phase (a missing marker gives ``mean_after = 0``, the PEAR
-convention); counts int32. Differentiable with respect to ``entropy`` (a masked mean, built with
-``index_add`` so the gradient of a token is 1 / count of its phase, 0 outside both phases).
+convention); counts int32. Differentiable with respect to ``entropy`` (a masked mean, built with row sums
+(padded) or ``index_add`` (packed), so the gradient of a token is 1 / count of its phase, 0 outside both
+phases).
 """
 
 from __future__ import annotations
@@ -145,21 +146,33 @@ def marker_list(marker_ids, op: str = "find_boundary") -> list[int]:
 
 
 def _layout(x: torch.Tensor, mask, cu_seqlens, op: str, name: str, validate: bool):
-    """(segment id [N_flat], valid [N_flat] bool, valid-token index [N_flat] int64, B, n [B]) for x."""
+    """(segment id [N_flat], valid [N_flat] bool, valid-token index [N_flat] int64, B, n [B], the
+    per-sequence sum [N_flat] -> [B]) for x."""
     device = x.device
     b, cu, valid = check_layout(x, mask, cu_seqlens, op, name, validate)
-    if cu is None:
-        seg = torch.arange(b, device=device).repeat_interleave(x.shape[1])
-    else:
-        seg = torch.searchsorted(cu[1:], torch.arange(x.shape[0], device=device), right=True)
     valid = torch.ones(x.numel(), dtype=torch.bool, device=device) if valid is None else valid.reshape(-1)
-    # Valid-token index: running count of valid tokens within the segment, minus 1.
     v64 = valid.to(torch.int64)
-    csum = v64.cumsum(0)
-    n = torch.zeros(b, dtype=torch.int64, device=device).index_add(0, seg, v64)
+    if cu is None:
+        # Padded: a sequence is a row, so per-sequence sums are row sums (no scatter: torch.compile's CPU
+        # backend fails on the index_add of the packed path, and this is the layout benchmarks compile).
+        t = x.shape[1]
+
+        def seq_sum(v: torch.Tensor) -> torch.Tensor:
+            return v.reshape(b, t).sum(dim=1)
+
+        seg = torch.arange(b, device=device).repeat_interleave(t)
+        idx = (v64.reshape(b, t).cumsum(dim=1) - 1).reshape(-1)
+        return seg, valid, idx, b, seq_sum(v64), seq_sum
+    seg = torch.searchsorted(cu[1:], torch.arange(x.shape[0], device=device), right=True)
+
+    def seq_sum(v: torch.Tensor) -> torch.Tensor:
+        return v.new_zeros(b).index_add(0, seg, v)
+
+    # Valid-token index: running count of valid tokens within the segment, minus 1.
+    n = seq_sum(v64)
     start = torch.cumsum(n, 0) - n  # valid tokens before segment b
-    idx = csum - 1 - start[seg]
-    return seg, valid, idx, b, n
+    idx = v64.cumsum(0) - 1 - start[seg]
+    return seg, valid, idx, b, n, seq_sum
 
 
 def phase_entropy_reference(
@@ -188,7 +201,7 @@ def phase_entropy_reference(
     """
     op = "phase_entropy"
     check_phase_args(entropy, boundary_len, op)
-    seg, valid, idx, b, n = _layout(entropy, mask, cu_seqlens, op, "entropy", validate)
+    seg, valid, idx, b, n, seq_sum = _layout(entropy, mask, cu_seqlens, op, "entropy", validate)
     bnd = check_boundary(boundary, b, n if validate else None, op, entropy.device)
     if compute_dtype is None:
         compute_dtype = torch.float64 if entropy.dtype == torch.float64 else torch.float32
@@ -197,10 +210,10 @@ def phase_entropy_reference(
     before = valid & (idx < tb)
     after = valid & (idx >= tb + boundary_len)
     zero = x.new_zeros(())
-    s_before = x.new_zeros(b).index_add(0, seg, torch.where(before, x, zero))
-    s_after = x.new_zeros(b).index_add(0, seg, torch.where(after, x, zero))
-    c_before = torch.zeros(b, dtype=torch.int64, device=x.device).index_add(0, seg, before.to(torch.int64))
-    c_after = torch.zeros(b, dtype=torch.int64, device=x.device).index_add(0, seg, after.to(torch.int64))
+    s_before = seq_sum(torch.where(before, x, zero))
+    s_after = seq_sum(torch.where(after, x, zero))
+    c_before = seq_sum(before.to(torch.int64))
+    c_after = seq_sum(after.to(torch.int64))
     mean_before = torch.where(c_before > 0, s_before / c_before.clamp(min=1).to(compute_dtype), zero)
     mean_after = torch.where(c_after > 0, s_after / c_after.clamp(min=1).to(compute_dtype), zero)
     return PhaseEntropy(mean_before, mean_after, c_before.to(torch.int32), c_after.to(torch.int32))
@@ -229,7 +242,7 @@ def find_boundary_reference(
     op = "find_boundary"
     check_token_ids(token_ids, op)
     marker = marker_list(marker_ids, op)
-    seg, valid, idx, b, n = _layout(token_ids, mask, cu_seqlens, op, "token_ids", validate)
+    seg, valid, idx, b, n, _ = _layout(token_ids, mask, cu_seqlens, op, "token_ids", validate)
     device = token_ids.device
     m = len(marker)
     width = int(n.max()) if b > 0 else 0
