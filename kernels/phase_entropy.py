@@ -52,7 +52,9 @@ def _block(b, blk, start, length, carry, mask_ptr, HAS_MASK: tl.constexpr, BLOCK
     return t, flat, valid, idx
 
 
-@triton.jit
+# Sizes and per-sequence strides are not specialised (docs/ops.md section 0): a new sequence length, batch or
+# marker length never recompiles (Triton would otherwise specialise integers equal to 1 or divisible by 16).
+@triton.jit(do_not_specialize=["stride_x_b", "T", "N", "boundary_len"])
 def phase_entropy_fwd_kernel(
     x_ptr, mask_ptr, cu_ptr, bnd_ptr,
     mean_before_ptr, mean_after_ptr, count_before_ptr, count_after_ptr,
@@ -92,7 +94,7 @@ def phase_entropy_fwd_kernel(
     tl.store(count_after_ptr + b, n_after.to(tl.int32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "N", "boundary_len"])
 def phase_entropy_bwd_kernel(
     grad_before_ptr, grad_after_ptr, count_before_ptr, count_after_ptr, mask_ptr, cu_ptr, bnd_ptr, grad_ptr,
     T, N, boundary_len,
@@ -116,7 +118,7 @@ def phase_entropy_bwd_kernel(
         carry += tl.sum(valid.to(tl.int64), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ids_b", "T", "N", "M"])
 def find_boundary_kernel(
     ids_ptr, mask_ptr, cu_ptr, marker_ptr, scratch_ptr, out_ptr,
     stride_ids_b, stride_ids_t, T, N, M,
