@@ -26,7 +26,8 @@ section 8 does not apply). Reported by the shared harness (bench/harness.py): me
 (G K / time, ``completions_per_s`` in the JSON), and the peak memory of one batch (CPU: peak RSS in a fresh
 process, GPU: ``max_memory_allocated``); the model and the inputs are not counted.
 
-Usage: ``python -m reasonrl.bench.bench_r3_reward --profile quick`` (about a minute on 2 CPU cores).
+Usage: ``python -m reasonrl.bench.bench_r3_reward --profile quick`` (a few minutes on 2 CPU cores,
+most of them the straightforward provider and the peak-memory subprocesses, one per provider).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class R3RewardBenchmark(harness.Benchmark):
     spec_cls, inputs_cls = R3Spec, R3Inputs
     eager, compiled = "straightforward", "straightforward-compiled"  # no compiled baseline: column empty
     shape_form = "GxLAYERS"
-    profile_help = ("quick: 1 prompt x 8 rollouts, 2 layers, fp32 on CPU (about a minute on 2 cores); 16 "
+    profile_help = ("quick: 1 prompt x 8 rollouts, 2 layers, fp32 on CPU (a few minutes on 2 cores); 16 "
                     "prompts, 4 layers, bf16 on CUDA. full: 8 prompts, 4 layers (CPU); 64 prompts (CUDA)")
     modes_help = "R3 scoring is forward only (fwd)."
 
