@@ -3,7 +3,8 @@
 Workload: a tiny random Llama built from a config (no download; vocabulary 32,000, hidden 256, SDPA
 attention), G prompts x K = 8 rollouts, prompt 256 tokens, chain of thought 512 tokens (ending with the
 ``</think>`` token), answer prefix 1 token, reference 32 tokens: every scoring sequence is
-[q ; c_k ; sep ; y] = 801 tokens, of which 32 are scored.
+[q ; c_k ; sep ; y] = 801 tokens, of which 32 are scored. A case is (G, decoder layers, dtype): ``--shapes
+GxLAYERS``.
 
 Providers:
 
@@ -14,52 +15,87 @@ Providers:
   what the compact lm_head alone buys.
 * ``straightforward``: per prompt, the model's plain forward of the K full sequences, ``logits`` for every
   position, ``log_softmax``, ``gather`` of the reference tokens, then the same std / weights / reward
-  (``r3_reward``): what one writes without reasonrl.
+  (``r3_reward``): what one writes without reasonrl. It is the baseline of the speed-up column ("x eager").
 
-Correctness gate: the rewards of every provider agree with the straightforward ones (relative 1e-4 in fp32).
-Reported: median time per batch (p20 / p80), reference tokens per second (G K L / time), completions per
-second (G K / time), and the peak memory of one batch (CPU: peak RSS in a fresh process, GPU:
-``max_memory_allocated``).
+Mode: ``fwd`` only (scoring runs under no_grad). Correctness gate: every provider's rewards against the
+float64 oracle (the straightforward scorer on the same weights upcast to float64, lm_head applied to the
+scored positions only), within ``max(tol (1 + max |oracle|), 2 err(straightforward))`` with tol 1e-4 for
+float32 and 2e-2 for 16-bit models (the error of a whole model forward, not of one op: docs/ops.md
+section 8 does not apply). Reported by the shared harness (bench/harness.py): median time per batch
+(p20 / p80), reference tokens per second (G K L / time; the throughput column) and completions per second
+(G K / time, ``completions_per_s`` in the JSON), and the peak memory of one batch (CPU: peak RSS in a fresh
+process, GPU: ``max_memory_allocated``); the model and the inputs are not counted.
 
-Usage: ``python -m reasonrl.bench.bench_r3_reward --profile quick`` (about a minute on 2 CPU cores).
+Usage: ``python -m reasonrl.bench.bench_r3_reward --profile quick`` (a few minutes on 2 CPU cores,
+most of them the straightforward provider and the peak-memory subprocesses, one per provider).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
+import copy
+import functools
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import common
+from . import harness
+from .harness import GateRun, Verdict, Work
+from .inputs import DTYPE_SHORT, DTYPES
+from .memory import peak_memory
 
 OP = "r3_reward"
 MODULE = __spec__.name if __spec__ else __name__  # the memory subprocesses run `python -m MODULE`
-PROVIDERS = ("reasonrl", "reasonrl-noshare", "straightforward")
-DEFAULT_CPU_THREADS = 2
+MODES = ("fwd",)
+PEER_DISTS = ("transformers",)
 MARKER, SEP = 31999, 31998  # ids of "</think>" and the answer prefix in the random vocabulary
-
-# G prompts, decoder layers, dtype per profile and device type; lengths are the issue's realistic ones.
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "quick": {"cpu": {"groups": 1, "layers": 2, "dtype": "float32"},
-              "cuda": {"groups": 16, "layers": 4, "dtype": "bfloat16"}},
-    "full": {"cpu": {"groups": 8, "layers": 4, "dtype": "float32"},
-             "cuda": {"groups": 64, "layers": 4, "dtype": "bfloat16"}},
-}
 SHAPE = {"prompt": 256, "cot": 512, "ref": 32, "k": 8, "vocab": 32000, "hidden": 256, "intermediate": 688,
          "heads": 4}
+# (G prompts, decoder layers, dtype) per profile and device type; lengths are the issue's realistic ones.
+PROFILES: dict[str, dict[str, list[tuple[int, int, str]]]] = {
+    "quick": {"cpu": [(1, 2, "float32")], "cuda": [(16, 4, "bfloat16")]},
+    "full": {"cpu": [(8, 4, "float32")], "cuda": [(64, 4, "bfloat16")]},
+}
+TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+N_SETS = 2  # rotating batches: the inputs are token ids, so a batch's cost is the model's, not the cache's
 
 
-def _log(msg: str) -> None:
-    print(f"[bench_r3_reward] {msg}", file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class R3Spec:
+    """One case: G prompts x K rollouts on a Llama of ``layers`` decoder layers in ``dtype``."""
+
+    groups: int
+    layers: int
+    dtype: str
+    seed: int = 0
+
+    @property
+    def n(self) -> int:  # the rows of the batch: completions scored
+        return self.groups * SHAPE["k"]
+
+    @property
+    def ref_tokens(self) -> int:
+        return self.n * SHAPE["ref"]
+
+    @property
+    def label(self) -> str:
+        return f"G{self.groups}xK{SHAPE['k']} {self.layers}L {DTYPE_SHORT.get(self.dtype, self.dtype)}"
 
 
-def build_model(layers: int, dtype: str, device: torch.device):
+@dataclass
+class R3Inputs:
+    """One batch of token ids (TRL layout: the K rollouts of a prompt are adjacent), int64 tensors."""
+
+    prompt_ids: torch.Tensor  # [G K, prompt]
+    completion_ids: torch.Tensor  # [G K, cot + ref]: chain of thought ending with MARKER, then an answer
+    reference_ids: torch.Tensor  # [G K, ref]
+
+
+@functools.cache
+def build_model(layers: int, dtype: str, device_str: str):
+    """The tiny random Llama of the case (seeded: every provider and the oracle see the same weights)."""
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"],
@@ -67,198 +103,195 @@ def build_model(layers: int, dtype: str, device: torch.device):
                                    num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["heads"],
                                    max_position_embeddings=1024, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, dtype))
+    model = transformers.LlamaForCausalLM(cfg).to(device=torch.device(device_str), dtype=DTYPES[dtype])
     return model.eval()
 
 
-def make_batch(groups: int, seed: int = 0) -> dict[str, list]:
-    """G prompts x K rollouts of token ids (TRL layout: the K rollouts of a prompt are adjacent)."""
+def make_batch(groups: int, seed: int) -> R3Inputs:
     gen = torch.Generator().manual_seed(seed)
 
-    def toks(n: int) -> list[int]:
-        return torch.randint(0, SHAPE["vocab"] - 2, (n,), generator=gen).tolist()
+    def toks(n: int) -> torch.Tensor:
+        return torch.randint(0, SHAPE["vocab"] - 2, (n,), generator=gen)
 
-    prompt_ids, completion_ids, reference_ids = [], [], []
+    prompts, completions, references = [], [], []
     for _ in range(groups):
         q, y = toks(SHAPE["prompt"]), toks(SHAPE["ref"])
         for _ in range(SHAPE["k"]):
-            prompt_ids.append(q)
-            completion_ids.append(toks(SHAPE["cot"] - 1) + [MARKER] + toks(SHAPE["ref"]))
-            reference_ids.append(y)
-    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "reference_ids": reference_ids}
+            prompts.append(q)
+            cot = torch.cat([toks(SHAPE["cot"] - 1), torch.tensor([MARKER])])
+            completions.append(torch.cat([cot, toks(SHAPE["ref"])]))
+            references.append(y)
+    return R3Inputs(torch.stack(prompts), torch.stack(completions), torch.stack(references))
 
 
-def _reasonrl(model, prefix_sharing: str):
+def _lists(batch: R3Inputs) -> dict[str, list[list[int]]]:
+    """The id lists R3Reward takes (converted inside the timed call: part of what a trainer hands over)."""
+    return {"prompt_ids": batch.prompt_ids.tolist(), "completion_ids": batch.completion_ids.tolist(),
+            "reference_ids": batch.reference_ids.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _build_reasonrl(spec: R3Spec, device: torch.device, prefix_sharing: str = "kv_cache"):
     from reasonrl.rewards import R3Config, R3Reward
 
+    model = build_model(spec.layers, spec.dtype, str(device))
     reward = R3Reward(model, config=R3Config(think_end_ids=(MARKER,), answer_prefix_ids=(SEP,),
                                              prefix_sharing=prefix_sharing, max_batch_tokens=32768))
 
-    def fn(batch):
-        return reward(group_size=SHAPE["k"], **batch).diagnostics["r3"]
+    def fn(batch: R3Inputs) -> torch.Tensor:
+        return reward(group_size=SHAPE["k"], **_lists(batch)).diagnostics["r3"]
 
     return fn
 
 
-def _straightforward(model):
+def _scoring_sequences(batch: R3Inputs, rows: range) -> torch.Tensor:
+    """[len(rows), prompt + cot + 1 + ref]: [q ; c_k up to its </think> ; sep ; y] (every c_k has the marker
+    at the same place in this workload, so the rows stack without padding)."""
+    seqs = []
+    for r in rows:
+        c = batch.completion_ids[r]
+        end = int((c == MARKER).nonzero()[0, 0]) + 1
+        seqs.append(torch.cat([batch.prompt_ids[r], c[:end], torch.tensor([SEP]), batch.reference_ids[r]]))
+    return torch.stack(seqs)
+
+
+def _straightforward_logprobs(model, ids: torch.Tensor, full_logits: bool) -> torch.Tensor:
+    """Reference-token log-probs [K, L]: the plain forward's logits at every position, log_softmax, gather
+    (``full_logits``), or, for the oracle, the lm_head on the scored positions only."""
+    n_ref = SHAPE["ref"]
+    if full_logits:
+        logits = model(ids).logits.float()  # [K, T, V]: every position, as one writes it without reasonrl
+        logp = torch.log_softmax(logits[:, -n_ref - 1:-1], dim=-1)
+    else:
+        hidden = model.model(ids).last_hidden_state[:, -n_ref - 1:-1]
+        logp = torch.log_softmax(model.lm_head(hidden), dim=-1)
+    return logp.gather(-1, ids[:, -n_ref:, None]).squeeze(-1)
+
+
+def _straightforward_rewards(model, batch: R3Inputs, full_logits: bool = True) -> torch.Tensor:
     from reasonrl.rewards import r3_reward
 
-    def fn(batch):
-        k, n_ref = SHAPE["k"], SHAPE["ref"]
-        out = []
-        with torch.no_grad():
-            for g in range(0, len(batch["prompt_ids"]), k):
-                seqs = []
-                for r in range(g, g + k):
-                    c = batch["completion_ids"][r]
-                    trace = c[: c.index(MARKER) + 1]
-                    seqs.append(batch["prompt_ids"][r] + trace + [SEP] + batch["reference_ids"][r])
-                ids = torch.tensor(seqs, device=model.device)
-                logits = model(ids).logits.float()                       # [K, T, V]: every position
-                logp = torch.log_softmax(logits[:, -n_ref - 1:-1], dim=-1)
-                lp = logp.gather(-1, ids[:, -n_ref:, None]).squeeze(-1)  # [K, L]
-                out.append(r3_reward(lp[None]).reward[0])                # std over K, weights, reward
-        return torch.cat(out).cpu()
-
-    return fn
+    k, out = SHAPE["k"], []
+    with torch.no_grad():
+        for g in range(0, batch.prompt_ids.shape[0], k):
+            ids = _scoring_sequences(batch, range(g, g + k)).to(model.device)
+            lp = _straightforward_logprobs(model, ids, full_logits)
+            out.append(r3_reward(lp[None]).reward[0])  # std over K, weights, reward
+    return torch.cat(out).cpu()
 
 
-def build(provider: str, model):
-    if provider == "reasonrl":
-        return _reasonrl(model, "kv_cache")
-    if provider == "reasonrl-noshare":
-        return _reasonrl(model, "none")
-    return _straightforward(model)
+def _build_straightforward(spec: R3Spec, device: torch.device):
+    model = build_model(spec.layers, spec.dtype, str(device))
+    return functools.partial(_straightforward_rewards, model)
 
 
-def _memcase(payload: dict[str, Any]) -> dict[str, Any]:
-    """Child process: peak memory of one batch of ``payload['provider']`` (model and inputs not counted)."""
-    device = torch.device(payload["device"])
-    torch.set_num_threads(payload["threads"])
-    model = build_model(payload["layers"], payload["dtype"], device)
-    batch = make_batch(payload["groups"])
-    fn = build(payload["provider"], model)
-    try:
-        _, incremental, absolute = common.peak_memory(lambda: fn(batch), device)
-    except Exception as err:  # reported as a row, never a crash of the parent
-        return {"error": f"{type(err).__name__}: {err}"}
-    return {"peak_bytes": incremental, "absolute_bytes": absolute}
+@dataclass(frozen=True)
+class Provider(harness.Provider):
+    pass
 
 
-def _peak(provider: str, prof: dict[str, Any], device: torch.device, threads: int) -> dict[str, Any]:
-    payload = {"provider": provider, "device": str(device), "threads": threads, **prof}
-    if device.type == "cuda":
-        return _memcase(payload)
-    why = common.cpu_peak_supported()
-    if why is not None:
-        return {"error": why}
-    return common.run_memory_subprocess(MODULE, payload)
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("reasonrl", _build_reasonrl, strict=True, module="transformers",
+             note="R3Reward, prefix_sharing='kv_cache': prompt KV cache shared by the K rollouts, lm_head on "
+                  "the 32 reference positions only"),
+    Provider("reasonrl-noshare", functools.partial(_build_reasonrl, prefix_sharing="none"), strict=True,
+             module="transformers", note="R3Reward, prefix_sharing='none': compact lm_head only"),
+    Provider("straightforward", _build_straightforward, module="transformers",
+             note="plain forward of q + c_k + sep + y, logits at every position, log_softmax, gather, "
+                  "r3_reward"),
+)}
 
 
-def run(profile: str, device: torch.device, threads: int, providers: list[str], with_memory: bool
-        ) -> dict[str, Any]:
-    prof = PROFILES[profile][device.type]
-    model = build_model(prof["layers"], prof["dtype"], device)
-    batch = make_batch(prof["groups"])
-    n_rows = prof["groups"] * SHAPE["k"]
-    ref_tokens = n_rows * SHAPE["ref"]
-    fns = {p: build(p, model) for p in providers}
-    t0 = time.perf_counter()
-    oracle = fns["straightforward"](batch)
-    gate_s = time.perf_counter() - t0
-    tol = 1e-4 if prof["dtype"] == "float32" else 2e-2
-    rows = []
-    for p in providers:
-        row: dict[str, Any] = {"provider": p}
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+
+class R3RewardBenchmark(harness.Benchmark):
+    op, module, modes, profiles, providers, peer_dists = OP, MODULE, MODES, PROFILES, PROVIDERS, PEER_DISTS
+    spec_cls, inputs_cls = R3Spec, R3Inputs
+    eager, compiled = "straightforward", "straightforward-compiled"  # no compiled baseline: column empty
+    shape_form = "GxLAYERS"
+    profile_help = ("quick: 1 prompt x 8 rollouts, 2 layers, fp32 on CPU (a few minutes on 2 cores); 16 "
+                    "prompts, 4 layers, bf16 on CUDA. full: 8 prompts, 4 layers (CPU); 64 prompts (CUDA)")
+    modes_help = "R3 scoring is forward only (fwd)."
+
+    def make_inputs(self, spec: R3Spec, device: torch.device):
+        sets = [make_batch(spec.groups, spec.seed + k) for k in range(N_SETS)]
+        record = {**SHAPE, "groups": spec.groups, "layers": spec.layers, "dtype": spec.dtype,
+                  "n_sets": N_SETS, "seeds": [spec.seed + k for k in range(N_SETS)],
+                  "completions": spec.n, "ref_tokens": spec.ref_tokens,
+                  "scoring_sequence_tokens": SHAPE["prompt"] + SHAPE["cot"] + 1 + SHAPE["ref"],
+                  "layout": f"{spec.n} scoring sequences of "
+                            f"{SHAPE['prompt'] + SHAPE['cot'] + 1 + SHAPE['ref']} tokens"}
+        return sets, record
+
+    def oracle(self, spec: R3Spec, inp: R3Inputs, device: torch.device) -> torch.Tensor:
+        """The straightforward scorer in float64 on the case's weights (upcast exactly), computing the
+        lm_head only where it is read (the full [K, T, V] logits in float64 would dominate the run)."""
+        model = copy.deepcopy(build_model(spec.layers, spec.dtype, str(device))).to(torch.float64)
         t0 = time.perf_counter()
-        got = oracle if p == "straightforward" else fns[p](batch)
-        call_s = gate_s if p == "straightforward" else time.perf_counter() - t0
-        err = float((got - oracle).abs().max())
-        scale = float(oracle.abs().max())
-        row["max_abs_err"] = err
-        row["status"] = "ok" if err <= tol * (1 + scale) and not math.isnan(err) else "INCORRECT"
-        _log(f"{p}: gate max |err| = {err:.2e} (scale {scale:.2f}) -> {row['status']}")
-        timing = common.time_fn(lambda _k, f=fns[p]: f(batch), 1, device,
-                                prior_calls=1,
-                                prior_s=call_s)
-        row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                   repeats=timing.repeats, method=timing.method)
-        row["ref_tokens_per_s"] = ref_tokens / (timing.median_ms / 1e3)
-        row["completions_per_s"] = n_rows / (timing.median_ms / 1e3)
-        if with_memory:
-            mem = _peak(p, prof, device, threads)
-            row["peak_mib"] = mem["peak_bytes"] / 2**20 if "peak_bytes" in mem else None
-            row["peak_note"] = mem.get("error")
-        _log(f"{p}: {timing.median_ms:.0f} ms, {row['ref_tokens_per_s']:.0f} ref tok/s, "
-             f"peak {row.get('peak_mib')} MiB")
-        rows.append(row)
-    base = next((r for r in rows if r["provider"] == "straightforward"), None)
-    for r in rows:
-        if base is not None:
-            r["speedup"] = base["median_ms"] / r["median_ms"]
-            if r.get("peak_mib") and base.get("peak_mib"):
-                r["memory_ratio"] = base["peak_mib"] / r["peak_mib"]
-    return {"profile": profile, "workload": {**SHAPE, **prof, "rows": n_rows, "ref_tokens": ref_tokens,
-                                             "scoring_sequence_tokens": SHAPE["prompt"] + SHAPE["cot"] + 1
-                                             + SHAPE["ref"]}, "rows": rows}
+        oracle = _straightforward_rewards(model, inp, full_logits=False).double()
+        harness.log(OP, f"{spec.label}: float64 oracle in {time.perf_counter() - t0:.1f} s")
+        return oracle
+
+    def gate(self, p, fn, inp, modes, device, oracle) -> GateRun:
+        t0 = time.perf_counter()
+        rewards = fn(inp)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return GateRun(rewards.detach().double().cpu(), {"fwd": time.perf_counter() - t0})
+
+    def check(self, spec, inp, results, device, oracle) -> dict[str, dict[str, Verdict]]:
+        errs = {name: float((r - oracle).abs().max()) for name, r in results.items()}
+        errs = {name: (e if e == e else float("inf")) for name, e in errs.items()}  # NaN fails
+        scale = 1 + float(oracle.abs().max())
+        bound = TOL[spec.dtype] * scale
+        if "straightforward" in errs:
+            bound = max(bound, 2 * errs["straightforward"])
+        return {name: {"fwd": Verdict(e <= bound, e, {"reward": {"err": e, "bound": bound, "scale": scale,
+                                                                   "ok": e <= bound}})}
+                for name, e in errs.items()}
+
+    def timed(self, p, fn, sets, mode):
+        return (lambda k: fn(sets[k])), []
+
+    def work(self, spec, p, mode, ceilings, device) -> Work:
+        # Reference tokens scored per second; no bandwidth or FLOP ceiling applies to a model forward here.
+        return Work(spec.ref_tokens, "ref tok/s", None, scale=1.0)
+
+    def row_metrics(self, spec, p, mode, median_ms) -> dict[str, Any]:
+        return {"completions_per_s": spec.n / (median_ms / 1e3), "ref_tokens_per_s": spec.ref_tokens
+                / (median_ms / 1e3)}
+
+    def measure_memory(self, p, fn, inp, modes, device, warm):
+        if warm:
+            fn(inp)  # thread pools, lazily loaded kernels, the model's first-call allocations
+        _, delta, absolute = peak_memory(lambda: fn(inp), device)
+        return {"fwd": (delta, absolute)}
+
+    def workload(self, providers, modes) -> dict[str, Any]:
+        return {**SHAPE, "modes": modes, "tolerance": TOL,
+                "providers": {p.name: {"note": p.note, "strict": p.strict} for p in providers}}
+
+    def closing_lines(self, results: dict[str, Any]) -> list[str]:
+        lines = []
+        for r in results["rows"]:
+            if r.get("median_ms") is not None:
+                lines.append(f"{r['case']} {r['provider']}: {r['ref_tokens_per_s']:.0f} ref tok/s, "
+                             f"{r['completions_per_s']:.1f} completions/s, speed-up vs straightforward "
+                             f"{(r.get('speedup_vs_eager') or float('nan')):.2f}x, peak "
+                             f"{r.get('mem_delta_mib', float('nan')):.0f} MiB")
+        return lines
 
 
-def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
-    w = result["workload"]
-    lines = [f"R3 scoring, {w['groups']} prompts x K = {w['k']}, prompt {w['prompt']}, CoT {w['cot']}, "
-             f"reference {w['ref']}; Llama {w['layers']} layers, hidden {w['hidden']}, vocabulary "
-             f"{w['vocab']}, "
-             f"{w['dtype']}; {env.get('device_name')} ({env.get('threads')} threads)", "",
-             "| provider | time / batch (ms) [p20, p80] | ref tokens/s | completions/s | speed-up | peak "
-             "memory "
-             "(MiB) | status |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        peak = "n/a" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
-        lines.append(f"| {r['provider']} | {r['median_ms']:.0f} [{r['p20_ms']:.0f}, {r['p80_ms']:.0f}] | "
-                     f"{r['ref_tokens_per_s']:.0f} | {r['completions_per_s']:.1f} | "
-                     f"{r.get('speedup', 1.0):.2f}x | {peak} | {r['status']} |")
-    return "\n".join(lines) + "\n"
+BENCHMARK = R3RewardBenchmark()
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_r3_reward", description=__doc__.split("\n")[0])
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    p.add_argument("--providers", default=",".join(PROVIDERS))
-    p.add_argument("--modes", default="fwd", help="accepted for run_all; R3 scoring is forward only")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--out-dir", type=Path, default=Path("."))
-    p.add_argument("--_memcase", default=None, help=argparse.SUPPRESS)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 on success, 1 when a reasonrl provider failed its correctness gate."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, _ = _parser().parse_known_args(argv)
-    if args._memcase:
-        common.emit_memcase_result(_memcase(json.loads(args._memcase)))
-        return 0
-    t_start = time.perf_counter()
-    device = common.pick_device()
-    threads = args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
-    torch.set_num_threads(threads)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip() in PROVIDERS]
-    if "straightforward" not in providers:
-        providers.append("straightforward")  # the gate's oracle and the speed-up's baseline
-    result = run(args.profile, device, threads, providers, not args.no_memory)
-    env = common.environment(device, ("transformers",))
-    report = {"op": OP, "timestamp": common.timestamp(), "argv": argv, "environment": env, **result,
-              "wall_s": time.perf_counter() - t_start}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"{OP}-{common.device_slug(device)}-{report['timestamp']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    table = markdown(result, env)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem}.json / .md ({report['wall_s']:.0f} s)")
-    failed = [r for r in result["rows"] if r["provider"].startswith("reasonrl") and r["status"] != "ok"]
-    return 1 if failed else 0
+main = BENCHMARK.main  # main(argv) -> exit status: what run_all and `python -m` call
 
 
 if __name__ == "__main__":

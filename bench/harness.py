@@ -84,11 +84,14 @@ class Verdict:
 @dataclass
 class Work:
     """What one call of a mode counts (docs/performance.md section 1): ``amount`` bytes (unit "GB/s") or FLOP
-    (unit "GFLOP/s"), and its time at the measured ceilings."""
+    (unit "GFLOP/s"), and its time at the measured ceilings. A benchmark whose work is not bytes or FLOP
+    (tokens scored by a model) gives its own unit and ``scale`` (throughput = amount / seconds / scale) and
+    ``floor_ms`` None: no ceiling applies to it."""
 
     amount: float
     unit: str
-    floor_ms: float
+    floor_ms: float | None
+    scale: float = 1e9
 
 
 class Benchmark:
@@ -111,6 +114,7 @@ class Benchmark:
     # strongest compiled formulation, docs/performance.md), named in the row's compiled_baseline.
     compiled: ClassVar[tuple[str, ...]] = ("reference-compiled",)
     profile_help: ClassVar[str] = ""
+    shape_form: ClassVar[str | None] = None  # --shapes' form; None: "NxV" / "NxHxV" from the profile entries
     modes_help: ClassVar[str] = ""
     default_cpu_threads: ClassVar[int] = 2  # the thread count of the CPU targets (docs/performance.md section 3)
 
@@ -149,6 +153,10 @@ class Benchmark:
         """Per mode (incremental peak bytes, absolute peak bytes), with ``memory.peak_memory``. ``warm``: in
         the fresh memory subprocess, warm up first so that one-time costs are not counted."""
         raise NotImplementedError
+
+    def row_metrics(self, spec: Any, p: Provider, mode: str, median_ms: float) -> dict[str, Any]:
+        """Further per-row rates recorded next to the throughput (completions per second, ...)."""
+        return {}
 
     def case_ceilings(self, spec: Any, device: torch.device) -> dict[str, Any]:
         """Ceilings measured per case (the GEMM of the hidden-state benchmarks), merged into the report's."""
@@ -297,9 +305,11 @@ def run_case(bench: Benchmark, spec: Any, providers: list[Provider], modes: list
             row.update(
                 median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                 repeats=timing.repeats, warmups=timing.warmups, timing_method=timing.method,
-                rep_ms=timing.rep_ms, unit=work.unit, throughput=work.amount / timing.median_ms / 1e6,
-                floor_ms=work.floor_ms, pct_ceiling=100 * work.floor_ms / timing.median_ms)
-            row["bytes" if work.unit == "GB/s" else "flop"] = work.amount
+                rep_ms=timing.rep_ms, unit=work.unit,
+                throughput=work.amount / (timing.median_ms / 1e3) / work.scale, floor_ms=work.floor_ms,
+                pct_ceiling=None if work.floor_ms is None else 100 * work.floor_ms / timing.median_ms)
+            row[{"GB/s": "bytes", "GFLOP/s": "flop"}.get(work.unit, "amount")] = work.amount
+            row.update(bench.row_metrics(spec, p, m, timing.median_ms))
             log(op, f"{spec.label}: {name} {m} {timing.median_ms:.2f} ms ({timing.repeats or '-'} repeats)")
 
     _memory_rows(bench, spec, sets[0], fns, rows, modes, device, threads)
@@ -391,7 +401,7 @@ def _shapes(n_dims: int, form: str) -> Callable[[str], list[tuple[int, ...]]]:
 
 def parser(bench: Benchmark) -> argparse.ArgumentParser:
     n_dims = len(next(iter(next(iter(bench.profiles.values())).values()))[0]) - 1
-    form = "NxV" if n_dims == 2 else "NxHxV"
+    form = bench.shape_form or ("NxV" if n_dims == 2 else "NxHxV")
     description = bench.description or (sys.modules[type(bench).__module__].__doc__ or "").split("\n")[0]
     ap = argparse.ArgumentParser(prog=f"python -m {bench.module}", description=description)
     ap.add_argument("--profile", choices=sorted(bench.profiles), default="quick", help=bench.profile_help)

@@ -275,7 +275,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     timed = [r for r in rows if r["status"] == OK and r.get("median_ms") is not None]
     if not timed:
         return None
-    panels = sorted({(r["v"], r["dtype"]) for r in timed})
+    panels = sorted({(r.get("v", 0), r["dtype"]) for r in timed})
     modes = list(dict.fromkeys(r["mode"] for r in timed))
     providers = list(dict.fromkeys(r["provider"] for r in timed))
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
@@ -286,7 +286,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     for i, (v, dtype) in enumerate(panels):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
-            sel = [r for r in timed if r["v"] == v and r["dtype"] == dtype and r["mode"] == mode]
+            sel = [r for r in timed if r.get("v", 0) == v and r["dtype"] == dtype and r["mode"] == mode]
             ns = sorted({r["n"] for r in sel})
             for p in providers:
                 pts = sorted((r["n"], r["median_ms"], r["p20_ms"], r["p80_ms"])
@@ -300,7 +300,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
                 ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, color=colors[p], label=p)
                 if len(ns) == 1:  # a single N: label the points, there is no trend to read
                     ax.annotate(f"  {_fmt(y[0], 'ms')}", (x[0], y[0]), fontsize=8, va="center")
-            floor = sorted({(r["n"], r["floor_ms"]) for r in sel})
+            floor = sorted({(r["n"], r["floor_ms"]) for r in sel if r.get("floor_ms") is not None})
             for k, (n_, f) in enumerate(floor):
                 ax.hlines(f, n_ * 2**-0.35, n_ * 2**0.35, colors="k", linestyles="--",
                           label="floor (measured ceilings)" if k == 0 else None)
@@ -311,7 +311,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
             ax.set_xticks(ns, [str(n_) for n_ in ns])
             ax.set_xlim(ns[0] * 2**-0.7, ns[-1] * 2**0.9)  # room for the labels right of the points
             ax.minorticks_off()
-            ax.set_title(f"{mode} · V={v} {DTYPE_SHORT.get(dtype, dtype)}", fontsize=10)
+            ax.set_title(f"{mode} · {f'V={v} ' if v else ''}{DTYPE_SHORT.get(dtype, dtype)}", fontsize=10)
             ax.set_xlabel("N (rows)")
             ax.set_ylabel("ms (median, p20-p80)")
             ax.grid(True, which="major", alpha=0.3)

@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "linear": ".bench_linear",
     "policy_loss_hidden": ".bench_policy_loss_hidden",
     "r3_reward": ".bench_r3_reward",
+    "phase_entropy": ".bench_phase_entropy",
     # TRL's GRPOTrainer loss step: TRL's path, use_liger_kernel=True, reasonrl's drop-in (needs trl; not in
     # the demo selection: several minutes on 2 cores)
     "trl_step": ".bench_trl_step",

@@ -69,6 +69,18 @@ TORCH_LIBRARY(reasonrl, m) {
       "r3_reward_fwd(Tensor ref_logprobs, Tensor? ref_mask, Tensor? ref_cu_seqlens, Tensor rollout_mask, "
       "Tensor? baseline, Tensor k_g, int weighting, float softmax_tau, int reduction, float? propagation_gamma, "
       "int min_valid_rollouts) -> (Tensor reward, Tensor weights, Tensor sigma, Tensor num_valid_rollouts)");
+  // phase_entropy / find_boundary (docs/ops.md section 6; csrc/cpu/phase_entropy.cpp). Padded: entropy /
+  // token_ids [B, T] with mask [B, T] bool or None; packed: [N] with cu_seqlens [B + 1] int64 (+ mask [N]).
+  // boundary [B] int64; means in the accumulation dtype, counts int32. The backward returns d/d entropy
+  // (entropy's dtype and shape) from the gradients of the two means. find_boundary_fwd: marker [M] int64 ->
+  // the valid-token index [B] int64 of its first occurrence, n_b when absent.
+  m.def(
+      "phase_entropy_fwd(Tensor entropy, Tensor? mask, Tensor? cu_seqlens, Tensor boundary, int boundary_len) "
+      "-> (Tensor mean_before, Tensor mean_after, Tensor count_before, Tensor count_after)");
+  m.def(
+      "phase_entropy_bwd(Tensor grad_before, Tensor grad_after, Tensor entropy, Tensor? mask, Tensor? cu_seqlens, "
+      "Tensor boundary, Tensor count_before, Tensor count_after, int boundary_len) -> Tensor");
+  m.def("find_boundary_fwd(Tensor token_ids, Tensor? mask, Tensor? cu_seqlens, Tensor marker) -> Tensor");
   m.def(
       "policy_loss_token_grad(Tensor logprobs, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) "
       "-> Tensor");

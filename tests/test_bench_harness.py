@@ -126,3 +126,47 @@ def test_speedup_is_against_the_fastest_compiled_baseline():
     assert rows[4]["speedup_vs_compiled"] is None
     report.fill_speedups(rows, "eager", "compiled-a")  # one baseline by name, as before
     assert ours["speedup_vs_compiled"] == 4.0
+
+
+class _Tokens(_Fake):
+    """A benchmark whose work is not bytes: its own unit and scale, no ceiling, an extra per-row rate and its
+    own --shapes form."""
+
+    shape_form = "GxLAYERS"
+
+    def work(self, spec, p, mode, ceilings, device):
+        return harness.Work(1000 * spec.n, "tok/s", None, scale=1.0)
+
+    def row_metrics(self, spec, p, mode, median_ms):
+        return {"rows_per_s": spec.n / (median_ms / 1e3)}
+
+
+def test_custom_unit_and_row_metrics():
+    spec = LogitsInputSpec(8, 16, "float32")
+    rows, _ = harness.run_case(_Tokens(), spec, [_Tokens.providers["reasonrl"]], ["fwd"], CPU, {}, threads=1)
+    (row,) = rows
+    assert row["status"] == "ok" and row["unit"] == "tok/s" and row["amount"] == 8000
+    assert row["throughput"] == pytest.approx(8000 / (row["median_ms"] / 1e3))
+    assert row["pct_ceiling"] is None and row["floor_ms"] is None
+    assert row["rows_per_s"] == pytest.approx(8 / (row["median_ms"] / 1e3))
+    assert "GxLAYERS" in harness.parser(_Tokens()).format_help()
+
+
+@pytest.mark.slow
+def test_phase_entropy_benchmark_end_to_end(tmp_path):
+    """bench_phase_entropy on a tiny case: every provider passes the float64 gate and is timed; the results
+    files are written (the numbers themselves are not checked: no timing is meaningful in a test)."""
+    import json
+
+    from reasonrl._backend import unavailable_reason
+    from reasonrl.bench import bench_phase_entropy
+
+    if unavailable_reason("cpp", CPU, torch.float32) is not None:
+        pytest.skip("the compiled extension is not loaded")
+    status = bench_phase_entropy.main(["--shapes", "4x300", "--modes", "fwd,full", "--out-dir", str(tmp_path),
+                                       "--providers", "reasonrl,reference-eager", "--threads", "1"])
+    assert status == 0
+    (report,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert {(r["provider"], r["mode"], r["status"]) for r in report["rows"]} == {
+        (p, m, "ok") for p in ("reasonrl", "reference-eager") for m in ("fwd", "full")}
+    assert all(r["median_ms"] > 0 and r["unit"] == "GB/s" for r in report["rows"])

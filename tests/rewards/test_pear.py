@@ -68,6 +68,36 @@ def test_multi_token_marker_and_padded_layout():
     torch.testing.assert_close(ragged.rewards, out.rewards)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "reference"])
+def test_phases_run_the_registered_op(monkeypatch, impl):
+    """PEAR finds the marker and averages the phases with the registered ops (docs/ops.md section 6): the C++
+    kernels on CPU by default; every implementation gives the same rewards and diagnostics."""
+    from reasonrl import _backend as backend
+
+    if backend.unavailable_reason(impl, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(f"impl={impl} is not available here")
+    calls = []
+    original = backend.kernel_op
+    monkeypatch.setattr(backend, "kernel_op", lambda name, i: calls.append((name, i)) or original(name, i))
+    monkeypatch.setenv("REASONRL_IMPL", impl)
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 12, (n,), generator=gen).tolist() for n in (40, 7, 0, 25, 60)]
+    ents = [torch.rand(len(x), generator=gen).tolist() for x in ids]
+    texts, golds = ["#### 3"] * 5, ["3"] * 5
+    out = _run(ids, ents, texts, golds)
+    if impl == "cpp":
+        assert ("find_boundary_fwd", "cpp") in calls and ("phase_entropy_fwd", "cpp") in calls
+    else:
+        assert calls == []
+    monkeypatch.setenv("REASONRL_IMPL", "reference")
+    ref = _run(ids, ents, texts, golds)
+    torch.testing.assert_close(out.rewards, ref.rewards, rtol=0, atol=1e-6)
+    for key in ("boundary", "think_tokens", "answer_tokens", "has_marker"):
+        assert torch.equal(out.diagnostics[key], ref.diagnostics[key]), key
+    for key in ("h_think", "h_answer"):
+        torch.testing.assert_close(out.diagnostics[key], ref.diagnostics[key], rtol=1e-6, atol=1e-7)
+
+
 def test_gsm8k_strict_and_boxed_fallback():
     assert gsm8k_strict_answer("so #### 1,234") == (1234.0, False)
     assert gsm8k_strict_answer("#### -5") == (-5.0, False)
