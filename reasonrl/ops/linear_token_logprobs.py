@@ -69,7 +69,8 @@ _saved_logits_bytes: int | None = None  # set_saved_logits_bytes; None: the envi
 
 
 def _check_budget(value, name: str) -> int:
-    """``value`` as a byte count: an int >= 0 (not a bool); TypeError / ValueError naming ``name`` otherwise."""
+    """``value`` as a byte count: an int >= 0 (not a bool); TypeError / ValueError naming ``name``
+    otherwise."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{OP}: {name} must be an int number of bytes >= 0 (or None for the default), got "
                         f"{type(value).__name__} {value!r}")
@@ -147,7 +148,8 @@ def _make_backward(bwd_op):
         # Saved logits (C++ op only): the backward reads those rows instead of recomputing them.
         extra = {} if saved is None else {"saved_logits": saved}
         gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature,
-                            ctx.temperature_scalar, ctx.ignore_index, stats, entropy, ctx.chunk_rows, mask, **extra)
+                            ctx.temperature_scalar, ctx.ignore_index, stats, entropy, ctx.chunk_rows, mask,
+                            **extra)
         return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + rest
 
     return backward
@@ -312,9 +314,10 @@ class _LinearVocabParallel(torch.autograd.Function):
             x, weight, bias, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy,
             call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot, call.saved_rows,
         )
-        # saved_logits (docs/ops.md 3.4) are this shard's logits; the backward reads them with the global stats.
+        # saved_logits (docs/ops.md 3.4): this shard's logits; the backward reads them with the global stats.
         saved = local[5] if local[5].numel() > 0 else None
-        return finish_sharded_forward(ctx, local[:5], labels, call, (x, weight, bias, labels, temperature, saved))
+        return finish_sharded_forward(ctx, local[:5], labels, call,
+                                      (x, weight, bias, labels, temperature, saved))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):
@@ -408,15 +411,15 @@ def linear_token_logprobs(
         workspace_bytes: ``cpp`` only: size of the logits chunk buffer, which sets the rows per GEMM chunk
             (``workspace_bytes // ((V + H) * 4)``; default 64 MiB). Larger chunks make the GEMMs more
             efficient; the extra memory grows with the chunk, never with N x V.
-        saved_logits_bytes: ``cpp`` only: memory budget for keeping logits from the forward to the backward
-            (docs/ops.md 3.4). While a chunk's fp32 (fp64 for fp64 inputs) logits fit, the forward keeps them and
-            the backward uses them instead of recomputing the chunk's GEMM (6NVH instead of 8NVH for those
-            rows); the rows beyond the budget are recomputed as usual. ``0`` keeps nothing (today's memory,
-            docs/ops.md 3.1); ``None`` uses the global default (:func:`set_saved_logits_bytes`, env
-            ``REASONRL_SAVED_LOGITS_BYTES``, else 0). At most ``min(N, budget // (V * 4))`` rows are kept, on top
-            of the workspace, and only when an input requires grad. ``triton`` and ``reference`` ignore it (the
-            first always recomputes; the second keeps the whole N x V graph anyway). Gradients equal those of
-            the recompute path.
+        saved_logits_bytes: ``cpp`` only: memory budget for keeping logits from the forward to the
+            backward (docs/ops.md 3.4). The fp32 (fp64 for fp64 inputs) logits of as many whole chunks of rows
+            as fit (all rows when they all fit) are kept, and the backward reads them instead of recomputing
+            their GEMM (6NVH instead of 8NVH for those rows); the other rows are recomputed as usual. ``0``
+            keeps nothing (the memory of docs/ops.md 3.1); ``None`` uses the global default
+            (:func:`set_saved_logits_bytes`, env ``REASONRL_SAVED_LOGITS_BYTES``, else 0). The kept logits
+            (at most the budget, on top of the workspace) exist only when an input requires grad. Results and
+            gradients are those of the recompute path, bit for bit. ``triton`` and ``reference`` ignore it
+            (the first always recomputes; the second keeps the whole N x V graph anyway).
         impl: ``"auto" | "triton" | "cpp" | "reference"``; env ``REASONRL_IMPL`` sets the default. An
             explicit choice that cannot run raises ``RuntimeError``.
         validate: check label range / temperature values and report NaN rows (host syncs). ``None`` uses the
@@ -470,8 +473,8 @@ def linear_token_logprobs(
         lp, ent, rank, lse = _LinearVocabParallel.apply(x, weight, bias, labels_flat, temp_t, call)
     elif impl == "cpp":
         fwd = backend.kernel_op("linear_token_logprobs_fwd", impl)
-        lp, ent, rank, lse = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
-                                 want_rank, chunk_rows, saved_rows=saved_rows)[:4]
+        lp, ent, rank, lse = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index,
+                                 want_entropy, want_rank, chunk_rows, saved_rows=saved_rows)[:4]
     else:
         fwd = backend.kernel_op("linear_token_logprobs_fwd", impl)
         lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
