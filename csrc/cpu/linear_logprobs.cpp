@@ -177,9 +177,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor ent = at::empty({want_entropy ? m : 0}, opts);
   at::Tensor rank = at::empty({want_rank ? m : 0}, opts.dtype(at::kInt));
   at::Tensor saved = at::empty({std::min(saved_rows, n), weight.size(0)}, opts);
+  int64_t kept = 0;  // rows of `saved` holding logits
   if (m > 0) {
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
-    const int64_t kept = kept_rows(saved_rows, ck);
+    kept = kept_rows(saved_rows, ck);
     at::Tensor pivot;  // [M] in the compute dtype, compacted like the rows
     if (label_logit.has_value() && label_logit->defined()) {
       TORCH_CHECK(label_logit->numel() == n && label_logit->device().is_cpu(),
@@ -197,6 +198,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         pivot, lp, ent, rank, lse, stats, kept, saved);
     }
   }
+  // Rows of saved_logits past the valid rows (ignored labels) are never read; zeroed so that the output is
+  // deterministic. They are inside the budget: saved_logits has at most saved_rows rows.
+  if (kept < saved.size(0)) saved.narrow(0, kept, saved.size(0) - kept).zero_();
   if (!rows.idx.defined()) return {lp, ent, rank, lse, stats, saved};
   return {expand_rows(lp, rows, n), want_entropy ? expand_rows(ent, rows, n) : ent,
           want_rank ? expand_rows(rank, rows, n) : rank, expand_rows(lse, rows, n), expand_rows(stats, rows, n),

@@ -34,6 +34,7 @@ and eager only; no ``softcap`` /
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -71,10 +72,10 @@ _saved_logits_bytes: int | None = None  # set_saved_logits_bytes; None: the envi
 def _check_budget(value, name: str) -> int:
     """``value`` as a byte count: an int >= 0 (not a bool); TypeError / ValueError naming ``name``
     otherwise."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # int, numpy ints; not tensors
         raise TypeError(f"{OP}: {name} must be an int number of bytes >= 0 (or None for the default), got "
                         f"{type(value).__name__} {value!r}")
-    value = int(value.__index__())
+    value = int(value)
     if value < 0:
         raise ValueError(f"{OP}: {name} must be an int number of bytes >= 0 (0 = recompute every chunk), got "
                          f"{value}")
@@ -462,11 +463,12 @@ def linear_token_logprobs(
     saved_rows = 0
     if impl == "cpp" and torch.is_grad_enabled() and (
             hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        # Whole chunks of logits within the budget (docs/ops.md 3.4), kept only when a backward will read
-        # them. Whole chunks, so that the chunk boundaries, hence the GEMMs and every bit of the results, are
-        # those of the recompute path whatever the budget; the op keeps all rows when they all fit.
+        # Every row when all fit in the budget, else whole chunks (docs/ops.md 3.4), kept only when a backward
+        # will read them. Whole chunks, so that the chunk boundaries, hence the GEMMs and every bit of the
+        # results, are those of the recompute path whatever the budget.
+        fit = budget // (vocab * acc.itemsize)
         chunk = chunk_rows or max(1, _DEFAULT_WORKSPACE_BYTES // ((vocab + h) * acc.itemsize))
-        saved_rows = budget // (vocab * acc.itemsize) // chunk * chunk
+        saved_rows = x.shape[0] if fit >= x.shape[0] else fit // chunk * chunk
     if shard is not None:
         call = _ShardedLinearCall(shard, temp_scalar, ignore_index, want_entropy, want_rank, chunk_rows,
                                   reduce_grad_hidden, saved_rows)
