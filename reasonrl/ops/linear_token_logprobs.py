@@ -133,6 +133,9 @@ def _setup_context(ctx, inputs, output):
     ctx.want_entropy = want_entropy
     ctx.chunk_rows = chunk
     ctx.mark_non_differentiable(*output[2:])
+    # No zero gradients for the outputs that got none (the backward op takes None): autograd would otherwise
+    # allocate one the size of saved_logits for every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _make_backward(bwd_op):
