@@ -15,10 +15,13 @@ Implementations, all with the semantics of ``reasonrl/reference/linear_token_log
   and accumulates ``grad_hidden``, ``grad_weight`` (fp32) and ``grad_bias`` with GEMMs. Extra memory: the
   workspace, O(N) statistics, and with gradients the fp32 weight-gradient accumulator. Saved for
   backward: hidden, weight, bias (by reference), labels, temperature and the [N, 2] row statistics; nothing
-  when no input requires grad.
+  when no input requires grad. With a ``saved_logits_bytes`` budget (docs/ops.md 3.4) the forward also keeps
+  the fp32 logits of whole chunks that fit it (all rows if they all fit), and the backward reads them
+  instead of recomputing those chunks: the results are bit-identical for every budget.
 * ``triton``: ``torch.ops.reasonrl.linear_token_logprobs_{fwd,bwd}_triton``, ``triton_op``s launching
   kernels/linear_logprobs.py (split-vocabulary tiled forward with the online statistics in the epilogue;
-  deterministic chunked backward with recompute). ``auto`` picks it on CUDA.
+  deterministic chunked backward with recompute, whatever ``saved_logits_bytes``). ``auto`` picks it on
+  CUDA.
 * ``reference``: matmul + ``token_logprobs_reference`` (O(N x V) memory).
 
 Vocab-parallel mode (``process_group`` given, docs/ops.md 3.3): ``weight`` / ``bias`` are this rank's shard of

@@ -178,7 +178,8 @@ def test_retain_graph_second_backward_equal():
     skip_unless("cpp")
     case = make_case(30, 16, 200, seed=6)
     leaves = [t.detach().clone().requires_grad_(True) for t in (case.hidden, case.weight, case.bias)]
-    out = linear_token_logprobs(leaves[0], leaves[1], case.labels, bias=leaves[2], temperature=case.temperature,
+    out = linear_token_logprobs(leaves[0], leaves[1], case.labels, bias=leaves[2],
+                                temperature=case.temperature,
                                 want_entropy=True, impl="cpp", saved_logits_bytes=1 << 30)
     first = torch.autograd.grad([out.logprobs, out.entropy], leaves, [case.g_lp, case.g_h], retain_graph=True)
     second = torch.autograd.grad([out.logprobs, out.entropy], leaves, [case.g_lp, case.g_h])
@@ -244,8 +245,8 @@ def test_gradcheck_fp64_partial_budget():
     temperature = torch.tensor([0.7, 1.0, 1.3, 2.0, 0.5, 0.9], dtype=F64)
 
     def fn(h, w, b):
-        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True, impl="cpp",
-                                    workspace_bytes=2 * (9 + 4) * 8, saved_logits_bytes=4 * 9 * 8)
+        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True,
+                                    impl="cpp", workspace_bytes=2 * (9 + 4) * 8, saved_logits_bytes=4 * 9 * 8)
         return out.logprobs, out.entropy
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -267,10 +268,11 @@ def test_opcheck_ops_with_saved_logits():
     assert saved.shape == (4, 37)
     g_lp, g_h = torch.randn(6, generator=g), torch.randn(6, generator=g)
     ref = bwd(g_lp, g_h, h, w, b, labels, None, 1.0, -100, stats, ent, 2, [True, True, True])
-    got = bwd(g_lp, g_h, h, w, b, labels, None, 1.0, -100, stats, ent, 2, [True, True, True], saved_logits=saved)
+    mask = [True, True, True]
+    got = bwd(g_lp, g_h, h, w, b, labels, None, 1.0, -100, stats, ent, 2, mask, saved_logits=saved)
     for x, y in zip(got, ref, strict=True):
         assert torch.equal(x, y)
-    torch.library.opcheck(bwd, (g_lp, g_h, h, w, b, labels, None, 1.0, -100, stats, ent, 2, [True, True, True]),
+    torch.library.opcheck(bwd, (g_lp, g_h, h, w, b, labels, None, 1.0, -100, stats, ent, 2, mask),
                           {"saved_logits": saved})
     with pytest.raises(RuntimeError, match="saved_logits must be the forward's"):
         bwd(g_lp, g_h, h, w, b, labels, None, 1.0, -100, stats, ent, 2, [True, True, True],
@@ -329,7 +331,8 @@ _MEMORY_CHILD = textwrap.dedent(
     fwd_bwd()()  # warm-up: thread pools, MKL buffers
     result = {}
     for name, kw in (("default", {}), ("zero", {"saved_logits_bytes": 0}),
-                     ("half", {"saved_logits_bytes": 1040 * V * 4}), ("all", {"saved_logits_bytes": 1 << 40})):
+                     ("half", {"saved_logits_bytes": 1040 * V * 4}),
+                     ("all", {"saved_logits_bytes": 1 << 40})):
         result[name] = peak_memory(fwd_bwd(**kw), cpu)[1]
     os.environ["REASONRL_SAVED_LOGITS_BYTES"] = str(1 << 40)
     result["env_all"] = peak_memory(fwd_bwd(), cpu)[1]
@@ -347,8 +350,8 @@ def test_peak_memory_default_and_budgets():
 
     if (why := cpu_peak_supported()) is not None:
         pytest.skip(f"peak RSS not measurable: {why}")
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env={k: v for k, v in os.environ.items() if k != ENV})
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != ENV})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-2000:]
     mib = {k: v / 2**20 for k, v in json.loads(lines[-1][7:]).items()}
