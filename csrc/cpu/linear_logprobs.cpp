@@ -28,10 +28,11 @@
 //    accumulating in fp32 (fp64).
 //  * Saved logits (saved_rows > 0, docs/ops.md 3.4): the first K valid rows, K = M when they all fit in
 //    saved_rows, else saved_rows rounded down to whole chunks of C rows (kept_rows: the chunk boundaries, so
-//    the results, are then those of the recompute path, bit for bit). The forward's GEMM writes the logits of the first range straight into the returned
-//    saved_logits [min(saved_rows, N), V] (its rows past K are unused: the shape depends on N, not on the
-//    label values, so that the fake op can give it) instead of the workspace, and the backward reads them
-//    back instead of recomputing: 6NVH instead of 8NVH for those rows. What is kept is the raw fp32 (fp64)
+//    the results, are then those of the recompute path, bit for bit). For the chunks of those rows the
+//    forward's GEMM writes the logits straight into the returned saved_logits [min(saved_rows, N), V]
+//    instead of the workspace (its rows past K are unused and zeroed: the shape depends on N, not on the
+//    label values, so that the fake op can give it), and the backward reads them back instead of
+//    recomputing: 6NVH instead of 8NVH for those rows. What is kept is the raw fp32 (fp64)
 //    GEMM output, not the probabilities exp(z / tau - m - log s): the backward row kernel then runs on
 //    exactly the values it would have recomputed (the same chunk GEMM), so the gradients are those of the
 //    recompute path, and the kernel is unchanged (it needs z anyway for the entropy term, and the exp it
@@ -39,7 +40,9 @@
 //    workspace, never into saved_logits: a second backward (retain_graph=True) reads them again.
 //  * Extra memory: the [C, V] chunk buffer and a [C, H] gather buffer (the workspace, default
 //    kDefaultWorkspaceBytes: see chunk_rows_for), O(N) statistics, and when gradients are needed the fp32
-//    grad_weight accumulator (V H 4 bytes; for fp32 weights it IS the returned gradient) and grad_hidden.
+//    grad_weight accumulator (V H 4 bytes; for fp32 weights it IS the returned gradient) and grad_hidden;
+//    with saved_rows, saved_logits (at most saved_rows x V in the compute dtype) from the forward to the end
+//    of the backward. A forward whose chunks are all kept never allocates the [C, V] workspace.
 //  * bf16 / fp16 inputs: the GEMMs run in fp32 on upcast operands: the weight is converted once per call
 //    (V H 4 bytes, the size of the fp32 grad_weight accumulator the backward needs anyway) and each chunk
 //    of hidden when it is gathered. ATen's CPU bf16 GEMM would round the logits (and dlogits) to bf16,
