@@ -30,9 +30,9 @@
 //    saved_rows, else saved_rows rounded down to whole chunks of C rows (kept_rows: the chunk boundaries, so
 //    the results, are then those of the recompute path, bit for bit). For the chunks of those rows the
 //    forward's GEMM writes the logits straight into the returned saved_logits [min(saved_rows, N), V]
-//    instead of the workspace (its rows past K are unused and zeroed: the shape depends on N, not on the
-//    label values, so that the fake op can give it), and the backward reads them back instead of
-//    recomputing: 6NVH instead of 8NVH for those rows. What is kept is the raw fp32 (fp64)
+//    instead of the workspace (its rows past K are unused and uninitialised, never touched: the shape
+//    depends on N, not on the label values, so that the fake op can give it), and the backward reads them
+//    back instead of recomputing: 6NVH instead of 8NVH for those rows. What is kept is the raw fp32 (fp64)
 //    GEMM output, not the probabilities exp(z / tau - m - log s): the backward row kernel then runs on
 //    exactly the values it would have recomputed (the same chunk GEMM), so the gradients are those of the
 //    recompute path, and the kernel is unchanged (it needs z anyway for the entropy term, and the exp it
@@ -180,10 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor ent = at::empty({want_entropy ? m : 0}, opts);
   at::Tensor rank = at::empty({want_rank ? m : 0}, opts.dtype(at::kInt));
   at::Tensor saved = at::empty({std::min(saved_rows, n), weight.size(0)}, opts);
-  int64_t kept = 0;  // rows of `saved` holding logits
   if (m > 0) {
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
-    kept = kept_rows(saved_rows, ck);
+    const int64_t kept = kept_rows(saved_rows, ck);  // rows of `saved` holding logits
     at::Tensor pivot;  // [M] in the compute dtype, compacted like the rows
     if (label_logit.has_value() && label_logit->defined()) {
       TORCH_CHECK(label_logit->numel() == n && label_logit->device().is_cpu(),
@@ -201,9 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         pivot, lp, ent, rank, lse, stats, kept, saved);
     }
   }
-  // Rows of saved_logits past the valid rows (ignored labels) are never read; zeroed so that the output is
-  // deterministic. They are inside the budget: saved_logits has at most saved_rows rows.
-  if (kept < saved.size(0)) saved.narrow(0, kept, saved.size(0) - kept).zero_();
+  // Rows of saved_logits past the kept ones (kept < min(saved_rows, N) only when ignored rows make M < N) are
+  // never written nor read. They are left uninitialised on purpose: their pages are never touched, so they
+  // cost no resident memory, and in an RL batch whose prompt rows are ignored they can be most of the buffer.
   if (!rows.idx.defined()) return {lp, ent, rank, lse, stats, saved};
   return {expand_rows(lp, rows, n), want_entropy ? expand_rows(ent, rows, n) : ent,
           want_rank ? expand_rows(rank, rows, n) : rank, expand_rows(lse, rows, n), expand_rows(stats, rows, n),
