@@ -7,7 +7,13 @@ on both outputs and produces the gradients of hidden and weight.
 Providers (a missing one is a row saying why, never dropped):
 
 * ``reasonrl``: ``linear_token_logprobs(impl="cpp")`` on CPU, ``validate=False`` (Triton on CUDA once it
-  exists; until then the row says unsupported).
+  exists; until then the row says unsupported), with the library's default budget of kept logits
+  (``saved_logits_bytes``: 0 unless ``REASONRL_SAVED_LOGITS_BYTES`` or ``set_saved_logits_bytes`` set
+  one).
+* ``reasonrl-keep25`` / ``-keep50`` / ``-keep100``: the same with ``saved_logits_bytes`` = 25% / 50% / 100% of
+  the ``N x V`` fp32 logits (docs/ops.md 3.4): the forward keeps whole chunks of logits within that budget and
+  the backward skips their recompute (6NVH for those rows instead of 8NVH). Their ``full`` rows are the
+  time / memory curve of the budget; their ``fwd`` rows equal ``reasonrl``'s (nothing is kept without grad).
 * ``reference-eager``: ``hidden.float() @ weight.float().T`` then ``token_logprobs_reference``
   (``reasonrl.reference.linear_token_logprobs_reference``): materialises the [N, V] logits.
 * ``reference-compiled``: the same function under ``torch.compile(dynamic=False)``, compiled by the gate
@@ -81,16 +87,31 @@ def _reference(spec: LinearSpec):
     return fn
 
 
-def _build_reasonrl(spec: LinearSpec, device: torch.device) -> ProviderFn:
+def _build_reasonrl(spec: LinearSpec, device: torch.device, keep: float | None = None) -> ProviderFn:
+    """``keep``: the ``saved_logits_bytes`` budget as a fraction of the N x V fp32 logits (None: the library
+    default)."""
     from reasonrl import linear_token_logprobs
+
+    budget = None if keep is None else int(keep * spec.n * spec.v * 4)
 
     def fn(inp, hidden, weight):
         out = linear_token_logprobs(hidden, weight, inp.labels, temperature=spec.temperature,
                                     ignore_index=spec.ignore_index, want_entropy=True, validate=False,
+                                    saved_logits_bytes=budget,
                                     impl="cpp" if device.type == "cpu" else "triton")
         return out.logprobs, out.entropy
 
     return fn
+
+
+def _build_keep(keep: float):
+    def build(spec: LinearSpec, device: torch.device) -> ProviderFn:
+        return _build_reasonrl(spec, device, keep)
+
+    return build
+
+
+KEEP_FRACTIONS = (0.25, 0.5, 1.0)  # the reasonrl-keep<percent> providers
 
 
 def _build_eager(spec: LinearSpec, device: torch.device) -> ProviderFn:
@@ -152,6 +173,11 @@ class Provider(harness.Provider):
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("reasonrl", _build_reasonrl, note="linear_token_logprobs impl='cpp' (default 64 MiB workspace)",
              strict=True, unavailable=_reasonrl_unavailable),
+    *(Provider(f"reasonrl-keep{round(100 * k)}", _build_keep(k), strict=True,
+               unavailable=_reasonrl_unavailable,
+               note=f"linear_token_logprobs impl='cpp', saved_logits_bytes = {100 * k:g}% of the N x V fp32 "
+                    "logits (docs/ops.md 3.4)")
+      for k in KEEP_FRACTIONS),
     Provider("reference-eager", _build_eager, note="fp32 matmul + token_logprobs_reference"),
     Provider("reference-compiled", _build_compiled,
              note="torch.compile(matmul + reference, dynamic=False); compiled by the gate calls, not timed"),

@@ -33,19 +33,21 @@ TORCH_LIBRARY(reasonrl, m) {
   // [N, V] logits. hidden [N, H], weight [V, H], bias [V]?; outputs as token_logprobs_fwd (stats [N, 2]).
   // chunk_rows: rows per GEMM chunk (0 = the default workspace). The backward recomputes the logits chunk by
   // chunk; output_mask selects (grad_hidden, grad_weight, grad_bias); gradients not requested are [0].
+  // saved_rows (docs/ops.md 3.4): the forward keeps the fp32 (fp64) logits of the first min(saved_rows, M)
+  // valid rows in saved_logits [min(saved_rows, N), V]; handed to the backward, those rows are not recomputed.
   // Vocab-parallel mode (docs/ops.md 3.3) as for token_logprobs_fwd: weight / bias are the rows [vocab_start,
   // vocab_start + V) of a vocab_global-id lm_head, labels are global ids, label_logit [N] the shared raw label
   // logit (rank pivot); the outputs are this shard's statistics, combined in Python (ops/vocab_parallel.py).
   m.def(
       "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? temperature, "
       "float temperature_scalar, int ignore_index, bool want_entropy, bool want_rank, int chunk_rows, "
-      "int vocab_start=0, int vocab_global=0, Tensor? label_logit=None) -> "
-      "(Tensor logprobs, Tensor entropy, Tensor rank, Tensor lse, Tensor stats)");
+      "int vocab_start=0, int vocab_global=0, Tensor? label_logit=None, int saved_rows=0) -> "
+      "(Tensor logprobs, Tensor entropy, Tensor rank, Tensor lse, Tensor stats, Tensor saved_logits)");
   m.def(
       "linear_token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
       "Tensor? bias, Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
       "Tensor stats, Tensor entropy, int chunk_rows, bool[3] output_mask, int vocab_start=0, "
-      "int vocab_global=0) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "int vocab_global=0, Tensor? saved_logits=None) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // The single-pass fused policy loss (docs/losses.md section 13.1; csrc/cpu/policy_loss.cpp documents the
   // token_inputs columns, loss_kind / kl_kind codes and the params order). Returns lp, H, LSE, the per-token
   // upstream gradients it used, and dLoss/dlogits, all computed in one sweep over the logits.

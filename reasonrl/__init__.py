@@ -8,6 +8,8 @@ changes global torch._dynamo / torch._inductor configuration. The extension is l
 from reasonrl.ops import (
     TokenLogprobs,
     linear_token_logprobs,
+    saved_logits_bytes_default,
+    set_saved_logits_bytes,
     set_validation,
     token_logprobs,
     validation_enabled,
@@ -19,6 +21,8 @@ __all__ = [
     "TokenLogprobs",
     "token_logprobs",
     "linear_token_logprobs",
+    "set_saved_logits_bytes",
+    "saved_logits_bytes_default",
     "set_validation",
     "validation_enabled",
     "__version__",

@@ -75,7 +75,8 @@ struct Chunker {
   at::Tensor hidden;   // [N, H] input
   const Rows* rows;
   int64_t chunk;       // rows per chunk
-  at::Tensor logits;   // [chunk, V] compute dtype: the workspace
+  at::Tensor logits;   // [chunk, V] compute dtype: the workspace, allocated on first use (a call whose chunks
+                       // all go to saved logits, linear_logprobs.cpp, never needs it in its forward)
   at::Tensor hbuf;     // [chunk, H] compute dtype: gathered / converted rows of hidden
   at::Tensor hbuf_in;  // [chunk, H] input dtype: gather target before the conversion (16-bit inputs only)
 
@@ -91,7 +92,6 @@ struct Chunker {
     const int64_t vocab = weight.size(0), h = weight.size(1);
     chunk = chunk_rows_for(chunk_rows, rows_.m, vocab, h, at::elementSize(acc));
     const auto opts = hidden_.options().dtype(acc);
-    logits = at::empty({chunk, vocab}, opts);
     hbuf = at::empty({chunk, h}, opts);
     if (hidden_.scalar_type() != acc && rows_.idx.defined()) hbuf_in = at::empty({chunk, h}, hidden_.options());
   }
@@ -130,9 +130,14 @@ struct Chunker {
     a.temperature_scalar = static_cast<acc_t>(temperature_scalar);
   }
 
-  // x = h W^T (+ b) for the rows of the chunk, into the workspace.
-  at::Tensor logits_of(const at::Tensor& h) {
-    at::Tensor x = logits.narrow(0, 0, h.size(0));
+  // The first `len` rows of the [chunk, V] workspace.
+  at::Tensor workspace(int64_t len) {
+    if (!logits.defined()) logits = at::empty({chunk, weight.size(0)}, hbuf.options());
+    return logits.narrow(0, 0, len);
+  }
+
+  // x = h W^T (+ b) for the rows of the chunk, into `x` ([len, V], unit stride on V).
+  at::Tensor logits_into(const at::Tensor& h, at::Tensor x) const {
     if (bias.defined()) {
       at::addmm_out(x, bias, h, weight.t());
     } else {
@@ -140,6 +145,9 @@ struct Chunker {
     }
     return x;
   }
+
+  // x = h W^T (+ b) for the rows of the chunk, into the workspace.
+  at::Tensor logits_of(const at::Tensor& h) { return logits_into(h, workspace(h.size(0))); }
 };
 
 // The three gradient GEMMs of each chunk's dlogits, accumulated over the chunks of one call. Any of the

@@ -3,11 +3,12 @@
 //
 //   reasonrl::linear_token_logprobs_fwd(hidden [N, H], weight [V, H], bias [V]?, labels [N], temperature [N]?,
 //       temperature_scalar, ignore_index, want_entropy, want_rank, chunk_rows,
-//       vocab_start = 0, vocab_global = 0, label_logit [N]? = None)
-//       -> (logprobs, entropy, rank, lse, stats [N, 2] = (row max, log-sum))
+//       vocab_start = 0, vocab_global = 0, label_logit [N]? = None, saved_rows = 0)
+//       -> (logprobs, entropy, rank, lse, stats [N, 2] = (row max, log-sum),
+//           saved_logits [min(saved_rows, N), V])
 //   reasonrl::linear_token_logprobs_bwd(grad_logprobs?, grad_entropy?, hidden, weight, bias?, labels,
 //       temperature?, temperature_scalar, ignore_index, stats, entropy, chunk_rows, output_mask[3],
-//       vocab_start = 0, vocab_global = 0)
+//       vocab_start = 0, vocab_global = 0, saved_logits? = None)
 //       -> (grad_hidden [N, H] | [0], grad_weight [V, H] | [0], grad_bias [V] | [0])
 //
 // Strategy (one chunk of rows at a time, with the compaction and chunking of csrc/cpu/linear_chunks.h; the
@@ -25,9 +26,23 @@
 //    into dlogits IN PLACE with the backward row kernel (docs/ops.md 2.3, including 1/tau), then
 //    grad_hidden[rows] = dx W, grad_weight += dx^T h, grad_bias += sum_rows dx, all fp32 (fp64) GEMMs
 //    accumulating in fp32 (fp64).
+//  * Saved logits (saved_rows > 0, docs/ops.md 3.4): the first K valid rows, K = M when they all fit in
+//    saved_rows, else saved_rows rounded down to whole chunks of C rows (kept_rows: the chunk boundaries, so
+//    the results, are then those of the recompute path, bit for bit). For the chunks of those rows the
+//    forward's GEMM writes the logits straight into the returned saved_logits [min(saved_rows, N), V]
+//    instead of the workspace (its rows past K are unused and uninitialised, never touched: the shape
+//    depends on N, not on the label values, so that the fake op can give it), and the backward reads them
+//    back instead of recomputing: 6NVH instead of 8NVH for those rows. What is kept is the raw fp32 (fp64)
+//    GEMM output, not the probabilities exp(z / tau - m - log s): the backward row kernel then runs on
+//    exactly the values it would have recomputed (the same chunk GEMM), so the gradients are those of the
+//    recompute path, and the kernel is unchanged (it needs z anyway for the entropy term, and the exp it
+//    redoes is O(V) per row against the O(V H) of the GEMM it replaces). The backward writes dx into the
+//    workspace, never into saved_logits: a second backward (retain_graph=True) reads them again.
 //  * Extra memory: the [C, V] chunk buffer and a [C, H] gather buffer (the workspace, default
 //    kDefaultWorkspaceBytes: see chunk_rows_for), O(N) statistics, and when gradients are needed the fp32
-//    grad_weight accumulator (V H 4 bytes; for fp32 weights it IS the returned gradient) and grad_hidden.
+//    grad_weight accumulator (V H 4 bytes; for fp32 weights it IS the returned gradient) and grad_hidden;
+//    with saved_rows, saved_logits (at most saved_rows x V in the compute dtype) from the forward to the end
+//    of the backward. A forward whose chunks are all kept never allocates the [C, V] workspace.
 //  * bf16 / fp16 inputs: the GEMMs run in fp32 on upcast operands: the weight is converted once per call
 //    (V H 4 bytes, the size of the fp32 grad_weight accumulator the backward needs anyway) and each chunk
 //    of hidden when it is gathered. ATen's CPU bf16 GEMM would round the logits (and dlogits) to bf16,
@@ -101,15 +116,37 @@ void check_shard(int64_t vocab, int64_t vocab_start, int64_t vocab_global) {
 template <typename acc_t>
 using FwdKern = void (*)(const RowArgs<acc_t>&, int64_t, int64_t);
 
+// Valid rows whose logits are kept: all M when they fit in saved_rows, else whole chunks only, so that the
+// chunk boundaries (hence the GEMMs, hence every bit of the results) are those of the recompute path. The
+// Python layer already rounds saved_rows to whole chunks; this keeps the op's results independent of it.
+int64_t kept_rows(int64_t saved_rows, const Chunker& ck) {
+  const int64_t m = ck.rows->m;
+  return saved_rows >= m ? m : saved_rows / ck.chunk * ck.chunk;
+}
+
+// The chunk schedule of one call: rows [0, k) (whose logits live in `saved`, rows [0, k) of it) then rows
+// [k, m) (recomputed in the workspace), each range in chunks of ck.chunk rows (k = kept_rows(): M or whole
+// chunks, so these are the chunks of the recompute path). fn(s, len, x) gets the chunk
+// [s, s + len) and its rows of `saved` (or an undefined tensor for a workspace chunk).
+template <typename Fn>
+void for_each_chunk(const Chunker& ck, int64_t k, const at::Tensor& saved, Fn&& fn) {
+  const int64_t m = ck.rows->m;
+  for (int64_t s = 0; s < k; s += ck.chunk) {
+    const int64_t len = std::min(ck.chunk, k - s);
+    fn(s, len, saved.narrow(0, s, len));
+  }
+  for (int64_t s = k; s < m; s += ck.chunk) fn(s, std::min(ck.chunk, m - s), at::Tensor());
+}
+
 template <typename acc_t>
 void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int64_t ignore_index,
                 int64_t vocab_start, int64_t vocab_global, const at::Tensor& label_logit, at::Tensor& lp,
-                at::Tensor& ent, at::Tensor& rank, at::Tensor& lse, at::Tensor& stats) {
-  const Rows& rows = *ck.rows;
+                at::Tensor& ent, at::Tensor& rank, at::Tensor& lse, at::Tensor& stats, int64_t k,
+                const at::Tensor& saved) {
   const int64_t vocab = ck.weight.size(0);
-  for (int64_t s = 0; s < rows.m; s += ck.chunk) {
-    const int64_t len = std::min(ck.chunk, rows.m - s);
-    const at::Tensor x = ck.logits_of(ck.gather(s, len));
+  for_each_chunk(ck, k, saved, [&](int64_t s, int64_t len, const at::Tensor& keep) {
+    const at::Tensor h = ck.gather(s, len);
+    const at::Tensor x = keep.defined() ? ck.logits_into(h, keep) : ck.logits_of(h);
     RowArgs<acc_t> a{};
     ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
     a.logprobs = lp.mutable_data_ptr<acc_t>() + s;
@@ -121,18 +158,19 @@ void fwd_chunks(Chunker& ck, FwdKern<acc_t> kern, double temperature_scalar, int
     a.vocab_global = vocab_global;
     a.label_logit = label_logit.defined() ? label_logit.const_data_ptr<acc_t>() + s : nullptr;
     at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
-  }
+  });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, const std::optional<at::Tensor>& temperature, double temperature_scalar,
     int64_t ignore_index, bool want_entropy, bool want_rank, int64_t chunk_rows, int64_t vocab_start,
-    int64_t vocab_global, const std::optional<at::Tensor>& label_logit) {
+    int64_t vocab_global, const std::optional<at::Tensor>& label_logit, int64_t saved_rows) {
   check_linear(hidden, weight, bias, labels, temperature, temperature_scalar);
   check_shard(weight.size(0), vocab_start, vocab_global);
+  TORCH_CHECK(saved_rows >= 0, "linear_token_logprobs: saved_rows must be >= 0, got ", saved_rows);
   const int64_t n = hidden.size(0);
   const at::ScalarType acc = compute_type(hidden);
   const Rows rows = valid_rows(labels, temperature, ignore_index, acc);
@@ -141,8 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_to
   at::Tensor lp = at::empty({m}, opts), lse = at::empty({m}, opts), stats = at::empty({m, 2}, opts);
   at::Tensor ent = at::empty({want_entropy ? m : 0}, opts);
   at::Tensor rank = at::empty({want_rank ? m : 0}, opts.dtype(at::kInt));
+  at::Tensor saved = at::empty({std::min(saved_rows, n), weight.size(0)}, opts);
   if (m > 0) {
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
+    const int64_t kept = kept_rows(saved_rows, ck);  // rows of `saved` holding logits
     at::Tensor pivot;  // [M] in the compute dtype, compacted like the rows
     if (label_logit.has_value() && label_logit->defined()) {
       TORCH_CHECK(label_logit->numel() == n && label_logit->device().is_cpu(),
@@ -154,15 +194,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_to
     const int which = int(want_entropy) + 2 * int(want_rank);
     if (acc == at::kDouble) {
       fwd_chunks<double>(ck, k.fwd_f64[which], temperature_scalar, ignore_index, vocab_start, vocab_global,
-                         pivot, lp, ent, rank, lse, stats);
+                         pivot, lp, ent, rank, lse, stats, kept, saved);
     } else {
       fwd_chunks<float>(ck, k.fwd_f32[which], temperature_scalar, ignore_index, vocab_start, vocab_global,
-                        pivot, lp, ent, rank, lse, stats);
+                        pivot, lp, ent, rank, lse, stats, kept, saved);
     }
   }
-  if (!rows.idx.defined()) return {lp, ent, rank, lse, stats};
+  // Rows of saved_logits past the kept ones (kept < min(saved_rows, N) only when ignored rows make M < N) are
+  // never written nor read. They are left uninitialised on purpose: their pages are never touched, so they
+  // cost no resident memory, and in an RL batch whose prompt rows are ignored they can be most of the buffer.
+  if (!rows.idx.defined()) return {lp, ent, rank, lse, stats, saved};
   return {expand_rows(lp, rows, n), want_entropy ? expand_rows(ent, rows, n) : ent,
-          want_rank ? expand_rows(rank, rows, n) : rank, expand_rows(lse, rows, n), expand_rows(stats, rows, n)};
+          want_rank ? expand_rows(rank, rows, n) : rank, expand_rows(lse, rows, n), expand_rows(stats, rows, n),
+          saved};
 }
 
 namespace {
@@ -171,14 +215,15 @@ template <typename acc_t>
 void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_t), const at::Tensor& g_lp,
                 const at::Tensor& g_h, const at::Tensor& stats, const at::Tensor& entropy, double temperature_scalar,
                 int64_t ignore_index, int64_t vocab_start, int64_t vocab_global, at::Tensor& grad_hidden,
-                at::Tensor& gw_acc, at::Tensor& gb_acc) {
-  const Rows& rows = *ck.rows;
+                at::Tensor& gw_acc, at::Tensor& gb_acc, int64_t k, const at::Tensor& saved) {
   const int64_t vocab = ck.weight.size(0);
   GradSink sink(ck, grad_hidden, gw_acc, gb_acc);
-  for (int64_t s = 0; s < rows.m; s += ck.chunk) {
-    const int64_t len = std::min(ck.chunk, rows.m - s);
+  for_each_chunk(ck, k, saved, [&](int64_t s, int64_t len, const at::Tensor& keep) {
     const at::Tensor h = ck.gather(s, len);
-    at::Tensor x = ck.logits_of(h);
+    // A saved chunk is read (its logits are the forward's GEMM output) and dx goes to the workspace; a
+    // recomputed one becomes dx in place.
+    const at::Tensor x = keep.defined() ? keep : ck.logits_of(h);
+    const at::Tensor dx = keep.defined() ? ck.workspace(len) : x;
     BwdArgs<acc_t> a{};
     ck.fill_row_args(a, x, s, ignore_index, temperature_scalar);
     a.stats = const_cast<acc_t*>(stats.const_data_ptr<acc_t>()) + 2 * s;
@@ -187,13 +232,13 @@ void bwd_chunks(Chunker& ck, void (*kern)(const BwdArgs<acc_t>&, int64_t, int64_
     a.grad_entropy = g_h.defined() ? g_h.const_data_ptr<acc_t>() + s : nullptr;
     a.vocab_start = vocab_start;
     a.vocab_global = vocab_global;
-    // In place (safe: the row kernels read each piece of a row before writing it, and the label logit
-    // before the row loop): x becomes dx.
-    a.grad = x.mutable_data_ptr<acc_t>();
-    a.grad_row_stride = x.stride(0);
+    // In place for a recomputed chunk (safe: the row kernels read each piece of a row before writing it, and
+    // the label logit before the row loop): x becomes dx.
+    a.grad = dx.mutable_data_ptr<acc_t>();
+    a.grad_row_stride = dx.stride(0);
     at::parallel_for(0, len, grain_rows(vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
-    sink.add(ck, s, len, x, h);  // x now holds dx
-  }
+    sink.add(ck, s, len, dx, h);
+  });
 }
 
 at::Tensor upstream(const std::optional<at::Tensor>& g, int64_t n, const Rows& rows, at::ScalarType acc,
@@ -211,11 +256,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, const std::optional<at::Tensor>& temperature, double temperature_scalar,
     int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy, int64_t chunk_rows,
-    std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_global) {
+    std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_global,
+    const std::optional<at::Tensor>& saved_logits) {
   check_linear(hidden, weight, bias, labels, temperature, temperature_scalar);
   check_shard(weight.size(0), vocab_start, vocab_global);
   const int64_t n = hidden.size(0);
   const at::ScalarType acc = compute_type(hidden);
+  at::Tensor saved;  // the forward's saved_logits; undefined or empty: recompute every chunk
+  if (saved_logits.has_value() && saved_logits->defined() && saved_logits->numel() > 0) {
+    saved = *saved_logits;
+    TORCH_CHECK(saved.dim() == 2 && saved.size(0) <= n && saved.size(1) == weight.size(0) &&
+                    saved.scalar_type() == acc && saved.is_contiguous() && saved.device().is_cpu(),
+                "linear_token_logprobs backward: saved_logits must be the forward's contiguous CPU [K <= N, V] = "
+                "[K <= ", n, ", ", weight.size(0), "] ", acc, " tensor, got ", saved.sizes(), " ",
+                saved.scalar_type());
+  }
   TORCH_CHECK(stats.numel() == 2 * n, "linear_token_logprobs backward: stats must be the forward's [N, 2] = [", n,
               ", 2], got ", stats.sizes());
   TORCH_CHECK(output_mask[2] == false || bias.has_value(),
@@ -236,13 +291,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     const at::Tensor stats_c = rows.select(stats.to(acc).reshape({n, 2})).contiguous();
     const at::Tensor ent_c = g_h.defined() ? rows.select(entropy.to(acc).reshape({n})).contiguous() : at::Tensor();
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
+    const int64_t kept = saved.defined() ? kept_rows(saved.size(0), ck) : 0;
     const RowKernels& k = row_kernels();
     if (acc == at::kDouble) {
       bwd_chunks<double>(ck, k.bwd_f64, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, vocab_start,
-                         vocab_global, grad_hidden, gw_acc, gb_acc);
+                         vocab_global, grad_hidden, gw_acc, gb_acc, kept, saved);
     } else {
       bwd_chunks<float>(ck, k.bwd_f32, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, vocab_start,
-                        vocab_global, grad_hidden, gw_acc, gb_acc);
+                        vocab_global, grad_hidden, gw_acc, gb_acc, kept, saved);
     }
   }
   const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };

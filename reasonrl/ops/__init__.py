@@ -6,7 +6,11 @@ What every op shares (implementation choice, lazy registration, validation, the 
 
 from reasonrl._backend import set_validation, validation_enabled
 from reasonrl.ops.group_advantages import Advantages, advantage_preset, group_advantages
-from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
+from reasonrl.ops.linear_token_logprobs import (
+    linear_token_logprobs,
+    saved_logits_bytes_default,
+    set_saved_logits_bytes,
+)
 from reasonrl.ops.token_logprobs import TokenLogprobs, token_logprobs
 
 __all__ = [
@@ -18,4 +22,6 @@ __all__ = [
     "group_advantages",
     "advantage_preset",
     "linear_token_logprobs",
+    "set_saved_logits_bytes",
+    "saved_logits_bytes_default",
 ]

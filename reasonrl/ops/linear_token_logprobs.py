@@ -15,10 +15,13 @@ Implementations, all with the semantics of ``reasonrl/reference/linear_token_log
   and accumulates ``grad_hidden``, ``grad_weight`` (fp32) and ``grad_bias`` with GEMMs. Extra memory: the
   workspace, O(N) statistics, and with gradients the fp32 weight-gradient accumulator. Saved for
   backward: hidden, weight, bias (by reference), labels, temperature and the [N, 2] row statistics; nothing
-  when no input requires grad.
+  when no input requires grad. With a ``saved_logits_bytes`` budget (docs/ops.md 3.4) the forward also keeps
+  the fp32 logits of whole chunks that fit it (all rows if they all fit), and the backward reads them
+  instead of recomputing those chunks: the results are bit-identical for every budget.
 * ``triton``: ``torch.ops.reasonrl.linear_token_logprobs_{fwd,bwd}_triton``, ``triton_op``s launching
   kernels/linear_logprobs.py (split-vocabulary tiled forward with the online statistics in the epilogue;
-  deterministic chunked backward with recompute). ``auto`` picks it on CUDA.
+  deterministic chunked backward with recompute, whatever ``saved_logits_bytes``). ``auto`` picks it on
+  CUDA.
 * ``reference``: matmul + ``token_logprobs_reference`` (O(N x V) memory).
 
 Vocab-parallel mode (``process_group`` given, docs/ops.md 3.3): ``weight`` / ``bias`` are this rank's shard of
@@ -34,6 +37,8 @@ and eager only; no ``softcap`` /
 
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +56,71 @@ from reasonrl.ops.vocab_parallel import (
 from reasonrl.reference.linear_token_logprobs import linear_token_logprobs_reference
 from reasonrl.reference.token_logprobs import TokenLogprobs
 
-__all__ = ["linear_token_logprobs"]
+__all__ = ["linear_token_logprobs", "set_saved_logits_bytes", "saved_logits_bytes_default"]
 
 OP = "linear_token_logprobs"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The saved-logits budget (docs/ops.md 3.4): the global default of ``saved_logits_bytes``
+# ----------------------------------------------------------------------------------------------------------
+
+SAVED_LOGITS_ENV = "REASONRL_SAVED_LOGITS_BYTES"
+# kDefaultWorkspaceBytes of csrc/cpu/linear_chunks.h: the C++ op's chunk when workspace_bytes is None, which
+# the budget is rounded to (tests/ops/test_linear_token_logprobs_budget.py checks the two agree).
+_DEFAULT_WORKSPACE_BYTES = 64 << 20
+_saved_logits_bytes: int | None = None  # set_saved_logits_bytes; None: the environment, else 0
+
+
+def _check_budget(value, name: str) -> int:
+    """``value`` as a byte count: an int >= 0 (not a bool); TypeError / ValueError naming ``name``
+    otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # int, numpy ints; not tensors
+        raise TypeError(f"{OP}: {name} must be an int number of bytes >= 0 (or None for the default), got "
+                        f"{type(value).__name__} {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{OP}: {name} must be an int number of bytes >= 0 (0 = recompute every chunk), got "
+                         f"{value}")
+    return value
+
+
+def set_saved_logits_bytes(nbytes: int | None) -> None:
+    """Set the global default of ``linear_token_logprobs(..., saved_logits_bytes=None)`` (docs/ops.md 3.4):
+    how many bytes of fp32 logits the forward may keep so that the backward skips their recompute.
+    ``0`` keeps nothing (the streaming recompute, the memory of docs/ops.md 3.1); ``None`` goes back to the
+    environment variable ``REASONRL_SAVED_LOGITS_BYTES`` (bytes), or 0 when it is unset."""
+    global _saved_logits_bytes
+    _saved_logits_bytes = None if nbytes is None else _check_budget(nbytes, "set_saved_logits_bytes(nbytes)")
+
+
+def saved_logits_bytes_default() -> int:
+    """The budget a call with ``saved_logits_bytes=None`` uses: :func:`set_saved_logits_bytes`, else
+    ``REASONRL_SAVED_LOGITS_BYTES``, else 0. The variable is read on each call (not at import, so that a bad
+    value is an error of the call, naming the variable, rather than of ``import reasonrl``)."""
+    if _saved_logits_bytes is not None:
+        return _saved_logits_bytes
+    raw = os.environ.get(SAVED_LOGITS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{OP}: the environment variable {SAVED_LOGITS_ENV} must be an int number of bytes "
+                         f">= 0, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{OP}: the environment variable {SAVED_LOGITS_ENV} must be an int number of bytes "
+                         f">= 0, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Autograd for the registered forward op
 #   (hidden [N, H], weight [V, H], bias [V] | None, labels [N], temperature [N] | None, temperature_scalar,
 #    ignore_index, want_entropy, want_rank, chunk_rows) -> (logprobs, entropy, rank, lse, stats [N, 2])
-# stats = (row max, log-sum) of the scaled logits, read only by the paired backward op.
+# stats = (row max, log-sum) of the scaled logits, read only by the paired backward op. The C++ op has a sixth
+# output, saved_logits [min(saved_rows, N), V] (docs/ops.md 3.4; [0, V] with the default saved_rows = 0),
+# which its backward op takes as its last argument; the Triton op always recomputes and has neither.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -68,18 +128,22 @@ def _setup_context(ctx, inputs, output):
     # inputs[10:] (cpp only): vocab_start, vocab_global, label_logit, left at their unsharded defaults here:
     # the vocab-parallel mode has its own autograd (_LinearVocabParallel).
     hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, chunk = inputs[:10]
-    _, entropy, rank, lse, stats = output
-    ctx.save_for_backward(hidden, weight, bias, labels, temperature, stats, entropy)
+    _, entropy, rank, lse, stats = output[:5]
+    saved = output[5] if len(output) > 5 and output[5].numel() > 0 else None
+    ctx.save_for_backward(hidden, weight, bias, labels, temperature, stats, entropy, saved)
     ctx.temperature_scalar = temperature_scalar
     ctx.ignore_index = ignore_index
     ctx.want_entropy = want_entropy
     ctx.chunk_rows = chunk
-    ctx.mark_non_differentiable(rank, lse, stats)
+    ctx.mark_non_differentiable(*output[2:])
+    # No zero gradients for the outputs that got none (the backward op takes None): autograd would otherwise
+    # allocate one the size of saved_logits for every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse, _grad_stats):
-        hidden, weight, bias, labels, temperature, stats, entropy = ctx.saved_tensors
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse, _grad_stats, *_grad_saved):
+        hidden, weight, bias, labels, temperature, stats, entropy, saved = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                 bias is not None and bool(ctx.needs_input_grad[2])]
         # One gradient per input the dispatcher passed (arguments equal to their schema default are dropped).
@@ -88,20 +152,28 @@ def _make_backward(bwd_op):
             return (None,) * 3 + rest
         if not ctx.want_entropy:
             grad_entropy = None
+        # Saved logits (C++ op only): the backward reads those rows instead of recomputing them.
+        extra = {} if saved is None else {"saved_logits": saved}
         gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature,
-                            ctx.temperature_scalar, ctx.ignore_index, stats, entropy, ctx.chunk_rows, mask)
+                            ctx.temperature_scalar, ctx.ignore_index, stats, entropy, ctx.chunk_rows, mask,
+                            **extra)
         return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + rest
 
     return backward
 
 
 def _fake_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy,
-              want_rank, chunk_rows, vocab_start=0, vocab_global=0, label_logit=None):
-    return backend.fake_row_outputs(hidden, want_entropy, want_rank)
+              want_rank, chunk_rows, vocab_start=0, vocab_global=0, label_logit=None, saved_rows=0):
+    # saved_logits has min(saved_rows, N) rows whatever the labels (rows past the valid ones are unused), so
+    # that its shape is known here without the label values.
+    saved = hidden.new_empty((torch.sym_min(saved_rows, hidden.shape[0]), weight.shape[0]),
+                             dtype=backend.accumulation_dtype(hidden.dtype))
+    return (*backend.fake_row_outputs(hidden, want_entropy, want_rank), saved)
 
 
 def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature, temperature_scalar,
-              ignore_index, stats, entropy, chunk_rows, output_mask, vocab_start=0, vocab_global=0):
+              ignore_index, stats, entropy, chunk_rows, output_mask, vocab_start=0, vocab_global=0,
+              saved_logits=None):
     return (
         hidden.new_empty(hidden.shape if output_mask[0] else (0,)),
         weight.new_empty(weight.shape if output_mask[1] else (0,)),
@@ -219,6 +291,7 @@ class _ShardedLinearCall:
     want_rank: bool
     chunk_rows: int
     reduce_grad_hidden: bool
+    saved_rows: int = 0
 
 
 def _label_logit(x, weight, bias, labels, ignore_index, shard):
@@ -246,14 +319,17 @@ class _LinearVocabParallel(torch.autograd.Function):
         pivot = _label_logit(x, weight, bias, labels, call.ignore_index, shard) if call.want_rank else None
         local = torch.ops.reasonrl.linear_token_logprobs_fwd.default(
             x, weight, bias, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy,
-            call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot,
+            call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot, call.saved_rows,
         )
-        return finish_sharded_forward(ctx, local, labels, call, (x, weight, bias, labels, temperature))
+        # saved_logits (docs/ops.md 3.4): this shard's logits; the backward reads them with the global stats.
+        saved = local[5] if local[5].numel() > 0 else None
+        return finish_sharded_forward(ctx, local[:5], labels, call,
+                                      (x, weight, bias, labels, temperature, saved))
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_rank, _grad_lse):
         call = ctx.call
-        x, weight, bias, labels, temperature, stats, ent = ctx.saved_tensors
+        x, weight, bias, labels, temperature, saved, stats, ent = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
                 bias is not None and bool(ctx.needs_input_grad[2])]
         if not any(mask):
@@ -274,6 +350,7 @@ class _LinearVocabParallel(torch.autograd.Function):
             gh, gw, gb = torch.ops.reasonrl.linear_token_logprobs_bwd.default(
                 grad_logprobs, grad_entropy, xs, ws, bs, labels, temperature, call.temperature_scalar,
                 call.ignore_index, stats, ent, call.chunk_rows, mask, shard.vocab_start, shard.vocab_global,
+                saved,
             )
             if mask[0] and call.reduce_grad_hidden:
                 gh = all_reduce_sum_(gh, shard).to(x.dtype)
@@ -302,6 +379,7 @@ def linear_token_logprobs(
     vocab_start: int | None = None,
     reduce_grad_hidden: bool = True,
     workspace_bytes: int | None = None,
+    saved_logits_bytes: int | None = None,
     impl: str = "auto",
     validate: bool | None = None,
 ) -> TokenLogprobs:
@@ -340,6 +418,15 @@ def linear_token_logprobs(
         workspace_bytes: ``cpp`` only: size of the logits chunk buffer, which sets the rows per GEMM chunk
             (``workspace_bytes // ((V + H) * 4)``; default 64 MiB). Larger chunks make the GEMMs more
             efficient; the extra memory grows with the chunk, never with N x V.
+        saved_logits_bytes: ``cpp`` only: memory budget for keeping logits from the forward to the
+            backward (docs/ops.md 3.4). The fp32 (fp64 for fp64 inputs) logits of as many whole chunks of rows
+            as fit (all rows when they all fit) are kept, and the backward reads them instead of recomputing
+            their GEMM (6NVH instead of 8NVH for those rows); the other rows are recomputed as usual. ``0``
+            keeps nothing (the memory of docs/ops.md 3.1); ``None`` uses the global default
+            (:func:`set_saved_logits_bytes`, env ``REASONRL_SAVED_LOGITS_BYTES``, else 0). The kept logits
+            (at most the budget, on top of the workspace) exist only when an input requires grad. Results and
+            gradients are those of the recompute path, bit for bit. ``triton`` and ``reference`` ignore it
+            (the first always recomputes; the second keeps the whole N x V graph anyway).
         impl: ``"auto" | "triton" | "cpp" | "reference"``; env ``REASONRL_IMPL`` sets the default. An
             explicit choice that cannot run raises ``RuntimeError``.
         validate: check label range / temperature values and report NaN rows (host syncs). ``None`` uses the
@@ -350,6 +437,8 @@ def linear_token_logprobs(
         int32; fields not requested are None.
     """
     check_args(hidden, weight, labels, bias, temperature, ignore_index)
+    budget = (saved_logits_bytes_default() if saved_logits_bytes is None
+              else _check_budget(saved_logits_bytes, "saved_logits_bytes"))
     validate = backend.resolve_validate(validate, hidden)
     lead_shape = hidden.shape[:-1]
     vocab, h = weight.shape
@@ -377,10 +466,23 @@ def linear_token_logprobs(
                                                                 unit_stride=False)
     acc = backend.accumulation_dtype(hidden.dtype)
     chunk_rows = 0 if workspace_bytes is None else max(1, int(workspace_bytes) // ((vocab + h) * acc.itemsize))
+    saved_rows = 0
+    if impl == "cpp" and torch.is_grad_enabled() and (
+            hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        # Every row when all fit in the budget, else whole chunks (docs/ops.md 3.4), kept only when a backward
+        # will read them. Whole chunks, so that the chunk boundaries, hence the GEMMs and every bit of the
+        # results, are those of the recompute path whatever the budget.
+        fit = budget // (vocab * acc.itemsize)
+        chunk = chunk_rows or max(1, _DEFAULT_WORKSPACE_BYTES // ((vocab + h) * acc.itemsize))
+        saved_rows = x.shape[0] if fit >= x.shape[0] else fit // chunk * chunk
     if shard is not None:
         call = _ShardedLinearCall(shard, temp_scalar, ignore_index, want_entropy, want_rank, chunk_rows,
-                                  reduce_grad_hidden)
+                                  reduce_grad_hidden, saved_rows)
         lp, ent, rank, lse = _LinearVocabParallel.apply(x, weight, bias, labels_flat, temp_t, call)
+    elif impl == "cpp":
+        fwd = backend.kernel_op("linear_token_logprobs_fwd", impl)
+        lp, ent, rank, lse = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index,
+                                 want_entropy, want_rank, chunk_rows, saved_rows=saved_rows)[:4]
     else:
         fwd = backend.kernel_op("linear_token_logprobs_fwd", impl)
         lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,

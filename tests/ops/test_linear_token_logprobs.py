@@ -268,7 +268,7 @@ def test_opcheck_cpp_ops():
         (h.to(BF16), w.to(BF16), b.to(BF16), labels, None, 1.0, -100, True, True, 0),
     ]:
         torch.library.opcheck(fwd, args)
-    lp, ent, _, _, stats = fwd(h, w, b, labels, temp, 1.0, -100, True, False, 0)
+    lp, ent, _, _, stats, _ = fwd(h, w, b, labels, temp, 1.0, -100, True, False, 0)  # + saved_logits [0, V]
     g_lp, g_h = torch.randn(6, generator=g), torch.randn(6, generator=g)
     for gl, gh, mask in [(g_lp, g_h, [True, True, True]), (g_lp, None, [True, False, False]),
                          (None, g_h, [False, True, True])]:

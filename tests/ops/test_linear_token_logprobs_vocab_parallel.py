@@ -49,6 +49,7 @@ class Case:
     want_rank: bool = True
     reduce_grad_hidden: bool = True
     workspace_bytes: int | None = None
+    saved_logits_bytes: int | None = None  # docs/ops.md 3.4: the shard keeps its logits within this budget
 
     def shard(self, rank: int) -> tuple[int, int]:
         k = self.order.index(rank)
@@ -85,6 +86,9 @@ def _cases() -> list[Case]:
     return [
         Case("f32-equal-bias-rowtemp-chunks", **inp((4, 6), 32, 300, 150, 1, temperature="row"),
              bounds=(0, 150, 300), workspace_bytes=5 * (300 + 32) * 4),
+        # Kept logits: 2 of the shard's 5-row chunks (12 rows of V_r = 150 fit), the rest recomputed.
+        Case("f32-kept-logits-chunks", **inp((4, 6), 32, 300, 150, 10, temperature="row"),
+             bounds=(0, 150, 300), workspace_bytes=5 * (300 + 32) * 4, saved_logits_bytes=12 * 150 * 4),
         Case("f32-unequal-nobias-reversed", **inp((20,), 24, 301, 200, 2, bias=False, temperature=0.8),
              bounds=(0, 200, 301), order=(1, 0), pass_vocab_start=True),
         Case("f64-unequal-bias", **inp((10,), 8, 37, 18, 3, dtype=F64, temperature="row"),
@@ -134,7 +138,7 @@ def _call(c: Case, hidden, weight, bias, **kw):
     return linear_token_logprobs(
         hidden, weight, c.labels, bias=bias, temperature=c.temperature, ignore_index=IGNORE,
         want_entropy=c.want_entropy, want_rank=c.want_rank, return_lse=True, impl="cpp",
-        workspace_bytes=c.workspace_bytes, **kw,
+        workspace_bytes=c.workspace_bytes, saved_logits_bytes=c.saved_logits_bytes, **kw,
     )
 
 
