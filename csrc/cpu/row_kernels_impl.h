@@ -68,15 +68,22 @@ inline fVec load_f(const scalar_t* p) {
   }
 }
 
-// exp(d) to about 1 ulp for d <= ~88; exactly 0 for d < ln(FLT_MIN) (-inf included). ATen's exp_u20 is off by
-// up to ~5 ulp near d = 0 (measured 6e-7 relative at p = 0.64), which is where the probabilities and
-// gradients are large, and over the docs/ops.md section 8 gradient budget; Sleef's exp is an out-of-line call.
-// Cody-Waite reduction d = n ln2 + r with ln2 split in two (hi has 9 significant bits, so n * hi is exact),
-// |r| <= ln2 / 2, then the degree-7 Taylor polynomial (truncation 5e-9 relative) by Horner, and 2^n through
-// the exponent bits. NaN is not propagated: callers detect NaN rows separately.
-// 2^n from kf = n + (1.5 * 2^23 + 127) (n an integer in [-126, 127]): the low mantissa bits of kf hold
-// n + 127 + 2^22, and shifting the bit pattern left by 23 keeps exactly n + 127 as the exponent field. Written
-// with intrinsics because ATen's float<->int reinterpret helpers are scalar loops for these types.
+// The exponentials are taken in base 2 (docs/numerics.md section 7): the kernels scale the logits by
+// log2(e) / tau instead of 1 / tau, with that factor held as two floats exactly as 1 / tau was (InvTau), so
+// the exponent t = log2(e) (z - m) comes out of the same two FMAs and carries the same one rounding of the
+// result: |t| 2^-24 absolute, i.e. |d| 2^-24 in d = t ln 2, as before. 2^t then needs no Cody-Waite
+// reduction (t = n + f is exact), which leaves 7 vector instructions per 2^t instead of 16.
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+// 2^t below kMinT is returned as exactly 0; callers clamp t at kMinT first (it also keeps the entropy term
+// t 2^t finite for t = -inf). -127 is exp(-88.03): the last normal float is 2^-126.
+constexpr float kMinT = -127.f;
+
+// 2^n from kf = n + (1.5 * 2^23 + 127) (n an integer in [-127, 127]): the low mantissa bits of kf hold
+// n + 127 + 2^22, and shifting the bit pattern left by 23 keeps exactly n + 127 as the exponent field, with a
+// zero mantissa. n = -127 leaves an all-zero pattern: +0.0, which is how 2^t flushes to exactly 0 below
+// kMinT + 1/2 without a compare and blend. Written with intrinsics because ATen's float<->int reinterpret
+// helpers are scalar loops for these types.
 inline fVec pow2_from_shifted(const fVec& kf) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(kf), 23));
@@ -95,34 +102,40 @@ inline fVec pow2_from_shifted(const fVec& kf) {
 #endif
 }
 
-inline fVec vexp(const fVec& d) {
-  const fVec lowest(-87.33654475f);  // ln(FLT_MIN): below it the result is 0 (no denormals)
-  const fVec shifter(12583039.f);    // 1.5 * 2^23 + 127: adding it rounds to an integer (round to nearest)
-  const fVec dc = at::vec::clamp_min(d, lowest);
-  const fVec kf = at::vec::fmadd(dc, fVec(1.44269504088896341f), shifter);
-  const fVec n = kf - shifter;
-  fVec r = at::vec::fmadd(n, fVec(-0.693359375f), dc);
-  r = at::vec::fmadd(n, fVec(2.12194440e-4f), r);
-  fVec poly(1.f / 5040.f);
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 720.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 120.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 24.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 6.f));
-  poly = at::vec::fmadd(poly, r, fVec(0.5f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f));
-  return fVec::blendv(poly * pow2_from_shifted(kf), fVec(0.f), d < lowest);
+// 2^t for t in [kMinT, 127] (the caller clamps: tc = clamp_min(t, kMinT)); 0 for t < -126.5; denormal
+// results between. t = n + f with n = round(t) (adding 1.5 * 2^23 + 127 rounds to nearest) and f = t - n
+// exact, |f| <= 1/2; 2^f by a degree-5 polynomial with constant term 1, minimax for relative error over
+// [-1/2, 1/2] (fitted in double, coefficients rounded to float: 9.1e-8 = 1.5 * 2^-24), Horner with FMAs.
+// Measured against exp2 in double over every float in [-126, 0.5]: at most 1.75 ulp (1.31 ulp for |t| <=
+// 1/2); ATen's exp_u20 is off by up to ~5 ulp near 0 and Sleef's exp is an out-of-line call. 2^f(0) = 1
+// exactly, so 2^0 = 1: the row maximum contributes exactly 1 to s (docs/numerics.md section 2). No
+// range-check branch or blend: the exponent goes in by an integer shift (pow2_from_shifted).
+inline fVec vexp2(const fVec& tc) {
+  const fVec shifter(12583039.f);  // 1.5 * 2^23 + 127
+  const fVec kf = tc + shifter;
+  const fVec f = tc - (kf - shifter);
+  fVec poly(1.3225708e-3f);
+  poly = at::vec::fmadd(poly, f, fVec(9.6717635e-3f));
+  poly = at::vec::fmadd(poly, f, fVec(5.5508915e-2f));
+  poly = at::vec::fmadd(poly, f, fVec(2.4022236e-1f));
+  poly = at::vec::fmadd(poly, f, fVec(6.931468e-1f));
+  poly = at::vec::fmadd(poly, f, fVec(1.f));
+  return poly * pow2_from_shifted(kf);
 }
+
+// The scalar form of vexp2's contract, for the tails of the vector loops.
+inline float exp2_clamped(float tc) { return tc < -126.5f ? 0.f : std::exp2(tc); }
 
 // 1/tau as an unevaluated sum hi + lo of two floats (lo = 0 when tau = 1 or a power of two), so that
 // z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about one rounding of the (small) result: more
 // accurate than rounding z = x / tau first, as the fp32 reference does. With hi alone, the rounding of
 // 1/tau scales every z of the row by (1 + 6e-8): at |z| ~ 10 that is ~5e-7 in log p, over the gradient
 // budget of docs/ops.md section 8.
+// InvTau(tau, kLog2e) is log2(e) / tau in the same form: the base-2 exponent t = d log2(e) of the sums.
 struct InvTau {
   float hi, lo;
-  explicit InvTau(float tau) {
-    const double inv = 1.0 / static_cast<double>(tau);
+  explicit InvTau(float tau, double scale = 1.0) {
+    const double inv = scale / static_cast<double>(tau);
     hi = static_cast<float>(inv);
     lo = static_cast<float>(inv - static_cast<double>(hi));
   }
@@ -197,26 +210,30 @@ inline float chunk_max(const scalar_t* src, int64_t n, float x_label, int64_t* r
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-// Pass 2 over the same (L1-resident) chunk: s += sum exp(d), b += sum d exp(d), d = RowShift::d(x) <= 0.
-// d = -inf (a -inf logit) gives exp(d) = 0; for the entropy term d is clamped at -200 first, where
-// exp(d) is already exactly 0 in fp32, so the product is 0 and never -inf * 0. Four independent
-// accumulator pairs hide the latency of the exp polynomial.
-// With kStore, exp(d) of every column is also written to e_out[0, n) (the fused loss reuses it, see
+// Pass 2 over the same (L1-resident) chunk, in base 2: `inv` = InvTau(tau, kLog2e) and `m` the row shift
+// in those units, so t = RowShift::d(x) = log2(e) (z - m) <= 0, and s += sum 2^t, b += sum t 2^t (b in
+// base-2 units: the natural b of docs/ops.md 2.2 is b ln 2, formed once per row by the caller).
+// t is clamped at kMinT first, where 2^t is already exactly 0 (vexp2), so t = -inf (a -inf logit) gives
+// 2^t = 0 and a term -127 * 0 = 0, never -inf * 0. Per element: 4 instructions for t, 1 clamp, 7 for 2^t,
+// 2 for the sums. Four independent accumulator pairs hide the latency of the polynomial. The per-chunk
+// vector sums are fp32 over at most kChunk terms, folded into the row's double sums once per chunk.
+// With kStore, 2^t of every column is also written to e_out[0, n) (the fused loss reuses it, see
 // fused_rows_vec).
 template <typename scalar_t, bool kEntropy, bool kStore = false>
 inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, const RowShift& m, double* s,
                           double* b, float* e_out = nullptr) {
   constexpr int64_t W = fVec::size();
-  const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vmlo(m.lo), lo(-200.f);
+  const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vmlo(m.lo), vmin_t(kMinT);
   const fVec vmin(std::numeric_limits<float>::lowest());
   fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
   auto step = [&](const scalar_t* p, fVec& sa, fVec& ba) {
     const fVec x = fast_max(load_f(p), vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
-    const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vmlo;  // RowShift::d
-    const fVec e = vexp(d);
+    const fVec t = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vmlo;  // RowShift::d
+    const fVec tc = fast_max(t, vmin_t);
+    const fVec e = vexp2(tc);
     if constexpr (kStore) e.store(e_out + (p - src));
     sa = sa + e;
-    if constexpr (kEntropy) ba = at::vec::fmadd(fast_max(d, lo), e, ba);
+    if constexpr (kEntropy) ba = at::vec::fmadd(tc, e, ba);
   };
   int64_t j = 0;
   for (; j + 4 * W <= n; j += 4 * W) {
@@ -237,14 +254,48 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, con
   double st = hsum((s0 + s1) + (s2 + s3));
   double bt = kEntropy ? hsum((b0 + b1) + (b2 + b3)) : 0.0;
   for (; j < n; ++j) {
-    const float d = m.d(static_cast<float>(src[j]), inv);  // as the vector loop
-    const float e = std::exp(d);
+    const float tc = std::max(m.d(static_cast<float>(src[j]), inv), kMinT);  // as the vector loop
+    const float e = exp2_clamped(tc);
     if constexpr (kStore) e_out[j] = e;
     st += e;
-    if constexpr (kEntropy) bt += static_cast<double>(std::max(d, -200.f)) * e;
+    if constexpr (kEntropy) bt += static_cast<double>(tc) * e;
   }
   *s += st;
   *b += bt;
+}
+
+// A row's outputs from its base-2 sums (chunk_sum_exp): s = sum 2^t_j, b = sum t_j 2^t_j, the shift m (base
+// 2) and the label's t_y = RowShift::d(x_y), exactly the exponent the sums used for the label column.
+// lp = t_y ln 2 - log s, H = log s - (b ln 2) / s, LSE = m ln 2 + log s, all in double. t_y <= 0 and s >= 1,
+// so lp <= 0; b <= 0, so H >= 0 (see the header comment). stats = (M, log s + (m ln 2 - M)), M = fl(m ln 2):
+// the natural-log shift the backward and the vocab-parallel combine read (M + stats[1] is the LSE; the
+// backward forms log p_j from their exact sum). All -inf row: m.hi = -inf, s = 0 -> LSE = -inf, lp = NaN,
+// H = NaN (docs/ops.md 2.2).
+struct RowOut {
+  double lse, lp, h;
+  float stats0, stats1;
+};
+inline RowOut finish_row(const RowShift& m, double s, double b, float t_y) {
+  RowOut o;
+  const double log_s = std::log(s);
+  const double m_nat = m.value() * kLn2;
+  o.stats0 = static_cast<float>(m_nat);
+  o.stats1 = static_cast<float>(log_s + (m.hi == -std::numeric_limits<float>::infinity()
+                                         ? 0.0 : m_nat - static_cast<double>(o.stats0)));
+  o.lse = m_nat + log_s;
+  o.lp = static_cast<double>(t_y) * kLn2 - log_s;
+  o.h = log_s - (b * kLn2) / s;
+  return o;
+}
+
+// The running sums rescaled to a larger shift: delta = m - m_new (base 2) < 0 mathematically, clamped at 0
+// only to guard the sign of b (<= 0) against rounding; s, b are multiplied by 2^delta and b gains delta s.
+inline void rescale_sums(const RowShift& m, const RowShift& m_new, double* s, double* b) {
+  const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) - m_new.lo),
+                                0.0);
+  const double alpha = std::exp2(delta);
+  *b = alpha * (*b + delta * *s);
+  *s *= alpha;
 }
 
 // Forward for rows [begin, end): fp32 arithmetic, vectorised. Each chunk of kChunk columns is read from
@@ -271,7 +322,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const InvTau inv(tau);
+    const InvTau inv(tau, kLog2e);  // base 2: t = log2(e) (z - m), see chunk_sum_exp
     // x_label = -inf on a rank that does not own the label (vocab-parallel): lp = -inf below, and the rank
     // count uses the pivot shared by the owner instead.
     const float x_label = slot.local >= 0 ? static_cast<float>(row[slot.local]) : -kInf;
@@ -291,14 +342,8 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       if (x_new == -kInf) continue;  // every column so far is -inf: nothing to add, nothing to rescale
       if (x_new != x_m) {
         const RowShift m_new = RowShift::at_max(x_new, inv);
-        if (x_m != -kInf) {  // rescale the running sums to the new shift (never exp(-inf - -inf))
-          // delta = m - m_new < 0 mathematically; the clamp only guards the sign of b (<= 0) against rounding.
-          const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) -
-                                                                                  m_new.lo), 0.0);
-          const double alpha = std::exp(delta);
-          if constexpr (kEntropy) b = alpha * (b + delta * s);
-          s *= alpha;
-        }
+        // Rescale the running sums to the new shift (never 2^(-inf - -inf)).
+        if (x_m != -kInf) rescale_sums(m, m_new, &s, &b);
         m = m_new;
         x_m = x_new;
       }
@@ -310,18 +355,12 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
       continue;
     }
-    // All -inf row: m.hi = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (docs/ops.md 2.2).
-    // lp = d_y - log s with d_y = RowShift::d(x_y), exactly the exponent the sums used for the label column:
-    // d_y <= 0 and s >= 1, so lp <= 0; b <= 0, so H >= 0 (see the header comment).
-    // stats = (m.hi, log s + m.lo): the backward forms d_j - log s as shifted(x_j, m.hi) - stats[1], and the
-    // vocab-parallel combine reads m.hi + stats[1] as the LSE, so m.lo is folded into the second entry.
-    const double log_s = std::log(s);
-    const float d_y = m.d(x_label, inv);
-    a.lse[r] = static_cast<float>(m.value() + log_s);
-    a.logprobs[r] = slot.local >= 0 ? static_cast<float>(static_cast<double>(d_y) - log_s) : -kInf;
-    a.stats[2 * r] = m.hi;
-    a.stats[2 * r + 1] = static_cast<float>(log_s + m.lo);
-    if constexpr (kEntropy) a.entropy[r] = static_cast<float>(log_s - b / s);
+    const RowOut o = finish_row(m, s, b, m.d(x_label, inv));
+    a.lse[r] = static_cast<float>(o.lse);
+    a.logprobs[r] = slot.local >= 0 ? static_cast<float>(o.lp) : -kInf;
+    a.stats[2 * r] = o.stats0;
+    a.stats[2 * r + 1] = o.stats1;
+    if constexpr (kEntropy) a.entropy[r] = static_cast<float>(o.h);
     // The label column is excluded by index (docs/ops.md 3.3): with a shared pivot (vocab-parallel linear op: a
     // dot product, not this tile's x_y) the owner's own x_y may exceed the pivot by GEMM rounding.
     if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
@@ -453,12 +492,20 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const float d_y = owner ? inv.shifted(static_cast<float>(row[slot.local]), m) - log_sum : 0.f;
     const float c0 = -(g_lp + g_h * h) * inv_tau;
     const float c1 = -g_h * inv_tau;
-    const fVec vhi(inv.hi), vlo(inv.lo), vm(m), vlog_sum(log_sum), vc0(c0), vc1(c1), lo(-200.f);
+    // The vector loop in base 2 (as the forward's sums): t_j = log2 p_j = fma(x, lo2, fma(x, hi2, -L_hi)) - L_lo
+    // with log2(e) / tau = hi2 + lo2 and L = (m + log_sum) log2(e) = L_hi + L_lo (split in double from the two
+    // stats, exact), so t_j has one rounding of the result as d_j has; p_j = 2^t_j and the coefficient is
+    // c0 + (c1 ln 2) t_j. t is clamped at kMinT, where p = 0 exactly, so the coefficient stays finite.
+    const InvTau inv2(tau, kLog2e);
+    const double big_l = (static_cast<double>(m) + static_cast<double>(log_sum)) * kLog2e;
+    const float l_hi = static_cast<float>(big_l), l_lo = static_cast<float>(big_l - static_cast<double>(l_hi));
+    const float c1_2 = static_cast<float>(static_cast<double>(c1) * kLn2);
+    const fVec vhi(inv2.hi), vlo(inv2.lo), vl_hi(l_hi), vl_lo(l_lo), vc0(c0), vc1(c1_2), vmin_t(kMinT);
     const fVec vmin(std::numeric_limits<float>::lowest());
     auto grad_of = [&](const fVec& x_raw) {
       const fVec x = fast_max(x_raw, vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
-      const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
-      return vexp(d) * at::vec::fmadd(vc1, fast_max(d, lo), vc0);
+      const fVec tc = fast_max(at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vl_hi)) - vl_lo, vmin_t);
+      return vexp2(tc) * at::vec::fmadd(vc1, tc, vc0);
     };
     for (int64_t c = 0; c < a.vocab; c += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - c);
@@ -474,9 +521,9 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
         g1.store(dst + j + W);
       }
       for (; j + W <= n; j += W) grad_of(load_f(src + j)).store(dst + j);
-      for (; j < n; ++j) {
-        const float d = inv.shifted(static_cast<float>(src[j]), m) - log_sum;
-        dst[j] = std::exp(d) * (c0 + c1 * std::max(d, -200.f));
+      for (; j < n; ++j) {  // as the vector loop
+        const float tc = std::max(inv2.shifted(static_cast<float>(src[j]), l_hi) - l_lo, kMinT);
+        dst[j] = exp2_clamped(tc) * (c0 + c1_2 * tc);
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
     }
@@ -544,7 +591,7 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const InvTau inv(tau);
+    const InvTau inv2(tau, kLog2e), inv(tau);  // the sums in base 2 (as fwd_rows_vec); the gradient in base e
     const float x_label = static_cast<float>(row[y]);
     float x_m = -kInf;  // as fwd_rows_vec: the running raw maximum and the shift it defines
     RowShift m;
@@ -560,29 +607,23 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
       const float x_new = std::max(x_m, x_max);
       if (x_new == -kInf) continue;
       if (x_new != x_m) {
-        const RowShift m_new = RowShift::at_max(x_new, inv);
-        if (x_m != -kInf) {
-          const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) -
-                                                                                  m_new.lo), 0.0);
-          const double alpha = std::exp(delta);
-          b = alpha * (b + delta * s);
-          s *= alpha;
-        }
+        const RowShift m_new = RowShift::at_max(x_new, inv2);
+        if (x_m != -kInf) rescale_sums(m, m_new, &s, &b);
         m = m_new;
         x_m = x_new;
       }
-      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv, m, &s, &b, ebuf.data() + c0);
+      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv2, m, &s, &b, ebuf.data() + c0);
       chunk_m[k] = m;
     }
-    const double log_s = bad ? static_cast<double>(kNaN) : std::log(s);
-    const float d_y = m.d(x_label, inv);
-    const float lp = static_cast<float>(static_cast<double>(d_y) - log_s);
-    const float h = static_cast<float>(log_s - b / s);
-    a.lse[r] = static_cast<float>(m.value() + log_s);
+    const RowOut o = finish_row(m, bad ? static_cast<double>(kNaN) : s, b, m.d(x_label, inv2));
+    const double log_s = std::log(bad ? static_cast<double>(kNaN) : s);
+    const float lp = static_cast<float>(o.lp);
+    const float h = static_cast<float>(o.h);
+    a.lse[r] = static_cast<float>(o.lse);
     a.logprobs[r] = lp;
     a.entropy[r] = h;
-    a.stats[2 * r] = bad ? kNaN : m.hi;
-    a.stats[2 * r + 1] = static_cast<float>(log_s + m.lo);  // m.lo folded in, as in fwd_rows_vec
+    a.stats[2 * r] = bad ? kNaN : o.stats0;
+    a.stats[2 * r + 1] = o.stats1;
     double g_lp = 0.0, g_h = 0.0;
     if (!std::isnan(lp)) rg.fn(rg.ctx, r, lp, h, &g_lp, &g_h);  // NaN row: no gradient (reported upstream)
     if (g_lp == 0.0 && g_h == 0.0) {
@@ -591,17 +632,19 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     }
     const float fg_lp = static_cast<float>(g_lp), fg_h = static_cast<float>(g_h);
     const float inv_tau = inv.hi;
-    const float ls = a.stats[2 * r + 1];  // log s + m.lo: log p_j = shifted(x_j, m.hi) - ls, as bwd_rows_vec
+    // log p_j = shifted(x_j, M) - ls in natural units with the stats (M, ls) (the coefficient only: the
+    // probabilities come from the stored 2^t).
+    const float m_nat = a.stats[2 * r], ls = a.stats[2 * r + 1];
     const float c0 = -(fg_lp + fg_h * h) * inv_tau, c1 = -fg_h * inv_tau;
-    const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
+    const fVec vhi(inv.hi), vlo(inv.lo), vm(m_nat), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
     const fVec vmin(std::numeric_limits<float>::lowest());
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t c = k * kChunk, n = std::min(kChunk, a.vocab - c);
-      // p_j = e_j * exp(m_c - m - log s): the chunk's shift to the final maximum and normaliser.
+      // p_j = e_j * exp((m_c - m) ln 2 - log s): the chunk's shift to the final maximum and normaliser.
       const RowShift& mc = chunk_m[k];
       const float scale = mc.hi == -kInf ? 0.f
           : static_cast<float>(std::exp(((static_cast<double>(mc.hi) - m.hi) + (static_cast<double>(mc.lo) -
-                                                                                m.lo)) - log_s));
+                                                                                m.lo)) * kLn2 - log_s));
       const fVec vscale(scale);
       const scalar_t* src = row + c;
       const float* e = ebuf.data() + c;
@@ -614,12 +657,12 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
         (p * at::vec::fmadd(vc1, fast_max(d, lo), vc0)).store(dst + j);
       }
       for (; j < n; ++j) {
-        const float d = inv.shifted(static_cast<float>(src[j]), m.hi) - ls;
+        const float d = inv.shifted(static_cast<float>(src[j]), m_nat) - ls;
         dst[j] = (e[j] * scale) * (c0 + c1 * std::max(d, -200.f));
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
     }
-    const float dl = inv.shifted(x_label, m.hi) - ls;
+    const float dl = inv.shifted(x_label, m_nat) - ls;
     const float p_y = std::exp(dl);
     const float dz_y = fg_lp * (1.f - p_y) - fg_h * p_y * (std::max(dl, -200.f) + h);
     grow[y] = static_cast<scalar_t>(dz_y * inv_tau);
