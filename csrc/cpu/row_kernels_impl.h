@@ -19,6 +19,9 @@
 //    row's raw maximum. So d = 0 exactly at the maximum and d <= 0 elsewhere (the expression is monotone in
 //    x), which gives s >= 1 (the maximum contributes exp(0) = 1 exactly), log s >= 0, lp = d_y - log s <= 0
 //    and b <= 0, H >= 0 EXACTLY, with exact zeros for V = 1 and for rows with a single finite logit.
+//  * The sums are taken in base 2 (docs/numerics.md section 7): t_j = d_j log2(e) by the same two-float
+//    expression with log2(e) / tau in place of 1 / tau, s = sum 2^t_j, b = sum t_j 2^t_j, converted to
+//    natural logs once per row (finish_row). Everything said here of d holds for t.
 //  * The running maximum starts at -inf; a chunk whose maximum is -inf is skipped and the rescale factor is
 //    0 (never exp(-inf - -inf)). Terms with z = -inf are masked out of b (never -inf * 0).
 //  * Cross-chunk sums are kept in double: the per-chunk vector partial sums are fp32 over at most kChunk
@@ -70,24 +73,28 @@ inline fVec load_f(const scalar_t* p) {
 
 // The exponentials are taken in base 2 (docs/numerics.md section 7): the kernels scale the logits by
 // log2(e) / tau instead of 1 / tau, with that factor held as two floats exactly as 1 / tau was (InvTau), so
-// the exponent t = log2(e) (z - m) comes out of the same two FMAs and carries the same one rounding of the
-// result: |t| 2^-24 absolute, i.e. |d| 2^-24 in d = t ln 2, as before. 2^t then needs no Cody-Waite
-// reduction (t = n + f is exact), which leaves 7 vector instructions per 2^t instead of 16.
+// the exponent t = log2(e) (z - m) comes out of the same two FMAs with the same one rounding of the result:
+// |t| 2^-24 absolute, i.e. |d| 2^-24 in d = t ln 2, as before. 2^t then needs no Cody-Waite reduction
+// (t = n + f is exact): 9 vector instructions per 2^t on AVX2, 7 on AVX-512, against 16 for the former
+// exp(d) (degree-7 Taylor after a two-constant reduction, then a compare and blend for the underflow).
 constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.69314718055994530942;
-// 2^t below kMinT is returned as exactly 0; callers clamp t at kMinT first (it also keeps the entropy term
-// t 2^t finite for t = -inf). -127 is exp(-88.03): the last normal float is 2^-126.
+// Callers clamp t at kMinT first, where 2^t is exactly 0 (so a -inf logit gives 0 and an entropy term
+// t 2^t = kMinT * 0 = 0, never -inf * 0). AVX2 / default: -127, from the integer construction of 2^n below
+// (2^t = 0 for t < -126.5). AVX-512: -151, below the smallest subnormal (vscalefps underflows gradually, so
+// 2^t for t in [-151, -126) is the subnormal value instead of 0: a difference below 1.2e-38 per term).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr float kMinT = -151.f;
+#else
 constexpr float kMinT = -127.f;
 
 // 2^n from kf = n + (1.5 * 2^23 + 127) (n an integer in [-127, 127]): the low mantissa bits of kf hold
 // n + 127 + 2^22, and shifting the bit pattern left by 23 keeps exactly n + 127 as the exponent field, with a
-// zero mantissa. n = -127 leaves an all-zero pattern: +0.0, which is how 2^t flushes to exactly 0 below
-// kMinT + 1/2 without a compare and blend. Written with intrinsics because ATen's float<->int reinterpret
-// helpers are scalar loops for these types.
+// zero mantissa. n = -127 leaves an all-zero pattern, +0.0: that is how 2^t flushes to exactly 0 at kMinT
+// without a compare and blend. Written with intrinsics because ATen's float<->int reinterpret helpers are
+// scalar loops for these types.
 inline fVec pow2_from_shifted(const fVec& kf) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(kf), 23));
-#elif defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(kf), 23));
 #else
   alignas(64) float lanes[fVec::size()];
@@ -101,29 +108,53 @@ inline fVec pow2_from_shifted(const fVec& kf) {
   return fVec::loadu(lanes);
 #endif
 }
+#endif
 
-// 2^t for t in [kMinT, 127] (the caller clamps: tc = clamp_min(t, kMinT)); 0 for t < -126.5; denormal
-// results between. t = n + f with n = round(t) (adding 1.5 * 2^23 + 127 rounds to nearest) and f = t - n
-// exact, |f| <= 1/2; 2^f by a degree-5 polynomial with constant term 1, minimax for relative error over
-// [-1/2, 1/2] (fitted in double, coefficients rounded to float: 9.1e-8 = 1.5 * 2^-24), Horner with FMAs.
-// Measured against exp2 in double over every float in [-126, 0.5]: at most 1.75 ulp (1.31 ulp for |t| <=
-// 1/2); ATen's exp_u20 is off by up to ~5 ulp near 0 and Sleef's exp is an out-of-line call. 2^f(0) = 1
-// exactly, so 2^0 = 1: the row maximum contributes exactly 1 to s (docs/numerics.md section 2). No
-// range-check branch or blend: the exponent goes in by an integer shift (pow2_from_shifted).
+// 2^t for t in [kMinT, 127] (the caller clamps). t = n + f with n = round(t) to nearest and f = t - n exact,
+// |f| <= 1/2; 2^f by a degree-5 polynomial with constant term 1, Horner with FMAs, minimax for the error in
+// ulps of the result over [-1/2, 1/2] (fitted in double; 1.05 ulp, 1.08 with the coefficients rounded to
+// float). Then 2^n: AVX-512 vrndscaleps for n and vscalefps for p 2^n; AVX2 / default by adding
+// 1.5 * 2^23 + 127 (rounds t to an integer) and pow2_from_shifted. The same n, f and p on every ISA, so the
+// results agree bit for bit wherever they are normal. Measured against exp2 in double over every float in
+// [-126, 0.5] (docs/numerics.md section 7): at most 1.79 ulp. 2^f(0) = 1 exactly, so 2^0 = 1: the row
+// maximum contributes exactly 1 to s (docs/numerics.md section 2). No range-check branch and no blend.
 inline fVec vexp2(const fVec& tc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const fVec n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const fVec f = tc - n;
+#else
   const fVec shifter(12583039.f);  // 1.5 * 2^23 + 127
   const fVec kf = tc + shifter;
   const fVec f = tc - (kf - shifter);
+#endif
   fVec poly(1.3225708e-3f);
   poly = at::vec::fmadd(poly, f, fVec(9.6717635e-3f));
   poly = at::vec::fmadd(poly, f, fVec(5.5508915e-2f));
   poly = at::vec::fmadd(poly, f, fVec(2.4022236e-1f));
   poly = at::vec::fmadd(poly, f, fVec(6.931468e-1f));
   poly = at::vec::fmadd(poly, f, fVec(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(poly, n);
+#else
   return poly * pow2_from_shifted(kf);
+#endif
 }
 
-// The scalar form of vexp2's contract, for the tails of the vector loops.
+// max(t, lo) with NaN -> lo, in one instruction: (v)maxps returns its second operand when either is NaN.
+// The forward's sum pass uses it instead of clamping -inf logits to -FLT_MAX first: a -inf logit gives
+// t = -inf or NaN (-inf * lo2 + -inf), and both become kMinT. Only where a NaN t cannot come from a NaN
+// logit (rows with NaN logits are skipped before the sum pass); the backward keeps NaN-propagating clamps.
+inline fVec clamp_t_nan(const fVec& t, const fVec& lo) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(t, lo);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(t, lo);
+#else
+  return fVec::blendv(lo, t, t > lo);
+#endif
+}
+
+// The scalar form of vexp2, for the tails of the vector loops (0 below -126.5 on every ISA).
 inline float exp2_clamped(float tc) { return tc < -126.5f ? 0.f : std::exp2(tc); }
 
 // 1/tau as an unevaluated sum hi + lo of two floats (lo = 0 when tau = 1 or a power of two), so that
@@ -213,10 +244,11 @@ inline float chunk_max(const scalar_t* src, int64_t n, float x_label, int64_t* r
 // Pass 2 over the same (L1-resident) chunk, in base 2: `inv` = InvTau(tau, kLog2e) and `m` the row shift
 // in those units, so t = RowShift::d(x) = log2(e) (z - m) <= 0, and s += sum 2^t, b += sum t 2^t (b in
 // base-2 units: the natural b of docs/ops.md 2.2 is b ln 2, formed once per row by the caller).
-// t is clamped at kMinT first, where 2^t is already exactly 0 (vexp2), so t = -inf (a -inf logit) gives
-// 2^t = 0 and a term -127 * 0 = 0, never -inf * 0. Per element: 4 instructions for t, 1 clamp, 7 for 2^t,
-// 2 for the sums. Four independent accumulator pairs hide the latency of the polynomial. The per-chunk
-// vector sums are fp32 over at most kChunk terms, folded into the row's double sums once per chunk.
+// t is clamped at kMinT first (clamp_t_nan), where 2^t is exactly 0, so a -inf logit (t = -inf or NaN)
+// gives 2^t = 0 and a term kMinT * 0 = 0, never -inf * 0. Per vector on AVX-512: 3 instructions for t
+// (the load folds into the first FMA), 1 clamp, 7 for 2^t, 2 for the sums: 13, against 22 before base 2
+// (docs/numerics.md section 7). Four independent accumulator pairs hide the latency of the polynomial. The
+// per-chunk vector sums are fp32 over at most kChunk terms, folded into the row's double sums once per chunk.
 // With kStore, 2^t of every column is also written to e_out[0, n) (the fused loss reuses it, see
 // fused_rows_vec).
 template <typename scalar_t, bool kEntropy, bool kStore = false>
@@ -224,12 +256,11 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, con
                           double* b, float* e_out = nullptr) {
   constexpr int64_t W = fVec::size();
   const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vmlo(m.lo), vmin_t(kMinT);
-  const fVec vmin(std::numeric_limits<float>::lowest());
   fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
   auto step = [&](const scalar_t* p, fVec& sa, fVec& ba) {
-    const fVec x = fast_max(load_f(p), vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
+    const fVec x = load_f(p);
     const fVec t = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vmlo;  // RowShift::d
-    const fVec tc = fast_max(t, vmin_t);
+    const fVec tc = clamp_t_nan(t, vmin_t);
     const fVec e = vexp2(tc);
     if constexpr (kStore) e.store(e_out + (p - src));
     sa = sa + e;
@@ -264,25 +295,26 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, con
   *b += bt;
 }
 
-// A row's outputs from its base-2 sums (chunk_sum_exp): s = sum 2^t_j, b = sum t_j 2^t_j, the shift m (base
-// 2) and the label's t_y = RowShift::d(x_y), exactly the exponent the sums used for the label column.
-// lp = t_y ln 2 - log s, H = log s - (b ln 2) / s, LSE = m ln 2 + log s, all in double. t_y <= 0 and s >= 1,
-// so lp <= 0; b <= 0, so H >= 0 (see the header comment). stats = (M, log s + (m ln 2 - M)), M = fl(m ln 2):
-// the natural-log shift the backward and the vocab-parallel combine read (M + stats[1] is the LSE; the
-// backward forms log p_j from their exact sum). All -inf row: m.hi = -inf, s = 0 -> LSE = -inf, lp = NaN,
-// H = NaN (docs/ops.md 2.2).
+// A row's outputs from its base-2 sums (chunk_sum_exp): s = sum 2^t_j, b = sum t_j 2^t_j, and the label's
+// t_y = RowShift::d(x_y), exactly the exponent the sums used for the label column. lp = t_y ln 2 - log s and
+// H = log s - (b ln 2) / s in double: t_y <= 0 and s >= 1, so lp <= 0; b <= 0, so H >= 0 (see the header
+// comment). stats = (m_e.hi, log s + m_e.lo) with m_e the natural-log shift of the same raw maximum x_max
+// (RowShift::at_max(x_max, InvTau(tau))), as before the sums moved to base 2: the backward's label term
+// shifted(x_y, m_e.hi) - stats[1] is then exactly -log s at the maximum (0 for a single candidate: an exactly
+// zero gradient), and m_e.hi + stats[1] is the LSE. m_e and the base-2 shift both hold x_max / tau to ~2^-48
+// relative, so mixing them costs nothing measurable. All -inf row: x_max = -inf, s = 0 -> LSE = -inf,
+// lp = NaN, H = NaN (docs/ops.md 2.2).
 struct RowOut {
   double lse, lp, h;
   float stats0, stats1;
 };
-inline RowOut finish_row(const RowShift& m, double s, double b, float t_y) {
+inline RowOut finish_row(float x_max, const InvTau& inv_e, double s, double b, float t_y) {
   RowOut o;
   const double log_s = std::log(s);
-  const double m_nat = m.value() * kLn2;
-  o.stats0 = static_cast<float>(m_nat);
-  o.stats1 = static_cast<float>(log_s + (m.hi == -std::numeric_limits<float>::infinity()
-                                         ? 0.0 : m_nat - static_cast<double>(o.stats0)));
-  o.lse = m_nat + log_s;
+  const RowShift m_e = RowShift::at_max(x_max, inv_e);
+  o.stats0 = m_e.hi;
+  o.stats1 = static_cast<float>(log_s + m_e.lo);
+  o.lse = m_e.value() + log_s;
   o.lp = static_cast<double>(t_y) * kLn2 - log_s;
   o.h = log_s - (b * kLn2) / s;
   return o;
@@ -291,8 +323,8 @@ inline RowOut finish_row(const RowShift& m, double s, double b, float t_y) {
 // The running sums rescaled to a larger shift: delta = m - m_new (base 2) < 0 mathematically, clamped at 0
 // only to guard the sign of b (<= 0) against rounding; s, b are multiplied by 2^delta and b gains delta s.
 inline void rescale_sums(const RowShift& m, const RowShift& m_new, double* s, double* b) {
-  const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) - m_new.lo),
-                                0.0);
+  const double delta = std::min(
+      (static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) - m_new.lo), 0.0);
   const double alpha = std::exp2(delta);
   *b = alpha * (*b + delta * *s);
   *s *= alpha;
@@ -355,7 +387,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
       continue;
     }
-    const RowOut o = finish_row(m, s, b, m.d(x_label, inv));
+    const RowOut o = finish_row(x_m, InvTau(tau), s, b, m.d(x_label, inv));
     a.lse[r] = static_cast<float>(o.lse);
     a.logprobs[r] = slot.local >= 0 ? static_cast<float>(o.lp) : -kInf;
     a.stats[2 * r] = o.stats0;
@@ -462,9 +494,9 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
 //   dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu),  mu = LSE - H,  dx_j = dz_j / tau,
 // with log p_j = d_j = (x_j / tau - m) - log_sum, x_j / tau - m formed as in the forward's sums, so each
 // row's p_j sum to 1 to fp32 rounding (the gradient row-sum invariant) even for |logits| ~ 1e4. As
-// z_j - mu = d_j + H, for j != y:  dx_j = p_j (c0 + c1 d_j), c0 = -(g_lp + g_H H) / tau, c1 = -g_H / tau.
-// d = -inf gives p = 0 and, with d clamped at -200 (where p is already exactly 0 in fp32), a finite
-// coefficient: the product is 0, never 0 * inf. The label column is rewritten from a scalar evaluation of
+// z_j - mu = d_j + H, for j != y:  dx_j = p_j (c0 + c1 d_j), c0 = -(g_lp + g_H H) / tau, c1 = -g_H / tau,
+// evaluated in base 2 (t_j = d_j log2(e), p_j = 2^t_j; docs/numerics.md section 7). d = -inf gives p = 0
+// and, with t clamped at kMinT (where p is exactly 0), a finite coefficient: the product is 0, never 0 * inf. The label column is rewritten from a scalar evaluation of
 // the full formula, so a 16-bit gradient is rounded once.
 template <typename scalar_t>
 void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
@@ -492,13 +524,15 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const float d_y = owner ? inv.shifted(static_cast<float>(row[slot.local]), m) - log_sum : 0.f;
     const float c0 = -(g_lp + g_h * h) * inv_tau;
     const float c1 = -g_h * inv_tau;
-    // The vector loop in base 2 (as the forward's sums): t_j = log2 p_j = fma(x, lo2, fma(x, hi2, -L_hi)) - L_lo
-    // with log2(e) / tau = hi2 + lo2 and L = (m + log_sum) log2(e) = L_hi + L_lo (split in double from the two
-    // stats, exact), so t_j has one rounding of the result as d_j has; p_j = 2^t_j and the coefficient is
-    // c0 + (c1 ln 2) t_j. t is clamped at kMinT, where p = 0 exactly, so the coefficient stays finite.
+    // The vector loop in base 2 (as the forward's sums): t_j = log2 p_j = fma(x, lo2, fma(x, hi2, -L_hi))
+    // - L_lo with log2(e) / tau = hi2 + lo2 and L = (m + log_sum) log2(e) = L_hi + L_lo (split in double
+    // from the two stats), so t_j has one rounding of the result as d_j had; p_j = 2^t_j and the
+    // coefficient is c0 + (c1 ln 2) t_j. t is clamped at kMinT, where p = 0 exactly, so the coefficient
+    // stays finite.
     const InvTau inv2(tau, kLog2e);
     const double big_l = (static_cast<double>(m) + static_cast<double>(log_sum)) * kLog2e;
-    const float l_hi = static_cast<float>(big_l), l_lo = static_cast<float>(big_l - static_cast<double>(l_hi));
+    const float l_hi = static_cast<float>(big_l);
+    const float l_lo = static_cast<float>(big_l - static_cast<double>(l_hi));
     const float c1_2 = static_cast<float>(static_cast<double>(c1) * kLn2);
     const fVec vhi(inv2.hi), vlo(inv2.lo), vl_hi(l_hi), vl_lo(l_lo), vc0(c0), vc1(c1_2), vmin_t(kMinT);
     const fVec vmin(std::numeric_limits<float>::lowest());
@@ -567,8 +601,9 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
 // column's chunk was summed) in a row-sized fp32 scratch buffer; then `rg` turns the row's (lp, H) into the
 // upstream gradients (g_lp, g_H); then one sweep writes the gradient of bwd_rows_vec, re-reading the row from
 // cache (L2 for a 32k fp32 row) and taking p_j = exp(z_j - m_c) * exp(m_c - m - log s) from the scratch
-// buffer instead of a second exponential: one exp per logit instead of two. p_j is within ~3 ulp of the
-// backward kernel's exp(log p_j); log p_j itself (the entropy term) is formed exactly as there. Writes
+// buffer instead of a second exponential: one exp per logit instead of two. p_j is within a few ulp of the
+// backward kernel's 2^(log2 p_j); log p_j itself (the entropy term) is formed in natural units from the
+// stats, as the backward's label column is. Writes
 // lp, H, LSE and stats like the forward; `a.grad` may alias `a.logits` (each column is read before written).
 template <typename scalar_t>
 void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, const RowGrad& rg) {
@@ -615,7 +650,7 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
       chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv2, m, &s, &b, ebuf.data() + c0);
       chunk_m[k] = m;
     }
-    const RowOut o = finish_row(m, bad ? static_cast<double>(kNaN) : s, b, m.d(x_label, inv2));
+    const RowOut o = finish_row(x_m, inv, bad ? static_cast<double>(kNaN) : s, b, m.d(x_label, inv2));
     const double log_s = std::log(bad ? static_cast<double>(kNaN) : s);
     const float lp = static_cast<float>(o.lp);
     const float h = static_cast<float>(o.h);
