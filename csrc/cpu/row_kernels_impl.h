@@ -116,7 +116,7 @@ inline fVec pow2_from_shifted(const fVec& kf) {
 // float). Then 2^n: AVX-512 vrndscaleps for n and vscalefps for p 2^n; AVX2 / default by adding
 // 1.5 * 2^23 + 127 (rounds t to an integer) and pow2_from_shifted. The same n, f and p on every ISA, so the
 // results agree bit for bit wherever they are normal. Measured against exp2 in double over every float in
-// [-126, 0.5] (docs/numerics.md section 7): at most 1.79 ulp. 2^f(0) = 1 exactly, so 2^0 = 1: the row
+// [-126, 0.5] (docs/numerics.md section 7): at most 1.80 ulp. 2^f(0) = 1 exactly, so 2^0 = 1: the row
 // maximum contributes exactly 1 to s (docs/numerics.md section 2). No range-check branch and no blend.
 inline fVec vexp2(const fVec& tc) {
 #if defined(CPU_CAPABILITY_AVX512)
