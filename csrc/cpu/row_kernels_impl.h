@@ -140,6 +140,27 @@ inline fVec vexp2(const fVec& tc) {
 #endif
 }
 
+// InvTau::shifted on vectors: fma(x, lo, fma(x, hi, -m)), both with one rounding. The base-2 exponent needs
+// true FMAs: t(x_max) = 0 exactly needs the vector expression to round as the scalar one that defines m_lo,
+// and a separately rounded x * log2(e) / tau would add |x / tau| 2^-24 (the former natural-log kernel had
+// lo = 0 and hi = 1 at tau = 1, so there it did not matter). AVX2 / AVX-512 are built with -mfma, where
+// at::vec::fmadd / fmsub are vfmadd / vfmsub; the portable build's Vectorized ones are a multiply and an
+// add, so it goes lane by lane through std::fma (the portable build is the fallback for CPUs without AVX2,
+// not a fast path).
+inline fVec shifted_vec(const fVec& x, const fVec& hi, const fVec& lo, const fVec& m) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmadd(x, lo, at::vec::fmsub(x, hi, m));
+#else
+  alignas(64) float lx[fVec::size()], lh[fVec::size()], ll[fVec::size()], lm[fVec::size()];
+  x.store(lx);
+  hi.store(lh);
+  lo.store(ll);
+  m.store(lm);
+  for (int64_t l = 0; l < fVec::size(); ++l) lx[l] = std::fma(lx[l], ll[l], std::fma(lx[l], lh[l], -lm[l]));
+  return fVec::loadu(lx);
+#endif
+}
+
 // max(t, lo) with NaN -> lo, in one instruction: (v)maxps returns its second operand when either is NaN.
 // The forward's sum pass uses it instead of clamping -inf logits to -FLT_MAX first: a -inf logit gives
 // t = -inf or NaN (-inf * lo2 + -inf), and both become kMinT. Only where a NaN t cannot come from a NaN
@@ -259,7 +280,7 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, con
   fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
   auto step = [&](const scalar_t* p, fVec& sa, fVec& ba) {
     const fVec x = load_f(p);
-    const fVec t = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vmlo;  // RowShift::d
+    const fVec t = shifted_vec(x, vhi, vlo, vm) - vmlo;  // RowShift::d
     const fVec tc = clamp_t_nan(t, vmin_t);
     const fVec e = vexp2(tc);
     if constexpr (kStore) e.store(e_out + (p - src));
@@ -538,7 +559,7 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const fVec vmin(std::numeric_limits<float>::lowest());
     auto grad_of = [&](const fVec& x_raw) {
       const fVec x = fast_max(x_raw, vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
-      const fVec tc = fast_max(at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vl_hi)) - vl_lo, vmin_t);
+      const fVec tc = fast_max(shifted_vec(x, vhi, vlo, vl_hi) - vl_lo, vmin_t);
       return vexp2(tc) * at::vec::fmadd(vc1, tc, vc0);
     };
     for (int64_t c = 0; c < a.vocab; c += kChunk) {
