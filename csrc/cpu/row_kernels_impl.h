@@ -19,6 +19,9 @@
 //    row's raw maximum. So d = 0 exactly at the maximum and d <= 0 elsewhere (the expression is monotone in
 //    x), which gives s >= 1 (the maximum contributes exp(0) = 1 exactly), log s >= 0, lp = d_y - log s <= 0
 //    and b <= 0, H >= 0 EXACTLY, with exact zeros for V = 1 and for rows with a single finite logit.
+//  * The sums are taken in base 2 (docs/numerics.md section 7): t_j = d_j log2(e) by the same two-float
+//    expression with log2(e) / tau in place of 1 / tau, s = sum 2^t_j, b = sum t_j 2^t_j, converted to
+//    natural logs once per row (finish_row). Everything said here of d holds for t.
 //  * The running maximum starts at -inf; a chunk whose maximum is -inf is skipped and the rescale factor is
 //    0 (never exp(-inf - -inf)). Terms with z = -inf are masked out of b (never -inf * 0).
 //  * Cross-chunk sums are kept in double: the per-chunk vector partial sums are fp32 over at most kChunk
@@ -68,19 +71,30 @@ inline fVec load_f(const scalar_t* p) {
   }
 }
 
-// exp(d) to about 1 ulp for d <= ~88; exactly 0 for d < ln(FLT_MIN) (-inf included). ATen's exp_u20 is off by
-// up to ~5 ulp near d = 0 (measured 6e-7 relative at p = 0.64), which is where the probabilities and
-// gradients are large, and over the docs/ops.md section 8 gradient budget; Sleef's exp is an out-of-line call.
-// Cody-Waite reduction d = n ln2 + r with ln2 split in two (hi has 9 significant bits, so n * hi is exact),
-// |r| <= ln2 / 2, then the degree-7 Taylor polynomial (truncation 5e-9 relative) by Horner, and 2^n through
-// the exponent bits. NaN is not propagated: callers detect NaN rows separately.
-// 2^n from kf = n + (1.5 * 2^23 + 127) (n an integer in [-126, 127]): the low mantissa bits of kf hold
-// n + 127 + 2^22, and shifting the bit pattern left by 23 keeps exactly n + 127 as the exponent field. Written
-// with intrinsics because ATen's float<->int reinterpret helpers are scalar loops for these types.
-inline fVec pow2_from_shifted(const fVec& kf) {
+// The exponentials are taken in base 2 (docs/numerics.md section 7): the kernels scale the logits by
+// log2(e) / tau instead of 1 / tau, with that factor held as two floats exactly as 1 / tau was (InvTau), so
+// the exponent t = log2(e) (z - m) comes out of the same two FMAs with the same one rounding of the result:
+// |t| 2^-24 absolute, i.e. |d| 2^-24 in d = t ln 2, as before. 2^t then needs no Cody-Waite reduction
+// (t = n + f is exact): 9 vector instructions per 2^t on AVX2, 7 on AVX-512, against 16 for the former
+// exp(d) (degree-7 Taylor after a two-constant reduction, then a compare and blend for the underflow).
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+// Callers clamp t at kMinT first, where 2^t is exactly 0 (so a -inf logit gives 0 and an entropy term
+// t 2^t = kMinT * 0 = 0, never -inf * 0). AVX2 / default: -127, from the integer construction of 2^n below
+// (2^t = 0 for t < -126.5). AVX-512: -151, below the smallest subnormal (vscalefps underflows gradually, so
+// 2^t for t in [-151, -126) is the subnormal value instead of 0: a difference below 1.2e-38 per term).
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(kf), 23));
-#elif defined(CPU_CAPABILITY_AVX2)
+constexpr float kMinT = -151.f;
+#else
+constexpr float kMinT = -127.f;
+
+// 2^n from kf = n + (1.5 * 2^23 + 127) (n an integer in [-127, 127]): the low mantissa bits of kf hold
+// n + 127 + 2^22, and shifting the bit pattern left by 23 keeps exactly n + 127 as the exponent field, with a
+// zero mantissa. n = -127 leaves an all-zero pattern, +0.0: that is how 2^t flushes to exactly 0 at kMinT
+// without a compare and blend. Written with intrinsics because ATen's float<->int reinterpret helpers are
+// scalar loops for these types.
+inline fVec pow2_from_shifted(const fVec& kf) {
+#if defined(CPU_CAPABILITY_AVX2)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(kf), 23));
 #else
   alignas(64) float lanes[fVec::size()];
@@ -94,35 +108,86 @@ inline fVec pow2_from_shifted(const fVec& kf) {
   return fVec::loadu(lanes);
 #endif
 }
+#endif
 
-inline fVec vexp(const fVec& d) {
-  const fVec lowest(-87.33654475f);  // ln(FLT_MIN): below it the result is 0 (no denormals)
-  const fVec shifter(12583039.f);    // 1.5 * 2^23 + 127: adding it rounds to an integer (round to nearest)
-  const fVec dc = at::vec::clamp_min(d, lowest);
-  const fVec kf = at::vec::fmadd(dc, fVec(1.44269504088896341f), shifter);
-  const fVec n = kf - shifter;
-  fVec r = at::vec::fmadd(n, fVec(-0.693359375f), dc);
-  r = at::vec::fmadd(n, fVec(2.12194440e-4f), r);
-  fVec poly(1.f / 5040.f);
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 720.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 120.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 24.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f / 6.f));
-  poly = at::vec::fmadd(poly, r, fVec(0.5f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f));
-  poly = at::vec::fmadd(poly, r, fVec(1.f));
-  return fVec::blendv(poly * pow2_from_shifted(kf), fVec(0.f), d < lowest);
+// 2^t for t in [kMinT, 127] (the caller clamps). t = n + f with n = round(t) to nearest and f = t - n exact,
+// |f| <= 1/2; 2^f by a degree-5 polynomial with constant term 1, Horner with FMAs, minimax for the error in
+// ulps of the result over [-1/2, 1/2] (fitted in double; 1.05 ulp, 1.08 with the coefficients rounded to
+// float). Then 2^n: AVX-512 vrndscaleps for n and vscalefps for p 2^n; AVX2 / default by adding
+// 1.5 * 2^23 + 127 (rounds t to an integer) and pow2_from_shifted. The same n, f and p on every ISA, so the
+// results agree bit for bit wherever they are normal. Measured against exp2 in double over every float in
+// [-126, 0.5] (docs/numerics.md section 7): at most 1.80 ulp. 2^f(0) = 1 exactly, so 2^0 = 1: the row
+// maximum contributes exactly 1 to s (docs/numerics.md section 2). No range-check branch and no blend.
+inline fVec vexp2(const fVec& tc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const fVec n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const fVec f = tc - n;
+#else
+  const fVec shifter(12583039.f);  // 1.5 * 2^23 + 127
+  const fVec kf = tc + shifter;
+  const fVec f = tc - (kf - shifter);
+#endif
+  fVec poly(1.3225708e-3f);
+  poly = at::vec::fmadd(poly, f, fVec(9.6717635e-3f));
+  poly = at::vec::fmadd(poly, f, fVec(5.5508915e-2f));
+  poly = at::vec::fmadd(poly, f, fVec(2.4022236e-1f));
+  poly = at::vec::fmadd(poly, f, fVec(6.931468e-1f));
+  poly = at::vec::fmadd(poly, f, fVec(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(poly, n);
+#else
+  return poly * pow2_from_shifted(kf);
+#endif
 }
+
+// InvTau::shifted on vectors: fma(x, lo, fma(x, hi, -m)), both with one rounding. The base-2 exponent needs
+// true FMAs: t(x_max) = 0 exactly needs the vector expression to round as the scalar one that defines m_lo,
+// and a separately rounded x * log2(e) / tau would add |x / tau| 2^-24 (the former natural-log kernel had
+// lo = 0 and hi = 1 at tau = 1, so there it did not matter). AVX2 / AVX-512 are built with -mfma, where
+// at::vec::fmadd / fmsub are vfmadd / vfmsub; the portable build's Vectorized ones are a multiply and an
+// add, so it goes lane by lane through std::fma (the portable build is the fallback for CPUs without AVX2,
+// not a fast path).
+inline fVec shifted_vec(const fVec& x, const fVec& hi, const fVec& lo, const fVec& m) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmadd(x, lo, at::vec::fmsub(x, hi, m));
+#else
+  alignas(64) float lx[fVec::size()], lh[fVec::size()], ll[fVec::size()], lm[fVec::size()];
+  x.store(lx);
+  hi.store(lh);
+  lo.store(ll);
+  m.store(lm);
+  for (int64_t l = 0; l < fVec::size(); ++l) lx[l] = std::fma(lx[l], ll[l], std::fma(lx[l], lh[l], -lm[l]));
+  return fVec::loadu(lx);
+#endif
+}
+
+// max(t, lo) with NaN -> lo, in one instruction: (v)maxps returns its second operand when either is NaN.
+// The forward's sum pass uses it instead of clamping -inf logits to -FLT_MAX first: a -inf logit gives
+// t = -inf or NaN (-inf * lo2 + -inf), and both become kMinT. Only where a NaN t cannot come from a NaN
+// logit (rows with NaN logits are skipped before the sum pass); the backward keeps NaN-propagating clamps.
+inline fVec clamp_t_nan(const fVec& t, const fVec& lo) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(t, lo);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(t, lo);
+#else
+  return fVec::blendv(lo, t, t > lo);
+#endif
+}
+
+// The scalar form of vexp2, for the tails of the vector loops (0 below -126.5 on every ISA).
+inline float exp2_clamped(float tc) { return tc < -126.5f ? 0.f : std::exp2(tc); }
 
 // 1/tau as an unevaluated sum hi + lo of two floats (lo = 0 when tau = 1 or a power of two), so that
 // z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about one rounding of the (small) result: more
 // accurate than rounding z = x / tau first, as the fp32 reference does. With hi alone, the rounding of
 // 1/tau scales every z of the row by (1 + 6e-8): at |z| ~ 10 that is ~5e-7 in log p, over the gradient
 // budget of docs/ops.md section 8.
+// InvTau(tau, kLog2e) is log2(e) / tau in the same form: the base-2 exponent t = d log2(e) of the sums.
 struct InvTau {
   float hi, lo;
-  explicit InvTau(float tau) {
-    const double inv = 1.0 / static_cast<double>(tau);
+  explicit InvTau(float tau, double scale = 1.0) {
+    const double inv = scale / static_cast<double>(tau);
     hi = static_cast<float>(inv);
     lo = static_cast<float>(inv - static_cast<double>(hi));
   }
@@ -197,26 +262,30 @@ inline float chunk_max(const scalar_t* src, int64_t n, float x_label, int64_t* r
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-// Pass 2 over the same (L1-resident) chunk: s += sum exp(d), b += sum d exp(d), d = RowShift::d(x) <= 0.
-// d = -inf (a -inf logit) gives exp(d) = 0; for the entropy term d is clamped at -200 first, where
-// exp(d) is already exactly 0 in fp32, so the product is 0 and never -inf * 0. Four independent
-// accumulator pairs hide the latency of the exp polynomial.
-// With kStore, exp(d) of every column is also written to e_out[0, n) (the fused loss reuses it, see
+// Pass 2 over the same (L1-resident) chunk, in base 2: `inv` = InvTau(tau, kLog2e) and `m` the row shift
+// in those units, so t = RowShift::d(x) = log2(e) (z - m) <= 0, and s += sum 2^t, b += sum t 2^t (b in
+// base-2 units: the natural b of docs/ops.md 2.2 is b ln 2, formed once per row by the caller).
+// t is clamped at kMinT first (clamp_t_nan), where 2^t is exactly 0, so a -inf logit (t = -inf or NaN)
+// gives 2^t = 0 and a term kMinT * 0 = 0, never -inf * 0. Per vector on AVX-512: 3 instructions for t
+// (the load folds into the first FMA), 1 clamp, 7 for 2^t, 2 for the sums: 13, against 22 before base 2
+// (docs/numerics.md section 7). Four independent accumulator pairs hide the latency of the polynomial. The
+// per-chunk vector sums are fp32 over at most kChunk terms, folded into the row's double sums once per chunk.
+// With kStore, 2^t of every column is also written to e_out[0, n) (the fused loss reuses it, see
 // fused_rows_vec).
 template <typename scalar_t, bool kEntropy, bool kStore = false>
 inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, const RowShift& m, double* s,
                           double* b, float* e_out = nullptr) {
   constexpr int64_t W = fVec::size();
-  const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vmlo(m.lo), lo(-200.f);
-  const fVec vmin(std::numeric_limits<float>::lowest());
+  const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vmlo(m.lo), vmin_t(kMinT);
   fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f), b0(0.f), b1(0.f), b2(0.f), b3(0.f);
   auto step = [&](const scalar_t* p, fVec& sa, fVec& ba) {
-    const fVec x = fast_max(load_f(p), vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
-    const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vmlo;  // RowShift::d
-    const fVec e = vexp(d);
+    const fVec x = load_f(p);
+    const fVec t = shifted_vec(x, vhi, vlo, vm) - vmlo;  // RowShift::d
+    const fVec tc = clamp_t_nan(t, vmin_t);
+    const fVec e = vexp2(tc);
     if constexpr (kStore) e.store(e_out + (p - src));
     sa = sa + e;
-    if constexpr (kEntropy) ba = at::vec::fmadd(fast_max(d, lo), e, ba);
+    if constexpr (kEntropy) ba = at::vec::fmadd(tc, e, ba);
   };
   int64_t j = 0;
   for (; j + 4 * W <= n; j += 4 * W) {
@@ -237,14 +306,49 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, con
   double st = hsum((s0 + s1) + (s2 + s3));
   double bt = kEntropy ? hsum((b0 + b1) + (b2 + b3)) : 0.0;
   for (; j < n; ++j) {
-    const float d = m.d(static_cast<float>(src[j]), inv);  // as the vector loop
-    const float e = std::exp(d);
+    const float tc = std::max(m.d(static_cast<float>(src[j]), inv), kMinT);  // as the vector loop
+    const float e = exp2_clamped(tc);
     if constexpr (kStore) e_out[j] = e;
     st += e;
-    if constexpr (kEntropy) bt += static_cast<double>(std::max(d, -200.f)) * e;
+    if constexpr (kEntropy) bt += static_cast<double>(tc) * e;
   }
   *s += st;
   *b += bt;
+}
+
+// A row's outputs from its base-2 sums (chunk_sum_exp): s = sum 2^t_j, b = sum t_j 2^t_j, and the label's
+// t_y = RowShift::d(x_y), exactly the exponent the sums used for the label column. lp = t_y ln 2 - log s and
+// H = log s - (b ln 2) / s in double: t_y <= 0 and s >= 1, so lp <= 0; b <= 0, so H >= 0 (see the header
+// comment). stats = (m_e.hi, log s + m_e.lo) with m_e the natural-log shift of the same raw maximum x_max
+// (RowShift::at_max(x_max, InvTau(tau))), as before the sums moved to base 2: the backward's label term
+// shifted(x_y, m_e.hi) - stats[1] is then exactly -log s at the maximum (0 for a single candidate: an exactly
+// zero gradient), and m_e.hi + stats[1] is the LSE. m_e and the base-2 shift both hold x_max / tau to ~2^-48
+// relative, so mixing them costs nothing measurable. All -inf row: x_max = -inf, s = 0 -> LSE = -inf,
+// lp = NaN, H = NaN (docs/ops.md 2.2).
+struct RowOut {
+  double lse, lp, h;
+  float stats0, stats1;
+};
+inline RowOut finish_row(float x_max, const InvTau& inv_e, double s, double b, float t_y) {
+  RowOut o;
+  const double log_s = std::log(s);
+  const RowShift m_e = RowShift::at_max(x_max, inv_e);
+  o.stats0 = m_e.hi;
+  o.stats1 = static_cast<float>(log_s + m_e.lo);
+  o.lse = m_e.value() + log_s;
+  o.lp = static_cast<double>(t_y) * kLn2 - log_s;
+  o.h = log_s - (b * kLn2) / s;
+  return o;
+}
+
+// The running sums rescaled to a larger shift: delta = m - m_new (base 2) < 0 mathematically, clamped at 0
+// only to guard the sign of b (<= 0) against rounding; s, b are multiplied by 2^delta and b gains delta s.
+inline void rescale_sums(const RowShift& m, const RowShift& m_new, double* s, double* b) {
+  const double delta = std::min(
+      (static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) - m_new.lo), 0.0);
+  const double alpha = std::exp2(delta);
+  *b = alpha * (*b + delta * *s);
+  *s *= alpha;
 }
 
 // Forward for rows [begin, end): fp32 arithmetic, vectorised. Each chunk of kChunk columns is read from
@@ -271,7 +375,7 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const InvTau inv(tau);
+    const InvTau inv(tau, kLog2e);  // base 2: t = log2(e) (z - m), see chunk_sum_exp
     // x_label = -inf on a rank that does not own the label (vocab-parallel): lp = -inf below, and the rank
     // count uses the pivot shared by the owner instead.
     const float x_label = slot.local >= 0 ? static_cast<float>(row[slot.local]) : -kInf;
@@ -291,14 +395,8 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       if (x_new == -kInf) continue;  // every column so far is -inf: nothing to add, nothing to rescale
       if (x_new != x_m) {
         const RowShift m_new = RowShift::at_max(x_new, inv);
-        if (x_m != -kInf) {  // rescale the running sums to the new shift (never exp(-inf - -inf))
-          // delta = m - m_new < 0 mathematically; the clamp only guards the sign of b (<= 0) against rounding.
-          const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) -
-                                                                                  m_new.lo), 0.0);
-          const double alpha = std::exp(delta);
-          if constexpr (kEntropy) b = alpha * (b + delta * s);
-          s *= alpha;
-        }
+        // Rescale the running sums to the new shift (never 2^(-inf - -inf)).
+        if (x_m != -kInf) rescale_sums(m, m_new, &s, &b);
         m = m_new;
         x_m = x_new;
       }
@@ -310,18 +408,12 @@ void fwd_rows_vec(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
       if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
       continue;
     }
-    // All -inf row: m.hi = -inf, s = 0 -> LSE = -inf, lp = NaN, H = NaN (docs/ops.md 2.2).
-    // lp = d_y - log s with d_y = RowShift::d(x_y), exactly the exponent the sums used for the label column:
-    // d_y <= 0 and s >= 1, so lp <= 0; b <= 0, so H >= 0 (see the header comment).
-    // stats = (m.hi, log s + m.lo): the backward forms d_j - log s as shifted(x_j, m.hi) - stats[1], and the
-    // vocab-parallel combine reads m.hi + stats[1] as the LSE, so m.lo is folded into the second entry.
-    const double log_s = std::log(s);
-    const float d_y = m.d(x_label, inv);
-    a.lse[r] = static_cast<float>(m.value() + log_s);
-    a.logprobs[r] = slot.local >= 0 ? static_cast<float>(static_cast<double>(d_y) - log_s) : -kInf;
-    a.stats[2 * r] = m.hi;
-    a.stats[2 * r + 1] = static_cast<float>(log_s + m.lo);
-    if constexpr (kEntropy) a.entropy[r] = static_cast<float>(log_s - b / s);
+    const RowOut o = finish_row(x_m, InvTau(tau), s, b, m.d(x_label, inv));
+    a.lse[r] = static_cast<float>(o.lse);
+    a.logprobs[r] = slot.local >= 0 ? static_cast<float>(o.lp) : -kInf;
+    a.stats[2 * r] = o.stats0;
+    a.stats[2 * r + 1] = o.stats1;
+    if constexpr (kEntropy) a.entropy[r] = static_cast<float>(o.h);
     // The label column is excluded by index (docs/ops.md 3.3): with a shared pivot (vocab-parallel linear op: a
     // dot product, not this tile's x_y) the owner's own x_y may exceed the pivot by GEMM rounding.
     if constexpr (kRank) a.rank[r] = static_cast<int32_t>(1 + rank_count - (slot.local >= 0 && x_label > x_pivot));
@@ -423,9 +515,9 @@ void fwd_rows_scalar(const RowArgs<scalar_t>& a, int64_t begin, int64_t end) {
 //   dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu),  mu = LSE - H,  dx_j = dz_j / tau,
 // with log p_j = d_j = (x_j / tau - m) - log_sum, x_j / tau - m formed as in the forward's sums, so each
 // row's p_j sum to 1 to fp32 rounding (the gradient row-sum invariant) even for |logits| ~ 1e4. As
-// z_j - mu = d_j + H, for j != y:  dx_j = p_j (c0 + c1 d_j), c0 = -(g_lp + g_H H) / tau, c1 = -g_H / tau.
-// d = -inf gives p = 0 and, with d clamped at -200 (where p is already exactly 0 in fp32), a finite
-// coefficient: the product is 0, never 0 * inf. The label column is rewritten from a scalar evaluation of
+// z_j - mu = d_j + H, for j != y:  dx_j = p_j (c0 + c1 d_j), c0 = -(g_lp + g_H H) / tau, c1 = -g_H / tau,
+// evaluated in base 2 (t_j = d_j log2(e), p_j = 2^t_j; docs/numerics.md section 7). d = -inf gives p = 0
+// and, with t clamped at kMinT (where p is exactly 0), a finite coefficient: the product is 0, never 0 * inf. The label column is rewritten from a scalar evaluation of
 // the full formula, so a 16-bit gradient is rounded once.
 template <typename scalar_t>
 void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
@@ -453,12 +545,22 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const float d_y = owner ? inv.shifted(static_cast<float>(row[slot.local]), m) - log_sum : 0.f;
     const float c0 = -(g_lp + g_h * h) * inv_tau;
     const float c1 = -g_h * inv_tau;
-    const fVec vhi(inv.hi), vlo(inv.lo), vm(m), vlog_sum(log_sum), vc0(c0), vc1(c1), lo(-200.f);
+    // The vector loop in base 2 (as the forward's sums): t_j = log2 p_j = fma(x, lo2, fma(x, hi2, -L_hi))
+    // - L_lo with log2(e) / tau = hi2 + lo2 and L = (m + log_sum) log2(e) = L_hi + L_lo (split in double
+    // from the two stats), so t_j has one rounding of the result as d_j had; p_j = 2^t_j and the
+    // coefficient is c0 + (c1 ln 2) t_j. t is clamped at kMinT, where p = 0 exactly, so the coefficient
+    // stays finite.
+    const InvTau inv2(tau, kLog2e);
+    const double big_l = (static_cast<double>(m) + static_cast<double>(log_sum)) * kLog2e;
+    const float l_hi = static_cast<float>(big_l);
+    const float l_lo = static_cast<float>(big_l - static_cast<double>(l_hi));
+    const float c1_2 = static_cast<float>(static_cast<double>(c1) * kLn2);
+    const fVec vhi(inv2.hi), vlo(inv2.lo), vl_hi(l_hi), vl_lo(l_lo), vc0(c0), vc1(c1_2), vmin_t(kMinT);
     const fVec vmin(std::numeric_limits<float>::lowest());
     auto grad_of = [&](const fVec& x_raw) {
       const fVec x = fast_max(x_raw, vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
-      const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
-      return vexp(d) * at::vec::fmadd(vc1, fast_max(d, lo), vc0);
+      const fVec tc = fast_max(shifted_vec(x, vhi, vlo, vl_hi) - vl_lo, vmin_t);
+      return vexp2(tc) * at::vec::fmadd(vc1, tc, vc0);
     };
     for (int64_t c = 0; c < a.vocab; c += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - c);
@@ -474,9 +576,9 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
         g1.store(dst + j + W);
       }
       for (; j + W <= n; j += W) grad_of(load_f(src + j)).store(dst + j);
-      for (; j < n; ++j) {
-        const float d = inv.shifted(static_cast<float>(src[j]), m) - log_sum;
-        dst[j] = std::exp(d) * (c0 + c1 * std::max(d, -200.f));
+      for (; j < n; ++j) {  // as the vector loop
+        const float tc = std::max(inv2.shifted(static_cast<float>(src[j]), l_hi) - l_lo, kMinT);
+        dst[j] = exp2_clamped(tc) * (c0 + c1_2 * tc);
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
     }
@@ -520,8 +622,9 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
 // column's chunk was summed) in a row-sized fp32 scratch buffer; then `rg` turns the row's (lp, H) into the
 // upstream gradients (g_lp, g_H); then one sweep writes the gradient of bwd_rows_vec, re-reading the row from
 // cache (L2 for a 32k fp32 row) and taking p_j = exp(z_j - m_c) * exp(m_c - m - log s) from the scratch
-// buffer instead of a second exponential: one exp per logit instead of two. p_j is within ~3 ulp of the
-// backward kernel's exp(log p_j); log p_j itself (the entropy term) is formed exactly as there. Writes
+// buffer instead of a second exponential: one exp per logit instead of two. p_j is within a few ulp of the
+// backward kernel's 2^(log2 p_j); log p_j itself (the entropy term) is formed in natural units from the
+// stats, as the backward's label column is. Writes
 // lp, H, LSE and stats like the forward; `a.grad` may alias `a.logits` (each column is read before written).
 template <typename scalar_t>
 void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, const RowGrad& rg) {
@@ -544,7 +647,7 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
       continue;
     }
     const scalar_t* row = a.logits + r * a.row_stride;
-    const InvTau inv(tau);
+    const InvTau inv2(tau, kLog2e), inv(tau);  // the sums in base 2 (as fwd_rows_vec); the gradient in base e
     const float x_label = static_cast<float>(row[y]);
     float x_m = -kInf;  // as fwd_rows_vec: the running raw maximum and the shift it defines
     RowShift m;
@@ -560,29 +663,23 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
       const float x_new = std::max(x_m, x_max);
       if (x_new == -kInf) continue;
       if (x_new != x_m) {
-        const RowShift m_new = RowShift::at_max(x_new, inv);
-        if (x_m != -kInf) {
-          const double delta = std::min((static_cast<double>(m.hi) - m_new.hi) + (static_cast<double>(m.lo) -
-                                                                                  m_new.lo), 0.0);
-          const double alpha = std::exp(delta);
-          b = alpha * (b + delta * s);
-          s *= alpha;
-        }
+        const RowShift m_new = RowShift::at_max(x_new, inv2);
+        if (x_m != -kInf) rescale_sums(m, m_new, &s, &b);
         m = m_new;
         x_m = x_new;
       }
-      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv, m, &s, &b, ebuf.data() + c0);
+      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv2, m, &s, &b, ebuf.data() + c0);
       chunk_m[k] = m;
     }
-    const double log_s = bad ? static_cast<double>(kNaN) : std::log(s);
-    const float d_y = m.d(x_label, inv);
-    const float lp = static_cast<float>(static_cast<double>(d_y) - log_s);
-    const float h = static_cast<float>(log_s - b / s);
-    a.lse[r] = static_cast<float>(m.value() + log_s);
+    const RowOut o = finish_row(x_m, inv, bad ? static_cast<double>(kNaN) : s, b, m.d(x_label, inv2));
+    const double log_s = std::log(bad ? static_cast<double>(kNaN) : s);
+    const float lp = static_cast<float>(o.lp);
+    const float h = static_cast<float>(o.h);
+    a.lse[r] = static_cast<float>(o.lse);
     a.logprobs[r] = lp;
     a.entropy[r] = h;
-    a.stats[2 * r] = bad ? kNaN : m.hi;
-    a.stats[2 * r + 1] = static_cast<float>(log_s + m.lo);  // m.lo folded in, as in fwd_rows_vec
+    a.stats[2 * r] = bad ? kNaN : o.stats0;
+    a.stats[2 * r + 1] = o.stats1;
     double g_lp = 0.0, g_h = 0.0;
     if (!std::isnan(lp)) rg.fn(rg.ctx, r, lp, h, &g_lp, &g_h);  // NaN row: no gradient (reported upstream)
     if (g_lp == 0.0 && g_h == 0.0) {
@@ -591,17 +688,19 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     }
     const float fg_lp = static_cast<float>(g_lp), fg_h = static_cast<float>(g_h);
     const float inv_tau = inv.hi;
-    const float ls = a.stats[2 * r + 1];  // log s + m.lo: log p_j = shifted(x_j, m.hi) - ls, as bwd_rows_vec
+    // log p_j = shifted(x_j, M) - ls in natural units with the stats (M, ls) (the coefficient only: the
+    // probabilities come from the stored 2^t).
+    const float m_nat = a.stats[2 * r], ls = a.stats[2 * r + 1];
     const float c0 = -(fg_lp + fg_h * h) * inv_tau, c1 = -fg_h * inv_tau;
-    const fVec vhi(inv.hi), vlo(inv.lo), vm(m.hi), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
+    const fVec vhi(inv.hi), vlo(inv.lo), vm(m_nat), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
     const fVec vmin(std::numeric_limits<float>::lowest());
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t c = k * kChunk, n = std::min(kChunk, a.vocab - c);
-      // p_j = e_j * exp(m_c - m - log s): the chunk's shift to the final maximum and normaliser.
+      // p_j = e_j * exp((m_c - m) ln 2 - log s): the chunk's shift to the final maximum and normaliser.
       const RowShift& mc = chunk_m[k];
       const float scale = mc.hi == -kInf ? 0.f
           : static_cast<float>(std::exp(((static_cast<double>(mc.hi) - m.hi) + (static_cast<double>(mc.lo) -
-                                                                                m.lo)) - log_s));
+                                                                                m.lo)) * kLn2 - log_s));
       const fVec vscale(scale);
       const scalar_t* src = row + c;
       const float* e = ebuf.data() + c;
@@ -614,12 +713,12 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
         (p * at::vec::fmadd(vc1, fast_max(d, lo), vc0)).store(dst + j);
       }
       for (; j < n; ++j) {
-        const float d = inv.shifted(static_cast<float>(src[j]), m.hi) - ls;
+        const float d = inv.shifted(static_cast<float>(src[j]), m_nat) - ls;
         dst[j] = (e[j] * scale) * (c0 + c1 * std::max(d, -200.f));
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
     }
-    const float dl = inv.shifted(x_label, m.hi) - ls;
+    const float dl = inv.shifted(x_label, m_nat) - ls;
     const float p_y = std::exp(dl);
     const float dz_y = fg_lp * (1.f - p_y) - fg_h * p_y * (std::max(dl, -200.f) + h);
     grow[y] = static_cast<scalar_t>(dz_y * inv_tau);
