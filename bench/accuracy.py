@@ -1,5 +1,6 @@
 """Accuracy bounds (docs/ops.md section 8, from the ONE tolerance table of ``reasonrl.testing``) for the
-correctness gate of every benchmark (docs/performance.md section 4.4), and the looser documented bound for peers.
+correctness gate of every benchmark (docs/performance.md section 4.4), and the
+looser documented bound for peers.
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ Providers (a missing one is a row saying why, never dropped):
 Modes: ``fwd`` (no autograd: old-policy / reference log-probs) and ``full`` (training forward + backward).
 
 Correctness gate: every provider runs both modes once on input set 0 and is compared with the float64 oracle
-(fp64 matmul then the reference, row block by row block) over valid rows: reasonrl within docs/ops.md section 8,
-peers within ``bench.accuracy.peer_bound``. Throughput counts 2 N V H FLOP for ``fwd`` and 8 N V H for
-``full`` (forward, recomputed logits, two gradient GEMMs; what a fused kernel does) for every provider,
-against the measured GEMM ceiling (``at::mm`` at [1024, H] x [H, V], preallocated output).
+(fp64 matmul then the reference, row block by row block) over valid rows: reasonrl within
+docs/ops.md section 8, peers within ``bench.accuracy.peer_bound``. Throughput counts 2 N V H FLOP for ``fwd``
+and 8 N V H for ``full`` (forward, recomputed logits, two gradient GEMMs; what a fused kernel does) for every
+provider, against the measured GEMM ceiling (``at::mm`` at [1024, H] x [H, V], preallocated output).
 
 Usage: ``python -m reasonrl.bench.bench_linear --profile quick``.
 """
@@ -251,8 +251,8 @@ def _check(spec: LinearSpec, inp: LinearInputs,
     dtype = DTYPES[spec.dtype]
     liger = any(PROVIDERS[name].loss_only for name in results)
     oracle = _oracle(spec, inp, torch.float64, liger)
-    # err(reference) of docs/ops.md section 8: the eager reference's own results when it ran (fp32 inputs), else
-    # the reference block by block in fp32.
+    # err(reference) of docs/ops.md section 8: the eager reference's own results when it ran (fp32 inputs),
+    # else the reference block by block in fp32.
     eager = results.get(EAGER)
     if eager is None or spec.dtype != "float32":
         r32 = _oracle(spec, inp, torch.float32, liger)
@@ -285,7 +285,8 @@ def _check(spec: LinearSpec, inp: LinearInputs,
             rows = inp.valid if per_row else torch.ones(got.shape[0], dtype=torch.bool)
             e.update(got.float(), oracle[okey], rows)
             base = okey.removesuffix("_liger")
-            # The gradient rule of docs/ops.md 8 is relative to the gradient's own size (grad_param of the table).
+            # The gradient rule of docs/ops.md 8 is relative to the gradient's own
+            # size (grad_param of the table).
             scale = 1 + e.max_oracle if kind == "stat" else e.max_oracle
             err_ref = ref_err[base] if not p.loss_only else 0.0
             bound = acceptance_bound("stat" if kind == "stat" else "grad_param", dtype, err_ref, scale)

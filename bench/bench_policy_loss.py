@@ -1,4 +1,5 @@
-"""Benchmark of the policy loss from logits (docs/losses.md section 13) following docs/performance.md section 4.
+"""Benchmark of the policy loss from logits (docs/losses.md section 13) following
+docs/performance.md section 4.
 
 Workload: the DAPO loss of a GRPO step on packed sequences of 256 tokens (cu_seqlens), ~10% of tokens
 ``ignore_index``, per-sequence advantages of both signs, old-policy log-probs within a few percent of the

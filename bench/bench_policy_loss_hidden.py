@@ -1,4 +1,5 @@
-"""Benchmark of the policy loss from hidden states and the lm_head (docs/losses.md 13.1, the fused-linear loss).
+"""Benchmark of the policy loss from hidden states and the lm_head
+(docs/losses.md 13.1, the fused-linear loss).
 
 Same workload and loss as bench/bench_policy_loss.py (DAPO + k3 KL, temperature 0.9, packed sequences of 256
 tokens, ~10% ignored rows, ``num_items_in_batch`` given), but the inputs are ``hidden [N, H]`` and the lm_head

@@ -19,8 +19,8 @@ Providers (side by side in one run; a missing one is a row saying why, never dro
   log-prob subset and their gradients are checked against the log-prob-only oracle.
 
 Modes: ``fwd`` (the forward under ``torch.no_grad``, as old-policy and reference log-probs are computed and
-as docs/performance.md section 3 times the CPU forward), ``bwd`` (``autograd.grad`` on a retained training graph,
-timed alone), ``full`` (training forward + backward).
+as docs/performance.md section 3 times the CPU forward), ``bwd`` (``autograd.grad`` on a retained training
+graph, timed alone), ``full`` (training forward + backward).
 
 Correctness gate (section 4.4): each provider runs the forward without autograd and the training forward +
 backward once on input set 0, and both are compared with the float64 reference over valid rows. reasonrl
@@ -338,8 +338,8 @@ def _check(spec: LogitsInputSpec, inp: LogitsInputs, results: dict[str, GateResu
     grad_ulps = testing.tolerance("grad", dtype).ulps  # 1 for 16-bit gradients, else 0
     ref: dict[str, MaxError] = defaultdict(MaxError)
     err: dict[str, dict[str, MaxError]] = {name: defaultdict(MaxError) for name in results}
-    # err(reference in fp32) of docs/ops.md section 8. With fp32 inputs the eager provider's training pass *is*
-    # that reference (same function on the same whole tensor, fp32 gradients): reuse it. Otherwise run it
+    # err(reference in fp32) of docs/ops.md section 8. With fp32 inputs the eager provider's training pass
+    # *is* that reference (same function on the same whole tensor, fp32 gradients): reuse it. Otherwise run it
     # block by block like the oracle: bounded memory, and for 16-bit inputs fp32 gradients. (ATen's fp32
     # row reductions are often more accurate on a block than on the whole tensor, so this bound can be a
     # little tighter; the source is recorded.)

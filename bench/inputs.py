@@ -1,5 +1,5 @@
-"""Benchmark inputs (docs/performance.md section 4.3): the specs recorded with the results and the rotating input
-sets built from them.
+"""Benchmark inputs (docs/performance.md section 4.3): the specs recorded with the results and the rotating
+input sets built from them.
 
 The generators themselves (an lm_head scaled to a target entropy, labels sampled from the softmax, ignored
 rows and upstream gradients) are ``reasonrl.testing``'s, shared with the test suite; this module composes

@@ -1,5 +1,5 @@
-"""Peak memory (docs/performance.md section 4.7): CPU -- peak-RSS delta in a fresh subprocess per case (the child
-runs ``python -m <benchmark module> --_memcase <json>``); GPU -- incremental
+"""Peak memory (docs/performance.md section 4.7): CPU -- peak-RSS delta in a fresh subprocess per case (the
+child runs ``python -m <benchmark module> --_memcase <json>``); GPU -- incremental
 ``torch.cuda.max_memory_allocated``.
 """
 

@@ -1,5 +1,5 @@
-"""Triton kernels of ``linear_token_logprobs`` (docs/ops.md section 3): per-token log-prob, entropy, rank and LSE
-straight from ``hidden [N, H]`` and the lm_head ``weight [V, H]`` (+ ``bias [V]``), forward and backward,
+"""Triton kernels of ``linear_token_logprobs`` (docs/ops.md section 3): per-token log-prob, entropy, rank and
+LSE straight from ``hidden [N, H]`` and the lm_head ``weight [V, H]`` (+ ``bias [V]``), forward and backward,
 never materialising the N x V logits.
 
 Contract (the registered ops that wrap these launchers check it): ``hidden`` [N, H] and ``weight`` [V, H]
@@ -40,8 +40,8 @@ Why split the vocabulary: one program per row block sweeping all of V gives only
 at any N for the price of an O(splits x N) workspace and a tiny combine. ``splits`` aims at
 2 x SM-count programs (1 on CPU / the interpreter; tests force more).
 
-Rank (docs/ops.md 3.3): with HAS_RANK each program first computes the raw label logit x_y = h . W[y] + b[y] by a
-per-row gathered dot product (O(N H) per split, negligible), then counts x_j > x_y over the tile-computed
+Rank (docs/ops.md 3.3): with HAS_RANK each program first computes the raw label logit x_y = h . W[y] + b[y] by
+a per-row gathered dot product (O(N H) per split, negligible), then counts x_j > x_y over the tile-computed
 x_j, the label column excluded by index; only near-ties within GEMM rounding can differ from the reference.
 ``lp`` always uses the label logit of the streaming pass.
 
@@ -61,8 +61,8 @@ For each chunk of ``vc`` vocabulary columns (and, only for N > ~1M rows, each ch
 4. grad_bias[chunk] = sum over row blocks of the partial column sums (fp32, fixed order).
 
 Every output element is produced by one program in a fixed order, so gradients are bitwise reproducible
-(the ``deterministic=True`` contract of docs/ops.md 0) and no atomics are used. Alternative considered: one tile
-kernel with fp32 atomics into grad_hidden and grad_weight (CCE's scheme): the same 6NVH FLOP and no
+(the ``deterministic=True`` contract of docs/ops.md 0) and no atomics are used. Alternative considered: one
+tile kernel with fp32 atomics into grad_hidden and grad_weight (CCE's scheme): the same 6NVH FLOP and no
 workspace, but non-deterministic, a V x H fp32 buffer, and an atomic read-modify-write of
 (BLOCK_N + BLOCK_V) x H fp32 per tile; it is left as future work behind ``deterministic=False``.
 
@@ -149,8 +149,8 @@ def _rows_setup(
 
     Why two terms (as csrc/cpu/row_kernels_impl.h does): with hi alone the rounding of 1/tau scales every
     z of a row by up to (1 + 6e-8), ~5e-7 in ln p at |z| ~ 10, which is over the fp32 gradient budget of
-    docs/ops.md 8 (the reference rounds x / tau once). z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to about
-    one rounding of the small result. The residual 1 - tau hi is exact in an fma."""
+    docs/ops.md 8 (the reference rounds x / tau once). z - m = fma(x, lo, fma(x, hi, -m)) is x / tau - m to
+    about one rounding of the small result. The residual 1 - tau hi is exact in an fma."""
     label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     if HAS_TEMP:
         tau = tl.load(temperature_ptr + rows * stride_temperature_n, mask=row_ok, other=1.0).to(tl.float32)
@@ -446,7 +446,8 @@ def _linear_logprobs_combine_kernel(
         xm_r = tl.load(base, mask=row_ok, other=-float("inf"))
         s_r = tl.load(base + n_rows, mask=row_ok, other=0.0)
         t += tl.load(base + 3 * n_rows, mask=row_ok, other=0.0)  # only the owning split is non-zero
-        # docs/ops.md 3.3 step 3: a split that saw only -inf (x_m = -inf) contributes 0, never exp(-inf + inf).
+        # docs/ops.md 3.3 step 3: a split that saw only -inf (x_m = -inf)
+        # contributes 0, never exp(-inf + inf).
         fin = xm_r > -float("inf")
         m_r, m_r_lo = _shift_of(xm_r, inv_hi, inv_lo)
         dm = tl.where(fin, tl.minimum((m_r - big_m) + (m_r_lo - big_m_lo), 0.0), 0.0)
@@ -830,8 +831,9 @@ def _bwd_chunks(n_rows: int, vocab: int, block_n: int, block_v: int, elt: int) -
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    # fp32 inputs: true fp32 products, no TF32 (the oracle rule of docs/ops.md 8 is sized for fp32 arithmetic).
-    # The environment is read at call time, like reasonrl._backend does (see _dot for the interpreter case).
+    # fp32 inputs: true fp32 products, no TF32 (the oracle rule of docs/ops.md 8 is sized for fp32
+    # arithmetic). The environment is read at call time, like reasonrl._backend does (see _dot for the
+    # interpreter case).
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return dict(
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",

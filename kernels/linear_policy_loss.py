@@ -1,5 +1,5 @@
-"""Triton fused-linear policy loss (docs/losses.md section 13.1, last paragraph): the loss and its gradients with
-respect to hidden, weight and bias, computed in ONE forward call, never materialising the N x V logits.
+"""Triton fused-linear policy loss (docs/losses.md section 13.1, last paragraph): the loss and its gradients
+with respect to hidden, weight and bias, computed in ONE forward call, never materialising the N x V logits.
 
 A fused-linear loss cannot keep a row of logits on chip across the vocabulary, so it runs the two GEMM sweeps
 the spec describes (8NVH FLOP):

@@ -98,8 +98,8 @@ def _token_grad(
     BIAS_CORRECTION: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
 ):
-    """dLoss/dlp of one token: d(c_pg l_pg + c_kl kappa)/dlp (docs/losses.md 6, 7, 9), torch.clamp's convention
-    at the bounds (the gradient passes on a bound) and the unclipped branch on the clip's tie."""
+    """dLoss/dlp of one token: d(c_pg l_pg + c_kl kappa)/dlp (docs/losses.md 6, 7, 9), torch.clamp's
+    convention at the bounds (the gradient passes on a bound) and the unclipped branch on the clip's tie."""
     delta = 0.0
     if HAS_OLD:
         delta = lp - old

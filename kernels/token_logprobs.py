@@ -9,12 +9,13 @@ row in BLOCK_V columns with the online log-sum-exp of docs/ops.md 2.2: z = x / t
 e = exp2((z - m) log2(e)) (the difference, not z, is scaled to base 2: the exponent's rounding error stays
 proportional to |z - m|, which is what keeps the gradient within 2x of the fp32 reference's error), and the
 shifted entropy accumulator b = sum (z - m) e so that H = ln(s) - b / s never cancels (1.4426950408889634 is
-log2(e) in the kernels). m starts at -inf; a block whose maximum is -inf leaves the state unchanged (the rescale factor is computed only when m is finite); terms with
-z = -inf are masked out of b. Vocabulary size, temperature and ignore_index are runtime arguments, so a new
-sequence length or vocabulary never recompiles; only BLOCK_V, STAGES and the feature flags (HAS_ENTROPY,
-HAS_RANK, HAS_TEMP) are constexpr, plus ALIGNED (``_aligned``: V and the row strides are multiples of 16),
-the one extra variant, in which the row sweeps load 16 bytes per thread and instruction through a cp.async
-pipeline (``_stream_config``; the other variant is the same code with 2- / 4-byte loads, unpipelined).
+log2(e) in the kernels). m starts at -inf; a block whose maximum is -inf leaves the state unchanged (the
+rescale factor is computed only when m is finite); terms with z = -inf are masked out of b. Vocabulary size,
+temperature and ignore_index are runtime arguments, so a new sequence length or vocabulary never recompiles;
+only BLOCK_V, STAGES and the feature flags (HAS_ENTROPY, HAS_RANK, HAS_TEMP) are constexpr, plus ALIGNED
+(``_aligned``: V and the row strides are multiples of 16), the one extra variant, in which the row sweeps load
+16 bytes per thread and instruction through a cp.async pipeline (``_stream_config``; the other variant is the
+same code with 2- / 4-byte loads, unpipelined).
 
 One consistent scaling (docs/numerics.md): d_j = z_j - m is formed by ONE expression everywhere,
 d(x) = fma(x, 1/tau, -m) - m_lo, with the shift m + m_lo defined by that expression at the row's RAW maximum
@@ -161,10 +162,11 @@ def _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LAB
 @triton.jit
 def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, vocab, BLOCK_V: tl.constexpr,
               STAGES: tl.constexpr):
-    """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row (docs/ops.md 2.3),
-    with ln p_j = fma(x_j, 1/tau, -m) - log_s formed as the forward formed every exponent (``log_s`` is the
-    second statistic, ln s + m_lo). The pipelined loop prefetches later blocks before writing this one: an
-    in-place gradient (grad_row_ptr == row_ptr) still reads every block before overwriting it."""
+    """One sweep writing dx_j = (g_lp (1[j=y] - p_j) - g_H p_j (ln p_j + H)) / tau for a row
+    (docs/ops.md 2.3), with ln p_j = fma(x_j, 1/tau, -m) - log_s formed as the forward formed every exponent
+    (``log_s`` is the second statistic, ln s + m_lo). The pipelined loop prefetches later blocks before
+    writing this one: an in-place gradient (grad_row_ptr == row_ptr) still reads every block before
+    overwriting it."""
     cols = tl.arange(0, BLOCK_V)
     for start in tl.range(0, vocab, BLOCK_V, num_stages=STAGES):
         offs = start + cols

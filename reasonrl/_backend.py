@@ -18,9 +18,9 @@
 * **The row view of the kernels**: flattening ``[..., D]`` to ``[N, D]`` rows, the temperature as a row
   tensor or a scalar in the accumulation dtype, fake row outputs, and reshaping the outputs back.
 
-Import hygiene (docs/contributing.md): nothing here imports triton, initialises CUDA or touches global torch config at
-import time. The compiled extension is loaded on first use; a failed load is a warning naming the cause,
-never silence. The recipe for adding an op on this module is docs/adding-an-op.md.
+Import hygiene (docs/contributing.md): nothing here imports triton, initialises CUDA or touches global torch
+config at import time. The compiled extension is loaded on first use; a failed load is a warning naming the
+cause, never silence. The recipe for adding an op on this module is docs/adding-an-op.md.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ class Extreme:
 
 @dataclass(frozen=True)
 class RolloutISMetrics:
-    """Statistics of the rollout-correction weights rho (docs/losses.md section 8.3), before batch normalisation.
+    """Statistics of the rollout-correction weights rho (docs/losses.md section 8.3),
+    before batch normalisation.
 
     ``weight_*``: rho over valid tokens (token level) or over all sequences, empty ones included (sequence
     level). ``logp_diff_*``: |old_logprobs - sampling_logprobs| over valid tokens whose value is not NaN.

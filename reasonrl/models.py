@@ -16,7 +16,8 @@ __all__ = ["hidden_states_and_lm_head"]
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The base model (decoder stack) of a causal LM: ``get_decoder()``, else ``model.<base_model_prefix>``."""
+    """The base model (decoder stack) of a causal LM: ``get_decoder()``, else
+    ``model.<base_model_prefix>``."""
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
         dec = get_decoder()
@@ -47,9 +48,9 @@ def hidden_states_and_lm_head(
             ``use_cache`` defaults to False.
 
     Returns:
-        ``(hidden [B, T, H], weight [V, H], bias [V] or None)``, such that ``hidden @ weight.T (+ bias)`` equals
-        ``model(input_ids, attention_mask).logits``. ``weight`` is the lm_head's Parameter itself (for tied
-        embeddings, the same Parameter as the input embedding), so gradients reach the model through it.
+        ``(hidden [B, T, H], weight [V, H], bias [V] or None)``, such that ``hidden @ weight.T (+ bias)``
+        equals ``model(input_ids, attention_mask).logits``. ``weight`` is the lm_head's Parameter itself (for
+        tied embeddings, the same Parameter as the input embedding), so gradients reach the model through it.
         Position t of ``hidden`` predicts token t + 1: shift the labels as for the logits.
 
     Raises:

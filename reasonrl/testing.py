@@ -94,8 +94,8 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("grad", torch.float64): Tolerance(ref_factor=2.0, atol_scale=1e-12),
     ("row_sum", torch.float32): Tolerance(ref_factor=0.0, atol_scale=1e-5),
     ("row_sum", torch.float64): Tolerance(ref_factor=0.0, atol_scale=1e-12),
-    # grad_hidden / grad_weight / grad_bias of linear_token_logprobs (docs/ops.md section 8: 2 x the error of the
-    # reference in the input dtype with fp32 accumulation, + atol); magnitude max |oracle gradient|.
+    # grad_hidden / grad_weight / grad_bias of linear_token_logprobs (docs/ops.md section 8: 2 x the error of
+    # the reference in the input dtype with fp32 accumulation, + atol); magnitude max |oracle gradient|.
     ("grad_param", torch.float32): Tolerance(ref_factor=2.0, atol_scale=1e-6),
     ("grad_param", torch.bfloat16): Tolerance(ref_factor=2.0, atol_scale=1e-6, ulps=1.0),
     ("grad_param", torch.float16): Tolerance(ref_factor=2.0, atol_scale=1e-6, ulps=1.0),
@@ -162,7 +162,8 @@ def assert_close_to_oracle(
     ulp_dtype: torch.dtype | None = None,
     ref_factor: float = 2.0,
 ) -> None:
-    """Assert ``err(actual) <= ref_factor * err(reference_same_dtype) + atol_scale * magnitude`` (docs/ops.md 8).
+    """Assert ``err(actual) <= ref_factor * err(reference_same_dtype) + atol_scale * magnitude``
+    (docs/ops.md 8).
 
     Args:
         actual: the implementation's result, ``[...]`` (statistics) or ``[..., V]`` (gradients).
@@ -276,7 +277,8 @@ def assert_param_grad_close(actual, oracle, reference_same_dtype, *, dtype, name
 
 
 def assert_grad_row_sums(grad_logits, temperature, *, g_lp, g_h, name, valid=None) -> None:
-    """|sum_j dz_j| <= 1e-5 (|g_lp| + |g_H|) per valid row, dz = tau * dx (docs/ops.md 2.3 invariant, fp32)."""
+    """|sum_j dz_j| <= 1e-5 (|g_lp| + |g_H|) per valid row, dz = tau * dx
+    (docs/ops.md 2.3 invariant, fp32)."""
     __tracebackhide__ = True
     dtype = torch.float64 if grad_logits.dtype == torch.float64 else torch.float32
     tol = tolerance("row_sum", dtype)

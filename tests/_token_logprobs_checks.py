@@ -134,10 +134,10 @@ def check_token_logprobs(
     per_row: bool = False,
     **kwargs,
 ) -> None:
-    """Assert that ``impl`` meets docs/ops.md section 8 on ``case``: logprobs / entropy / lse against the float64
-    oracle, rank exact, ignored rows exactly 0; with ``grad`` ('both' / 'lp' / 'h') also grad_logits from the
-    case's upstream gradients, zero gradient rows for ignored rows, and fp32/fp64 gradient row sums ~ 0.
-    Every check runs; the assertion lists all that failed.
+    """Assert that ``impl`` meets docs/ops.md section 8 on ``case``: logprobs / entropy / lse against the
+    float64 oracle, rank exact, ignored rows exactly 0; with ``grad`` ('both' / 'lp' / 'h') also grad_logits
+    from the case's upstream gradients, zero gradient rows for ignored rows, and fp32/fp64 gradient row
+    sums ~ 0. Every check runs; the assertion lists all that failed.
 
     ``per_row``: apply the rule to each row on its own (its own max|oracle|, err(reference) and max|g|), so
     that one extreme row cannot loosen the bound of the others. Extra keyword arguments go to the op."""

@@ -1,5 +1,5 @@
-"""Import hygiene (docs/contributing.md): ``import reasonrl`` needs neither Triton nor the compiled extension, never
-imports triton, never initialises CUDA and never writes torch._dynamo / torch._inductor configuration; a
+"""Import hygiene (docs/contributing.md): ``import reasonrl`` needs neither Triton nor the compiled extension,
+never imports triton, never initialises CUDA and never writes torch._dynamo / torch._inductor configuration; a
 failed load of ``reasonrl._C`` is a warning, the CPU op then falls back to the reference, and an explicit
 ``impl="cpp"`` raises.
 

@@ -1,4 +1,5 @@
-"""Adaptive entropy-bonus coefficient (docs/losses.md section 11.2; TRL 1.16 ``use_adaptive_entropy``, Skywork-OR1).
+"""Adaptive entropy-bonus coefficient (docs/losses.md section 11.2; TRL 1.16
+``use_adaptive_entropy``, Skywork-OR1).
 
 The controller lives next to the loss, not inside it: the loss takes the coefficient to apply as
 ``policy_loss(..., entropy_coef=controller.coef)`` and reports the entropy statistics the controller needs

@@ -39,8 +39,8 @@ __all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", 
 
 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int, validate: bool | None = None) -> None:
-    """docs/ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync). ``validate`` None: the
-    global setting."""
+    """docs/ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync). ``validate`` None:
+    the global setting."""
     if cu_seqlens is None or not backend.resolve_validate(validate):
         return
     check_cu_seqlens(cu_seqlens, num_tokens, op="policy_loss", validate=True)
@@ -214,8 +214,8 @@ def policy_loss_from_hidden(
     validate: bool | None = None,
 ) -> LossOutput:
     """The policy loss straight from hidden states and the lm_head (docs/losses.md section 2): by definition
-    ``policy_loss`` over ``linear_token_logprobs(hidden, weight, labels, bias=bias, want_entropy=True)``, whose
-    logits are the fp32 matmul accumulator (docs/ops.md section 3). The [N, V] logits never exist.
+    ``policy_loss`` over ``linear_token_logprobs(hidden, weight, labels, bias=bias, want_entropy=True)``,
+    whose logits are the fp32 matmul accumulator (docs/ops.md section 3). The [N, V] logits never exist.
 
     Args:
         hidden: ``[B, T, H]`` (padded, with ``mask [B, T]``) or ``[N, H]`` (packed, with ``cu_seqlens``).
@@ -223,9 +223,9 @@ def policy_loss_from_hidden(
             ``reasonrl.models.hidden_states_and_lm_head``), same dtype as ``hidden``. bias: ``[V]`` or None.
         chunk_rows: rows per logits chunk on the fused CPU path (None: the 64 MiB workspace of
             ``linear_token_logprobs``, csrc/cpu/linear_chunks.h).
-        process_group: vocab-parallel lm_head shards (docs/ops.md 3.3): ``weight`` ``[V_r, H]`` / ``bias`` ``[V_r]``
-            are this rank's rows ``[v_r, v_r + V_r)`` of the lm_head; every other argument (labels are global
-            ids) is identical on all ranks. Takes the two-phase path: the sharded
+        process_group: vocab-parallel lm_head shards (docs/ops.md 3.3): ``weight`` ``[V_r, H]`` / ``bias``
+            ``[V_r]`` are this rank's rows ``[v_r, v_r + V_r)`` of the lm_head; every other argument (labels
+            are global ids) is identical on all ranks. Takes the two-phase path: the sharded
             ``linear_token_logprobs(..., want_entropy=True, process_group=...)`` (``cpp``), then the reference
             ``policy_loss`` over its global per-token log-probs and entropies, computed redundantly (and
             identically) on every rank. The loss equals the unsharded call's; each rank gets its weight / bias

@@ -7,8 +7,8 @@ explicit ``"cpp"`` / ``"triton"`` raises ``RuntimeError`` (there is no kernel to
 request). ``REASONRL_IMPL`` naming a kernel does not make this op fail: the variable only chooses among
 implementations that exist, and here there is one.
 
-This module checks the arguments (docs/ops.md section 7: ``ValueError`` / ``TypeError`` naming the argument, the
-expected and the received value) and, with ``validate=True``, the values that need a host sync.
+This module checks the arguments (docs/ops.md section 7: ``ValueError`` / ``TypeError`` naming the argument,
+the expected and the received value) and, with ``validate=True``, the values that need a host sync.
 """
 
 from __future__ import annotations
@@ -310,7 +310,8 @@ def group_advantages(
         group_ids: ``[B]`` integer ids, rows of a group need not be adjacent (verl ``uid`` layout). Exactly
             one of ``group_size`` / ``group_ids``. Output order is input order either way.
         estimator: ``"grpo" | "dr_grpo" | "rloo" | "reinforce_plus_plus" | "reinforce_plus_plus_baseline" |
-            "gpg" | "opo"`` (docs/ops.md 4.2). ``dr_grpo`` is ``grpo`` with ``scale="none"`` (overrides ``scale``).
+            "gpg" | "opo"`` (docs/ops.md 4.2). ``dr_grpo`` is ``grpo`` with ``scale="none"`` (overrides
+            ``scale``).
         scale: ``grpo``'s divisor: group std (``"group"``), batch std (``"batch"``) or none (``"none"``).
         eps: added to the std (TRL 1e-4, verl 1e-6; see :func:`advantage_preset`).
         reward_weights: ``[R]`` weights of the reward functions (default ones).

@@ -1,5 +1,5 @@
-"""``linear_token_logprobs``: per-token log-probabilities, entropy and rank straight from hidden states and the
-lm_head weight, never materialising the ``N x V`` logits (docs/ops.md section 3).
+"""``linear_token_logprobs``: per-token log-probabilities, entropy and rank straight from hidden states and
+the lm_head weight, never materialising the ``N x V`` logits (docs/ops.md section 3).
 
 Semantics are exactly ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` where the logits are the
 fp32 accumulator of the matmul (never rounded to a 16-bit input dtype). Shapes: ``hidden [..., H]``,
@@ -295,9 +295,9 @@ class _ShardedLinearCall:
 
 
 def _label_logit(x, weight, bias, labels, ignore_index, shard):
-    """The raw label logit h . W[y] (+ b[y]) on every rank (docs/ops.md 3.3, the pivot of the sharded rank count):
-    a per-row dot product with the label's weight row on its owner, in the accumulation dtype, shared by one
-    all-reduce MAX. O(N H) work and memory (the gathered weight rows)."""
+    """The raw label logit h . W[y] (+ b[y]) on every rank (docs/ops.md 3.3, the pivot of the sharded rank
+    count): a per-row dot product with the label's weight row on its owner, in the accumulation dtype, shared
+    by one all-reduce MAX. O(N H) work and memory (the gathered weight rows)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     owner, local = label_owner(labels, ignore_index, shard)
     value = (x.to(acc) * weight.index_select(0, local).to(acc)).sum(-1)
@@ -397,20 +397,20 @@ def linear_token_logprobs(
         want_entropy: also return the entropy of the temperature-scaled distribution (differentiable).
         want_rank: also return ``1 + #{j != y : x_j > x_y}`` on the fp32 logits (int32, not differentiable).
         return_lse: also return the (detached) log-sum-exp of ``logits / temperature``.
-        process_group: vocab-parallel mode (docs/ops.md 3.3). ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``) are
-            then this rank's contiguous shard of lm_head rows, global ids ``[v_r, v_r + V_r)``; ``hidden``,
-            ``labels`` (GLOBAL ids), ``temperature``, ``ignore_index`` and every keyword are identical on all
-            ranks. Outputs are identical on all ranks and equal the op on the full weight; each rank gets the
-            gradient of its weight / bias shard, and ``grad_hidden`` is the sum over ranks of the partial
-            gradients (one all-reduce SUM in the backward). Forward collectives are those of
+        process_group: vocab-parallel mode (docs/ops.md 3.3). ``weight`` ``[V_r, H]`` (and ``bias`` ``[V_r]``)
+            are then this rank's contiguous shard of lm_head rows, global ids ``[v_r, v_r + V_r)``;
+            ``hidden``, ``labels`` (GLOBAL ids), ``temperature``, ``ignore_index`` and every keyword are
+            identical on all ranks. Outputs are identical on all ranks and equal the op on the full weight;
+            each rank gets the gradient of its weight / bias shard, and ``grad_hidden`` is the sum over ranks
+            of the partial gradients (one all-reduce SUM in the backward). Forward collectives are those of
             ``token_logprobs`` with a process_group (two O(N) all-reduces; a third, MAX of the label logit
-            ``h . W[y]`` computed by its owner, with ``want_rank``). ``cpp`` only: ``triton`` and ``reference``
-            raise NotImplementedError. Every rank must make the call (also with N = 0 rows) and run the
-            backward with identical upstream gradients. Eager mode only (an autograd.Function with
+            ``h . W[y]`` computed by its owner, with ``want_rank``). ``cpp`` only: ``triton`` and
+            ``reference`` raise NotImplementedError. Every rank must make the call (also with N = 0 rows) and
+            run the backward with identical upstream gradients. Eager mode only (an autograd.Function with
             collectives).
         vocab_start: ``v_r`` for unequal shards (default: equal shards, ``v_r = rank * V_r``); given, one
-            all-gather checks that the shards tile ``[0, V_glob)`` (``ValueError`` naming ``vocab_start`` on every
-            rank otherwise), as for ``token_logprobs``. Labels outside ``[0, V_glob)`` other than
+            all-gather checks that the shards tile ``[0, V_glob)`` (``ValueError`` naming ``vocab_start`` on
+            every rank otherwise), as for ``token_logprobs``. Labels outside ``[0, V_glob)`` other than
             ``ignore_index`` are a ``ValueError`` on every rank (``validate``).
         reduce_grad_hidden: with a process_group, sum the partial ``grad_hidden`` over the group in the
             backward (default). False returns this rank's partial (for a caller that reduce-scatters it
@@ -430,7 +430,8 @@ def linear_token_logprobs(
         impl: ``"auto" | "triton" | "cpp" | "reference"``; env ``REASONRL_IMPL`` sets the default. An
             explicit choice that cannot run raises ``RuntimeError``.
         validate: check label range / temperature values and report NaN rows (host syncs). ``None`` uses the
-            global setting (``reasonrl.set_validation``). Must be False under ``torch.compile(fullgraph=True)``.
+            global setting (``reasonrl.set_validation``). Must be False under
+            ``torch.compile(fullgraph=True)``.
 
     Returns:
         ``TokenLogprobs(logprobs, entropy, rank, lse)``: ``[...]`` tensors, fp32 (fp64 for fp64 inputs), rank

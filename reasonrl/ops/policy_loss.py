@@ -1,4 +1,5 @@
-"""The fused policy-loss kernels (docs/losses.md section 13.1): their interface table and their registered ops.
+"""The fused policy-loss kernels (docs/losses.md section 13.1): their interface
+table and their registered ops.
 
 **The interface table** (this module's constants: the one source of truth). The kernels take, besides the
 row inputs of ``token_logprobs``, a ``token_inputs [N, len(INPUT_COLUMNS)]`` tensor, a ``loss_kind`` code,

@@ -15,8 +15,8 @@ forward saves the logits by reference plus O(N) statistics (LSE and entropy, fro
 the backward recomputes the softmax on the fly, so no [N, V] fp32 tensor is ever allocated. Gradients flow
 to ``logits`` through ``logprobs`` and ``entropy``; ``rank`` and ``lse`` are not differentiable.
 
-Vocab-parallel mode (``process_group`` given, docs/ops.md 3.3) is a composition in :class:`_VocabParallel`: the
-same registered forward op run on this rank's shard (``vocab_start`` / ``vocab_global`` arguments), the
+Vocab-parallel mode (``process_group`` given, docs/ops.md 3.3) is a composition in :class:`_VocabParallel`:
+the same registered forward op run on this rank's shard (``vocab_start`` / ``vocab_global`` arguments), the
 collectives of ``reasonrl.ops.vocab_parallel``, and a backward that calls the registered backward op with the
 GLOBAL statistics (no communication in the backward: the upstream gradients are identical on all ranks).
 """
@@ -268,14 +268,15 @@ def token_logprobs(
         inplace_backward: write the gradient into the storage of ``logits`` (saves one logits-sized buffer;
             ``logits`` must be contiguous and must not be used again). Ignored by ``impl='reference'``.
         process_group: vocab-parallel mode (docs/ops.md 3.3). ``logits`` ``[..., V_r]`` is then this rank's
-            contiguous shard of global vocabulary ids ``[v_r, v_r + V_r)``; ``labels`` are GLOBAL ids and, with
-            ``temperature``, ``ignore_index`` and every keyword, identical on all ranks. Outputs are identical on
-            all ranks and equal the op on the full logits; the gradient is with respect to the local shard. The
-            forward issues two O(N) all-reduces (MAX of ``[m_r, t_r]``, SUM of ``[s_r, b_r, c_r]``; a third,
-            MAX of the label logit, with ``want_rank``); the backward communicates nothing (the upstream
-            gradients must be identical on all ranks). Needs ``impl`` cpp / triton (not reference).
-            Every rank must make the call, also with N = 0 rows. Eager mode: the collectives run in a
-            ``torch.autograd.Function`` and are not meant for ``torch.compile(fullgraph=True)``.
+            contiguous shard of global vocabulary ids ``[v_r, v_r + V_r)``; ``labels`` are GLOBAL ids and,
+            with ``temperature``, ``ignore_index`` and every keyword, identical on all ranks. Outputs are
+            identical on all ranks and equal the op on the full logits; the gradient is with respect to the
+            local shard. The forward issues two O(N) all-reduces (MAX of ``[m_r, t_r]``, SUM of
+            ``[s_r, b_r, c_r]``; a third, MAX of the label logit, with ``want_rank``); the backward
+            communicates nothing (the upstream gradients must be identical on all ranks). Needs ``impl``
+            cpp / triton (not reference). Every rank must make the call, also with N = 0 rows. Eager mode: the
+            collectives run in a ``torch.autograd.Function`` and are not meant for
+            ``torch.compile(fullgraph=True)``.
         vocab_start: ``v_r`` for unequal shards. Default ``None``: equal shards, ``v_r = rank * V_r`` and
             ``V_glob = P * V_r``. When given, ``V_glob`` is the sum of the ``V_r``, found by one all-gather of
             ``(v_r, V_r)`` over the group and a host sync per call, which also checks that the shards tile

@@ -1,5 +1,5 @@
-"""Vocab-parallel plumbing shared by the log-prob ops (docs/ops.md section 3.3), ``token_logprobs`` on a logits
-shard and ``linear_token_logprobs`` on an lm_head shard: the shard layout and the exact combination of
+"""Vocab-parallel plumbing shared by the log-prob ops (docs/ops.md section 3.3), ``token_logprobs`` on a
+logits shard and ``linear_token_logprobs`` on an lm_head shard: the shard layout and the exact combination of
 per-shard streaming statistics into the global log-sum-exp, label log-prob, entropy and rank.
 
 Each of the P ranks of a process group holds the global vocabulary ids ``[v_r, v_r + V_r)`` (a contiguous

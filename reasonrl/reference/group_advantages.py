@@ -21,8 +21,9 @@ mean, sigma_g their Bessel std):
 * ``dr_grpo``: ``grpo`` with ``scale="none"``. Dr. GRPO: Liu et al. 2025, arXiv:2503.20783.
 * ``rloo``: n_g / (n_g - 1) (r_i - mu_g), the leave-one-out baseline. Ahmadian et al. 2024, arXiv:2402.14740;
   verl ``compute_rloo_outcome_advantage`` / ``compute_rloo_vectorized_outcome_advantage``.
-* ``reinforce_plus_plus_baseline``: r_i - mu_g, then token-weighted whitening over the batch (docs/ops.md 4.3).
-  REINFORCE++: Hu 2025, arXiv:2501.03262; verl ``compute_reinforce_plus_plus_baseline_outcome_advantage``.
+* ``reinforce_plus_plus_baseline``: r_i - mu_g, then token-weighted whitening over the batch
+  (docs/ops.md 4.3). REINFORCE++: Hu 2025, arXiv:2501.03262; verl
+  ``compute_reinforce_plus_plus_baseline_outcome_advantage``.
 * ``reinforce_plus_plus``: gamma = 1: whitening of r. gamma != 1: per-token discounted returns G_{i,t} =
   gamma^{k(t)} r_i (k(t) = valid tokens of row i after t; masked tokens carry the return unchanged), whitened
   over all valid tokens. verl 0.9.1 ``compute_reinforce_plus_plus_outcome_advantage``.
@@ -31,10 +32,10 @@ mean, sigma_g their Bessel std):
 * ``opo``: r_i - b_g with the length-weighted baseline b_g = sum l_j r_j / sum l_j. Hao et al. 2025, OPO,
   arXiv:2505.23585; verl ``compute_opo_outcome_advantage`` (where verl divides 0 by 0 we use b_g = 0).
 
-Several reward functions (docs/ops.md 4.1): ``sum_then_normalize`` (TRL default) sums the weighted rewards first;
-``normalize_then_sum`` is GDPO (arXiv:2601.05242): each function is normalised within its group, the weighted
-sum is then normalised over the batch, TRL-style (``gdpo_final="trl"``) or verl-style whitening (``"verl"``,
-verl 0.9.1 ``compute_gdpo_outcome_advantage``).
+Several reward functions (docs/ops.md 4.1): ``sum_then_normalize`` (TRL default) sums the weighted rewards
+first; ``normalize_then_sum`` is GDPO (arXiv:2601.05242): each function is normalised within its group, the
+weighted sum is then normalised over the batch, TRL-style (``gdpo_final="trl"``) or verl-style whitening
+(``"verl"``, verl 0.9.1 ``compute_gdpo_outcome_advantage``).
 
 Numerics. Every group statistic is computed on rewards shifted by a per-group reference value (the group
 maximum), mean first then squared deviations (two passes): a group of equal rewards gets exactly zero

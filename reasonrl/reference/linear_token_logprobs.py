@@ -1,4 +1,5 @@
-"""Reference implementation of ``linear_token_logprobs`` (docs/ops.md section 3): plain PyTorch, written for clarity.
+"""Reference implementation of ``linear_token_logprobs`` (docs/ops.md section 3):
+plain PyTorch, written for clarity.
 
 Exactly ``token_logprobs_reference(hidden @ weight.T + bias, labels, ...)`` with the logits computed in the
 compute dtype (fp32 for fp32 / bf16 / fp16 inputs, fp64 for fp64 inputs or ``compute_dtype=torch.float64``,

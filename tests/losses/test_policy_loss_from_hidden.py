@@ -1,7 +1,7 @@
-"""policy_loss_from_hidden (docs/losses.md section 2, 13.1): the fused-linear single pass on CPU against the float64
-oracle (fp64 matmul, reference token_logprobs, reference loss): loss, grad_hidden, grad_weight, grad_bias and
-metrics; several row chunks, compacted ignored / masked rows, per-row temperature, padded and packed layouts,
-gradcheck in float64, the module form, and bad input."""
+"""policy_loss_from_hidden (docs/losses.md section 2, 13.1): the fused-linear single pass on CPU against the
+float64 oracle (fp64 matmul, reference token_logprobs, reference loss): loss, grad_hidden, grad_weight,
+grad_bias and metrics; several row chunks, compacted ignored / masked rows, per-row temperature, padded and
+packed layouts, gradcheck in float64, the module form, and bad input."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""The single-pass fused policy loss (docs/losses.md section 13.1; reasonrl/losses/fused.py, csrc/cpu/policy_loss.cpp,
-kernels/policy_loss.py).
+"""The single-pass fused policy loss (docs/losses.md section 13.1; reasonrl/losses/fused.py,
+csrc/cpu/policy_loss.cpp, kernels/policy_loss.py).
 
 (a) The per-token functor (``reasonrl::policy_loss_token_grad``, the C++ code the fused kernel runs per row)
     against autograd of the reference loss in float64, over every token-local loss type x feature x
-    aggregation, with advantages of both signs, fully masked sequences and ratios exactly on every clamp bound.
+    aggregation, with advantages of both signs, fully masked sequences and
+    ratios exactly on every clamp bound.
 (b) End to end: ``policy_loss_from_logits`` on the single-pass path (cpp and triton) against the float64
     oracle chain (reference token_logprobs in float64, then the reference loss): loss, dlogits and metrics,
     padded and packed layouts.

@@ -1,5 +1,6 @@
-"""GPU tests of the single-pass fused policy loss (pytest -m gpu; run by bench/gpu_check.sh on a CUDA machine):
-the Triton kernel at realistic vocabularies against the float64 oracle chain, its opcheck and torch.compile."""
+"""GPU tests of the single-pass fused policy loss (pytest -m gpu; run by bench/gpu_check.sh on a CUDA
+machine): the Triton kernel at realistic vocabularies against the float64 oracle chain,
+its opcheck and torch.compile."""
 
 from __future__ import annotations
 

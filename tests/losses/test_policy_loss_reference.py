@@ -856,8 +856,8 @@ def to_packed(b: Batch):
 @pytest.mark.parametrize("kwargs", EDGE_CONFIGS, ids=lambda k: "-".join(str(v) for v in k.values()
                                                                       if isinstance(v, str)))
 def test_packed_layout_matches_padded(kwargs):
-    """docs/ops.md section 1: the same sequences padded [B, T] + mask or packed [N] + cu_seqlens + mask (with an
-    empty segment) give the same loss, gradients, per-token loss and metrics."""
+    """docs/ops.md section 1: the same sequences padded [B, T] + mask or packed [N] + cu_seqlens + mask (with
+    an empty segment) give the same loss, gradients, per-token loss and metrics."""
     cfg = _cfg(kwargs)
     b = make_batch(seed=6)
     assert int(b.lengths.max()) == b.lp.shape[1]  # same T_pad for seq-mean-token-sum-norm

@@ -3,8 +3,8 @@
 Three independent sources of truth:
 
 * ``loop_oracle``: a deliberately simple float64 implementation written in this file, one Python loop per
-  group, straight from the formulas of docs/ops.md 4. It exists only to cross-check the vectorised op (which must
-  never loop over groups) and shares no code with it.
+  group, straight from the formulas of docs/ops.md 4. It exists only to cross-check the vectorised op (which
+  must never loop over groups) and shares no code with it.
 * TRL 1.16: ``trl_advantages`` below is the tensor code of ``GRPOTrainer._generate_and_score_completions`` and
   ``trl.trainer.utils.nanstd``, copied with ``self.`` attributes turned into arguments.
   ``test_trl_copy_matches_installed_trl`` checks, by reading the installed source as text (importing trl costs
@@ -12,7 +12,8 @@ Three independent sources of truth:
 * verl 0.9.1: the estimators of ``verl.trainer.ppo.core_algos`` called on the same rewards (skipped, with the
   reason, when verl cannot be imported; verl is the optional ``verl`` extra, not a dependency).
 
-Accuracy (docs/ops.md 8): fp32 outputs are within 1e-6 of the float64 oracle, relative to the largest oracle value.
+Accuracy (docs/ops.md 8): fp32 outputs are within 1e-6 of the float64 oracle,
+relative to the largest oracle value.
 """
 
 from __future__ import annotations
@@ -615,7 +616,8 @@ def test_validate_none_follows_global_switch():
 R4 = torch.tensor([1.0, 0.0, 0.5, 1.0])
 MASK = torch.ones(4, 3)
 
-# Per-token returns of four rewards in groups of two (REINFORCE++, gamma 0.9): the packed / padded layout cases.
+# Per-token returns of four rewards in groups of two (REINFORCE++, gamma 0.9):
+# the packed / padded layout cases.
 PER_TOKEN_R4 = dict(rewards=R4, group_size=2, estimator="reinforce_plus_plus", gamma=0.9)
 
 BAD_INPUTS = [

@@ -82,8 +82,9 @@ def _run(hidden, weight, bias, labels, temp, g_lp, g_h, *, want_entropy=True, wa
 
 
 def _reference(hidden, weight, bias, labels, temp, g_lp, g_h, compute_dtype):
-    """Outputs and (grad_hidden, grad_weight, grad_bias). float64: the oracle. float32: the docs/ops.md 8 yardstick
-    in the input dtype (fp32 logits accumulator, grad_logits rounded to the input dtype, fp32 GEMMs)."""
+    """Outputs and (grad_hidden, grad_weight, grad_bias). float64: the oracle. float32: the docs/ops.md 8
+    yardstick in the input dtype (fp32 logits accumulator, grad_logits rounded to
+    the input dtype, fp32 GEMMs)."""
     dtype = hidden.dtype
     if compute_dtype == torch.float64:
         h = hidden.double().requires_grad_(True)
@@ -135,7 +136,8 @@ def _check(hidden, weight, bias, labels, temp, g_lp, g_h, tag):
         assert bool((got[~valid] == 0).all()), f"{tag} {name}: ignored rows must be 0"
     assert stats.shape == (n, 2) and torch.equal((stats[:, 0] + stats[:, 1])[valid], lse[valid])
 
-    # rank: exact up to near-ties within GEMM rounding (docs/ops.md 8: columns within 1e-4 (1 + |x_y|) of x_y).
+    # rank: exact up to near-ties within GEMM rounding (docs/ops.md 8: columns
+    # within 1e-4 (1 + |x_y|) of x_y).
     assert rank.dtype == torch.int32 and rank.shape == (n,)
     x = _logits64(hidden, weight, bias)
     for i in range(n):

@@ -1,4 +1,5 @@
-"""Tests of ``reasonrl.linear_token_logprobs`` (docs/ops.md sections 3, 7 and 8) on CPU: ``cpp`` and ``reference``.
+"""Tests of ``reasonrl.linear_token_logprobs`` (docs/ops.md sections 3, 7 and 8) on
+CPU: ``cpp`` and ``reference``.
 
 Accuracy follows docs/ops.md section 8 through ``reasonrl.testing``: outputs and the three gradients (hidden,
 weight, bias) against a float64 oracle (fp64 matmul, then the reference), within 2x the error of the
@@ -115,7 +116,8 @@ def check_case(case: LinearCase, impl: str, *, grads=True, tag="", **kwargs) -> 
         assert_stat_close(x, getattr(ora, field), getattr(ref, field), dtype=dtype, name=f"{name} {field}",
                           valid=valid)
         assert bool((x[~valid] == 0).all()), f"{name} {field}: ignored rows must be 0"
-    # rank: only columns within 1e-4 (1 + |x_y|) of the label logit may be counted differently (docs/ops.md 8).
+    # rank: only columns within 1e-4 (1 + |x_y|) of the label logit may be
+    # counted differently (docs/ops.md 8).
     logits = case.hidden.double().reshape(-1, case.hidden.shape[-1]) @ case.weight.double().T
     if case.bias is not None:
         logits = logits + case.bias.double()

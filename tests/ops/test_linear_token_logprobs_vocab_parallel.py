@@ -1,5 +1,5 @@
-"""Vocab-parallel ``linear_token_logprobs`` and ``policy_loss_from_hidden`` (docs/ops.md section 3.3): two gloo
-ranks on the loopback, each holding a contiguous shard of the lm_head rows (weight ``[V_r, H]``, bias
+"""Vocab-parallel ``linear_token_logprobs`` and ``policy_loss_from_hidden`` (docs/ops.md section 3.3): two
+gloo ranks on the loopback, each holding a contiguous shard of the lm_head rows (weight ``[V_r, H]``, bias
 ``[V_r]``), must give the unsharded op's outputs on both ranks; the per-rank weight / bias gradients,
 concatenated, must be the unsharded gradients, and every rank's grad_hidden the unsharded one (the sum of the
 partials, which ``reduce_grad_hidden=False`` returns unsummed).

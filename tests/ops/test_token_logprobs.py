@@ -1,12 +1,13 @@
-"""Tests of ``reasonrl.token_logprobs`` (docs/ops.md sections 2, 7 and 8) for every CPU-runnable implementation.
+"""Tests of ``reasonrl.token_logprobs`` (docs/ops.md sections 2, 7 and 8) for
+every CPU-runnable implementation.
 
 * ``cpp``: the C++ extension (skipped, with the reason, when it does not load).
 * ``triton``: the Triton kernels under ``TRITON_INTERPRET=1`` (set by tests/conftest.py); the interpreter is
   ~1000x slower than a GPU, so Triton cases stay at N <= 16 rows and V <= 3000.
 * ``reference``: the plain-PyTorch path of the public op.
 
-Accuracy follows docs/ops.md section 8 through ``reasonrl.testing`` (the one tolerance table): the error against a
-float64 oracle is at most 2x the error of the reference computed in fp32, plus a small atol.
+Accuracy follows docs/ops.md section 8 through ``reasonrl.testing`` (the one tolerance table): the error
+against a float64 oracle is at most 2x the error of the reference computed in fp32, plus a small atol.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def test_grad_from_one_output(impl, grad, want_entropy, dtype):
     )
 
 
-# Temperature in each of its accepted forms (docs/ops.md 2, argument table): Python float != 1, 0-d tensor, one
-# value per row; fp32 and bf16 because a 16-bit input must still divide by the fp32 temperature.
+# Temperature in each of its accepted forms (docs/ops.md 2, argument table): Python float != 1, 0-d tensor,
+# one value per row; fp32 and bf16 because a 16-bit input must still divide by the fp32 temperature.
 @pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
 @pytest.mark.parametrize("temperature", [0.6, "0d", "row"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
@@ -143,7 +144,8 @@ def test_temperature_tensor_equals_float(impl):
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
 def test_gradcheck_fp64(impl):
-    """Central finite differences in fp64: both outputs, per-row temperature, an ignored row (docs/ops.md 2.3)."""
+    """Central finite differences in fp64: both outputs, per-row temperature, an
+    ignored row (docs/ops.md 2.3)."""
     skip_unless(impl, F64)
     g = torch.Generator().manual_seed(0)
     logits = make_logits(5, 9, dtype=F64, generator=g).requires_grad_(True)
@@ -500,7 +502,8 @@ def test_deterministic(impl):
 
 @pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
 def test_no_gradient_to_temperature(impl):
-    """A temperature tensor is a constant (docs/ops.md 2.3): no gradient flows to it, even if it requires grad."""
+    """A temperature tensor is a constant (docs/ops.md 2.3): no gradient flows to
+    it, even if it requires grad."""
     skip_unless(impl)
     case = make_token_logprobs_inputs(4, 50, seed=3, ignore_frac=0.0)
     temp = torch.tensor([0.5, 1.0, 1.5, 2.0], requires_grad=True)

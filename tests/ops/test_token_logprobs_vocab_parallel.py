@@ -5,7 +5,8 @@ its gradient.
 One ``torch.multiprocessing.spawn`` (world size 2, a ``file://`` store in a temporary directory) runs every
 case: a spawned process pays the import of torch and reasonrl, so the cases share it. The workers only run the
 op and save what it returned (outputs per rank, local gradients, errors raised); the comparisons run here, in
-the pytest process, against the unsharded ``cpp`` op and the float64 oracle by the rule of docs/ops.md section 8.
+the pytest process, against the unsharded ``cpp`` op and the float64 oracle by the
+rule of docs/ops.md section 8.
 
 The Triton kernels' sharded mode runs twice under the interpreter: through the gloo path (tiny shapes), and
 in-process by calling the kernels on each shard with its offset and combining the statistics by hand, which
@@ -399,8 +400,8 @@ def test_vocab_start_without_process_group_raises():
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 def test_sharded_kernels_single_process(impl):
     """The kernel contract without collectives: each shard run with its offset (registered ops, in-process),
-    combined by hand in float64 as docs/ops.md 3.3 says, equals the fp64 oracle; and the backward ops given the
-    global statistics give the oracle gradient shard by shard."""
+    combined by hand in float64 as docs/ops.md 3.3 says, equals the fp64 oracle; and the backward ops given
+    the global statistics give the oracle gradient shard by shard."""
     _skip_unless(impl)
     from reasonrl.ops.token_logprobs import registered_ops
 
