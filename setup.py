@@ -24,9 +24,8 @@ import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -83,8 +82,8 @@ class BuildExtension(cpp_extension.BuildExtension):
             obj = os.path.join(out_dir, os.path.basename(src)[:-4] + ".o")
             jobs.append([*cxx, *common, *ISA_FLAGS[isa], "-c", src, "-o", obj])
         # Rebuild only when a source or header under csrc/cpu changed (editable re-installs stay fast).
-        newest_input = max(os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "**", "*"),
-                                                                  recursive=True))
+        newest_input = max(os.path.getmtime(p)
+                           for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "**", "*"), recursive=True))
 
         def compile_one(cmd: list[str]) -> str:
             obj = cmd[-1]

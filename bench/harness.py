@@ -116,7 +116,8 @@ class Benchmark:
     profile_help: ClassVar[str] = ""
     shape_form: ClassVar[str | None] = None  # --shapes' form; None: "NxV" / "NxHxV" from the profile entries
     modes_help: ClassVar[str] = ""
-    default_cpu_threads: ClassVar[int] = 2  # the thread count of the CPU targets (docs/performance.md section 3)
+    # the thread count of the CPU targets (docs/performance.md section 3)
+    default_cpu_threads: ClassVar[int] = 2
 
     def default_modes(self, profile: str, device: torch.device) -> list[str]:
         return list(self.modes)

@@ -84,8 +84,8 @@ def _stream_config(vocab: int, aligned: bool) -> dict:
 
 
 @triton.jit
-def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar, vocab, ignore_index,
-               HAS_TEMP: tl.constexpr):
+def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar, vocab,
+               ignore_index, HAS_TEMP: tl.constexpr):
     """The row's label and temperature, and whether the row has a distribution to evaluate: a label in
     [0, V) that is not ignore_index, and a finite temperature > 0. Anything else (validate=False) gives the
     documented fills: zeros for ignored rows, NaN otherwise, and a zero gradient."""
@@ -196,7 +196,8 @@ def _row_zero(grad_row_ptr, vocab, BLOCK_V: tl.constexpr):
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
-        tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty), mask=offs < vocab)
+        tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty),
+                 mask=offs < vocab)
 
 
 @triton.jit(do_not_specialize=["vocab", "ignore_index", "vocab_start", "vocab_global"])
@@ -235,7 +236,8 @@ def _token_logprobs_fwd_kernel(
         # backward and the fused loss compute the same bits (docs/numerics.md section 6).
         inv_tau = tl.div_rn(1.0, tau)
         row_ptr = logits_ptr + row * stride_logits_n
-        _, x_label, pivot = _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row, HAS_LABEL_LOGIT)
+        _, x_label, pivot = _row_label(row_ptr, label, vocab_start, vocab, label_logit_ptr, row,
+                                       HAS_LABEL_LOGIT)
         m, m_lo, s, b, count = _row_stats(row_ptr, pivot, inv_tau, vocab, HAS_ENTROPY, HAS_RANK, BLOCK_V,
                                           STAGES)
         log_s = tl.log(s)
@@ -362,7 +364,8 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
 
 
 def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar,
-                       ignore_index, stats, entropy, grad, vocab_start=0, vocab_global=0, *, launch=_direct_launch):
+                       ignore_index, stats, entropy, grad, vocab_start=0, vocab_global=0, *,
+                       launch=_direct_launch):
     """Launch the backward kernel, writing into ``grad`` (which may be ``logits`` itself)."""
     n, vocab = logits.shape
     if n == 0:

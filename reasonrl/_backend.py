@@ -376,8 +376,9 @@ def check_temperature(op: str, temperature, token_shape: torch.Size, device: tor
     elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         tiny = min_temperature(dtype)
         if not (math.isfinite(temperature) and temperature >= tiny):
-            raise ValueError(f"{op}: temperature must be finite and >= {tiny:.7g} (the smallest normal number "
-                             f"of the compute dtype, so that 1 / temperature is finite), got {temperature}")
+            raise ValueError(f"{op}: temperature must be finite and >= {tiny:.7g} (the smallest normal "
+                             f"number of the compute dtype, so that 1 / temperature is finite), "
+                             f"got {temperature}")
     else:
         raise TypeError(f"{op}: temperature must be a float or a tensor, got {type(temperature).__name__}")
 

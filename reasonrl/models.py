@@ -63,7 +63,8 @@ def hidden_states_and_lm_head(
     if getattr(text_config, "final_logit_softcapping", None) is not None:
         raise NotImplementedError("hidden_states_and_lm_head: final_logit_softcapping is not supported yet")
     if getattr(text_config, "logit_scale", 1.0) not in (None, 1.0):
-        raise NotImplementedError("hidden_states_and_lm_head: a logit_scale other than 1 is not supported yet")
+        raise NotImplementedError("hidden_states_and_lm_head: a logit_scale other than 1 is not "
+                                  "supported yet")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"hidden_states_and_lm_head: {type(model).__name__} has no linear lm_head "

@@ -223,8 +223,8 @@ def assert_close_to_oracle(
         i = int(excess.argmax())
         ulp_txt = f" + 1 ulp({ulp_dtype}) = {float(allowed[i] - bound):.3e}" if ulp_dtype is not None else ""
         raise AssertionError(
-            f"{name}: err = max|impl - oracle| = {float(diff.max()):.3e} exceeds the docs/ops.md section 8 bound; "
-            f"worst element (flat index {i} of the valid finite entries): "
+            f"{name}: err = max|impl - oracle| = {float(diff.max()):.3e} exceeds the docs/ops.md section 8 "
+            f"bound; worst element (flat index {i} of the valid finite entries): "
             f"|{float(a[i])!r} - {float(o[i])!r}| = "
             f"{float(diff[i]):.3e} > allowed {float(allowed[i]):.3e} = {ref_factor:g} x err(reference) "
             f"{err_ref:.3e} + atol {atol:.3e} ({atol_scale:g} x {float(magnitude):.4g}){ulp_txt}; "

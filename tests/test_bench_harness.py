@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from reasonrl.bench import harness
 from reasonrl.bench.inputs import LogitsInputSpec
 
@@ -157,9 +158,8 @@ def test_phase_entropy_benchmark_end_to_end(tmp_path):
     files are written (the numbers themselves are not checked: no timing is meaningful in a test)."""
     import json
 
-    from reasonrl.bench import bench_phase_entropy
-
     from reasonrl._backend import unavailable_reason
+    from reasonrl.bench import bench_phase_entropy
 
     if unavailable_reason("cpp", CPU, torch.float32) is not None:
         pytest.skip("the compiled extension is not loaded")

@@ -128,7 +128,8 @@ for kind, cls, cfg in (("llama", transformers.LlamaForCausalLM, transformers.Lla
     with torch.no_grad():
         out[kind] = list(model(torch.tensor([[1, 2, 3, 4]])).logits.shape)
 try:
-    hf_kernels = os.path.realpath(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+    hf_kernels = os.path.realpath(
+        importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
 except importlib.metadata.PackageNotFoundError:
     hf_kernels = None
 import kernels

@@ -47,7 +47,9 @@ class AdaptiveEntropyController:
             check_real(c, name, value, lambda v: True, "a finite number")
         check_real(c, "delta", delta, lambda v: v >= 0, "a finite number >= 0")
         if not coef_min <= coef_max:
-            raise ValueError(f"{c}.coef_min must be <= coef_max, got coef_min={coef_min} > coef_max={coef_max}")
+            raise ValueError(
+                f"{c}.coef_min must be <= coef_max, got coef_min={coef_min} > coef_max={coef_max}"
+            )
         self.target, self.delta, self.coef_min, self.coef_max = (
             float(target),
             float(delta),

@@ -34,11 +34,12 @@ from reasonrl.ops.token_logprobs import token_logprobs
 from reasonrl.reference import policy_loss as reference
 from reasonrl.reference.layout import check_cu_seqlens
 
-__all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", "PolicyLoss", "FusedLinearPolicyLoss",
-           "rollout_is_weights", "top_entropy_mask"]
+__all__ = ["policy_loss", "policy_loss_from_logits", "policy_loss_from_hidden", "PolicyLoss",
+           "FusedLinearPolicyLoss", "rollout_is_weights", "top_entropy_mask"]
 
 
-def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int, validate: bool | None = None) -> None:
+def _validate_cu_seqlens(cu_seqlens: torch.Tensor | None, num_tokens: int,
+                         validate: bool | None = None) -> None:
     """docs/ops.md section 7: cu[0] = 0, non-decreasing, cu[B] = N (O(B), one host sync). ``validate`` None:
     the global setting."""
     if cu_seqlens is None or not backend.resolve_validate(validate):
@@ -285,8 +286,8 @@ class FusedLinearPolicyLoss(nn.Module):
     ``nn.Linear``, whose weight / bias are used by reference: pass ``model.get_output_embeddings()`` to share
     it with the model). ``forward(hidden, labels, **loss_kwargs)``."""
 
-    def __init__(self, lm_head: nn.Linear, config: PolicyLossConfig | None = None, *, chunk_rows: int | None = None,
-                 impl: str = "auto") -> None:
+    def __init__(self, lm_head: nn.Linear, config: PolicyLossConfig | None = None, *,
+                 chunk_rows: int | None = None, impl: str = "auto") -> None:
         super().__init__()
         self.lm_head = lm_head
         self.config = PolicyLossConfig() if config is None else config

@@ -127,7 +127,8 @@ def saved_logits_bytes_default() -> int:
 def _setup_context(ctx, inputs, output):
     # inputs[10:] (cpp only): vocab_start, vocab_global, label_logit, left at their unsharded defaults here:
     # the vocab-parallel mode has its own autograd (_LinearVocabParallel).
-    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy, _, chunk = inputs[:10]
+    (hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, want_entropy, _,
+     chunk) = inputs[:10]
     _, entropy, rank, lse, stats = output[:5]
     saved = output[5] if len(output) > 5 and output[5].numel() > 0 else None
     ctx.save_for_backward(hidden, weight, bias, labels, temperature, stats, entropy, saved)
@@ -208,9 +209,9 @@ def _triton_ops():
     @torch.library.triton_op("reasonrl::linear_token_logprobs_bwd_triton", mutates_args=())
     def bwd(
         grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
-        weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, temperature: torch.Tensor | None,
-        temperature_scalar: float, ignore_index: int, stats: torch.Tensor, entropy: torch.Tensor,
-        chunk_rows: int, output_mask: list[bool],
+        weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+        temperature: torch.Tensor | None, temperature_scalar: float, ignore_index: int, stats: torch.Tensor,
+        entropy: torch.Tensor, chunk_rows: int, output_mask: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gh, gw, gb = kernels.linear_logprobs_bwd(
             None if grad_logprobs is None else grad_logprobs.float().contiguous(),
@@ -241,8 +242,8 @@ def check_args(hidden, weight, labels, bias, temperature, ignore_index):
     """Argument checks without a host sync (docs/ops.md section 7)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{OP}: {name} must be a floating tensor (float32, bfloat16, float16 or float64), "
-                            f"got {getattr(t, 'dtype', type(t).__name__)}")
+            raise TypeError(f"{OP}: {name} must be a floating tensor (float32, bfloat16, float16 or "
+                            f"float64), got {getattr(t, 'dtype', type(t).__name__)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if hidden.dim() < 1:
@@ -318,8 +319,9 @@ class _LinearVocabParallel(torch.autograd.Function):
         shard = call.shard
         pivot = _label_logit(x, weight, bias, labels, call.ignore_index, shard) if call.want_rank else None
         local = torch.ops.reasonrl.linear_token_logprobs_fwd.default(
-            x, weight, bias, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy,
-            call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot, call.saved_rows,
+            x, weight, bias, labels, temperature, call.temperature_scalar, call.ignore_index,
+            call.want_entropy, call.want_rank, call.chunk_rows, shard.vocab_start, shard.vocab_global, pivot,
+            call.saved_rows,
         )
         # saved_logits (docs/ops.md 3.4): this shard's logits; the backward reads them with the global stats.
         saved = local[5] if local[5].numel() > 0 else None
@@ -337,7 +339,8 @@ class _LinearVocabParallel(torch.autograd.Function):
         if not call.want_entropy:
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:  # the same on every rank: no collective either
-            gh, gw, gb = torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
+            gh, gw = torch.zeros_like(x), torch.zeros_like(weight)
+            gb = None if bias is None else torch.zeros_like(bias)
         else:
             shard = call.shard
             # 16-bit inputs with a reduced grad_hidden: run the op on fp32 operands (what its GEMMs do anyway:
@@ -450,8 +453,8 @@ def linear_token_logprobs(
 
     impl = backend.select_impl(OP, impl, hidden.device.type, hidden.dtype)
     if shard is not None and impl != "cpp":
-        raise NotImplementedError(f"{OP}: vocab-parallel mode (process_group) is implemented by impl='cpp' only "
-                                  f"(CPU); impl={impl!r} has no sharded path")
+        raise NotImplementedError(f"{OP}: vocab-parallel mode (process_group) is implemented by impl='cpp' "
+                                  f"only (CPU); impl={impl!r} has no sharded path")
     if impl == "reference":
         out = linear_token_logprobs_reference(
             hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
@@ -466,7 +469,8 @@ def linear_token_logprobs(
     x, labels_flat, temp_t, temp_scalar = backend.flatten_rows(hidden, labels, temperature,
                                                                 unit_stride=False)
     acc = backend.accumulation_dtype(hidden.dtype)
-    chunk_rows = 0 if workspace_bytes is None else max(1, int(workspace_bytes) // ((vocab + h) * acc.itemsize))
+    chunk_rows = (0 if workspace_bytes is None
+                  else max(1, int(workspace_bytes) // ((vocab + h) * acc.itemsize)))
     saved_rows = 0
     if impl == "cpp" and torch.is_grad_enabled() and (
             hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -486,8 +490,8 @@ def linear_token_logprobs(
                                  want_entropy, want_rank, chunk_rows, saved_rows=saved_rows)[:4]
     else:
         fwd = backend.kernel_op("linear_token_logprobs_fwd", impl)
-        lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index, want_entropy,
-                                    want_rank, chunk_rows)
+        lp, ent, rank, lse, _ = fwd(x, weight, bias, labels_flat, temp_t, temp_scalar, ignore_index,
+                                    want_entropy, want_rank, chunk_rows)
     if validate:
         backend.check_nan_rows(OP, lp, labels_flat, ignore_index, _NAN_CAUSE)
     return backend.token_outputs(lead_shape, lp, ent, rank, lse, want_entropy=want_entropy,

@@ -227,8 +227,8 @@ def _triton_from_hidden():
         kl_kind: int,
         params: list[float],
         chunk_rows: int,  # the C++ op's row chunk; the Triton kernels tile by themselves
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-               torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor, torch.Tensor]:  # fmt: skip
         return kernels.linear_policy_loss(
             hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             labels.to(torch.int64), temperature, temperature_scalar, ignore_index, token_inputs, loss_kind,

@@ -96,8 +96,8 @@ def _fake_fwd(logits, labels, temperature, temperature_scalar, ignore_index, wan
     return backend.fake_row_outputs(logits, want_entropy, want_rank)
 
 
-def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index, stats,
-              entropy, vocab_start=0, vocab_global=0):
+def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, temperature, temperature_scalar, ignore_index,
+              stats, entropy, vocab_start=0, vocab_global=0):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -211,8 +211,8 @@ class _VocabParallel(torch.autograd.Function):
         fwd = backend.kernel_op("token_logprobs_fwd", call.impl)
         pivot = label_pivot(x, labels, call.ignore_index, shard) if call.want_rank else None
         local = fwd(
-            x, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy, call.want_rank,
-            False, shard.vocab_start, shard.vocab_global, pivot,
+            x, labels, temperature, call.temperature_scalar, call.ignore_index, call.want_entropy,
+            call.want_rank, False, shard.vocab_start, shard.vocab_global, pivot,
         )
         return finish_sharded_forward(ctx, local, labels, call, (x, labels, temperature))
 

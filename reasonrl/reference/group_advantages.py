@@ -228,8 +228,8 @@ def _whiten(
     total = w.sum()
     if validate and bool(total <= 1):
         raise ValueError(
-            f"group_advantages: {what} needs a whitening weight W > 1 (docs/ops.md 4.3; verl's masked_var raises "
-            f"too), got W = {float(total):g} (the sum of the weights over the scorable rows)"
+            f"group_advantages: {what} needs a whitening weight W > 1 (docs/ops.md 4.3; verl's masked_var "
+            f"raises too), got W = {float(total):g} (the sum of the weights over the scorable rows)"
         )
     ref = torch.where(valid, a, torch.full_like(a, float("-inf"))).max() if a.numel() else zero
     ref = torch.where(torch.isfinite(ref), ref, zero)

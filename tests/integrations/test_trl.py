@@ -36,8 +36,8 @@ from transformers import (  # noqa: E402
     TrainerCallback,
 )
 
-from reasonrl.integrations import trl as rtrl  # noqa: E402
 from reasonrl import testing as rtesting  # noqa: E402
+from reasonrl.integrations import trl as rtrl  # noqa: E402
 from reasonrl.testing import tolerance, word_tokenizer  # noqa: E402
 
 VOCAB = 48  # small: the EOS token (id 2) ends ~20% of the 10-token completions, so lengths and masks vary

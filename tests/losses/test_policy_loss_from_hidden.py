@@ -231,7 +231,8 @@ def test_bad_input_names_the_argument():
 def test_sequence_level_config_takes_the_two_phase_path():
     """GSPO couples the tokens of a sequence: linear_token_logprobs + the loss with autograd (still no [N, V]
     logits), against the same float64 oracle."""
-    cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.02, entropy_coef=0.01)
+    cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.02,
+                           entropy_coef=0.01)
     norms = LossNormalizers()
     hidden, weight, bias, labels, kw = _case("packed", seed=8)
     out, grads = _run(hidden, weight, bias, labels, kw, cfg, norms, chunk_rows=None)

@@ -31,7 +31,8 @@ def _case(layout, dtype, seed=0):
     mask[2, :] = False  # a fully masked sequence
     labels[1, 0] = -100  # an ignored token inside a valid sequence
     adv = torch.tensor([1.0, -0.5, 0.3])
-    old = token_logprobs_reference(logits, labels.clamp_min(0)).logprobs + 0.05 * torch.randn(b, t, generator=g)
+    old = (token_logprobs_reference(logits, labels.clamp_min(0)).logprobs
+           + 0.05 * torch.randn(b, t, generator=g))
     ref = old - 0.02
     kw = dict(advantages=adv, old_logprobs=old, ref_logprobs=ref)
     if layout == "padded":
@@ -68,7 +69,8 @@ def test_matches_reference_chain(name, layout, impl, available_impls):
     torch.testing.assert_close(out.loss.double(), oracle.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
     assert out.metrics.entropy is not None
-    torch.testing.assert_close(out.metrics.entropy.sum.double(), oracle.metrics.entropy.sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.metrics.entropy.sum.double(), oracle.metrics.entropy.sum, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_label_shape_mismatch_names_the_argument():

@@ -359,7 +359,8 @@ def _check_end_to_end(impl, name, layout, temperature=0.9):
             assert mine is None, field
             continue
         torch.testing.assert_close(
-            mine.sum.double(), theirs.sum.double(), rtol=1e-5, atol=1e-6, msg=lambda m, f=field: f"metric {f}: {m}"
+            mine.sum.double(), theirs.sum.double(), rtol=1e-5, atol=1e-6,
+            msg=lambda m, f=field: f"metric {f}: {m}",
         )
     torch.testing.assert_close(
         out.metrics.ratio_max.value.double(), oracle.metrics.ratio_max.value, rtol=1e-5, atol=0

@@ -221,7 +221,8 @@ def run_trl(trl, args, b: Batch, *, old: bool = True, samp: bool = False, ga: in
     H = b.H.clone().requires_grad_(True)
     trainer = trl_stand_in(trl, args, ga=ga, training=training, num_processes=num_processes)
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (lp, H, None)
-    loss = trl.GRPOTrainer._compute_loss(trainer, None, trl_inputs(args, b, old=old, samp=samp, num_items=num_items))
+    loss = trl.GRPOTrainer._compute_loss(trainer, None,
+                                         trl_inputs(args, b, old=old, samp=samp, num_items=num_items))
     g_lp, g_h = torch.autograd.grad(loss, [lp, H], allow_unused=True)
     logged = {k: v[-1] for k, v in trainer._metrics["train" if training else "eval"].items()}
     return loss.detach(), _zeros_if_none(g_lp, lp), _zeros_if_none(g_h, H), logged
@@ -1224,8 +1225,8 @@ def test_adaptive_entropy_controller_matches_trl(trl, grpo_config, top_entropy_q
     every optimiser step."""
     ga = 2
     args = grpo_config(loss_type="dapo", epsilon_high=0.28, entropy_coef=0.02, use_adaptive_entropy=True,
-                       entropy_target=1.0, entropy_coef_delta=0.015, entropy_coef_min=0.0, entropy_coef_max=0.04,
-                       top_entropy_quantile=top_entropy_quantile)
+                       entropy_target=1.0, entropy_coef_delta=0.015, entropy_coef_min=0.0,
+                       entropy_coef_max=0.04, top_entropy_quantile=top_entropy_quantile)
     cfg = PolicyLossConfig.from_trl(args)
     trainer = trl_stand_in(trl, args, ga=ga)
     trainer.use_adaptive_entropy, trainer._entropy_bonus_enabled = True, True

@@ -56,7 +56,8 @@ def make_case(lead, hidden_size, vocab, *, dtype=F32, bias=True, temperature="ro
         lead = (lead,)
     acc = F64 if dtype == F64 else F32
     hidden = torch.randn(*lead, hidden_size, generator=g, dtype=F64).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g, dtype=F64) * 2.5 / math.sqrt(hidden_size)).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g, dtype=F64) * 2.5
+              / math.sqrt(hidden_size)).to(dtype)
     b = (torch.randn(vocab, generator=g, dtype=F64) * 0.5).to(dtype) if bias else None
     if temperature == "row":
         temp = (0.5 + torch.rand(lead, generator=g, dtype=F64)).to(acc)
@@ -103,7 +104,8 @@ def oracle(case: LinearCase, grads=True) -> Run:
 def check_case(case: LinearCase, impl: str, *, grads=True, tag="", **kwargs) -> None:
     """docs/ops.md section 8 for every output and gradient; ignored rows exactly 0."""
     dtype = case.hidden.dtype
-    name = f"{impl} {str(dtype).removeprefix('torch.')} {tuple(case.hidden.shape)}x{case.weight.shape[0]}{tag}"
+    name = (f"{impl} {str(dtype).removeprefix('torch.')} "
+            f"{tuple(case.hidden.shape)}x{case.weight.shape[0]}{tag}")
     got = run(case, linear_token_logprobs, grads=grads, impl=impl, **kwargs)
     ora = oracle(case, grads=grads)
     # err(reference) in the input dtype with fp32 accumulation: the reference on the same leaves.
@@ -129,8 +131,8 @@ def check_case(case: LinearCase, impl: str, *, grads=True, tag="", **kwargs) -> 
     assert bool((diff <= near)[valid.reshape(-1)].all()), f"{name} rank differs beyond near-ties"
     assert bool((got.rank[~valid] == 0).all())
     if grads:
-        for label, a, o, r in zip(("grad_hidden", "grad_weight", "grad_bias"), got.grads, ora.grads, ref.grads,
-                                  strict=True):
+        for label, a, o, r in zip(("grad_hidden", "grad_weight", "grad_bias"), got.grads, ora.grads,
+                                  ref.grads, strict=True):
             if o is None:
                 assert a is None
                 continue
@@ -243,8 +245,8 @@ def test_gradcheck_fp64(impl):
     kwargs = {"workspace_bytes": 2 * (9 + 4) * 8} if impl == "cpp" else {}
 
     def fn(h, w, b):
-        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True, impl=impl,
-                                    **kwargs)
+        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True,
+                                    impl=impl, **kwargs)
         return out.logprobs, out.entropy
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -263,8 +265,8 @@ def test_opcheck_cpp_ops():
     # (hidden, weight, bias?, labels, temperature?, temperature_scalar, ignore_index, want_entropy, want_rank,
     #  chunk_rows)
     for args in [
-        (h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), labels, None, 0.8,
-         -100, True, True, 0),
+        (h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), labels, None,
+         0.8, -100, True, True, 0),
         (h.clone().requires_grad_(), w.clone(), None, labels.int(), temp, 1.0, -100, True, False, 2),
         (h.clone(), w.clone().requires_grad_(), b, labels, temp, 1.0, -100, False, True, 4),
         (h.to(BF16), w.to(BF16), b.to(BF16), labels, None, 1.0, -100, True, True, 0),
@@ -340,7 +342,8 @@ def test_partial_requires_grad_and_lp_only():
     assert out.entropy is None and out.rank is None and out.lse is None
     (gh,) = torch.autograd.grad(out.logprobs, h, case.g_lp)
     h64 = case.hidden.double().requires_grad_(True)
-    ref = linear_token_logprobs_reference(h64, case.weight.double(), case.labels, temperature=case.temperature)
+    ref = linear_token_logprobs_reference(h64, case.weight.double(), case.labels,
+                                          temperature=case.temperature)
     (gh64,) = torch.autograd.grad(ref.logprobs, h64, case.g_lp.double())
     torch.testing.assert_close(gh.double(), gh64, rtol=1e-4, atol=1e-5)
 
@@ -362,7 +365,8 @@ def test_weight_tied_and_reused_twice():
     case = make_case(16, 8, 64, bias=False, seed=9)
     w = case.weight.clone().requires_grad_(True)
     w_ref = case.weight.clone().requires_grad_(True)
-    for fn, weight, kw in ((linear_token_logprobs, w, {"impl": "cpp"}), (linear_token_logprobs_reference, w_ref, {})):
+    for fn, weight, kw in ((linear_token_logprobs, w, {"impl": "cpp"}),
+                           (linear_token_logprobs_reference, w_ref, {})):
         for half in (slice(0, 8), slice(8, 16)):
             out = fn(case.hidden[half], weight, case.labels[half], want_entropy=True, **kw)
             (out.logprobs * case.g_lp[half] + out.entropy * case.g_h[half]).sum().backward()
@@ -394,7 +398,8 @@ def test_auto_picks_cpp_and_explicit_triton_raises(monkeypatch):
 # Errors (docs/ops.md section 7)
 # ----------------------------------------------------------------------------------------------------------
 
-_H, _W, _Y = (lambda: torch.randn(4, 8)), (lambda: torch.randn(10, 8)), (lambda: torch.tensor([0, 1, 9, -100]))
+_H, _W, _Y = ((lambda: torch.randn(4, 8)), (lambda: torch.randn(10, 8)),
+              (lambda: torch.tensor([0, 1, 9, -100])))
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
@@ -418,7 +423,8 @@ _H, _W, _Y = (lambda: torch.randn(4, 8)), (lambda: torch.randn(10, 8)), (lambda:
         ({"temperature": torch.ones(3)}, ValueError, "temperature"),
     ],
     ids=["weight-H", "weight-1d", "V0", "H0", "labels-shape", "bias-shape", "weight-dtype", "bias-dtype",
-         "hidden-int", "labels-float", "label-range", "label-negative", "temp-0", "temp-row-neg", "temp-shape"],
+         "hidden-int", "labels-float", "label-range", "label-negative", "temp-0", "temp-row-neg",
+         "temp-shape"],
 )
 def test_bad_inputs_raise(impl, kwargs, exc, match):
     skip_unless(impl)

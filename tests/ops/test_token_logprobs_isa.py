@@ -52,11 +52,13 @@ def test_isa_variant_matches_oracle(capability, available_impls):
     if capability == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX2")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["isa"] == capability
     # fp32 kernels vs the fp64 oracle at |z| <= ~20: well inside docs/ops.md section 8 (checked strictly
     # elsewhere); a broken variant is off by orders of magnitude.
-    assert result["lp"] < 1e-5 and result["h"] < 1e-5 and result["rank"] == 0 and result["grad"] < 1e-5, result
+    assert (result["lp"] < 1e-5 and result["h"] < 1e-5 and result["rank"] == 0
+            and result["grad"] < 1e-5), result
     assert torch.isfinite(torch.tensor(result["grad"]))
