@@ -339,8 +339,8 @@ class _LinearVocabParallel(torch.autograd.Function):
         if not call.want_entropy:
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:  # the same on every rank: no collective either
-            gh, gw = torch.zeros_like(x), torch.zeros_like(weight)
-            gb = None if bias is None else torch.zeros_like(bias)
+            gh, gw, gb = (torch.zeros_like(x), torch.zeros_like(weight),
+                          None if bias is None else torch.zeros_like(bias))
         else:
             shard = call.shard
             # 16-bit inputs with a reduced grad_hidden: run the op on fp32 operands (what its GEMMs do anyway:
