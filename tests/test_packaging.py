@@ -1,6 +1,6 @@
-"""Packaging: a build from the repository installs kernels/ and bench/ as
-``reasonrl.kernels`` / ``reasonrl.bench``, and the checkout root on sys.path shadows no installed
-package (Hugging Face's ``kernels``).
+"""Packaging: a build from the repository installs kernels/ and bench/ as ``reasonrl.kernels`` /
+``reasonrl.bench``, and the checkout root on sys.path shadows no installed package (Hugging Face's
+``kernels``).
 
 A wheel build compiles the extension (minutes), so this test runs only setuptools' ``build_py`` step, which
 lays out the pure-Python part of the wheel exactly as ``bdist_wheel`` would (same package list and
