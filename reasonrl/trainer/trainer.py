@@ -414,6 +414,10 @@ class Trainer:
             if all("index" in it for it in items)
             else None,
         )
+        for name, fn, _ in self.rewards:  # rewards that adapt to training (LASER-D's length monitor)
+            hook = getattr(fn, "after_step", None)
+            if callable(hook):
+                hook(reward_outs[name], step=self.step_count, group_size=K)
         times["time/reward"] = time.perf_counter() - t
 
         weights = torch.tensor([w for _, _, w in self.rewards], dtype=torch.float32)

@@ -58,6 +58,8 @@ def _r3_reference(model, tok, rec, group_size):
             continue
         b = c.index(marker[0])
         ans = c[b + 1 :]
+        if ans[: len(sep)] == sep:  # the separator is not part of the outcome (docs/rewards.md 2.2)
+            ans = ans[len(sep) :]
         while ans and ans[-1] in (tok.eos_token_id, tok.pad_token_id):
             ans = ans[:-1]
         ans_len[r] = len(ans)
