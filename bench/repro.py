@@ -545,7 +545,11 @@ def verdicts(agg: dict) -> list[dict]:
     t = agg["time_to_target"]
     if t.get("dro_r3") and t.get("dro_r3_filter"):
         a, b = t["dro_r3"], t["dro_r3_filter"]
-        if b["reached"] < b["runs"] or a["reached"] < a["runs"]:
+        base = A["base"]["greedy_acc"]["mean"]
+        if base is not None and a["target_accuracy"] <= base + 1e-9:
+            # Every run starts at or above the target: the time to it is the time to the first evaluation.
+            v = f"not measurable (arm 3 ends at or below the base model's {100 * base:.1f}%)"
+        elif b["reached"] < b["runs"] or a["reached"] < a["runs"]:
             v = "not resolved (target not reached by every run)"
         else:
             v = _cmp(a["stats"], b["stats"], "lt")[0]
