@@ -390,14 +390,18 @@ def load_done(out: Path, budget: dict) -> dict[tuple[str, int], dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _stats(xs: list[float]) -> dict:
-    xs = [float(x) for x in xs if x is not None]
-    n = len(xs)
+def _stats(xs: list, seeds: list[int] | None = None) -> dict:
+    """Mean, sample std and standard error of the values that are not None; ``by_seed`` keeps them per seed
+    (when ``seeds`` is given) for the paired comparisons of :func:`_diff`."""
+    pairs = [(s, float(x)) for s, x in zip(seeds or [None] * len(xs), xs, strict=True) if x is not None]
+    vals = [x for _, x in pairs]
+    n = len(vals)
+    by_seed = {str(s): x for s, x in pairs if s is not None}
     if not n:
-        return {"n": 0, "mean": None, "std": None, "se": None}
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else None
-    return {"n": n, "mean": m, "std": sd, "se": None if sd is None else sd / math.sqrt(n)}
+        return {"n": 0, "mean": None, "std": None, "se": None, "by_seed": by_seed}
+    m = sum(vals) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in vals) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": m, "std": sd, "se": None if sd is None else sd / math.sqrt(n), "by_seed": by_seed}
 
 
 def _cot_trend(rec: dict) -> tuple[float | None, float | None]:
@@ -432,19 +436,22 @@ def aggregate(done: dict, seeds: list[int]) -> dict:
             "seeds_planned": len(seeds),
             "seeds": [r["seed"] for r in recs],
         }
-        a["greedy_acc"] = _stats([r["after"]["heldout_accuracy"] for r in recs])
+        sd = [r["seed"] for r in recs]
+        a["greedy_acc"] = _stats([r["after"]["heldout_accuracy"] for r in recs], sd)
         ks = sorted({int(k) for r in recs for k in r["sampled"]["pass_at_k"]})
-        a["pass_at_k"] = {str(k): _stats([r["sampled"]["pass_at_k"].get(str(k)) for r in recs]) for k in ks}
-        a["response_length"] = _stats([r["sampled"]["response_length"] for r in recs])
-        a["cot_length_eval"] = _stats([r["sampled"]["cot_length"] for r in recs])
-        a["cot_length_train"] = _stats([_mean([c.get("cot_length") for c in r["curves"]]) for r in recs])
+        a["pass_at_k"] = {
+            str(k): _stats([r["sampled"]["pass_at_k"].get(str(k)) for r in recs], sd) for k in ks
+        }
+        a["response_length"] = _stats([r["sampled"]["response_length"] for r in recs], sd)
+        a["cot_length_eval"] = _stats([r["sampled"]["cot_length"] for r in recs], sd)
+        a["cot_length_train"] = _stats([_mean([c.get("cot_length") for c in r["curves"]]) for r in recs], sd)
         trend = [_cot_trend(r) for r in recs]
-        a["cot_length_first"] = _stats([t[0] for t in trend])
-        a["cot_length_last"] = _stats([t[1] for t in trend])
-        a["cot_length_change"] = _stats([None if t[0] is None else t[1] - t[0] for t in trend])
-        a["train_s"] = _stats([r["train_s"] for r in recs])
-        a["filter_s"] = _stats([r.get("filter_s", 0.0) for r in recs])
-        a["wall_s"] = _stats([r["wall_s"] for r in recs])
+        a["cot_length_first"] = _stats([t[0] for t in trend], sd)
+        a["cot_length_last"] = _stats([t[1] for t in trend], sd)
+        a["cot_length_change"] = _stats([None if t[0] is None else t[1] - t[0] for t in trend], sd)
+        a["train_s"] = _stats([r["train_s"] for r in recs], sd)
+        a["filter_s"] = _stats([r.get("filter_s", 0.0) for r in recs], sd)
+        a["wall_s"] = _stats([r["wall_s"] for r in recs], sd)
         arms[arm] = a
     # Arm 5 against arm 3: time to the accuracy that arm 3 reaches at its full budget (mean over its seeds).
     tgt = arms["dro_r3"]["greedy_acc"]["mean"]
@@ -453,35 +460,44 @@ def aggregate(done: dict, seeds: list[int]) -> dict:
         for arm in ("dro_r3", "dro_r3_filter"):
             recs = [done[(arm, s)] for s in seeds if (arm, s) in done]
             times = [time_to_target(r, tgt) for r in recs]
+            sd = [r["seed"] for r in recs]
             ttt[arm] = {
                 "target_accuracy": tgt,
                 "reached": sum(t is not None for t in times),
                 "runs": len(times),
                 "times": times,
-                "stats": _stats([t for t in times if t is not None]),
+                "stats": _stats(times, sd),
             }
     return {"arms": arms, "time_to_target": ttt}
 
 
-def _diff(a: dict, b: dict) -> tuple[float | None, float | None]:
-    """mean(b) - mean(a) and its standard error (Welch); SE None with fewer than 2 seeds on either side."""
+def _diff(a: dict, b: dict) -> tuple[float | None, float | None, str]:
+    """mean(b) - mean(a), its standard error and how it was formed. Paired over the seeds both arms finished
+    when there are at least 2 (seed s of every arm trains on the same prompts with the same sampling seeds and
+    is evaluated with the same sampling seed, so per-seed differences cancel the shared noise); else Welch
+    over the seed means; SE None with fewer than 2 seeds."""
     if a["mean"] is None or b["mean"] is None:
-        return None, None
+        return None, None, ""
+    common = sorted(set(a.get("by_seed", {})) & set(b.get("by_seed", {})))
+    if len(common) >= 2:
+        ds = [b["by_seed"][s] - a["by_seed"][s] for s in common]
+        st = _stats(ds)
+        return st["mean"], st["se"], f"paired over {len(common)} seeds"
     d = b["mean"] - a["mean"]
     if a["std"] is None or b["std"] is None:
-        return d, None
-    return d, math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+        return d, None, ""
+    return d, math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]), "Welch"
 
 
 def _cmp(a: dict, b: dict, want: str) -> tuple[str, str]:
     """Verdict on ``b`` vs ``a``: want ``"gt"`` (b > a), ``"lt"`` or ``"eq"``. A difference counts when it is
-    more than two standard errors (of the difference of the seed means) from zero."""
-    d, se = _diff(a, b)
+    more than two standard errors (:func:`_diff`) from zero."""
+    d, se, how = _diff(a, b)
     if d is None:
         return "pending", "no finished runs"
     if se is None:
         return "undecided", f"Δ = {d:+.3f} (fewer than 2 seeds: no spread)"
-    txt = f"Δ = {d:+.3f} ± {se:.3f} (SE)"
+    txt = f"Δ = {d:+.3f} ± {se:.3f} (SE, {how})"
     sig = abs(d) > 2 * se
     if want == "eq":
         return ("consistent" if not sig else "not reproduced"), txt
@@ -489,6 +505,11 @@ def _cmp(a: dict, b: dict, want: str) -> tuple[str, str]:
         return "not resolved (within 2 SE)", txt
     ok = d > 0 if want == "gt" else d < 0
     return ("reproduced" if ok else "opposite"), txt
+
+
+def _zero_like(st: dict) -> dict:
+    """Zero for every seed of ``st``: compares a change against no change."""
+    return {"n": st["n"], "mean": 0.0, "std": 0.0, "by_seed": dict.fromkeys(st.get("by_seed", {}), 0.0)}
 
 
 def verdicts(agg: dict) -> list[dict]:
@@ -528,7 +549,6 @@ def verdicts(agg: dict) -> list[dict]:
         p1["base"],
         p1["correctness"],
     )
-    zero = {"n": 1, "mean": 0.0, "std": 0.0}
     for arm, want, claim in (
         ("dro_aggr", "lt", "aggregate certainty shrinks the chain of thought"),
         ("dro_r3", "eq", "R3 does not shrink the chain of thought"),
@@ -539,14 +559,16 @@ def verdicts(agg: dict) -> list[dict]:
             arm,
             want,
             "cot change",
-            zero,
+            _zero_like(A[arm]["cot_length_change"]),
             A[arm]["cot_length_change"],
         )
     t = agg["time_to_target"]
     if t.get("dro_r3") and t.get("dro_r3_filter"):
         a, b = t["dro_r3"], t["dro_r3_filter"]
         base = A["base"]["greedy_acc"]["mean"]
-        if base is not None and a["target_accuracy"] <= base + 1e-9:
+        if not b["runs"]:
+            v = "pending"
+        elif base is not None and a["target_accuracy"] <= base + 1e-9:
             # Every run starts at or above the target: the time to it is the time to the first evaluation.
             v = f"not measurable (arm 3 ends at or below the base model's {100 * base:.1f}%)"
         elif b["reached"] < b["runs"] or a["reached"] < a["runs"]:
@@ -653,8 +675,9 @@ def render_markdown(agg: dict, verdict_rows: list[dict], budget: dict, seeds: li
         "",
         *lines,
         "",
-        "Verdicts (a difference counts when it exceeds 2 standard errors of the difference of seed means; "
-        "'consistent' = no difference resolved, which is what 'R3 ≈ correctness' predicts):",
+        "Verdicts (a difference counts when it exceeds 2 standard errors: paired over the seeds both arms "
+        "finished (seed s of every arm sees the same prompts and sampling seeds), else Welch over seed "
+        "means; 'consistent' = no difference resolved, which is what 'R3 ≈ correctness' predicts):",
         "",
         *vt,
         "",

@@ -35,6 +35,10 @@ def test_verdict_rule_uses_two_standard_errors():
     assert repro._cmp(st([0.40, 0.41, 0.39]), st([0.30, 0.31, 0.29]), "gt")[0] == "opposite"
     assert repro._cmp(st([0.30, 0.40, 0.20]), st([0.32, 0.42, 0.22]), "gt")[0].startswith("not resolved")
     assert repro._cmp(st([0.30, 0.40, 0.20]), st([0.32, 0.42, 0.22]), "eq")[0] == "consistent"
+    # Paired over seeds (same prompts and sampling seeds per seed): a constant shift is resolved.
+    a, b = repro._stats([0.30, 0.40, 0.20], [0, 1, 2]), repro._stats([0.32, 0.42, 0.22], [0, 1, 2])
+    verdict, detail = repro._cmp(a, b, "gt")
+    assert verdict == "reproduced" and "paired over 3 seeds" in detail
     assert repro._cmp(st([0.30]), st([0.40]), "gt")[0] == "undecided"  # one seed: no spread
     assert repro._cmp(st([]), st([0.40]), "gt")[0] == "pending"
     s = st([1.0, 2.0, 3.0])
