@@ -240,6 +240,7 @@ class Trainer:
         self.history: list[dict] = []
         self._writer: MetricsWriter | None = None
         self._filter_set: list[dict] | None = None
+        self._last_filter_step: int | None = None
         self._cursor = 0
         self._enc_cache: dict[str, list[int]] = {}
 
@@ -709,8 +710,11 @@ class Trainer:
         interval = f.interval_steps or max(
             1, len(self._filter_set or self.dataset) // self.config.prompts_per_step
         )
-        if self.step_count % interval != 0:
+        # Due before the first step, then `interval` steps after the previous round. (Multiples of an interval
+        # that changes with the kept set's size would fire on consecutive steps, e.g. at 6 and 7.)
+        if self._last_filter_step is not None and self.step_count - self._last_filter_step < interval:
             return
+        self._last_filter_step = self.step_count
         from reasonrl.rewards import R3Config, R3FilterConfig, r3_filter_round
         from reasonrl.trainer.rewards import _options
 
