@@ -511,7 +511,8 @@ def _cmp(a: dict, b: dict, want: str) -> tuple[str, str]:
     if se is None:
         return "undecided", f"Δ = {d:+.3f} (fewer than 2 seeds: no spread)"
     crit = T975.get(df, 1.96)
-    txt = f"Δ = {d:+.3f} ± {se:.3f} (SE, {how}; resolved beyond ±{crit * se:.3f})"
+    rel = f", {100 * d / abs(a['mean']):+.1f}% of a" if a["mean"] else ""
+    txt = f"Δ = {d:+.3f} ± {se:.3f} (SE, {how}; resolved beyond ±{crit * se:.3f}{rel})"
     sig = abs(d) > crit * se
     if want == "eq":
         return ("consistent" if not sig else "not reproduced"), txt
