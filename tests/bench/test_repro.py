@@ -1,6 +1,6 @@
-"""``reasonrl repro`` (bench/repro.py, docs/repro.md): the unbiased pass@k estimator, the verdict rule, and the
-``--quick`` study end to end (every arm, one seed, a few tiny steps): the JSON, the table and the plots exist,
-and a second invocation skips the finished runs."""
+"""``reasonrl repro`` (bench/repro.py, docs/repro.md): the unbiased pass@k estimator, the verdict rule, and
+the ``--quick`` study end to end (every arm, one seed, a few tiny steps): the JSON, the table and the plots
+exist, and a second invocation skips the finished runs."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_verdict_rule_uses_two_standard_errors():
 def test_quick_study_writes_outputs_and_skips_finished_runs(tmp_path, capsys):
     out = tmp_path / "repro"
     assert repro.main(["--quick", "--out-dir", str(out)]) == 0
-    for name in ("repro.json", "repro.md", "repro_accuracy.png", "repro_training.png", "repro_filter_time.png"):
+    pngs = ("repro_accuracy.png", "repro_training.png", "repro_filter_time.png")
+    for name in ("repro.json", "repro.md", *pngs):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "repro.json").read_text())
     assert {(r["arm"], r["seed"]) for r in report["runs"]} == {(arm, 0) for arm in repro.ARMS}
