@@ -1,4 +1,4 @@
-"""Command line: ``reasonrl info | bench | train | demo``.
+"""Command line: ``reasonrl info | bench | train | demo | repro``.
 
 * ``info``  versions, which backends are active on this machine and why the others are not.
 * ``bench`` the benchmarks (``reasonrl.bench``, installed with the package from the checkout's bench/);
@@ -11,6 +11,8 @@
 * ``demo``  what ``make demo`` runs: ``info``, a short DRO training of the embedded tiny model on the embedded
   arithmetic task (held-out accuracy before / after, curves), then the quick profile of the fused
   policy-loss benchmark (the training step's hot path; ``reasonrl bench`` runs every benchmark).
+* ``repro`` the small-scale reproduction of the papers' claims on the embedded task (docs/repro.md):
+  ``reasonrl repro [--quick] [--seeds 3] [--jobs 2] [--out-dir DIR]``; resumable, skips finished runs.
 """
 
 from __future__ import annotations
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="GRPO-family training (options: reasonrl train --help)", add_help=False)
     sub.add_parser("demo", help="info, a short DRO training of the embedded model, the quick benchmark",
                    add_help=False)
+    sub.add_parser("repro", help="the papers' orderings on the embedded task (reasonrl repro --help)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         _print_info()
@@ -172,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(rest)
     if args.command == "demo":
         return _demo(rest)
+    if args.command == "repro":
+        from reasonrl.bench.repro import main as repro_main
+
+        return repro_main(rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

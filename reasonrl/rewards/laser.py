@@ -56,7 +56,9 @@ class LaserConfig:
     count ``think_start`` as present when the prompt contains it (**library default (assumption)**: True).
     verifier: ``"auto"`` (math_verify when importable, else numeric), ``"math_verify"``, ``"numeric"``.
     rel_tol: tolerance of the numeric fallback (**library default (assumption)**: 1e-6). monitor_interval:
-    steps between monitor evaluations (20); monitor_size: monitor prompts (500).
+    steps between monitor evaluations (20); monitor_size: monitor prompts (500). length_step: spacing of the
+    candidate targets above L_T (the paper's 1024; a task whose responses are tens of tokens needs a finer
+    grid, e.g. 8, for L_A(d) to take more than one value below L_max).
     """
 
     method: str = "laser_d"
@@ -75,6 +77,7 @@ class LaserConfig:
     rel_tol: float = 1e-6
     monitor_interval: int = 20
     monitor_size: int = 500
+    length_step: int = 1024
 
     def __post_init__(self):
         n = type(self).__name__
@@ -97,6 +100,7 @@ class LaserConfig:
         check_real(n, "rel_tol", self.rel_tol, lo=0)
         check_int(n, "monitor_interval", self.monitor_interval, lo=1)
         check_int(n, "monitor_size", self.monitor_size, lo=1)
+        check_int(n, "length_step", self.length_step, lo=1)
         if self.verifier == "math_verify":
             try:
                 import math_verify  # noqa: F401
@@ -198,11 +202,12 @@ class LaserLengthMonitor:
     rollouts each with the training sampling settings) at step 0 and every ``monitor_interval`` steps
     (:meth:`due`), and passes the rollouts' lengths, correctness and prompt ids to :meth:`update`.
 
-    Candidates: L_T and every multiple of 1024 in (L_T, L_max]. For bucket d: P_{l,d} = fraction of all
-    monitor responses (correct or not) of bucket-d prompts with length <= l; L_A(d) = the smallest candidate
-    with P_{l,d} |C_d| >= 1 (``paper``: |C_d| = ceil(2K/3), ceil(K/3), 1; ``code``: floor(2K/3), floor(K/3),
-    1, the released scripts' floor rounding), tested in exact integer arithmetic. No qualifying candidate or
-    an empty bucket leaves L_A(d) = None (the reward then uses the longest response of its batch).
+    Candidates: L_T and every multiple of ``length_step`` (1024) in (L_T, L_max]. For bucket d: P_{l,d} =
+    fraction of all monitor responses (correct or not) of bucket-d prompts with length <= l; L_A(d) = the
+    smallest candidate with P_{l,d} |C_d| >= 1 (``paper``: |C_d| = ceil(2K/3), ceil(K/3), 1; ``code``:
+    floor(2K/3), floor(K/3), 1, the released scripts' floor rounding), tested in exact integer arithmetic. No
+    qualifying candidate or an empty bucket leaves L_A(d) = None (the reward then uses the longest response of
+    its batch).
     """
 
     def __init__(self, config: LaserConfig | None = None):
@@ -225,9 +230,10 @@ class LaserLengthMonitor:
     def candidates(self) -> list[int]:
         c = self.config
         out = [c.target_length]
-        m = c.target_length // 1024 + 1
-        while m * 1024 <= c.max_length:
-            out.append(m * 1024)
+        step = c.length_step
+        m = c.target_length // step + 1
+        while m * step <= c.max_length:
+            out.append(m * step)
             m += 1
         return out
 
@@ -298,6 +304,33 @@ class LaserReward:
         self.tokenizer = tokenizer
         self.config = LaserConfig(**{**base.__dict__, **overrides}) if overrides else base
         self.monitor = monitor or LaserLengthMonitor(self.config)
+        self._seen: list[tuple[list[int], list[bool], list[Any]]] = []  # training batches since the update
+
+    def after_step(self, output: RewardOutput, *, step: int, group_size: int | None = None,
+                   group_ids: Sequence[Any] | None = None) -> dict[str, int | None] | None:
+        """Trainer hook (called after the rewards of each training step, ``step`` counting from 0): keeps the
+        lengths and correctness of this call's rollouts and, when the monitor is due (step 0 and every
+        ``monitor_interval`` steps), recomputes the targets L_A(d) from the training batches seen since the
+        last update (the most recent ``monitor_size`` prompts), so that LASER-D / DE adapt
+        during training. This monitor set is the training rollouts themselves, not a separate set of 500
+        prompts sampled again with the training settings as in the paper (docs/rewards.md 4.4): no extra
+        generation, at the price of a monitor that sees each prompt once. Returns the new targets when it
+        updated them, else None. LASER (fixed L_T) ignores it."""
+        if self.config.method == "laser":
+            return None
+        d = output.diagnostics
+        lengths = [int(v) for v in d["length"]]
+        gids = _group_ids(len(lengths), group_size, group_ids, None)
+        self._seen.append((lengths, [s == "correct" for s in d["status"]], [(step, g) for g in gids]))
+        while len(self._seen) > 1 and sum(len(set(b[2])) for b in self._seen) > self.config.monitor_size:
+            self._seen.pop(0)
+        if not self.monitor.due(step):
+            return None
+        lens = [v for b in self._seen for v in b[0]]
+        correct = [v for b in self._seen for v in b[1]]
+        groups = [v for b in self._seen for v in b[2]]
+        self._seen = []
+        return self.monitor.update(lens, correct, groups, step=step)
 
     def state_dict(self) -> dict:
         """The length monitor's state (LASER-D / DE targets); the config is not state."""

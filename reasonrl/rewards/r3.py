@@ -362,6 +362,11 @@ class R3Reward:
                     answer_len.append(0)
                     continue
                 ans = c[b + len(marker):]
+                if sep and ans[: len(sep)] == sep:
+                    # The separator is not part of the outcome: the scoring sequence is [q ; c ; sep ; y] and
+                    # r_len compares |y| with |y_hat| (docs/rewards.md 2.1, 2.2), so a completion that writes
+                    # exactly "</think>" + sep + y gets r_len = 1.
+                    ans = ans[len(sep):]
                 while ans and ans[-1] in trailing:
                     ans = ans[:-1]
                 traces.append(c[: b + len(marker)])
@@ -376,7 +381,10 @@ class R3Reward:
                     answer_len.append(0)
                     continue
                 traces.append(self._encode(text[:cut]) + marker)
-                answer_len.append(len(self._encode(text[cut + len(cfg.think_end):].rstrip())))
+                ans_text = text[cut + len(cfg.think_end):]
+                if cfg.answer_prefix and ans_text.startswith(cfg.answer_prefix):
+                    ans_text = ans_text[len(cfg.answer_prefix):]  # the separator is not outcome (as above)
+                answer_len.append(len(self._encode(ans_text.rstrip())))
 
         groups = _groups(n, group_size, group_ids, q_ids, y_ids)
         eos = [self._eos_id()] if cfg.append_eos else []

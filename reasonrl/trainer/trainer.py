@@ -262,6 +262,7 @@ class Trainer:
         self.history: list[dict] = []
         self._writer: MetricsWriter | None = None
         self._filter_set: list[dict] | None = None
+        self._last_filter_step: int | None = None
         self._cursor = 0
         self._enc_cache: dict[str, list[int]] = {}
         self._resumed_from: Path | None = None  # the checkpoint resume() restored (train() then skips it)
@@ -507,6 +508,10 @@ class Trainer:
             if all("index" in it for it in items)
             else None,
         )
+        for name, fn, _ in self.rewards:  # rewards that adapt to training (LASER-D's length monitor)
+            hook = getattr(fn, "after_step", None)
+            if callable(hook):
+                hook(reward_outs[name], step=self.step_count, group_size=K)
         times["time/reward"] = time.perf_counter() - t
 
         weights = torch.tensor([w for _, _, w in self.rewards], dtype=torch.float32)
@@ -802,8 +807,11 @@ class Trainer:
         interval = f.interval_steps or max(
             1, len(self._filter_set or self.dataset) // self.config.prompts_per_step
         )
-        if self.step_count % interval != 0:
+        # Due before the first step, then `interval` steps after the previous round. (Multiples of an interval
+        # that changes with the kept set's size would fire on consecutive steps, e.g. at 6 and 7.)
+        if self._last_filter_step is not None and self.step_count - self._last_filter_step < interval:
             return
+        self._last_filter_step = self.step_count
         from reasonrl.rewards import R3Config, R3FilterConfig, r3_filter_round
         from reasonrl.trainer.rewards import _options
 

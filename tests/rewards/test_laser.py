@@ -152,3 +152,62 @@ def test_errors():
         rw([OK, OK, OK], ["42"] * 3, completion_lengths=[5] * 3, group_size=2)
     with pytest.raises(ValueError, match="completion_ids"):
         rw([OK], ["42"], group_size=1)
+
+
+def test_length_step_sets_the_candidate_grid():
+    cfg = LaserConfig(target_length=24, length_step=8, max_length=64)
+    assert LaserLengthMonitor(cfg).candidates() == [24, 32, 40, 48, 56, 64]
+    with pytest.raises(ValueError, match="length_step"):
+        LaserConfig(length_step=0)
+
+
+def test_after_step_feeds_the_monitor_from_training_batches():
+    """The trainer hook: the targets are recomputed at step 0 and every monitor_interval steps from the
+    training rollouts seen since the last update, and are then used by the reward."""
+    cfg = LaserConfig(method="laser_d", target_length=24, length_step=8, max_length=64, monitor_interval=2,
+                      verifier="numeric")
+    rw = LaserReward(cfg)
+    # One easy prompt (4 of 4 correct), lengths 20, 30, 30, 30; paper rule |C_easy| = ceil(2K/3) = 3 with
+    # K = 4: P(24) = 1/4 -> 3/4 < 1; P(32) = 1 -> L_A(easy) = 32.
+    comps = [OK] * 4
+    out = rw(comps, ["42"] * 4, completion_lengths=[20, 30, 30, 30], group_size=4)
+    assert out.diagnostics["target"] == [30] * 4  # no target yet: the batch's longest response
+    assert rw.after_step(out, step=0, group_size=4) == {"easy": 32, "medium": None, "hard": None}
+    assert rw.monitor.last_step == 0
+    out = rw(comps, ["42"] * 4, completion_lengths=[40, 40, 40, 20], group_size=4)
+    assert out.diagnostics["target"] == [32] * 4
+    assert out.rewards.tolist() == [1.0, 1.0, 1.0, 1.5]
+    assert rw.after_step(out, step=1, group_size=4) is None  # not due: kept for the next update
+    out2 = rw(comps, ["42"] * 4, completion_lengths=[20, 20, 20, 20], group_size=4)
+    # step 2: the batches of steps 1 and 2 (two groups, 8 responses, 5 of them <= 24) -> P(24) = 5/8
+    # and |C_easy| = 3 -> 15/8 >= 1 -> 24.
+    assert rw.after_step(out2, step=2, group_size=4)["easy"] == 24
+    fixed = LaserReward(LaserConfig(method="laser", verifier="numeric"))
+    assert fixed.after_step(out2, step=0, group_size=4) is None
+
+
+def test_trainer_calls_the_after_step_hook(tmp_path):
+    """Trainer.step passes every reward's output to its ``after_step`` (LASER-D's monitor), with the 0-based
+    step index."""
+    import torch
+
+    from reasonrl.rewards import RewardOutput
+    from reasonrl.trainer import Trainer, load_config
+
+    seen = []
+
+    class Hooked:
+        def __call__(self, completions, **kwargs):
+            return RewardOutput(torch.tensor([float(len(c) % 3) for c in completions]))
+
+        def after_step(self, output, *, step, group_size):
+            seen.append((step, group_size, tuple(output.rewards.shape)))
+
+    cfg = load_config(overrides=["steps=2", "prompts_per_step=2", "rollout.group_size=2",
+                                 "rollout.max_new_tokens=16", "eval.size=2", "eval.max_new_tokens=8",
+                                 f"log.out_dir={tmp_path}", "log.progress=false", "log.plot=false",
+                                 "log.tensorboard=off", "threads=1"])
+    tr = Trainer(cfg, rewards=[("hooked", Hooked(), 1.0)])
+    tr.step()
+    tr.step()
+    assert seen == [(0, 2, (4,)), (1, 2, (4,))]

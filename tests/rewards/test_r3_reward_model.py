@@ -289,6 +289,22 @@ def test_text_inputs_match_ids():
     assert out.diagnostics["answer_tokens"][:2] == [5, 2]
 
 
+def test_separator_is_not_counted_in_the_outcome_length():
+    """r_len compares |y| with the sampled outcome after the separator (docs/rewards.md 2.1, 2.2): a
+    completion that writes "</think>" + "\n\n" + y exactly has r_len = 1, for token ids and for text."""
+    model = tiny("qwen2")
+    tok = CharTokenizer()
+    rw = R3Reward(model, tok, think_end="</think>", answer_prefix="\n\n")
+    comps = ["<think>so x is 4</think>\n\nx = 4", "<think>hmm</think>x = 4", "<think>a</think>\n\nx = 44"]
+    out = rw(["what is x?"] * 3, comps, ["x = 4"] * 3)
+    assert out.diagnostics["answer_tokens"] == [5, 5, 6]
+    assert out.diagnostics["r_len"][:2].tolist() == [1.0, 1.0]
+    ids = dict(prompt_ids=[tok.encode("what is x?")] * 3, completion_ids=[tok.encode(c) for c in comps],
+               reference_ids=[tok.encode("x = 4")] * 3)
+    rw_ids = R3Reward(model, tok, think_end_ids=tuple(tok.encode("</think>")), answer_prefix="\n\n")
+    assert rw_ids(**ids).diagnostics["answer_tokens"] == [5, 5, 6]
+
+
 def test_errors_and_degenerate_groups():
     model = tiny("llama")
     with pytest.raises(ValueError, match="weighting"):

@@ -59,6 +59,8 @@ def _r3_reference(model, tok, rec, group_size):
             continue
         b = c.index(marker[0])
         ans = c[b + 1 :]
+        if ans[: len(sep)] == sep:  # the separator is not part of the outcome (docs/rewards.md 2.2)
+            ans = ans[len(sep) :]
         while ans and ans[-1] in (tok.eos_token_id, tok.pad_token_id):
             ans = ans[:-1]
         ans_len[r] = len(ans)
@@ -271,3 +273,32 @@ def test_train_writes_metrics_curves_checkpoint(small_config, tmp_path, embedded
     # before the first pass.
     assert len(trainer.last_record.micro_losses) == 4
     assert train[-1]["ppo_kl"] != 0.0  # later passes are off-policy: log-probs moved away from the old ones
+
+
+def test_r3_filter_rounds_once_per_pass_over_the_kept_set(small_config, tmp_path, embedded, monkeypatch):
+    """docs/trainer.md section 6: a filter round before the first step, then one per pass over the kept set
+    (interval = |kept| // prompts_per_step steps after the previous round), never on consecutive steps when
+    the kept set's size changes between rounds."""
+    import types
+
+    import reasonrl.rewards
+
+    sizes = iter([14, 15, 13, 16, 12, 14, 15, 13])  # kept-set sizes of successive rounds
+
+    def fake_round(items, **kwargs):
+        kept = items[: next(sizes)]
+        return types.SimpleNamespace(kept=kept, survivors=kept, carried=[])
+
+    monkeypatch.setattr(reasonrl.rewards, "r3_filter_round", fake_round)
+    model, tok = embedded
+    cfg = small_config(tmp_path, "r3_filter.enabled=true", "r3_filter.pool_size=16", "steps=20")
+    trainer = Trainer(cfg, model=copy.deepcopy(model), tokenizer=tok)
+    rounds = []
+    for step in range(20):
+        trainer.step_count = step
+        n = len([h for h in trainer.history if h.get("kind") == "filter"])
+        trainer._maybe_filter()
+        if len([h for h in trainer.history if h.get("kind") == "filter"]) > n:
+            rounds.append(step)
+    # prompts_per_step = 2: kept 14 -> next round 7 steps later, 15 -> 7, 13 -> 6
+    assert rounds == [0, 7, 14]
