@@ -229,10 +229,15 @@ def _compare(oracle, trl32, ours) -> None:
     atol_g = tolerance("grad_param", torch.float32).atol_scale
     for step, (g64, g32, gr) in enumerate(zip(grads64, grads32, grads_r, strict=True)):
         assert set(g64) == set(gr)
+        # The atol's magnitude is the tensor's own, floored at 1e-3 of the step's largest parameter gradient:
+        # a parameter whose gradient nearly cancels (k_proj.bias: only RoPE keeps q . b from being constant
+        # across keys) still carries the rounding of the large terms that cancel, so its own max |g| (here
+        # 1e-4 to 7e-4 of the largest) understates the fp32 noise of any implementation.
+        scale = max(g.abs().max().item() for g in g64.values())
         for name, oracle_g in g64.items():
             err = (gr[name] - oracle_g).abs().max().item()
             err_ref = (g32[name] - oracle_g).abs().max().item()
-            bound = 2.0 * err_ref + atol_g * oracle_g.abs().max().item()
+            bound = 2.0 * err_ref + atol_g * max(oracle_g.abs().max().item(), 1e-3 * scale)
             assert err <= bound, f"step {step} grad {name}: err {err:.3g} > 2 x {err_ref:.3g} + atol"
 
 
