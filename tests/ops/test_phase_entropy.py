@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _impls import cpp_available, needs_cpp, needs_triton, triton_available
 
 from reasonrl import _backend as backend
 from reasonrl.ops.phase_entropy import find_boundary, phase_entropy
@@ -22,20 +23,8 @@ from reasonrl.rewards import functional
 from reasonrl.testing import assert_close_to_oracle, assert_stat_close
 
 
-def _cpp_available() -> bool:
-    return backend.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is None
-
-
-def _triton_available() -> bool:
-    return backend.unavailable_reason("triton", torch.device("cpu"), torch.float32) is None
-
-
-needs_cpp = pytest.mark.skipif(not _cpp_available(), reason="the compiled extension is not loaded")
-needs_triton = pytest.mark.skipif(not _triton_available(), reason="Triton (interpreter) is not available")
-
-
 def _kernel_impls():
-    return ["reference"] + (["cpp"] if _cpp_available() else []) + (["triton"] if _triton_available() else [])
+    return ["reference"] + (["cpp"] if cpp_available() else []) + (["triton"] if triton_available() else [])
 
 
 def ragged_case(seed: int, b: int = 6, t: int = 40, boundary_len: int = 1):
@@ -417,7 +406,7 @@ def test_bad_input_named_errors(impl):
 def test_impl_dispatch_rule(monkeypatch):
     monkeypatch.delenv("REASONRL_IMPL", raising=False)
     cpu = torch.device("cpu")
-    expected = "cpp" if _cpp_available() else "reference"
+    expected = "cpp" if cpp_available() else "reference"
     assert backend.resolve_impl("phase_entropy", "auto", cpu, torch.float64) == expected
     assert backend.resolve_impl("find_boundary", "auto", cpu, torch.int64) == expected
     # The public functions of reasonrl.rewards are the registered ops.

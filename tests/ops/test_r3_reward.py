@@ -27,22 +27,13 @@ from reasonrl.testing import assert_stat_close
 # The reference tests' input builders, under the module name pytest gives them (rootdir-relative sys.path
 # insertion, no package): imported once whichever file is collected first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rewards"))
+from _impls import cpp_available, needs_cpp, needs_triton, triton_available  # noqa: E402
 from test_r3_reward_reference import _to_packed, ragged_case  # noqa: E402
 
 WEIGHTINGS = ("linear", "softmax", "topk", "uniform")
 REDUCTIONS = ("weighted_mean", "sum")
 
 
-def _cpp_available() -> bool:
-    return backend.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is None
-
-
-def _triton_available() -> bool:
-    return backend.unavailable_reason("triton", torch.device("cpu"), torch.float32) is None
-
-
-needs_cpp = pytest.mark.skipif(not _cpp_available(), reason="the compiled extension is not loaded")
-needs_triton = pytest.mark.skipif(not _triton_available(), reason="Triton (interpreter) is not available")
 
 
 def random_case(seed: int, g: int = 4, k: int = 5, width: int = 45):
@@ -275,9 +266,9 @@ def test_triton_ties_no_valid_rollout_and_bf16():
 
 def _kernel_impls():
     impls = ["reference"]
-    if _cpp_available():
+    if cpp_available():
         impls.append("cpp")
-    if _triton_available():
+    if triton_available():
         impls.append("triton")
     return impls
 
@@ -335,7 +326,7 @@ def test_impl_dispatch_rule(monkeypatch):
     monkeypatch.delenv("REASONRL_IMPL", raising=False)
     lp, mask, roll, base, _, _ = ragged_case(seed=9, dtype=torch.float64)
     cpu = torch.device("cpu")
-    expected = "cpp" if _cpp_available() else "reference"
+    expected = "cpp" if cpp_available() else "reference"
     assert backend.resolve_impl("r3_reward", "auto", cpu, torch.float64) == expected
     # An explicit choice that cannot run raises, never falls back.
     with pytest.raises(RuntimeError, match="impl='triton'.*float64"):
