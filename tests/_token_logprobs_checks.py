@@ -39,11 +39,11 @@ class TokenLogprobsResult(NamedTuple):
     grad: torch.Tensor | None  # grad_logits, or None when no upstream gradient was given
 
 
-def _with_grad(leaf, out, case: TokenLogprobsCase, grad: str | None) -> TokenLogprobsResult:
-    """``out`` and, if ``grad`` is 'both' / 'lp' / 'h', grad_logits (of ``leaf``) from the case's upstream
-    gradients of those outputs, cast to the outputs' dtype."""
+def input_grad(leaf, out, case: TokenLogprobsCase, grad: str | None) -> torch.Tensor | None:
+    """The gradient of ``leaf`` from the case's upstream gradients of ``out``'s log-probs and / or entropy
+    (``grad`` 'both' / 'lp' / 'h', cast to the outputs' dtype), or None for ``grad=None``."""
     if grad is None:
-        return TokenLogprobsResult(*out, None)
+        return None
     outputs, grads = [], []
     if grad in ("both", "lp"):
         outputs.append(out.logprobs)
@@ -52,7 +52,12 @@ def _with_grad(leaf, out, case: TokenLogprobsCase, grad: str | None) -> TokenLog
         outputs.append(out.entropy)
         grads.append(case.g_h.to(out.entropy.dtype))
     (g,) = torch.autograd.grad(outputs, [leaf], grads)
-    return TokenLogprobsResult(*out, g)
+    return g
+
+
+def _with_grad(leaf, out, case: TokenLogprobsCase, grad: str | None) -> TokenLogprobsResult:
+    """``out`` and, if ``grad`` is 'both' / 'lp' / 'h', grad_logits (of ``leaf``): :func:`input_grad`."""
+    return TokenLogprobsResult(*out, input_grad(leaf, out, case, grad))
 
 
 def run_token_logprobs(

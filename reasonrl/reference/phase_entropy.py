@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from reasonrl.reference.layout import check_cu_seqlens
+
 __all__ = ["PhaseEntropy", "phase_entropy_reference", "find_boundary_reference"]
 
 
@@ -53,17 +55,7 @@ def check_layout(x: torch.Tensor, mask, cu_seqlens, op: str, name: str, validate
         if x.dim() != 1:
             raise ValueError(f"{op}: {name}: the packed layout (cu_seqlens given) needs [N], got shape "
                              f"{tuple(x.shape)}; a [B, T] input takes mask, not cu_seqlens")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"{op}: cu_seqlens: expected an int [B + 1] tensor with B >= 0, got "
-                             f"{getattr(cu_seqlens, 'shape', cu_seqlens)!r}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{op}: cu_seqlens: expected int32 or int64, got {cu_seqlens.dtype}")
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        if validate:
-            c = cu.cpu()
-            if int(c[0]) != 0 or int(c[-1]) != x.shape[0] or bool((c.diff() < 0).any()):
-                raise ValueError(f"{op}: cu_seqlens must start at 0, be non-decreasing and end at N = "
-                                 f"{x.shape[0]}; got {c.tolist()[:8]}{' ...' if c.numel() > 8 else ''}")
+        cu = check_cu_seqlens(cu_seqlens, x.shape[0], op=op, validate=validate, device=device)
         b = cu.numel() - 1
     valid = None
     if mask is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from _token_logprobs_checks import run_token_logprobs_reference, valid_rows
+from _token_logprobs_checks import input_grad, run_token_logprobs_reference, valid_rows
 
 from reasonrl._backend import unavailable_reason
 from reasonrl.ops.token_logprobs import token_logprobs
@@ -37,21 +37,6 @@ from reasonrl.testing import (
 CPU = torch.device("cpu")
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 WORLD = 2
-
-
-def _input_grad(out, x, which, case):
-    """d(g_lp . lp + g_h . H)/dx for ``which`` in ("both", "lp", "h"), or None."""
-    if which is None:
-        return None
-    outs, gs = [], []
-    if which in ("both", "lp"):
-        outs.append(out.logprobs)
-        gs.append(case.g_lp.to(out.logprobs.dtype))
-    if which in ("both", "h"):
-        outs.append(out.entropy)
-        gs.append(case.g_h.to(out.entropy.dtype))
-    (grad,) = torch.autograd.grad(outs, [x], gs)
-    return grad
 
 
 def _skip_unless(impl: str, dtype: torch.dtype = F32) -> None:
@@ -202,7 +187,7 @@ def _run_one(spec: Sharded, rank: int, group):
         vocab_start=lo if spec.pass_vocab_start else None,
         impl=spec.impl,
     )
-    grad = _input_grad(out, x, spec.grad, case)
+    grad = input_grad(x, out, case, spec.grad)
     detached = tuple(None if t is None else t.detach() for t in out)
     return detached, grad
 
@@ -281,7 +266,7 @@ def _unsharded(spec: Sharded):
         return_lse=True,
         impl="cpp",
     )
-    grad = _input_grad(out, x, spec.grad, case)
+    grad = input_grad(x, out, case, spec.grad)
     return out, grad
 
 
