@@ -175,6 +175,42 @@ inline fVec clamp_t_nan(const fVec& t, const fVec& lo) {
 #endif
 }
 
+// Store one vector of gradient at dst, non-temporally with kStream (dst aligned to the vector size): a
+// streaming store writes the line without first reading it into the cache (no read-for-ownership), so a
+// freshly allocated gradient row costs one write of memory instead of a read and a write, and does not
+// evict the logits the sweep is still reading. Only for gradient buffers nobody re-reads soon (the
+// allocating backward and the fused loss from logits; never the in-place chunks the GEMMs consume next).
+// The caller issues stream_fence() before its rows are handed to another thread.
+template <bool kStream>
+inline void store_grad(float* dst, const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kStream) {
+    _mm512_stream_ps(dst, v);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream) {
+    _mm256_stream_ps(dst, v);
+    return;
+  }
+#endif
+  v.store(dst);
+}
+// Streaming stores are weakly ordered: make them visible before the parallel region ends.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+// Whether a gradient row of scalar_t at dst can take streaming stores: fp32 (16-bit rows go through an fp32
+// buffer and a conversion) at a vector-aligned address (chunks and vectors then stay aligned: kChunk is a
+// multiple of the vector size).
+template <typename scalar_t>
+inline bool can_stream(const scalar_t* dst, bool wanted) {
+  constexpr uintptr_t kAlign = sizeof(float) * fVec::size();
+  return std::is_same_v<scalar_t, float> && wanted && reinterpret_cast<uintptr_t>(dst) % kAlign == 0;
+}
+
 // The scalar form of vexp2, for the tails of the vector loops (0 below -126.5 on every ISA).
 inline float exp2_clamped(float tc) { return tc < -126.5f ? 0.f : std::exp2(tc); }
 
@@ -557,6 +593,7 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const float c1_2 = static_cast<float>(static_cast<double>(c1) * kLn2);
     const fVec vhi(inv2.hi), vlo(inv2.lo), vl_hi(l_hi), vl_lo(l_lo), vc0(c0), vc1(c1_2), vmin_t(kMinT);
     const fVec vmin(std::numeric_limits<float>::lowest());
+    const bool stream = can_stream(grow, a.stream_grad);
     auto grad_of = [&](const fVec& x_raw) {
       const fVec x = fast_max(x_raw, vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
       const fVec tc = fast_max(shifted_vec(x, vhi, vlo, vl_hi) - vl_lo, vmin_t);
@@ -569,13 +606,21 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       // vectorised conversion per chunk.
       float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grow + c) : buf;
       int64_t j = 0;
-      for (; j + 2 * W <= n; j += 2 * W) {
-        const fVec g0 = grad_of(load_f(src + j));
-        const fVec g1 = grad_of(load_f(src + j + W));
-        g0.store(dst + j);
-        g1.store(dst + j + W);
+      auto sweep = [&](auto stream_tag) {
+        constexpr bool kStream = decltype(stream_tag)::value;
+        for (; j + 2 * W <= n; j += 2 * W) {
+          const fVec g0 = grad_of(load_f(src + j));
+          const fVec g1 = grad_of(load_f(src + j + W));
+          store_grad<kStream>(dst + j, g0);
+          store_grad<kStream>(dst + j + W, g1);
+        }
+        for (; j + W <= n; j += W) store_grad<kStream>(dst + j, grad_of(load_f(src + j)));
+      };
+      if (stream) {
+        sweep(std::true_type{});
+      } else {
+        sweep(std::false_type{});
       }
-      for (; j + W <= n; j += W) grad_of(load_f(src + j)).store(dst + j);
       for (; j < n; ++j) {  // as the vector loop
         const float tc = std::max(inv2.shifted(static_cast<float>(src[j]), l_hi) - l_lo, kMinT);
         dst[j] = exp2_clamped(tc) * (c0 + c1_2 * tc);
@@ -588,6 +633,7 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       grow[slot.local] = static_cast<scalar_t>(dz_y * inv_tau);
     }
   }
+  stream_fence();
 }
 
 template <typename scalar_t>
@@ -615,6 +661,20 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       grow[j] = static_cast<scalar_t>(dz / tau);
     }
   }
+}
+
+// dst[0, n) = e[0, n) * a (fp32), with streaming stores under kStream (dst then vector-aligned).
+template <bool kStream>
+inline void scale_chunk(const float* e, int64_t n, float a, float* dst) {
+  constexpr int64_t W = fVec::size();
+  const fVec va(a);
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    store_grad<kStream>(dst + j, fVec::loadu(e + j) * va);
+    store_grad<kStream>(dst + j + W, fVec::loadu(e + j + W) * va);
+  }
+  for (; j + W <= n; j += W) store_grad<kStream>(dst + j, fVec::loadu(e + j) * va);
+  for (; j < n; ++j) dst[j] = e[j] * a;
 }
 
 // The single-pass fused loss for rows [begin, end) (docs/losses.md 13.1; csrc/cpu/policy_loss.cpp): the forward
@@ -692,29 +752,45 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     // probabilities come from the stored 2^t).
     const float m_nat = a.stats[2 * r], ls = a.stats[2 * r + 1];
     const float c0 = -(fg_lp + fg_h * h) * inv_tau, c1 = -fg_h * inv_tau;
-    const fVec vhi(inv.hi), vlo(inv.lo), vm(m_nat), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
-    const fVec vmin(std::numeric_limits<float>::lowest());
+    const bool stream = can_stream(grow, a.stream_grad);
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t c = k * kChunk, n = std::min(kChunk, a.vocab - c);
-      // p_j = e_j * exp((m_c - m) ln 2 - log s): the chunk's shift to the final maximum and normaliser.
+      // p_j = e_j * scale, scale = exp((m_c - m) ln 2 - log s): the chunk's shift to the final maximum and
+      // normaliser, folded into the chunk's coefficients: dx_j = e_j (c0 scale + c1 scale max(log p_j, -200)).
       const RowShift& mc = chunk_m[k];
       const float scale = mc.hi == -kInf ? 0.f
           : static_cast<float>(std::exp(((static_cast<double>(mc.hi) - m.hi) + (static_cast<double>(mc.lo) -
                                                                                 m.lo)) * kLn2 - log_s));
-      const fVec vscale(scale);
+      const float a0 = c0 * scale, a1 = c1 * scale;
       const scalar_t* src = row + c;
       const float* e = ebuf.data() + c;
       float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grow + c) : buf;
-      int64_t j = 0;
-      for (; j + W <= n; j += W) {
-        const fVec x = fast_max(load_f(src + j), vmin);
-        const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
-        const fVec p = fVec::loadu(e + j) * vscale;
-        (p * at::vec::fmadd(vc1, fast_max(d, lo), vc0)).store(dst + j);
-      }
-      for (; j < n; ++j) {
-        const float d = inv.shifted(static_cast<float>(src[j]), m_nat) - ls;
-        dst[j] = (e[j] * scale) * (c0 + c1 * std::max(d, -200.f));
+      if (c1 == 0.f) {
+        // No entropy gradient on this row (no entropy bonus: the usual GRPO / DAPO configuration):
+        // dx_j = p_j c0, from the stored exponentials alone, without re-reading the logits.
+        if (stream) {
+          scale_chunk<true>(e, n, a0, dst);
+        } else {
+          scale_chunk<false>(e, n, a0, dst);
+        }
+      } else {
+        const fVec vhi(inv.hi), vlo(inv.lo), vm(m_nat), vlog_sum(ls), va0(a0), va1(a1), lo(-200.f);
+        const fVec vmin(std::numeric_limits<float>::lowest());
+        auto grad_of = [&](int64_t j) {
+          const fVec x = fast_max(load_f(src + j), vmin);
+          const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
+          return fVec::loadu(e + j) * at::vec::fmadd(va1, fast_max(d, lo), va0);
+        };
+        int64_t j = 0;
+        if (stream) {
+          for (; j + W <= n; j += W) store_grad<true>(dst + j, grad_of(j));
+        } else {
+          for (; j + W <= n; j += W) store_grad<false>(dst + j, grad_of(j));
+        }
+        for (; j < n; ++j) {
+          const float d = inv.shifted(static_cast<float>(src[j]), m_nat) - ls;
+          dst[j] = e[j] * (a0 + a1 * std::max(d, -200.f));
+        }
       }
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
     }
@@ -723,6 +799,7 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     const float dz_y = fg_lp * (1.f - p_y) - fg_h * p_y * (std::max(dl, -200.f) + h);
     grow[y] = static_cast<scalar_t>(dz_y * inv_tau);
   }
+  stream_fence();
 }
 
 // fp64: the forward and backward row kernels in sequence, row by row (the row stays in cache). The backward

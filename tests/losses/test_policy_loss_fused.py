@@ -341,10 +341,10 @@ def _oracle(logits, labels, kw, cfg, norms):
     return out, x64.grad
 
 
-def _check_end_to_end(impl, name, layout, temperature=0.9):
+def _check_end_to_end(impl, name, layout, temperature=0.9, v=97):
     cfg = _quiet(dataclasses.replace, CONFIGS[name], temperature=temperature)
     norms = LossNormalizers(global_num_seqs=4, grad_accum_steps=2)
-    logits, labels, kw = _logits_case(layout)
+    logits, labels, kw = _logits_case(layout, v=v)
     x = logits.clone().requires_grad_(True)
     out = policy_loss_from_logits(x, labels, normalizers=norms, config=cfg, impl=impl, **kw)
     assert type(out.loss.grad_fn).__name__ == "_PrecomputedGradientBackward", "single pass not taken"
@@ -371,6 +371,15 @@ def _check_end_to_end(impl, name, layout, temperature=0.9):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_cpp_matches_float64_oracle(name, layout, cpp_ops):
     _check_end_to_end("cpp", name, layout)
+
+
+# Rows of several 2048-column chunks, each chunk with its own shift; V = 4128 makes every fp32 gradient row
+# 64-byte aligned (the kernel's streaming-store sweep), V = 4101 leaves most rows unaligned (plain stores).
+# With and without an entropy bonus: without one the gradient sweep reads only the stored exponentials.
+@pytest.mark.parametrize("name", ["dapo+delta", "dapo+kl+entropy"])
+@pytest.mark.parametrize("v", [4128, 4101])
+def test_cpp_multi_chunk_rows_match_float64_oracle(name, v, cpp_ops):
+    _check_end_to_end("cpp", name, "packed", v=v)
 
 
 @pytest.mark.parametrize(
