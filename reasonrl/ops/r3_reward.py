@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 
 from reasonrl import _backend as backend
-from reasonrl.reference.r3_reward import R3Output, check_args, check_layout, r3_reward_reference, resolve_topk
+from reasonrl.reference.r3_reward import (
+    R3Output,
+    check_r3_args,
+    check_r3_layout,
+    r3_reward_reference,
+    resolve_topk,
+)
 
 __all__ = ["R3Output", "r3_reward", "WEIGHTING_CODES", "REDUCTION_CODES"]
 
@@ -93,7 +99,7 @@ def _kernel_args(ref_logprobs, ref_mask, ref_cu_seqlens, rollout_mask, baseline_
     lp = ref_logprobs.detach()
     acc = backend.accumulation_dtype(lp.dtype)
     base = None if baseline_logprobs is None else baseline_logprobs.detach().to(device=lp.device, dtype=acc)
-    cu, mask, roll, lengths = check_layout(lp, base, ref_mask, ref_cu_seqlens, rollout_mask, validate)
+    cu, mask, roll, lengths = check_r3_layout(lp, base, ref_mask, ref_cu_seqlens, rollout_mask, validate)
     k_g = resolve_topk(topk, lengths).contiguous()
     return lp, mask, cu, roll, None if base is None else base.contiguous(), k_g
 
@@ -118,8 +124,8 @@ def r3_reward(
     :func:`reasonrl.reference.r3_reward_reference`. ``impl``: ``auto`` / ``cpp`` / ``triton`` /
     ``reference``. Returns ``R3Output(reward [G, K], weights, sigma, num_valid_rollouts [G] int32)`` in the
     compute dtype (fp64 for fp64 input, else fp32). Forward only."""
-    check_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
-               min_valid_rollouts)
+    check_r3_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
+                  min_valid_rollouts)
     validate = backend.resolve_validate(validate, ref_logprobs)
     impl = backend.select_impl(OP, impl, ref_logprobs.device.type, ref_logprobs.dtype)
     if impl == "reference":

@@ -122,8 +122,8 @@ def _as_bool_mask(mask: torch.Tensor, name: str, shape: tuple, validate: bool) -
     return mask != 0
 
 
-def check_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
-               min_valid_rollouts) -> None:
+def check_r3_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
+                  min_valid_rollouts) -> None:
     """The checks every implementation makes before it looks at the layout (docs/ops.md section 7): the
     options, then the types of the log-prob tensors."""
     _check_options(weighting, softmax_tau, topk, reduction, propagation_gamma, min_valid_rollouts)
@@ -135,8 +135,8 @@ def check_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, re
         raise TypeError(f"{_OP}: baseline_logprobs must be a floating-point tensor or None")
 
 
-def check_layout(lp: torch.Tensor, base: torch.Tensor | None, ref_mask, ref_cu_seqlens, rollout_mask,
-                 validate: bool):
+def check_r3_layout(lp: torch.Tensor, base: torch.Tensor | None, ref_mask, ref_cu_seqlens, rollout_mask,
+                    validate: bool):
     """The layout checks of every implementation, on ``lp`` (``ref_logprobs``) and ``base``
     (``baseline_logprobs`` on lp's device, or None): shapes always, and with ``validate`` the values that need
     a host sync (mask values, offsets, a prompt with no valid reference token).
@@ -185,7 +185,7 @@ def check_layout(lp: torch.Tensor, base: torch.Tensor | None, ref_mask, ref_cu_s
 
 
 def _packed_to_padded(lp: torch.Tensor, cu: torch.Tensor, baseline: torch.Tensor | None):
-    """[K, M] + the checked offsets cu [G+1] (int64, :func:`check_layout`) -> ([G, K, L], mask [G, L],
+    """[K, M] + the checked offsets cu [G+1] (int64, :func:`check_r3_layout`) -> ([G, K, L], mask [G, L],
     baseline [G, L] | None, (seg, pos) to scatter back)."""
     k, m = lp.shape
     g = cu.numel() - 1
@@ -246,8 +246,8 @@ def r3_reward_reference(
             token (``validate=True``; otherwise its rewards are NaN), both or neither layout hints misused.
         TypeError: non-floating ``ref_logprobs`` / ``baseline_logprobs``.
     """
-    check_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
-               min_valid_rollouts)
+    check_r3_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
+                  min_valid_rollouts)
     if compute_dtype is None:
         compute_dtype = torch.float64 if ref_logprobs.dtype == torch.float64 else torch.float32
     if compute_dtype not in (torch.float32, torch.float64):
@@ -255,7 +255,7 @@ def r3_reward_reference(
     lp = ref_logprobs.detach().to(compute_dtype)
     base = None if baseline_logprobs is None else baseline_logprobs.detach().to(device=lp.device,
                                                                                   dtype=compute_dtype)
-    cu, tok_mask, roll, lengths = check_layout(lp, base, ref_mask, ref_cu_seqlens, rollout_mask, validate)
+    cu, tok_mask, roll, lengths = check_r3_layout(lp, base, ref_mask, ref_cu_seqlens, rollout_mask, validate)
     packed = cu is not None
     if packed:
         lp, tok_mask, base, scatter = _packed_to_padded(lp, cu, base)
