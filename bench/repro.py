@@ -522,63 +522,45 @@ def _cmp(a: dict, b: dict, want: str) -> tuple[str, str]:
     return ("reproduced" if ok else "opposite"), txt
 
 
+#: The arm-vs-arm claims of the study, in report order: (claim, arm a, arm b, want, metric), judged by
+#: :func:`_cmp` on the metric's statistics of arm b against arm a. The time-to-target claim of R3 filtering
+#: follows the chain-of-thought claims; the claims of the length rewards close the report.
+CLAIMS = (
+    ("base < DRO-Aggr (held-out pass@1)", "base", "dro_aggr", "gt", "pass@1"),
+    ("DRO-Aggr < DRO-R3 (held-out pass@1)", "dro_aggr", "dro_r3", "gt", "pass@1"),
+    ("DRO-R3 ≈ correctness (held-out pass@1)", "correctness", "dro_r3", "eq", "pass@1"),
+    ("base < correctness (RL moves accuracy at all)", "base", "correctness", "gt", "pass@1"),
+    # The chain of thought on the held-out prompts (same prompts and sampling seed for every arm) against the
+    # base model's: the paper's aggregate-certainty rewards collapse it, R3's does not.
+    ("aggregate certainty shrinks the chain of thought (held-out CoT tokens vs base)", "base", "dro_aggr",
+     "lt", "cot length"),
+    ("R3 does not shrink the chain of thought (held-out CoT tokens vs base)", "base", "dro_r3", "eq",
+     "cot length"),
+)
+LENGTH_CLAIMS = tuple(
+    claim
+    for arm, name in (("pear", "PEAR"), ("laser_d", "LASER-D"))
+    for claim in (
+        (f"{name} shortens responses vs correctness", "correctness", arm, "lt", "response length"),
+        (f"{name} keeps accuracy vs correctness (pass@1)", "correctness", arm, "eq", "pass@1"),
+    )
+)
+
+
 def verdicts(agg: dict) -> list[dict]:
     A = agg["arms"]
     p1 = {arm: A[arm]["pass_at_k"].get("1", {"mean": None, "std": None, "n": 0}) for arm in ARMS}
-    out = []
+    stats_of = {
+        "pass@1": lambda arm: p1[arm],
+        "cot length": lambda arm: A[arm]["cot_length_eval"],
+        "response length": lambda arm: A[arm]["response_length"],
+    }
 
-    def add(claim, arm_a, arm_b, want, metric, sa, sb):
-        v, txt = _cmp(sa, sb, want)
-        out.append({"claim": claim, "a": arm_a, "b": arm_b, "metric": metric, "verdict": v, "detail": txt})
+    def verdict(claim, arm_a, arm_b, want, metric):
+        v, txt = _cmp(stats_of[metric](arm_a), stats_of[metric](arm_b), want)
+        return {"claim": claim, "a": arm_a, "b": arm_b, "metric": metric, "verdict": v, "detail": txt}
 
-    add("base < DRO-Aggr (held-out pass@1)", "base", "dro_aggr", "gt", "pass@1", p1["base"], p1["dro_aggr"])
-    add(
-        "DRO-Aggr < DRO-R3 (held-out pass@1)",
-        "dro_aggr",
-        "dro_r3",
-        "gt",
-        "pass@1",
-        p1["dro_aggr"],
-        p1["dro_r3"],
-    )
-    add(
-        "DRO-R3 ≈ correctness (held-out pass@1)",
-        "correctness",
-        "dro_r3",
-        "eq",
-        "pass@1",
-        p1["correctness"],
-        p1["dro_r3"],
-    )
-    add(
-        "base < correctness (RL moves accuracy at all)",
-        "base",
-        "correctness",
-        "gt",
-        "pass@1",
-        p1["base"],
-        p1["correctness"],
-    )
-    # The chain of thought on the held-out prompts (same prompts and sampling seed for every arm) against the
-    # base model's: the paper's aggregate-certainty rewards collapse it, R3's does not.
-    add(
-        "aggregate certainty shrinks the chain of thought (held-out CoT tokens vs base)",
-        "base",
-        "dro_aggr",
-        "lt",
-        "cot length",
-        A["base"]["cot_length_eval"],
-        A["dro_aggr"]["cot_length_eval"],
-    )
-    add(
-        "R3 does not shrink the chain of thought (held-out CoT tokens vs base)",
-        "base",
-        "dro_r3",
-        "eq",
-        "cot length",
-        A["base"]["cot_length_eval"],
-        A["dro_r3"]["cot_length_eval"],
-    )
+    out = [verdict(*claim) for claim in CLAIMS]
     t = agg["time_to_target"]
     if t.get("dro_r3") and t.get("dro_r3_filter"):
         a, b = t["dro_r3"], t["dro_r3_filter"]
@@ -607,25 +589,7 @@ def verdicts(agg: dict) -> list[dict]:
                 "detail": txt,
             }
         )
-    for arm, name in (("pear", "PEAR"), ("laser_d", "LASER-D")):
-        add(
-            f"{name} shortens responses vs correctness",
-            "correctness",
-            arm,
-            "lt",
-            "response length",
-            A["correctness"]["response_length"],
-            A[arm]["response_length"],
-        )
-        add(
-            f"{name} keeps accuracy vs correctness (pass@1)",
-            "correctness",
-            arm,
-            "eq",
-            "pass@1",
-            p1["correctness"],
-            p1[arm],
-        )
+    out += [verdict(*claim) for claim in LENGTH_CLAIMS]
     return out
 
 
@@ -746,6 +710,22 @@ def render_plots(done: dict, agg: dict, seeds: list[int], out: Path) -> list[str
         )
     )
     paths = []
+
+    def annotate(ax, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        p = out / name
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(str(p))
+
     # 1. pass@k per arm.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
@@ -766,12 +746,7 @@ def render_plots(done: dict, agg: dict, seeds: list[int], out: Path) -> list[str
             label=f"{ARM_LABELS[arm]} ({A[arm]['seeds_done']} seeds)",
         )
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("held-out pass@k (%)")
-    ax.set_title("pass@k (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    annotate(ax, "k", "held-out pass@k (%)", "pass@k (mean ± std over seeds)", 7)
     ax = axes[1]
     xs = [arm for arm in ARMS if A[arm]["response_length"]["mean"] is not None]
     for i, arm in enumerate(xs):
@@ -802,11 +777,7 @@ def render_plots(done: dict, agg: dict, seeds: list[int], out: Path) -> list[str
     ax.set_ylabel("tokens (held-out samples)")
     ax.set_title("response length (solid) and chain of thought (hatched)")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    p = out / "repro_accuracy.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(str(p))
+    save(fig, "repro_accuracy.png")
     # 2. training curves (mean over seeds).
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for arm in ARMS[1:]:
@@ -839,11 +810,7 @@ def render_plots(done: dict, agg: dict, seeds: list[int], out: Path) -> list[str
         ax.grid(alpha=0.3)
     if axes[2].get_legend_handles_labels()[0]:
         axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "repro_training.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(str(p))
+    save(fig, "repro_training.png")
     # 3. arm 5 vs arm 3: held-out accuracy against training time.
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for arm in ("dro_r3", "dro_r3_filter"):
@@ -862,17 +829,9 @@ def render_plots(done: dict, agg: dict, seeds: list[int], out: Path) -> list[str
     t = agg["time_to_target"].get("dro_r3")
     if t:
         ax.axhline(100 * t["target_accuracy"], color="k", ls=":", label="target (arm 3 mean final)")
-    ax.set_xlabel("training seconds (filter rounds included, evaluations excluded)")
-    ax.set_ylabel("held-out greedy accuracy (%)")
-    ax.set_title("R3 filtering: accuracy vs training time")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    p = out / "repro_filter_time.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(str(p))
+    annotate(ax, "training seconds (filter rounds included, evaluations excluded)",
+             "held-out greedy accuracy (%)", "R3 filtering: accuracy vs training time", 6)
+    save(fig, "repro_filter_time.png")
     return paths
 
 

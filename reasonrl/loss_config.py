@@ -42,6 +42,22 @@ _VERL_KL = {
 }
 _VERL_UNSUPPORTED_MODES = ("clip_cov", "kl_cov", "geo_mean", "dppo_tv", "dppo_kl", "dro", "bypass_mode")
 
+# PolicyLossConfig.from_trl (section 3.2): the fields read from the TRL GRPOConfig attribute of the same name,
+# the fields whose TRL attribute has another name, and the fields TRL's loss fixes (no GRPOConfig option).
+_TRL_SAME_NAME = (
+    "loss_type", "importance_sampling_level", "delta", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+    "vespo_lambda_neg", "beta", "entropy_coef", "top_entropy_quantile", "off_policy_mask_threshold",
+    "temperature", "max_completion_length",
+)
+_TRL_RENAMED = {
+    "epsilon_low": "epsilon",
+    "sapo_tau_pos": "sapo_temperature_pos",
+    "sapo_tau_neg": "sapo_temperature_neg",
+    "kl_bias_correction": "use_bias_correction_kl",
+}
+_TRL_FIXED: dict[str, Any] = dict(kl_estimator="k3", cispo_mode="upper", log_ratio_clamp=None,
+                                  seq_log_ratio_max=None, dual_clip=False, loss_agg_mode=None)
+
 
 def _choice(name: str, value: Any, options: tuple) -> None:
     if value not in options:
@@ -334,31 +350,11 @@ class PolicyLossConfig:
             is_correction = ISCorrection(level=level, mode=mode, c_min=g.vllm_importance_sampling_clip_min,
                                          c_max=c_max)
         return cls(
-            loss_type=g.loss_type,
-            importance_sampling_level=g.importance_sampling_level,
-            epsilon_low=g.epsilon,
+            **{field: getattr(g, field) for field in _TRL_SAME_NAME},
+            **{field: getattr(g, trl_name) for field, trl_name in _TRL_RENAMED.items()},
             epsilon_high=epsilon_high,
-            delta=g.delta,
-            sapo_tau_pos=g.sapo_temperature_pos,
-            sapo_tau_neg=g.sapo_temperature_neg,
-            vespo_k_pos=g.vespo_k_pos,
-            vespo_lambda_pos=g.vespo_lambda_pos,
-            vespo_k_neg=g.vespo_k_neg,
-            vespo_lambda_neg=g.vespo_lambda_neg,
-            beta=g.beta,
-            kl_estimator="k3",
-            kl_bias_correction=g.use_bias_correction_kl,
-            entropy_coef=g.entropy_coef,
-            top_entropy_quantile=g.top_entropy_quantile,
-            off_policy_mask_threshold=g.off_policy_mask_threshold,
             is_correction=is_correction,
-            temperature=g.temperature,
-            max_completion_length=g.max_completion_length,
-            cispo_mode="upper",
-            log_ratio_clamp=None,
-            seq_log_ratio_max=None,
-            dual_clip=False,
-            loss_agg_mode=None,
+            **_TRL_FIXED,
             **kwargs,
         )
 

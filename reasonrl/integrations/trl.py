@@ -230,6 +230,25 @@ def _loss_fn(hidden, weight, bias, **kwargs) -> LossOutput:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _controller_view(attr: str, stored: str, default: float) -> property:
+    """A trainer attribute that is a view of the adaptive entropy controller's ``attr`` once the controller
+    exists (``_reasonrl_entropy``), and before that a plain value stored under ``stored`` (``default`` until
+    one is assigned)."""
+
+    def get(self) -> float:
+        ctl = self.__dict__.get("_reasonrl_entropy")
+        return self.__dict__.get(stored, default) if ctl is None else getattr(ctl, attr)
+
+    def set_(self, value: float) -> None:
+        ctl = self.__dict__.get("_reasonrl_entropy")
+        if ctl is None:
+            self.__dict__[stored] = value
+        else:
+            setattr(ctl, attr, float(value))
+
+    return property(get, set_)
+
+
 class _ReasonRLGRPOMixin:
     """Overrides of TRL 1.16's ``GRPOTrainer``; combined with it (or a subclass of it) by :class:`GRPOTrainer`
     and :func:`patch`."""
@@ -239,31 +258,8 @@ class _ReasonRLGRPOMixin:
     # checkpoint code keeps working. Before the controller exists (during TRL's __init__) they are plain
     # stored values.
 
-    @property
-    def entropy_coef(self) -> float:
-        ctl = self.__dict__.get("_reasonrl_entropy")
-        return self.__dict__.get("_reasonrl_coef", 0.0) if ctl is None else ctl.entropy_coef
-
-    @entropy_coef.setter
-    def entropy_coef(self, value: float) -> None:
-        ctl = self.__dict__.get("_reasonrl_entropy")
-        if ctl is None:
-            self.__dict__["_reasonrl_coef"] = value
-        else:
-            ctl.entropy_coef = float(value)
-
-    @property
-    def _last_world_entropy(self) -> float:
-        ctl = self.__dict__.get("_reasonrl_entropy")
-        return self.__dict__.get("_reasonrl_last", math.inf) if ctl is None else ctl.last_window_entropy
-
-    @_last_world_entropy.setter
-    def _last_world_entropy(self, value: float) -> None:
-        ctl = self.__dict__.get("_reasonrl_entropy")
-        if ctl is None:
-            self.__dict__["_reasonrl_last"] = value
-        else:
-            ctl.last_window_entropy = float(value)
+    entropy_coef = _controller_view("entropy_coef", "_reasonrl_coef", 0.0)
+    _last_world_entropy = _controller_view("last_window_entropy", "_reasonrl_last", math.inf)
 
     # ---- log-probs of the old-policy / reference passes ----------------------------------------------------
 

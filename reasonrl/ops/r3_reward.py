@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 
 from reasonrl import _backend as backend
-from reasonrl.reference.layout import check_cu_seqlens
 from reasonrl.reference.r3_reward import (
     R3Output,
-    _as_bool_mask,
-    _check_options,
+    check_r3_args,
+    check_r3_layout,
     r3_reward_reference,
     resolve_topk,
 )
@@ -94,48 +93,13 @@ backend.declare_op(OP, cpp=_cpp_ops, triton=_triton_ops)
 
 
 def _kernel_args(ref_logprobs, ref_mask, ref_cu_seqlens, rollout_mask, baseline_logprobs, topk, validate):
-    """Check shapes (and, with ``validate``, values) as the reference does; return the kernels' arguments
-    ``(lp, mask [G, L] bool | None, cu [G + 1] int64 | None, rollout [G, K] bool, baseline | None, k_g)``."""
+    """Check the layout (and, with ``validate``, the values) as the reference does; return the kernels'
+    arguments ``(lp, mask [G, L] bool | None, cu [G + 1] int64 | None, rollout [G, K] bool, baseline | None,
+    k_g)``."""
     lp = ref_logprobs.detach()
     acc = backend.accumulation_dtype(lp.dtype)
-    dev = lp.device
-    base = None if baseline_logprobs is None else baseline_logprobs.detach().to(device=dev, dtype=acc)
-    if ref_cu_seqlens is not None:
-        if ref_mask is not None:
-            raise ValueError(f"{OP}: ref_mask is for the padded layout [G, K, L]; the packed layout "
-                             "(ref_cu_seqlens given) has exact segments and takes no ref_mask")
-        if lp.dim() != 2:
-            raise ValueError(f"{OP}: ref_logprobs: the packed layout (ref_cu_seqlens given) needs [K, M], "
-                             f"got shape {tuple(lp.shape)}")
-        k, m = lp.shape
-        cu = check_cu_seqlens(ref_cu_seqlens, m, op=OP, name="ref_cu_seqlens", validate=validate, device=dev,
-                              total_name="M = ref_logprobs.shape[1]").contiguous()
-        g = cu.numel() - 1
-        if base is not None and tuple(base.shape) != (m,):
-            raise ValueError(f"{OP}: baseline_logprobs: expected shape ({m},) = [M] (packed), got "
-                             f"{tuple(base.shape)}")
-        lengths = cu.diff()
-        mask = None
-        where = "ref_cu_seqlens"
-    else:
-        if lp.dim() != 3:
-            raise ValueError(f"{OP}: ref_logprobs: expected [G, K, L] (padded) or [K, M] with "
-                             f"ref_cu_seqlens (packed), got shape {tuple(lp.shape)}")
-        g, k, width = lp.shape
-        mask = (torch.ones((g, width), dtype=torch.bool, device=dev) if ref_mask is None
-                else _as_bool_mask(ref_mask, "ref_mask", (g, width), validate).to(dev).contiguous())
-        if base is not None and tuple(base.shape) != (g, width):
-            raise ValueError(f"{OP}: baseline_logprobs: expected shape {(g, width)} = [G, L] (padded), got "
-                             f"{tuple(base.shape)}")
-        lengths = mask.sum(dim=1)
-        cu = None
-        where = "ref_mask"
-    roll = (torch.ones((g, k), dtype=torch.bool, device=dev) if rollout_mask is None
-            else _as_bool_mask(rollout_mask, "rollout_mask", (g, k), validate).to(dev).contiguous())
-    if validate and g > 0 and bool((lengths == 0).any()):
-        first = int((lengths == 0).nonzero()[0, 0])
-        raise ValueError(f"{OP}: prompt {first} has no valid reference token ({where}); every prompt needs "
-                         "L_g >= 1")
+    base = None if baseline_logprobs is None else baseline_logprobs.detach().to(device=lp.device, dtype=acc)
+    cu, mask, roll, lengths = check_r3_layout(lp, base, ref_mask, ref_cu_seqlens, rollout_mask, validate)
     k_g = resolve_topk(topk, lengths).contiguous()
     return lp, mask, cu, roll, None if base is None else base.contiguous(), k_g
 
@@ -160,13 +124,8 @@ def r3_reward(
     :func:`reasonrl.reference.r3_reward_reference`. ``impl``: ``auto`` / ``cpp`` / ``triton`` /
     ``reference``. Returns ``R3Output(reward [G, K], weights, sigma, num_valid_rollouts [G] int32)`` in the
     compute dtype (fp64 for fp64 input, else fp32). Forward only."""
-    _check_options(weighting, softmax_tau, topk, reduction, propagation_gamma, min_valid_rollouts)
-    if not isinstance(ref_logprobs, torch.Tensor) or not ref_logprobs.is_floating_point():
-        raise TypeError(f"{OP}: ref_logprobs must be a floating-point tensor, got "
-                        f"{getattr(ref_logprobs, 'dtype', type(ref_logprobs).__name__)}")
-    if baseline_logprobs is not None and (not isinstance(baseline_logprobs, torch.Tensor)
-                                          or not baseline_logprobs.is_floating_point()):
-        raise TypeError(f"{OP}: baseline_logprobs must be a floating-point tensor or None")
+    check_r3_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
+                  min_valid_rollouts)
     validate = backend.resolve_validate(validate, ref_logprobs)
     impl = backend.select_impl(OP, impl, ref_logprobs.device.type, ref_logprobs.dtype)
     if impl == "reference":

@@ -122,11 +122,72 @@ def _as_bool_mask(mask: torch.Tensor, name: str, shape: tuple, validate: bool) -
     return mask != 0
 
 
-def _packed_to_padded(lp: torch.Tensor, cu: torch.Tensor, baseline: torch.Tensor | None, validate: bool):
-    """[K, M] + cu [G+1] -> ([G, K, L], mask [G, L], baseline [G, L] | None, (seg, pos) to scatter back)."""
+def check_r3_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
+                  min_valid_rollouts) -> None:
+    """The checks every implementation makes before it looks at the layout (docs/ops.md section 7): the
+    options, then the types of the log-prob tensors."""
+    _check_options(weighting, softmax_tau, topk, reduction, propagation_gamma, min_valid_rollouts)
+    if not isinstance(ref_logprobs, torch.Tensor) or not ref_logprobs.is_floating_point():
+        raise TypeError(f"{_OP}: ref_logprobs must be a floating-point tensor, got "
+                        f"{getattr(ref_logprobs, 'dtype', type(ref_logprobs).__name__)}")
+    if baseline_logprobs is not None and (not isinstance(baseline_logprobs, torch.Tensor)
+                                          or not baseline_logprobs.is_floating_point()):
+        raise TypeError(f"{_OP}: baseline_logprobs must be a floating-point tensor or None")
+
+
+def check_r3_layout(lp: torch.Tensor, base: torch.Tensor | None, ref_mask, ref_cu_seqlens, rollout_mask,
+                    validate: bool):
+    """The layout checks of every implementation, on ``lp`` (``ref_logprobs``) and ``base``
+    (``baseline_logprobs`` on lp's device, or None): shapes always, and with ``validate`` the values that need
+    a host sync (mask values, offsets, a prompt with no valid reference token).
+
+    Returns ``(cu, mask, roll, lengths)``: the packed layout has the offsets ``cu [G + 1]`` int64 and no mask,
+    the padded one a ``mask [G, L]`` bool (all valid by default) and no offsets; ``roll [G, K]`` bool; the
+    lengths L_g ``[G]`` int64. Masks and offsets are contiguous, on lp's device, as the kernels take them."""
+    dev = lp.device
+    if ref_cu_seqlens is not None:
+        if ref_mask is not None:
+            raise ValueError(f"{_OP}: ref_mask is for the padded layout [G, K, L]; the packed layout "
+                             "(ref_cu_seqlens given) has exact segments and takes no ref_mask")
+        if lp.dim() != 2:
+            raise ValueError(f"{_OP}: ref_logprobs: the packed layout (ref_cu_seqlens given) needs [K, M], "
+                             f"got shape {tuple(lp.shape)}")
+        k, m = lp.shape
+        cu = check_cu_seqlens(ref_cu_seqlens, m, op=_OP, name="ref_cu_seqlens", validate=validate, device=dev,
+                              total_name="M = ref_logprobs.shape[1]").contiguous()
+        g = cu.numel() - 1
+        if base is not None and tuple(base.shape) != (m,):
+            raise ValueError(f"{_OP}: baseline_logprobs: expected shape ({m},) = [M] (packed), got "
+                             f"{tuple(base.shape)}")
+        lengths = cu.diff()
+        mask = None
+        where = "ref_cu_seqlens"
+    else:
+        if lp.dim() != 3:
+            raise ValueError(f"{_OP}: ref_logprobs: expected [G, K, L] (padded) or [K, M] with "
+                             f"ref_cu_seqlens (packed), got shape {tuple(lp.shape)}")
+        g, k, width = lp.shape
+        mask = (torch.ones((g, width), dtype=torch.bool, device=dev) if ref_mask is None
+                else _as_bool_mask(ref_mask, "ref_mask", (g, width), validate).to(dev).contiguous())
+        if base is not None and tuple(base.shape) != (g, width):
+            raise ValueError(f"{_OP}: baseline_logprobs: expected shape {(g, width)} = [G, L] (padded), got "
+                             f"{tuple(base.shape)}")
+        lengths = mask.sum(dim=1)
+        cu = None
+        where = "ref_mask"
+    roll = (torch.ones((g, k), dtype=torch.bool, device=dev) if rollout_mask is None
+            else _as_bool_mask(rollout_mask, "rollout_mask", (g, k), validate).to(dev).contiguous())
+    if validate and g > 0 and bool((lengths == 0).any()):
+        first = int((lengths == 0).nonzero()[0, 0])
+        raise ValueError(f"{_OP}: prompt {first} has no valid reference token ({where}); every prompt needs "
+                         "L_g >= 1")
+    return cu, mask, roll, lengths
+
+
+def _packed_to_padded(lp: torch.Tensor, cu: torch.Tensor, baseline: torch.Tensor | None):
+    """[K, M] + the checked offsets cu [G+1] (int64, :func:`check_r3_layout`) -> ([G, K, L], mask [G, L],
+    baseline [G, L] | None, (seg, pos) to scatter back)."""
     k, m = lp.shape
-    cu = check_cu_seqlens(cu, m, op=_OP, name="ref_cu_seqlens", total_name="M = ref_logprobs.shape[1]",
-                          validate=validate, device=lp.device)
     g = cu.numel() - 1
     lengths = cu.diff()
     width = int(lengths.max()) if g > 0 else 0
@@ -185,13 +246,8 @@ def r3_reward_reference(
             token (``validate=True``; otherwise its rewards are NaN), both or neither layout hints misused.
         TypeError: non-floating ``ref_logprobs`` / ``baseline_logprobs``.
     """
-    _check_options(weighting, softmax_tau, topk, reduction, propagation_gamma, min_valid_rollouts)
-    if not isinstance(ref_logprobs, torch.Tensor) or not ref_logprobs.is_floating_point():
-        raise TypeError(f"{_OP}: ref_logprobs must be a floating-point tensor, got "
-                        f"{getattr(ref_logprobs, 'dtype', type(ref_logprobs).__name__)}")
-    if baseline_logprobs is not None and (not isinstance(baseline_logprobs, torch.Tensor)
-                                          or not baseline_logprobs.is_floating_point()):
-        raise TypeError(f"{_OP}: baseline_logprobs must be a floating-point tensor or None")
+    check_r3_args(ref_logprobs, baseline_logprobs, weighting, softmax_tau, topk, reduction, propagation_gamma,
+                  min_valid_rollouts)
     if compute_dtype is None:
         compute_dtype = torch.float64 if ref_logprobs.dtype == torch.float64 else torch.float32
     if compute_dtype not in (torch.float32, torch.float64):
@@ -199,39 +255,11 @@ def r3_reward_reference(
     lp = ref_logprobs.detach().to(compute_dtype)
     base = None if baseline_logprobs is None else baseline_logprobs.detach().to(device=lp.device,
                                                                                   dtype=compute_dtype)
-
-    packed = ref_cu_seqlens is not None
+    cu, tok_mask, roll, lengths = check_r3_layout(lp, base, ref_mask, ref_cu_seqlens, rollout_mask, validate)
+    packed = cu is not None
     if packed:
-        if ref_mask is not None:
-            raise ValueError(f"{_OP}: ref_mask is for the padded layout [G, K, L]; the packed layout "
-                             "(ref_cu_seqlens given) has exact segments and takes no ref_mask")
-        if lp.dim() != 2:
-            raise ValueError(f"{_OP}: ref_logprobs: the packed layout (ref_cu_seqlens given) needs [K, M], "
-                             f"got shape {tuple(lp.shape)}")
-        if base is not None and tuple(base.shape) != (lp.shape[1],):
-            raise ValueError(f"{_OP}: baseline_logprobs: expected shape ({lp.shape[1]},) = [M] (packed), got "
-                             f"{tuple(base.shape)}")
-        lp, tok_mask, base, scatter = _packed_to_padded(lp, ref_cu_seqlens, base, validate)
-    else:
-        if lp.dim() != 3:
-            raise ValueError(f"{_OP}: ref_logprobs: expected [G, K, L] (padded) or [K, M] with "
-                             f"ref_cu_seqlens (packed), got shape {tuple(lp.shape)}")
-        g_, _, l_ = lp.shape
-        tok_mask = (torch.ones((g_, l_), dtype=torch.bool, device=lp.device) if ref_mask is None
-                    else _as_bool_mask(ref_mask, "ref_mask", (g_, l_), validate).to(lp.device))
-        if base is not None and tuple(base.shape) != (g_, l_):
-            raise ValueError(f"{_OP}: baseline_logprobs: expected shape {(g_, l_)} = [G, L] (padded), got "
-                             f"{tuple(base.shape)}")
-    g, k, width = lp.shape
-    roll = (torch.ones((g, k), dtype=torch.bool, device=lp.device) if rollout_mask is None
-            else _as_bool_mask(rollout_mask, "rollout_mask", (g, k), validate).to(lp.device))
-
-    lengths = tok_mask.sum(dim=1)  # L_g, int64
-    if validate and g > 0 and bool((lengths == 0).any()):
-        first = int((lengths == 0).nonzero()[0, 0])
-        where = "ref_cu_seqlens" if packed else "ref_mask"
-        raise ValueError(f"{_OP}: prompt {first} has no valid reference token ({where}); every prompt needs "
-                         "L_g >= 1")
+        lp, tok_mask, base, scatter = _packed_to_padded(lp, cu, base)
+    g, k, width = lp.shape  # lengths: L_g, int64
     n_valid = roll.sum(dim=1)  # n_g
     zero = lp.new_zeros(())
     both = roll[:, :, None] & tok_mask[:, None, :]  # [G, K, L] entries that are read
