@@ -12,13 +12,20 @@ float64 oracle.
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 from dataclasses import dataclass
 
 import pytest
 import torch
+from _vocab_parallel import (
+    WORLD,
+    Bad,
+    assert_outputs_equal_across_ranks,
+    assert_raised_on_every_rank,
+    error_of,
+    results_on_every_rank,
+    spawn_on_two_ranks,
+    traceback_on_error,
+)
 
 from reasonrl._backend import unavailable_reason
 from reasonrl.losses import LossNormalizers, PolicyLossConfig, policy_loss_from_hidden
@@ -26,7 +33,6 @@ from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
 
 CPU = torch.device("cpu")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
-WORLD = 2
 IGNORE = -100
 
 
@@ -118,15 +124,6 @@ def _policy_inputs():
     return d["hidden"], d["weight"], d["bias"], d["labels"], kw, (0, 120, 301)
 
 
-@dataclass
-class Bad:
-    name: str
-    vocab_start: tuple[int | None, int | None]
-    local_vocab: tuple[int, int]
-    label: int | None = None
-    expected: str = ""
-
-
 BAD = [
     Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
     Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
@@ -170,47 +167,27 @@ def _run_policy(rank: int, group):
     return out.loss.detach(), torch.autograd.grad(out.loss, leaves)
 
 
-def _worker(rank: int, init_method: str, out_dir: str, cases: list[Case], bad: list[Bad]) -> None:
-    import torch.distributed as dist
+def _bad_call(b: Bad, rank: int, group) -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 8, generator=g)
+    w = torch.randn(b.local_vocab[rank], 8, generator=g)
+    labels = torch.tensor([1, 2, 3, IGNORE])
+    if b.label is not None:
+        labels[0] = b.label
+    linear_token_logprobs(h, w, labels, process_group=group, vocab_start=b.vocab_start[rank], validate=True,
+                          impl="cpp")
 
-    torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        results = {}
-        for c in cases:
-            try:
-                results[c.name] = _run_one(c, rank, dist.group.WORLD)
-            except Exception:  # reported by the test of this case, not by the spawn
-                results[c.name] = traceback.format_exc()
-        try:
-            results["policy"] = _run_policy(rank, dist.group.WORLD)
-        except Exception:
-            results["policy"] = traceback.format_exc()
-        errors = {}
-        for b in bad:
-            g = torch.Generator().manual_seed(0)
-            h = torch.randn(4, 8, generator=g)
-            w = torch.randn(b.local_vocab[rank], 8, generator=g)
-            labels = torch.tensor([1, 2, 3, IGNORE])
-            if b.label is not None:
-                labels[0] = b.label
-            try:
-                linear_token_logprobs(h, w, labels, process_group=dist.group.WORLD,
-                                      vocab_start=b.vocab_start[rank], validate=True, impl="cpp")
-                errors[b.name] = None
-            except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
-                errors[b.name] = (type(e).__name__, str(e))
-        try:  # no sharded path in the reference implementation: an explicit, clear refusal
-            linear_token_logprobs(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]),
-                                  process_group=dist.group.WORLD, impl="reference")
-            errors["reference"] = None
-        except Exception as e:  # noqa: BLE001
-            errors["reference"] = (type(e).__name__, str(e))
-        torch.save({"results": results, "errors": errors}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+def _work(rank: int, group, cases: list[Case], bad: list[Bad]) -> dict:
+    """What one rank saves: every case's and the policy loss's outputs and local gradients, every bad call's
+    error, and the reference implementation's refusal of a process group."""
+    results = {c.name: traceback_on_error(_run_one, c, rank, group) for c in cases}
+    results["policy"] = traceback_on_error(_run_policy, rank, group)
+    errors = {b.name: error_of(_bad_call, b, rank, group) for b in bad}
+    # No sharded path in the reference implementation: an explicit, clear refusal.
+    errors["reference"] = error_of(linear_token_logprobs, torch.randn(2, 4), torch.randn(3, 4),
+                                   torch.tensor([0, 1]), process_group=group, impl="reference")
+    return {"results": results, "errors": errors}
 
 
 @pytest.fixture(scope="module")
@@ -218,20 +195,9 @@ def sharded_runs(tmp_path_factory):
     why = unavailable_reason("cpp", CPU, F32)
     if why is not None:
         pytest.skip(f"impl='cpp' is unavailable: {why}")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    tmp = tmp_path_factory.mktemp("vocab_parallel_linear")
     cases = _cases()
-    mp.spawn(_worker, args=(f"file://{tmp / 'store'}", str(tmp), cases, BAD), nprocs=WORLD, join=True)
-    runs = {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
+    runs = spawn_on_two_ranks(tmp_path_factory, "vocab_parallel_linear", _work, cases, BAD)
     return {c.name: c for c in cases}, runs
-
-
-def _same(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _tol(dtype, grad=False):
@@ -246,12 +212,9 @@ def _tol(dtype, grad=False):
 def test_sharded_equals_unsharded(sharded_runs, name):
     cases, runs = sharded_runs
     c = cases[name]
-    per_rank = {r: runs[r]["results"][name] for r in range(WORLD)}
-    for r, res in per_rank.items():
-        assert not isinstance(res, str), f"rank {r} raised:\n{res}"
+    per_rank = results_on_every_rank(runs, name)
     (outs0, grads0), (outs1, grads1) = per_rank[0], per_rank[1]
-    for f, a, b in zip(("logprobs", "entropy", "rank", "lse"), outs0, outs1, strict=True):
-        assert _same(a, b), f"{name}: {f} differs between ranks"
+    assert_outputs_equal_across_ranks(name, outs0, outs1)
 
     leaves = [c.hidden.clone().requires_grad_(True), c.weight.clone().requires_grad_(True)]
     if c.bias is not None:
@@ -287,9 +250,7 @@ def test_sharded_equals_unsharded(sharded_runs, name):
 
 def test_policy_loss_from_hidden_sharded(sharded_runs):
     _, runs = sharded_runs
-    res = {r: runs[r]["results"]["policy"] for r in range(WORLD)}
-    for r, v in res.items():
-        assert not isinstance(v, str), f"rank {r} raised:\n{v}"
+    res = results_on_every_rank(runs, "policy")
     assert torch.equal(res[0][0], res[1][0]), "the loss differs between ranks"
     hidden, weight, bias, labels, kw, bounds = _policy_inputs()
     leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True),
@@ -308,11 +269,7 @@ def test_policy_loss_from_hidden_sharded(sharded_runs):
 @pytest.mark.parametrize("bad", BAD, ids=lambda b: b.name)
 def test_bad_input_raises_on_every_rank(sharded_runs, bad):
     _, runs = sharded_runs
-    for r in range(WORLD):
-        err = runs[r]["errors"][bad.name]
-        assert err is not None, f"rank {r}: no error"
-        kind, msg = err
-        assert kind == "ValueError" and bad.expected in msg, f"rank {r}: {kind}: {msg}"
+    assert_raised_on_every_rank(runs, bad)
 
 
 def test_reference_impl_has_no_sharded_path(sharded_runs):
