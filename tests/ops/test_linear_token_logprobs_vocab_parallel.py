@@ -14,18 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import _vocab_parallel as vp
 import pytest
 import torch
-from _vocab_parallel import (
-    WORLD,
-    Bad,
-    assert_outputs_equal_across_ranks,
-    assert_raised_on_every_rank,
-    error_of,
-    results_on_every_rank,
-    spawn_on_two_ranks,
-    traceback_on_error,
-)
 
 from reasonrl._backend import unavailable_reason
 from reasonrl.losses import LossNormalizers, PolicyLossConfig, policy_loss_from_hidden
@@ -125,9 +116,9 @@ def _policy_inputs():
 
 
 BAD = [
-    Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
-    Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
-    Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
+    vp.Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
+    vp.Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
+    vp.Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
 ]
 
 
@@ -167,7 +158,7 @@ def _run_policy(rank: int, group):
     return out.loss.detach(), torch.autograd.grad(out.loss, leaves)
 
 
-def _bad_call(b: Bad, rank: int, group) -> None:
+def _bad_call(b: vp.Bad, rank: int, group) -> None:
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4, 8, generator=g)
     w = torch.randn(b.local_vocab[rank], 8, generator=g)
@@ -178,14 +169,14 @@ def _bad_call(b: Bad, rank: int, group) -> None:
                           impl="cpp")
 
 
-def _work(rank: int, group, cases: list[Case], bad: list[Bad]) -> dict:
+def _work(rank: int, group, cases: list[Case], bad: list[vp.Bad]) -> dict:
     """What one rank saves: every case's and the policy loss's outputs and local gradients, every bad call's
     error, and the reference implementation's refusal of a process group."""
-    results = {c.name: traceback_on_error(_run_one, c, rank, group) for c in cases}
-    results["policy"] = traceback_on_error(_run_policy, rank, group)
-    errors = {b.name: error_of(_bad_call, b, rank, group) for b in bad}
+    results = {c.name: vp.traceback_on_error(_run_one, c, rank, group) for c in cases}
+    results["policy"] = vp.traceback_on_error(_run_policy, rank, group)
+    errors = {b.name: vp.error_of(_bad_call, b, rank, group) for b in bad}
     # No sharded path in the reference implementation: an explicit, clear refusal.
-    errors["reference"] = error_of(linear_token_logprobs, torch.randn(2, 4), torch.randn(3, 4),
+    errors["reference"] = vp.error_of(linear_token_logprobs, torch.randn(2, 4), torch.randn(3, 4),
                                    torch.tensor([0, 1]), process_group=group, impl="reference")
     return {"results": results, "errors": errors}
 
@@ -196,7 +187,7 @@ def sharded_runs(tmp_path_factory):
     if why is not None:
         pytest.skip(f"impl='cpp' is unavailable: {why}")
     cases = _cases()
-    runs = spawn_on_two_ranks(tmp_path_factory, "vocab_parallel_linear", _work, cases, BAD)
+    runs = vp.spawn_on_two_ranks(tmp_path_factory, "vocab_parallel_linear", _work, cases, BAD)
     return {c.name: c for c in cases}, runs
 
 
@@ -212,9 +203,9 @@ def _tol(dtype, grad=False):
 def test_sharded_equals_unsharded(sharded_runs, name):
     cases, runs = sharded_runs
     c = cases[name]
-    per_rank = results_on_every_rank(runs, name)
+    per_rank = vp.results_on_every_rank(runs, name)
     (outs0, grads0), (outs1, grads1) = per_rank[0], per_rank[1]
-    assert_outputs_equal_across_ranks(name, outs0, outs1)
+    vp.assert_outputs_equal_across_ranks(name, outs0, outs1)
 
     leaves = [c.hidden.clone().requires_grad_(True), c.weight.clone().requires_grad_(True)]
     if c.bias is not None:
@@ -233,7 +224,7 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     ref_grads = _grads(c, ref, leaves)
 
     by_rank = {0: grads0, 1: grads1}
-    gh = {r: by_rank[r][0] for r in range(WORLD)}
+    gh = {r: by_rank[r][0] for r in range(vp.WORLD)}
     if c.reduce_grad_hidden:
         assert torch.equal(gh[0], gh[1]), f"{name}: grad_hidden differs between ranks"
         got_gh = gh[0]
@@ -244,13 +235,13 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     for i, what in ((1, "grad_weight"), (2, "grad_bias")):
         if i >= len(ref_grads):
             continue
-        full = torch.cat([by_rank[c.order[k]][i] for k in range(WORLD)], dim=0)
+        full = torch.cat([by_rank[c.order[k]][i] for k in range(vp.WORLD)], dim=0)
         torch.testing.assert_close(full, ref_grads[i], **tol, msg=lambda m, w=what: f"{name}: {w}: {m}")
 
 
 def test_policy_loss_from_hidden_sharded(sharded_runs):
     _, runs = sharded_runs
-    res = results_on_every_rank(runs, "policy")
+    res = vp.results_on_every_rank(runs, "policy")
     assert torch.equal(res[0][0], res[1][0]), "the loss differs between ranks"
     hidden, weight, bias, labels, kw, bounds = _policy_inputs()
     leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True),
@@ -269,11 +260,11 @@ def test_policy_loss_from_hidden_sharded(sharded_runs):
 @pytest.mark.parametrize("bad", BAD, ids=lambda b: b.name)
 def test_bad_input_raises_on_every_rank(sharded_runs, bad):
     _, runs = sharded_runs
-    assert_raised_on_every_rank(runs, bad)
+    vp.assert_raised_on_every_rank(runs, bad)
 
 
 def test_reference_impl_has_no_sharded_path(sharded_runs):
     _, runs = sharded_runs
-    for r in range(WORLD):
+    for r in range(vp.WORLD):
         kind, msg = runs[r]["errors"]["reference"]
         assert kind == "NotImplementedError" and "process_group" in msg, msg

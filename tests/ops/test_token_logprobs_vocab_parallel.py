@@ -18,19 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import _vocab_parallel as vp
 import pytest
 import torch
 from _token_logprobs_checks import input_grad, run_token_logprobs_reference, valid_rows
-from _vocab_parallel import (
-    WORLD,
-    Bad,
-    assert_outputs_equal_across_ranks,
-    assert_raised_on_every_rank,
-    error_of,
-    results_on_every_rank,
-    spawn_on_two_ranks,
-    traceback_on_error,
-)
 
 from reasonrl._backend import unavailable_reason
 from reasonrl.ops.token_logprobs import token_logprobs
@@ -149,12 +140,12 @@ def _cases() -> list[Sharded]:
 
 
 BAD = [
-    Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
-    Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
-    Bad("not-from-zero", (10, 40), (30, 30), expected="vocab_start"),
-    Bad("unequal-without-vocab-start", (None, None), (30, 31), expected="vocab_start"),
-    Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
-    Bad("negative-label", (None, None), (30, 30), label=-3, expected="outside [0, V_glob"),
+    vp.Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
+    vp.Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
+    vp.Bad("not-from-zero", (10, 40), (30, 30), expected="vocab_start"),
+    vp.Bad("unequal-without-vocab-start", (None, None), (30, 31), expected="vocab_start"),
+    vp.Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
+    vp.Bad("negative-label", (None, None), (30, 30), label=-3, expected="outside [0, V_glob"),
 ]
 
 
@@ -196,7 +187,7 @@ def _run_one(spec: Sharded, rank: int, group):
     return detached, grad
 
 
-def _bad_call(b: Bad, rank: int, group) -> None:
+def _bad_call(b: vp.Bad, rank: int, group) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, b.local_vocab[rank], generator=g)
     labels = torch.tensor([1, 2, 3, -100])
@@ -205,11 +196,11 @@ def _bad_call(b: Bad, rank: int, group) -> None:
     token_logprobs(x, labels, process_group=group, vocab_start=b.vocab_start[rank], validate=True)
 
 
-def _work(rank: int, group, cases: list[Sharded], bad: list[Bad]) -> dict:
+def _work(rank: int, group, cases: list[Sharded], bad: list[vp.Bad]) -> dict:
     """What one rank saves: every case's outputs and local gradient, every bad call's error."""
     return {
-        "results": {spec.name: traceback_on_error(_run_one, spec, rank, group) for spec in cases},
-        "errors": {b.name: error_of(_bad_call, b, rank, group) for b in bad},
+        "results": {spec.name: vp.traceback_on_error(_run_one, spec, rank, group) for spec in cases},
+        "errors": {b.name: vp.error_of(_bad_call, b, rank, group) for b in bad},
     }
 
 
@@ -221,7 +212,7 @@ def sharded_runs(tmp_path_factory):
     assert [c.name for c in cases] == CASE_NAMES
     if unavailable_reason("triton", CPU, F32) is not None:
         cases = [c for c in cases if c.impl != "triton"]
-    runs = spawn_on_two_ranks(tmp_path_factory, "vocab_parallel", _work, cases, BAD)
+    runs = vp.spawn_on_two_ranks(tmp_path_factory, "vocab_parallel", _work, cases, BAD)
     return {c.name: c for c in cases}, runs
 
 
@@ -239,7 +230,7 @@ def _unsharded(spec: Sharded):
 
 
 def _full_gradient(spec: Sharded, grads: dict[int, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([grads[spec.order[k]] for k in range(WORLD)], dim=-1)
+    return torch.cat([grads[spec.order[k]] for k in range(vp.WORLD)], dim=-1)
 
 
 # Spelled out (not [c.name for c in _cases()]) so that collecting this module, which the spawned workers also
@@ -268,9 +259,9 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     if name not in specs:
         pytest.skip("impl='triton' is not runnable here (no interpreter)")
     spec = specs[name]
-    per_rank = results_on_every_rank(runs, name)
+    per_rank = vp.results_on_every_rank(runs, name)
     (outs0, _), (outs1, _) = per_rank[0], per_rank[1]
-    assert_outputs_equal_across_ranks(name, outs0, outs1)
+    vp.assert_outputs_equal_across_ranks(name, outs0, outs1)
 
     case = spec.case
     dtype = case.logits.dtype
@@ -305,8 +296,8 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     if spec.grad is None:
         assert per_rank[0][1] is None
         return
-    grads = {r: per_rank[r][1] for r in range(WORLD)}
-    for r in range(WORLD):
+    grads = {r: per_rank[r][1] for r in range(vp.WORLD)}
+    for r in range(vp.WORLD):
         lo, hi = spec.shard(r)
         assert grads[r].dtype == dtype and grads[r].shape == (*lead, hi - lo)
     full = _full_gradient(spec, grads)
@@ -328,7 +319,7 @@ def test_sharded_equals_unsharded(sharded_runs, name):
 @pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
 def test_bad_layout_or_labels_raise_on_every_rank(sharded_runs, bad):
     _, runs = sharded_runs
-    assert_raised_on_every_rank(runs, bad)
+    vp.assert_raised_on_every_rank(runs, bad)
 
 
 def test_vocab_start_without_process_group_raises():
