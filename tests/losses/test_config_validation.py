@@ -16,7 +16,8 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from _hypothesis_settings import SETTINGS
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reasonrl.losses import (
@@ -27,13 +28,6 @@ from reasonrl.losses import (
     policy_loss,
 )
 
-_SETTINGS = dict(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    phases=(Phase.explicit, Phase.generate),
-    suppress_health_check=[HealthCheck.too_slow],
-)
 NAN, INF = math.nan, math.inf
 FLT_TINY = 1.1754943508222875e-38
 
@@ -94,31 +88,29 @@ def _constructs(factory, **kwargs) -> bool:
     return True
 
 
-@pytest.mark.parametrize("field", sorted(_POLICY_REAL))
-@settings(max_examples=60, **_SETTINGS)
-@given(value=FLOATS)
-def test_policy_config_real_fields(field, value):
-    ok, _ = _POLICY_REAL[field]
-    expected = math.isfinite(value) and ok(value)
-    assert _constructs(PolicyLossConfig, **{field: value}) == expected, (field, value)
+# (the dataclass, the field, its range) for every real field of PolicyLossConfig and ISCorrection.
+_REAL_FIELDS = [
+    pytest.param(factory, field, table[field][0], id=f"{factory.__name__}.{field}")
+    for factory, table in ((PolicyLossConfig, _POLICY_REAL), (ISCorrection, _IS_REAL))
+    for field in sorted(table)
+]
 
 
-@pytest.mark.parametrize("field", sorted(_IS_REAL))
-@settings(max_examples=60, **_SETTINGS)
+@pytest.mark.parametrize("factory,field,ok", _REAL_FIELDS)
+@settings(max_examples=60, **SETTINGS)
 @given(value=FLOATS)
-def test_is_correction_real_fields(field, value):
-    ok, _ = _IS_REAL[field]
+def test_real_fields(factory, field, ok, value):
     expected = math.isfinite(value) and ok(value)
-    if field == "c_min" and math.isfinite(value) and value >= 3.0:
+    if factory is ISCorrection and field == "c_min" and math.isfinite(value) and value >= 3.0:
         # Rejected by the c_min < c_max rule (a ValueError naming both), not by the range check.
         with pytest.raises(ValueError, match="(?s)(?=.*c_min)(?=.*c_max)"):
             ISCorrection(c_min=value)
         return
-    assert _constructs(ISCorrection, **{field: value}) == expected, (field, value)
+    assert _constructs(factory, **{field: value}) == expected, (field, value)
 
 
 @pytest.mark.parametrize("field", sorted(_CONTROLLER_REAL))
-@settings(max_examples=40, **_SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(value=FLOATS)
 def test_adaptive_entropy_controller_fields(field, value):
     kwargs = {"initial_coef": 0.0, field: value}
@@ -133,7 +125,7 @@ def test_adaptive_entropy_controller_fields(field, value):
 
 
 @pytest.mark.parametrize("field", ["num_items_in_batch", "global_num_seqs"])
-@settings(max_examples=80, **_SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(value=FLOATS)
 def test_normalizer_counts(field, value):
     """A Python count must be finite and > 0; a CPU tensor finite and >= 0 (0 = TRL's empty window)."""
@@ -151,13 +143,13 @@ def test_normalizer_counts(field, value):
 @pytest.mark.parametrize("field,minimum,optional", [
     ("grad_accum_steps", 1, False), ("num_processes", 1, False), ("padded_length", 1, True),
 ])
-@settings(max_examples=40, **_SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(value=st.one_of(st.integers(-10, 10), st.sampled_from([2**40, -(2**40)])))
 def test_normalizer_integer_fields(field, minimum, optional, value):
     assert _constructs(LossNormalizers, **{field: value}) == (value >= minimum), value
 
 
-@settings(max_examples=40, **_SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(value=st.one_of(st.integers(-10, 10), st.sampled_from([2**40, -(2**40)])))
 def test_max_completion_length(value):
     assert _constructs(PolicyLossConfig, max_completion_length=value) == (value >= 1), value

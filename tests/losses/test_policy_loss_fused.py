@@ -20,6 +20,7 @@ import warnings
 
 import pytest
 import torch
+from _policy_loss_fused import from_logits_op_args, kernel_inputs
 
 from reasonrl.losses import (
     ISCorrection,
@@ -30,7 +31,6 @@ from reasonrl.losses import (
 )
 from reasonrl.losses import fused as fused_mod
 from reasonrl.ops.policy_loss import FROM_LOGITS, kernel_codes, registered_ops
-from reasonrl.reference.policy_loss import loss_inputs
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 F64 = torch.float64
@@ -156,23 +156,16 @@ def _reference_token_grads(cfg, b, norms, advantages, is_weights=None):
 
 
 def _functor_grads(cfg, b, norms, advantages, is_weights=None):
-    inputs = fused_mod.kernel_inputs(
-        loss_inputs(
-            b["mask"],
-            advantages=advantages,
-            cu_seqlens=None,
-            old_logprobs=b["old"],
-            ref_logprobs=b["ref"],
-            sampling_logprobs=b["samp"],
-            is_weights=is_weights,
-            normalizers=norms,
-            config=cfg,
-            dtype=b["lp"].dtype,
-            mask=b["mask"],
-        ),
+    inputs = kernel_inputs(
+        b["mask"],
         config=cfg,
         normalizers=norms,
-        entropy_coef=cfg.entropy_coef,
+        dtype=b["lp"].dtype,
+        advantages=advantages,
+        old_logprobs=b["old"],
+        ref_logprobs=b["ref"],
+        sampling_logprobs=b["samp"],
+        is_weights=is_weights,
     )
     g_lp = torch.ops.reasonrl.policy_loss_token_grad(
         b["lp"].reshape(-1),
@@ -442,34 +435,7 @@ def test_gradcheck_float64(cpp_ops):
 def _opcheck_args(dtype=torch.float32):
     cfg = CONFIGS["dapo+kl+entropy"]
     logits, labels, kw = _logits_case("packed", b=2, t=3, v=37, seed=4, dtype=dtype)
-    valid = kw["mask"] & (labels != -100)
-    inputs = fused_mod.kernel_inputs(
-        loss_inputs(
-            valid,
-            advantages=kw["advantages"],
-            cu_seqlens=kw["cu_seqlens"],
-            old_logprobs=kw["old_logprobs"],
-            ref_logprobs=kw["ref_logprobs"],
-            sampling_logprobs=None,
-            is_weights=None,
-            normalizers=LossNormalizers(),
-            config=cfg,
-            dtype=torch.float64 if dtype == F64 else torch.float32,
-            mask=valid,
-        ),
-        config=cfg,
-        normalizers=LossNormalizers(),
-        entropy_coef=cfg.entropy_coef,
-    )
-    return (
-        logits,
-        labels.masked_fill(~valid, -100),
-        None,
-        0.9,
-        -100,
-        inputs,
-        *kernel_codes(cfg, has_old=True),
-    )
+    return from_logits_op_args(logits, labels, kw, cfg, valid=kw["mask"] & (labels != -100))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -528,40 +494,25 @@ def test_no_valid_token_gives_zero_loss_and_gradient(cpp_ops):
 def test_bad_input_names_the_argument(cpp_ops):
     cfg = CONFIGS["grpo"]
     logits, labels, kw = _logits_case("padded")
-    x = logits.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="advantages"):
-        policy_loss_from_logits(
-            x,
-            labels,
-            normalizers=LossNormalizers(),
-            config=cfg,
-            impl="cpp",
-            **{**kw, "advantages": torch.zeros(7)},
-        )
-    with pytest.raises(ValueError, match="old_logprobs"):
-        policy_loss_from_logits(
-            x,
-            labels,
-            normalizers=LossNormalizers(),
-            config=cfg,
-            impl="cpp",
-            **{**kw, "old_logprobs": torch.zeros(3, 3)},
-        )
-    with pytest.raises(ValueError, match="labels"):
-        policy_loss_from_logits(
-            x,
-            labels.masked_fill(labels == labels[0, 0], 10_000),
-            normalizers=LossNormalizers(),
-            config=cfg,
-            impl="cpp",
-            **kw,
-        )
-    bad = logits.clone()
-    bad[1, 2, 3] = float("nan")
-    with pytest.raises(FloatingPointError):
-        policy_loss_from_logits(
-            bad.requires_grad_(True), labels, normalizers=LossNormalizers(), config=cfg, impl="cpp", **kw
-        )
+    nan_logits = logits.clone()
+    nan_logits[1, 2, 3] = float("nan")
+    # (logits, labels, keyword arguments, the error, a pattern its message must match)
+    bad_inputs = [
+        (logits, labels, {**kw, "advantages": torch.zeros(7)}, ValueError, "advantages"),
+        (logits, labels, {**kw, "old_logprobs": torch.zeros(3, 3)}, ValueError, "old_logprobs"),
+        (logits, labels.masked_fill(labels == labels[0, 0], 10_000), kw, ValueError, "labels"),
+        (nan_logits, labels, kw, FloatingPointError, None),
+    ]
+    for x, lab, kwargs, error, match in bad_inputs:
+        with pytest.raises(error, match=match):
+            policy_loss_from_logits(
+                x.clone().requires_grad_(True),
+                lab,
+                normalizers=LossNormalizers(),
+                config=cfg,
+                impl="cpp",
+                **kwargs,
+            )
 
 
 @pytest.mark.parametrize(

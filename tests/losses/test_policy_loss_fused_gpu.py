@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _policy_loss_fused import from_logits_op_args
 
 from reasonrl.losses import LossNormalizers, PolicyLossConfig, policy_loss, policy_loss_from_logits
-from reasonrl.losses import fused as fused_mod
-from reasonrl.ops.policy_loss import FROM_LOGITS, kernel_codes, registered_ops
-from reasonrl.reference.policy_loss import loss_inputs
+from reasonrl.ops.policy_loss import FROM_LOGITS, registered_ops
 from reasonrl.reference.token_logprobs import token_logprobs_reference
 
 pytestmark = [
@@ -58,34 +57,8 @@ def test_triton_matches_float64_oracle(vocab, dtype):
 
 def test_triton_opcheck_and_compile():
     logits, labels, kw = _case(2, 8, 1000, torch.float32)
-    valid = kw["mask"]
-    inputs = fused_mod.kernel_inputs(
-        loss_inputs(
-            valid,
-            advantages=kw["advantages"],
-            cu_seqlens=None,
-            old_logprobs=kw["old_logprobs"],
-            ref_logprobs=kw["ref_logprobs"],
-            sampling_logprobs=None,
-            is_weights=None,
-            normalizers=LossNormalizers(),
-            config=CONFIG,
-            dtype=torch.float32,
-            mask=valid,
-        ),
-        config=CONFIG,
-        normalizers=LossNormalizers(),
-        entropy_coef=CONFIG.entropy_coef,
-    )
-    args = (
-        logits.reshape(-1, 1000),
-        labels.masked_fill(~valid, -100).reshape(-1),
-        None,
-        0.9,
-        -100,
-        inputs,
-        *kernel_codes(CONFIG, has_old=True),
-    )
+    args = from_logits_op_args(logits, labels, kw, CONFIG, valid=kw["mask"])
+    args = (args[0].reshape(-1, 1000), args[1].reshape(-1), *args[2:])  # the op takes [N, V] rows
     torch.library.opcheck(registered_ops(FROM_LOGITS, "triton"), args)
 
     def step(x):

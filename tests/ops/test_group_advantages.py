@@ -137,6 +137,15 @@ def loop_oracle(
                     out[i] = (vals[i] - mu) / (sigma + eps) if sigma + eps > 0 else 0.0
         return out, mu_out, sd_out
 
+    def weighted_sum(table):
+        """Per row, sum_k w_k table[i][k] over the non-NaN entries; NaN for an unscorable row."""
+        return [
+            NAN
+            if unscorable[i]
+            else sum(w[k] * table[i][k] for k in range(num_funcs) if not math.isnan(table[i][k]))
+            for i in range(num_rows)
+        ]
+
     def weights_of(i):
         return 1.0 if ell is None else ell[i]
 
@@ -155,12 +164,7 @@ def loop_oracle(
                 for i in range(num_rows):
                     if not math.isnan(col[i]):
                         hat[i][k] = a_k[i]
-        s = [
-            NAN
-            if unscorable[i]
-            else sum(w[k] * hat[i][k] for k in range(num_funcs) if not math.isnan(hat[i][k]))
-            for i in range(num_rows)
-        ]
+        s = weighted_sum(hat)
         if gdpo_final == "trl":
             _, mu, sd = _stats(s, num_rows)
             for i in range(num_rows):
@@ -175,12 +179,7 @@ def loop_oracle(
                 mean[i], std[i] = mu, sd
         return adv, mean, std, sum(abs(v) <= 1e-8 for v in std)
 
-    r = [
-        NAN
-        if unscorable[i]
-        else sum(w[k] * rows[i][k] for k in range(num_funcs) if not math.isnan(rows[i][k]))
-        for i in range(num_rows)
-    ]
+    r = weighted_sum(rows)
     if estimator == "grpo":
         adv, mean, std = grpo(r, scale, eps, singleton)
         return adv, mean, std, sum(abs(v) <= 1e-8 for v in std)

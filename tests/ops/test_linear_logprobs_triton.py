@@ -269,28 +269,15 @@ def test_one_upstream_gradient(which):
     gh, gw, gb = K.linear_logprobs_bwd(
         glp, gh_up, hidden, weight, bias, labels, temp, 1.0, IGNORE, stats, ent
     )
-    _, (oh, ow, ob) = _reference(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temp,
-        g_lp if which == "lp" else torch.zeros(20),
-        g_h if which == "h" else torch.zeros(20),
-        torch.float64,
-    )
     if which == "none":
         assert bool((gh == 0).all() and (gw == 0).all() and (gb == 0).all())
         return
-    _, (rh, rw, rb) = _reference(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temp,
-        g_lp if which == "lp" else torch.zeros(20),
-        g_h if which == "h" else torch.zeros(20),
-        torch.float32,
+    # The oracle (float64) and the same-dtype reference (float32) with the missing upstream gradient as 0.
+    up_lp = g_lp if which == "lp" else torch.zeros(20)
+    up_h = g_h if which == "h" else torch.zeros(20)
+    (oh, ow, ob), (rh, rw, rb) = (
+        _reference(hidden, weight, bias, labels, temp, up_lp, up_h, dtype)[1]
+        for dtype in (torch.float64, torch.float32)
     )
     for name, got, o, r in (
         ("grad_hidden", gh, oh, rh),

@@ -231,18 +231,15 @@ def test_leading_shape_and_strided_hidden():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["cpp", "reference"])
-def test_gradcheck_fp64(impl):
-    """Finite differences in fp64 for hidden, weight and bias through both outputs: per-row temperature, an
-    ignored row, 2-row chunks (three chunks, the last partial)."""
-    skip_unless(impl, F64)
+def assert_gradcheck_fp64(impl: str, **kwargs) -> None:
+    """Finite differences in fp64 for hidden, weight and bias through both outputs: 6 rows x H 4 x V 9,
+    per-row temperature, an ignored row. ``kwargs`` go to the op (workspace and saved-logits budgets)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(6, 4, generator=g, dtype=F64, requires_grad=True)
     weight = torch.randn(9, 4, generator=g, dtype=F64, requires_grad=True)
     bias = torch.randn(9, generator=g, dtype=F64, requires_grad=True)
     labels = torch.tensor([0, 8, -100, 3, 4, 5])
     temperature = torch.tensor([0.7, 1.0, 1.3, 2.0, 0.5, 0.9], dtype=F64)
-    kwargs = {"workspace_bytes": 2 * (9 + 4) * 8} if impl == "cpp" else {}
 
     def fn(h, w, b):
         out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True,
@@ -252,15 +249,57 @@ def test_gradcheck_fp64(impl):
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_opcheck_cpp_ops():
-    """torch.library.opcheck on both registered C++ ops (schema, fake impl, autograd, aot dispatch)."""
-    skip_unless("cpp")
-    fwd, bwd = registered_ops("cpp")
+def opcheck_inputs():
+    """fp32 operands of the registered ops: hidden [6, 8], weight [37, 8], bias [37], labels with an ignored
+    row; returns (generator, h, w, b, labels), the generator to draw further inputs from."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(6, 8, generator=g)
     w = torch.randn(37, 8, generator=g)
     b = torch.randn(37, generator=g)
     labels = torch.tensor([0, 36, -100, 5, 17, 2])
+    return g, h, w, b, labels
+
+
+def assert_compile_fullgraph_matches_eager(**kwargs) -> None:
+    """torch.compile(fullgraph=True) of the public op (cpp, validate=False), forward + backward: the loss,
+    rank and the three gradients equal eager's. ``kwargs`` go to the op."""
+    torch._dynamo.reset()
+    case = make_case(12, 16, 300, seed=2)
+
+    def step(h, w, b, labels, temperature, g_lp, g_h):
+        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True,
+                                    want_rank=True, validate=False, impl="cpp", **kwargs)
+        return (out.logprobs * g_lp).sum() + (out.entropy * g_h).sum(), out.rank
+
+    def leaves():
+        return [t.detach().clone().requires_grad_(True) for t in (case.hidden, case.weight, case.bias)]
+
+    eager = leaves()
+    loss_e, rank_e = step(*eager, case.labels, case.temperature, case.g_lp, case.g_h)
+    loss_e.backward()
+    compiled = torch.compile(step, fullgraph=True)
+    comp = leaves()
+    loss_c, rank_c = compiled(*comp, case.labels, case.temperature, case.g_lp, case.g_h)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    assert torch.equal(rank_c, rank_e)
+    for a, b in zip(comp, eager, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "reference"])
+def test_gradcheck_fp64(impl):
+    """Finite differences in fp64 through 2-row chunks (three chunks, the last partial) for cpp."""
+    skip_unless(impl, F64)
+    kwargs = {"workspace_bytes": 2 * (9 + 4) * 8} if impl == "cpp" else {}
+    assert_gradcheck_fp64(impl, **kwargs)
+
+
+def test_opcheck_cpp_ops():
+    """torch.library.opcheck on both registered C++ ops (schema, fake impl, autograd, aot dispatch)."""
+    skip_unless("cpp")
+    fwd, bwd = registered_ops("cpp")
+    g, h, w, b, labels = opcheck_inputs()
     temp = 0.5 + torch.rand(6, generator=g)
     # (hidden, weight, bias?, labels, temperature?, temperature_scalar, ignore_index, want_entropy, want_rank,
     #  chunk_rows)
@@ -282,28 +321,7 @@ def test_opcheck_cpp_ops():
 def test_compile_fullgraph_cpp():
     """torch.compile(fullgraph=True) of the public op, validate=False, forward + backward (docs/ops.md 0)."""
     skip_unless("cpp")
-    torch._dynamo.reset()
-    case = make_case(12, 16, 300, seed=2)
-
-    def step(h, w, b, labels, temperature, g_lp, g_h):
-        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True,
-                                    want_rank=True, validate=False, impl="cpp")
-        return (out.logprobs * g_lp).sum() + (out.entropy * g_h).sum(), out.rank
-
-    def leaves():
-        return [t.detach().clone().requires_grad_(True) for t in (case.hidden, case.weight, case.bias)]
-
-    eager = leaves()
-    loss_e, rank_e = step(*eager, case.labels, case.temperature, case.g_lp, case.g_h)
-    loss_e.backward()
-    compiled = torch.compile(step, fullgraph=True)
-    comp = leaves()
-    loss_c, rank_c = compiled(*comp, case.labels, case.temperature, case.g_lp, case.g_h)
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    assert torch.equal(rank_c, rank_e)
-    for a, b in zip(comp, eager, strict=True):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compile_fullgraph_matches_eager()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,8 +27,11 @@ from test_linear_token_logprobs import (
     F64,
     REPO_ROOT,
     LinearCase,
+    assert_compile_fullgraph_matches_eager,
+    assert_gradcheck_fp64,
     check_case,
     make_case,
+    opcheck_inputs,
     registered_ops,
     run,
     skip_unless,
@@ -237,30 +240,14 @@ def test_reference_ignores_budget():
 def test_gradcheck_fp64_partial_budget():
     """Finite differences through a call keeping 2 of 3 chunks (the third recomputed)."""
     skip_unless("cpp", F64)
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(6, 4, generator=g, dtype=F64, requires_grad=True)
-    weight = torch.randn(9, 4, generator=g, dtype=F64, requires_grad=True)
-    bias = torch.randn(9, generator=g, dtype=F64, requires_grad=True)
-    labels = torch.tensor([0, 8, -100, 3, 4, 5])
-    temperature = torch.tensor([0.7, 1.0, 1.3, 2.0, 0.5, 0.9], dtype=F64)
-
-    def fn(h, w, b):
-        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True,
-                                    impl="cpp", workspace_bytes=2 * (9 + 4) * 8, saved_logits_bytes=4 * 9 * 8)
-        return out.logprobs, out.entropy
-
-    assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert_gradcheck_fp64("cpp", workspace_bytes=2 * (9 + 4) * 8, saved_logits_bytes=4 * 9 * 8)
 
 
 def test_opcheck_ops_with_saved_logits():
     """torch.library.opcheck of the forward with saved_rows and of the backward reading saved_logits."""
     skip_unless("cpp")
     fwd, bwd = registered_ops("cpp")
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(6, 8, generator=g)
-    w = torch.randn(37, 8, generator=g)
-    b = torch.randn(37, generator=g)
-    labels = torch.tensor([0, 36, -100, 5, 17, 2])
+    g, h, w, b, labels = opcheck_inputs()
     # Rows of saved_logits past the valid rows are uninitialised (never touched, never read), so the cases
     # compared by opcheck have saved_rows <= M, or no ignored row.
     for saved_rows, lab in ((2, labels), (4, labels), (6, labels.clamp_min(0)), (10, labels.clamp_min(0))):
@@ -283,24 +270,7 @@ def test_opcheck_ops_with_saved_logits():
 
 def test_compile_fullgraph_with_budget():
     skip_unless("cpp")
-    torch._dynamo.reset()
-    case = make_case(12, 16, 300, seed=2)
-
-    def step(h, w, b, labels, temperature, g_lp, g_h):
-        out = linear_token_logprobs(h, w, labels, bias=b, temperature=temperature, want_entropy=True,
-                                    validate=False, impl="cpp", workspace_bytes=4 * 316 * 4,
-                                    saved_logits_bytes=8 * 300 * 4)
-        return (out.logprobs * g_lp).sum() + (out.entropy * g_h).sum()
-
-    def leaves():
-        return [t.detach().clone().requires_grad_(True) for t in (case.hidden, case.weight, case.bias)]
-
-    eager = leaves()
-    step(*eager, case.labels, case.temperature, case.g_lp, case.g_h).backward()
-    comp = leaves()
-    torch.compile(step, fullgraph=True)(*comp, case.labels, case.temperature, case.g_lp, case.g_h).backward()
-    for a, b in zip(comp, eager, strict=True):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compile_fullgraph_matches_eager(workspace_bytes=4 * 316 * 4, saved_logits_bytes=8 * 300 * 4)
 
 
 # ----------------------------------------------------------------------------------------------------------

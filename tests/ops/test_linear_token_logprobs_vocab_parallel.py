@@ -12,11 +12,9 @@ float64 oracle.
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 from dataclasses import dataclass
 
+import _vocab_parallel as vp
 import pytest
 import torch
 
@@ -26,7 +24,6 @@ from reasonrl.ops.linear_token_logprobs import linear_token_logprobs
 
 CPU = torch.device("cpu")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
-WORLD = 2
 IGNORE = -100
 
 
@@ -118,19 +115,10 @@ def _policy_inputs():
     return d["hidden"], d["weight"], d["bias"], d["labels"], kw, (0, 120, 301)
 
 
-@dataclass
-class Bad:
-    name: str
-    vocab_start: tuple[int | None, int | None]
-    local_vocab: tuple[int, int]
-    label: int | None = None
-    expected: str = ""
-
-
 BAD = [
-    Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
-    Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
-    Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
+    vp.Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
+    vp.Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
+    vp.Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
 ]
 
 
@@ -170,47 +158,27 @@ def _run_policy(rank: int, group):
     return out.loss.detach(), torch.autograd.grad(out.loss, leaves)
 
 
-def _worker(rank: int, init_method: str, out_dir: str, cases: list[Case], bad: list[Bad]) -> None:
-    import torch.distributed as dist
+def _bad_call(b: vp.Bad, rank: int, group) -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 8, generator=g)
+    w = torch.randn(b.local_vocab[rank], 8, generator=g)
+    labels = torch.tensor([1, 2, 3, IGNORE])
+    if b.label is not None:
+        labels[0] = b.label
+    linear_token_logprobs(h, w, labels, process_group=group, vocab_start=b.vocab_start[rank], validate=True,
+                          impl="cpp")
 
-    torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        results = {}
-        for c in cases:
-            try:
-                results[c.name] = _run_one(c, rank, dist.group.WORLD)
-            except Exception:  # reported by the test of this case, not by the spawn
-                results[c.name] = traceback.format_exc()
-        try:
-            results["policy"] = _run_policy(rank, dist.group.WORLD)
-        except Exception:
-            results["policy"] = traceback.format_exc()
-        errors = {}
-        for b in bad:
-            g = torch.Generator().manual_seed(0)
-            h = torch.randn(4, 8, generator=g)
-            w = torch.randn(b.local_vocab[rank], 8, generator=g)
-            labels = torch.tensor([1, 2, 3, IGNORE])
-            if b.label is not None:
-                labels[0] = b.label
-            try:
-                linear_token_logprobs(h, w, labels, process_group=dist.group.WORLD,
-                                      vocab_start=b.vocab_start[rank], validate=True, impl="cpp")
-                errors[b.name] = None
-            except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
-                errors[b.name] = (type(e).__name__, str(e))
-        try:  # no sharded path in the reference implementation: an explicit, clear refusal
-            linear_token_logprobs(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]),
-                                  process_group=dist.group.WORLD, impl="reference")
-            errors["reference"] = None
-        except Exception as e:  # noqa: BLE001
-            errors["reference"] = (type(e).__name__, str(e))
-        torch.save({"results": results, "errors": errors}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+def _work(rank: int, group, cases: list[Case], bad: list[vp.Bad]) -> dict:
+    """What one rank saves: every case's and the policy loss's outputs and local gradients, every bad call's
+    error, and the reference implementation's refusal of a process group."""
+    results = {c.name: vp.traceback_on_error(_run_one, c, rank, group) for c in cases}
+    results["policy"] = vp.traceback_on_error(_run_policy, rank, group)
+    errors = {b.name: vp.error_of(_bad_call, b, rank, group) for b in bad}
+    # No sharded path in the reference implementation: an explicit, clear refusal.
+    errors["reference"] = vp.error_of(linear_token_logprobs, torch.randn(2, 4), torch.randn(3, 4),
+                                   torch.tensor([0, 1]), process_group=group, impl="reference")
+    return {"results": results, "errors": errors}
 
 
 @pytest.fixture(scope="module")
@@ -218,20 +186,9 @@ def sharded_runs(tmp_path_factory):
     why = unavailable_reason("cpp", CPU, F32)
     if why is not None:
         pytest.skip(f"impl='cpp' is unavailable: {why}")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    tmp = tmp_path_factory.mktemp("vocab_parallel_linear")
     cases = _cases()
-    mp.spawn(_worker, args=(f"file://{tmp / 'store'}", str(tmp), cases, BAD), nprocs=WORLD, join=True)
-    runs = {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
+    runs = vp.spawn_on_two_ranks(tmp_path_factory, "vocab_parallel_linear", _work, cases, BAD)
     return {c.name: c for c in cases}, runs
-
-
-def _same(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _tol(dtype, grad=False):
@@ -246,12 +203,9 @@ def _tol(dtype, grad=False):
 def test_sharded_equals_unsharded(sharded_runs, name):
     cases, runs = sharded_runs
     c = cases[name]
-    per_rank = {r: runs[r]["results"][name] for r in range(WORLD)}
-    for r, res in per_rank.items():
-        assert not isinstance(res, str), f"rank {r} raised:\n{res}"
+    per_rank = vp.results_on_every_rank(runs, name)
     (outs0, grads0), (outs1, grads1) = per_rank[0], per_rank[1]
-    for f, a, b in zip(("logprobs", "entropy", "rank", "lse"), outs0, outs1, strict=True):
-        assert _same(a, b), f"{name}: {f} differs between ranks"
+    vp.assert_outputs_equal_across_ranks(name, outs0, outs1)
 
     leaves = [c.hidden.clone().requires_grad_(True), c.weight.clone().requires_grad_(True)]
     if c.bias is not None:
@@ -270,7 +224,7 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     ref_grads = _grads(c, ref, leaves)
 
     by_rank = {0: grads0, 1: grads1}
-    gh = {r: by_rank[r][0] for r in range(WORLD)}
+    gh = {r: by_rank[r][0] for r in range(vp.WORLD)}
     if c.reduce_grad_hidden:
         assert torch.equal(gh[0], gh[1]), f"{name}: grad_hidden differs between ranks"
         got_gh = gh[0]
@@ -281,15 +235,13 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     for i, what in ((1, "grad_weight"), (2, "grad_bias")):
         if i >= len(ref_grads):
             continue
-        full = torch.cat([by_rank[c.order[k]][i] for k in range(WORLD)], dim=0)
+        full = torch.cat([by_rank[c.order[k]][i] for k in range(vp.WORLD)], dim=0)
         torch.testing.assert_close(full, ref_grads[i], **tol, msg=lambda m, w=what: f"{name}: {w}: {m}")
 
 
 def test_policy_loss_from_hidden_sharded(sharded_runs):
     _, runs = sharded_runs
-    res = {r: runs[r]["results"]["policy"] for r in range(WORLD)}
-    for r, v in res.items():
-        assert not isinstance(v, str), f"rank {r} raised:\n{v}"
+    res = vp.results_on_every_rank(runs, "policy")
     assert torch.equal(res[0][0], res[1][0]), "the loss differs between ranks"
     hidden, weight, bias, labels, kw, bounds = _policy_inputs()
     leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True),
@@ -308,15 +260,11 @@ def test_policy_loss_from_hidden_sharded(sharded_runs):
 @pytest.mark.parametrize("bad", BAD, ids=lambda b: b.name)
 def test_bad_input_raises_on_every_rank(sharded_runs, bad):
     _, runs = sharded_runs
-    for r in range(WORLD):
-        err = runs[r]["errors"][bad.name]
-        assert err is not None, f"rank {r}: no error"
-        kind, msg = err
-        assert kind == "ValueError" and bad.expected in msg, f"rank {r}: {kind}: {msg}"
+    vp.assert_raised_on_every_rank(runs, bad)
 
 
 def test_reference_impl_has_no_sharded_path(sharded_runs):
     _, runs = sharded_runs
-    for r in range(WORLD):
+    for r in range(vp.WORLD):
         kind, msg = runs[r]["errors"]["reference"]
         assert kind == "NotImplementedError" and "process_group" in msg, msg

@@ -116,6 +116,15 @@ def _run(impl: str, dtype: torch.dtype, ent, mask, boundary, *, boundary_len, cu
                                name=f"{impl} {dtype} {name} grad")
 
 
+def _run_padded_and_packed(impl: str, dtype: torch.dtype, ent, mask, boundary, *, boundary_len):
+    """:func:`_run` on a padded [B, T] case, then on the same rows packed (cu_seqlens, the boundaries
+    shifted to the packed positions)."""
+    _run(impl, dtype, ent, mask, boundary, boundary_len=boundary_len, name="padded")
+    pent, cu, pmask = to_packed(ent, mask)
+    _run(impl, dtype, pent, pmask, _packed_boundary(boundary), boundary_len=boundary_len, cu=cu,
+         name="packed")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # cpp: both layouts, every boundary length, float64 (1e-12) and fp32 / bf16 / fp16 (tolerance rule)
 # ----------------------------------------------------------------------------------------------------------
@@ -127,10 +136,7 @@ def _run(impl: str, dtype: torch.dtype, ent, mask, boundary, *, boundary_len, cu
 @pytest.mark.parametrize("seed", range(2))
 def test_cpp_matches_reference(seed, boundary_len, dtype):
     ent, mask, boundary = ragged_case(seed, boundary_len=boundary_len)
-    _run("cpp", dtype, ent, mask, boundary, boundary_len=boundary_len, name="padded")
-    pent, cu, pmask = to_packed(ent, mask)
-    _run("cpp", dtype, pent, pmask, _packed_boundary(boundary), boundary_len=boundary_len, cu=cu,
-         name="packed")
+    _run_padded_and_packed("cpp", dtype, ent, mask, boundary, boundary_len=boundary_len)
 
 
 @needs_cpp
@@ -247,10 +253,7 @@ def test_cpp_kernel_checks_memory_safety():
 @pytest.mark.parametrize("dtype,boundary_len", [(torch.float32, 1), (torch.bfloat16, 3)])
 def test_triton_matches_reference(dtype, boundary_len):
     ent, mask, boundary = ragged_case(9, b=5, t=300, boundary_len=boundary_len)  # 300 > the 256-token block
-    _run("triton", dtype, ent, mask, boundary, boundary_len=boundary_len, name="padded")
-    pent, cu, pmask = to_packed(ent, mask)
-    _run("triton", dtype, pent, pmask, _packed_boundary(boundary), boundary_len=boundary_len, cu=cu,
-         name="packed")
+    _run_padded_and_packed("triton", dtype, ent, mask, boundary, boundary_len=boundary_len)
 
 
 @needs_triton

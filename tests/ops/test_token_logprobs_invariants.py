@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from _hypothesis_settings import SETTINGS
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reasonrl._backend import unavailable_reason
@@ -36,13 +37,6 @@ F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float6
 IGNORE = -100
 NEG_INF = float("-inf")
 
-_SETTINGS = dict(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    phases=(Phase.explicit, Phase.generate),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 
 
 def _skip_unless(impl: str, dtype: torch.dtype) -> None:
@@ -177,7 +171,7 @@ def _run_token_logprobs(case: Case, impl: str):
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
-@settings(max_examples=500, **_SETTINGS)
+@settings(max_examples=500, **SETTINGS)
 @given(case=cases(max_n=12, max_v=300, dtypes=(F32, BF16, F16, F64)))
 def test_token_logprobs_invariants(impl, case):
     _skip_unless(impl, case.dtype)
@@ -185,7 +179,7 @@ def test_token_logprobs_invariants(impl, case):
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
-@settings(max_examples=40, **_SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(case=cases(max_n=3, max_v=5000, dtypes=(F32, BF16, F64)))
 def test_token_logprobs_invariants_across_chunks(impl, case):
     """Vocabularies over the C++ chunk (2048): the shift is rescaled when a later chunk has a larger max."""
@@ -193,7 +187,7 @@ def test_token_logprobs_invariants_across_chunks(impl, case):
     _run_token_logprobs(case, impl)
 
 
-@settings(max_examples=40, **_SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(case=cases(max_n=4, max_v=64, dtypes=(F32, BF16, F16)))
 def test_token_logprobs_invariants_triton(case):
     _skip_unless("triton", case.dtype)
@@ -252,14 +246,14 @@ def _run_linear(case: LinearCase, impl: str):
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
-@settings(max_examples=200, **_SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(case=linear_cases(max_n=8, max_v=200, dtypes=(F32, BF16, F16, F64)))
 def test_linear_token_logprobs_invariants(impl, case):
     _skip_unless(impl, case.dtype)
     _run_linear(case, impl)
 
 
-@settings(max_examples=25, **_SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 @given(case=linear_cases(max_n=4, max_v=80, dtypes=(F32, BF16)))
 def test_linear_token_logprobs_invariants_triton(case):
     _skip_unless("triton", case.dtype)
@@ -321,14 +315,14 @@ def _run_fused(case: Case, impl: str):
     assert_invariants(f"fused {impl} {case}", labels, lp, ent, None, single, grad)
 
 
-@settings(max_examples=300, **_SETTINGS)
+@settings(max_examples=300, **SETTINGS)
 @given(case=cases(max_n=12, max_v=300, dtypes=(F32, BF16, F16, F64)))
 def test_fused_policy_loss_invariants_cpp(case):
     _skip_unless("cpp", case.dtype)
     _run_fused(case, "cpp")
 
 
-@settings(max_examples=30, **_SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(case=cases(max_n=4, max_v=64, dtypes=(F32, BF16)))
 def test_fused_policy_loss_invariants_triton(case):
     _skip_unless("triton", case.dtype)
@@ -362,7 +356,7 @@ _HAVE_LONG_DOUBLE = np.finfo(np.longdouble).nmant >= 60
 
 @pytest.mark.skipif(not _HAVE_LONG_DOUBLE, reason="needs x87 extended long double for the oracle")
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
-@settings(max_examples=12, **_SETTINGS)
+@settings(max_examples=12, **SETTINGS)
 @given(
     vocab=st.one_of(st.just(40000), st.integers(20000, 65536)),
     pattern=st.sampled_from(["ties_int", "one_max", "gaussian", "constant"]),

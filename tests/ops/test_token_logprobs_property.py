@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _hypothesis_settings import SETTINGS
 from _token_logprobs_checks import check_token_logprobs
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reasonrl._backend import unavailable_reason
@@ -27,13 +28,6 @@ from reasonrl.testing import TokenLogprobsCase, make_logits, sample_labels
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
-_SETTINGS = dict(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    phases=(Phase.explicit, Phase.generate),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 
 # Sizes a uniform draw would rarely hit: N = 0 / 1, V = 1 / 2, one less / more than a SIMD vector (8),
 # the C++ chunk (2048) and the Triton block (1024) edges.
@@ -109,7 +103,7 @@ _ALL_DTYPES = (F32, BF16, F16, F64)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
-@settings(max_examples=60, **_SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(spec=specs(max_n=64, max_v=5000, dtypes=_ALL_DTYPES))
 def test_forward_property(impl, spec):
     _skip_unless(impl, spec.dtype)
@@ -117,7 +111,7 @@ def test_forward_property(impl, spec):
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
-@settings(max_examples=60, **_SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(
     spec=specs(max_n=64, max_v=5000, dtypes=_ALL_DTYPES),
     grad=st.sampled_from(["both", "lp", "h"]),
@@ -131,14 +125,14 @@ def test_backward_property(impl, spec, grad):
 _TRITON_DTYPES = (F32, BF16, F16)
 
 
-@settings(max_examples=25, **_SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 @given(spec=specs(max_n=16, max_v=600, dtypes=_TRITON_DTYPES))
 def test_triton_forward_property(spec):
     _skip_unless("triton", spec.dtype)
     check_token_logprobs(spec.build(), "triton", grad=None)
 
 
-@settings(max_examples=25, **_SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 @given(spec=specs(max_n=16, max_v=600, dtypes=_TRITON_DTYPES), grad=st.sampled_from(["both", "lp"]))
 def test_triton_backward_property(spec, grad):
     _skip_unless("triton", spec.dtype)

@@ -15,12 +15,10 @@ checks the kernel contract without the collectives.
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import traceback
 from dataclasses import dataclass, field
 
+import _vocab_parallel as vp
 import pytest
 import torch
 from _token_logprobs_checks import input_grad, run_token_logprobs_reference, valid_rows
@@ -36,7 +34,6 @@ from reasonrl.testing import (
 
 CPU = torch.device("cpu")
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
-WORLD = 2
 
 
 def _skip_unless(impl: str, dtype: torch.dtype = F32) -> None:
@@ -142,24 +139,13 @@ def _cases() -> list[Sharded]:
     return cases
 
 
-@dataclass
-class Bad:
-    """A call that must raise on every rank: ``vocab_start[r]`` per rank (None = default), label overrides."""
-
-    name: str
-    vocab_start: tuple[int | None, int | None]
-    local_vocab: tuple[int, int]
-    label: int | None = None  # written into row 0
-    expected: str = ""  # a substring of the message
-
-
 BAD = [
-    Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
-    Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
-    Bad("not-from-zero", (10, 40), (30, 30), expected="vocab_start"),
-    Bad("unequal-without-vocab-start", (None, None), (30, 31), expected="vocab_start"),
-    Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
-    Bad("negative-label", (None, None), (30, 30), label=-3, expected="outside [0, V_glob"),
+    vp.Bad("gap", (0, 40), (30, 30), expected="vocab_start"),
+    vp.Bad("overlap", (0, 20), (30, 30), expected="vocab_start"),
+    vp.Bad("not-from-zero", (10, 40), (30, 30), expected="vocab_start"),
+    vp.Bad("unequal-without-vocab-start", (None, None), (30, 31), expected="vocab_start"),
+    vp.Bad("label-above-global-vocab", (None, None), (30, 30), label=60, expected="outside [0, V_glob"),
+    vp.Bad("negative-label", (None, None), (30, 30), label=-3, expected="outside [0, V_glob"),
 ]
 
 
@@ -168,13 +154,10 @@ BAD = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _run_one(spec: Sharded, rank: int, group):
+def _call(spec: Sharded, x: torch.Tensor, **kwargs):
+    """The op on ``x`` (the full logits or a rank's shard) with the case's labels, temperature and options."""
     case = spec.case
-    lo, hi = spec.shard(rank)
-    x = case.logits[..., lo:hi].detach().clone()
-    if spec.grad is not None:
-        x.requires_grad_(True)
-    out = token_logprobs(
+    return token_logprobs(
         x,
         case.labels,
         temperature=case.temperature,
@@ -182,68 +165,54 @@ def _run_one(spec: Sharded, rank: int, group):
         want_entropy=spec.want_entropy,
         want_rank=spec.want_rank,
         return_lse=True,
+        **kwargs,
+    )
+
+
+def _run_one(spec: Sharded, rank: int, group):
+    lo, hi = spec.shard(rank)
+    x = spec.case.logits[..., lo:hi].detach().clone()
+    if spec.grad is not None:
+        x.requires_grad_(True)
+    out = _call(
+        spec,
+        x,
         inplace_backward=spec.inplace_backward,
         process_group=group,
         vocab_start=lo if spec.pass_vocab_start else None,
         impl=spec.impl,
     )
-    grad = input_grad(x, out, case, spec.grad)
+    grad = input_grad(x, out, spec.case, spec.grad)
     detached = tuple(None if t is None else t.detach() for t in out)
     return detached, grad
 
 
-def _worker(rank: int, init_method: str, out_dir: str, cases: list[Sharded], bad: list[Bad]) -> None:
-    import torch.distributed as dist
+def _bad_call(b: vp.Bad, rank: int, group) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, b.local_vocab[rank], generator=g)
+    labels = torch.tensor([1, 2, 3, -100])
+    if b.label is not None:
+        labels[0] = b.label
+    token_logprobs(x, labels, process_group=group, vocab_start=b.vocab_start[rank], validate=True)
 
-    torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
-    )
-    try:
-        results = {}
-        for spec in cases:
-            try:
-                results[spec.name] = _run_one(spec, rank, dist.group.WORLD)
-            except Exception:  # reported by the test of this case, not by the spawn
-                results[spec.name] = traceback.format_exc()
-        errors = {}
-        for b in bad:
-            g = torch.Generator().manual_seed(0)
-            v = b.local_vocab[rank]
-            x = torch.randn(4, v, generator=g)
-            labels = torch.tensor([1, 2, 3, -100])
-            if b.label is not None:
-                labels[0] = b.label
-            try:
-                token_logprobs(
-                    x, labels, process_group=dist.group.WORLD, vocab_start=b.vocab_start[rank], validate=True
-                )
-                errors[b.name] = None
-            except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
-                errors[b.name] = (type(e).__name__, str(e))
-        torch.save({"results": results, "errors": errors}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+def _work(rank: int, group, cases: list[Sharded], bad: list[vp.Bad]) -> dict:
+    """What one rank saves: every case's outputs and local gradient, every bad call's error."""
+    return {
+        "results": {spec.name: vp.traceback_on_error(_run_one, spec, rank, group) for spec in cases},
+        "errors": {b.name: vp.error_of(_bad_call, b, rank, group) for b in bad},
+    }
 
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
     """Run every case and bad input on two gloo ranks in one spawn; {rank: {"results", "errors"}}."""
     _skip_unless("cpp")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    tmp = tmp_path_factory.mktemp("vocab_parallel")
-    init_method = f"file://{tmp / 'store'}"
     cases = _cases()
     assert [c.name for c in cases] == CASE_NAMES
     if unavailable_reason("triton", CPU, F32) is not None:
         cases = [c for c in cases if c.impl != "triton"]
-    mp.spawn(_worker, args=(init_method, str(tmp), cases, BAD), nprocs=WORLD, join=True)
-    runs = {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
+    runs = vp.spawn_on_two_ranks(tmp_path_factory, "vocab_parallel", _work, cases, BAD)
     return {c.name: c for c in cases}, runs
 
 
@@ -254,28 +223,14 @@ def sharded_runs(tmp_path_factory):
 
 def _unsharded(spec: Sharded):
     """The unsharded cpp op on the full logits, with the same upstream gradients."""
-    case = spec.case
-    x = case.logits.detach().clone().requires_grad_(spec.grad is not None)
-    out = token_logprobs(
-        x,
-        case.labels,
-        temperature=case.temperature,
-        ignore_index=case.ignore_index,
-        want_entropy=spec.want_entropy,
-        want_rank=spec.want_rank,
-        return_lse=True,
-        impl="cpp",
-    )
-    grad = input_grad(x, out, case, spec.grad)
+    x = spec.case.logits.detach().clone().requires_grad_(spec.grad is not None)
+    out = _call(spec, x, impl="cpp")
+    grad = input_grad(x, out, spec.case, spec.grad)
     return out, grad
 
 
 def _full_gradient(spec: Sharded, grads: dict[int, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([grads[spec.order[k]] for k in range(WORLD)], dim=-1)
-
-
-def _same(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    return torch.cat([grads[spec.order[k]] for k in range(vp.WORLD)], dim=-1)
 
 
 # Spelled out (not [c.name for c in _cases()]) so that collecting this module, which the spawned workers also
@@ -304,12 +259,9 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     if name not in specs:
         pytest.skip("impl='triton' is not runnable here (no interpreter)")
     spec = specs[name]
-    per_rank = {r: runs[r]["results"][name] for r in range(WORLD)}
-    for r, res in per_rank.items():
-        assert not isinstance(res, str), f"rank {r} raised:\n{res}"
+    per_rank = vp.results_on_every_rank(runs, name)
     (outs0, _), (outs1, _) = per_rank[0], per_rank[1]
-    for f, a, b in zip(("logprobs", "entropy", "rank", "lse"), outs0, outs1, strict=True):
-        assert _same(a, b), f"{name}: {f} differs between ranks"
+    vp.assert_outputs_equal_across_ranks(name, outs0, outs1)
 
     case = spec.case
     dtype = case.logits.dtype
@@ -344,8 +296,8 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     if spec.grad is None:
         assert per_rank[0][1] is None
         return
-    grads = {r: per_rank[r][1] for r in range(WORLD)}
-    for r in range(WORLD):
+    grads = {r: per_rank[r][1] for r in range(vp.WORLD)}
+    for r in range(vp.WORLD):
         lo, hi = spec.shard(r)
         assert grads[r].dtype == dtype and grads[r].shape == (*lead, hi - lo)
     full = _full_gradient(spec, grads)
@@ -367,12 +319,7 @@ def test_sharded_equals_unsharded(sharded_runs, name):
 @pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
 def test_bad_layout_or_labels_raise_on_every_rank(sharded_runs, bad):
     _, runs = sharded_runs
-    for r in range(WORLD):
-        err = runs[r]["errors"][bad.name]
-        assert err is not None, f"rank {r}: {bad.name} did not raise"
-        kind, msg = err
-        assert kind == "ValueError", f"rank {r}: {kind}: {msg}"
-        assert bad.expected in msg, f"rank {r}: {msg!r} does not mention {bad.expected!r}"
+    vp.assert_raised_on_every_rank(runs, bad)
 
 
 def test_vocab_start_without_process_group_raises():
