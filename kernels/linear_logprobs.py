@@ -123,6 +123,8 @@ import torch
 import triton
 import triton.language as tl
 
+from reasonrl.kernels.token_logprobs import _direct_launch, _multiple_of_16
+
 #: Upper bound on the backward's dx workspace (docs/ops.md 3.1: "bounded tile workspace, default <= 256 MiB").
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -157,17 +159,6 @@ def _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n,
     inv_hi = tl.div_rn(1.0, tau)
     inv_lo = tl.div_rn(tl.fma(-tau, inv_hi, 1.0), tau)
     return label, inv_hi, inv_lo, valid
-
-
-@triton.jit
-def _multiple_of_16(n, ALIGNED: tl.constexpr):
-    """``n`` itself; with ALIGNED (the host checked n % 16 == 0) written as (n // 16) * 16 so that Triton's
-    alignment analysis sees it (``tl.multiple_of`` does not apply to scalar arguments). Masks ``k < n`` on
-    a tile's contiguous dimension are then constant over 16 elements: 16-byte loads, which is also what
-    lets Triton turn the K loop's loads into cp.async and pipeline it (it pipelines no 2-byte loads)."""
-    if ALIGNED:
-        n = (n // 16) * 16
-    return n
 
 
 @triton.jit
@@ -544,10 +535,6 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Host side: heuristics and launchers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _direct_launch(kernel):
-    return kernel
 
 
 def _cdiv(a: int, b: int) -> int:

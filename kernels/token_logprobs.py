@@ -191,7 +191,9 @@ def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, voc
 def _multiple_of_16(n, ALIGNED: tl.constexpr):
     """``n`` itself; with ALIGNED (the host checked n % 16 == 0) written as (n // 16) * 16, which Triton's
     alignment analysis can see through (``tl.multiple_of`` does not apply to scalar arguments): masks
-    ``offs < n`` are then constant over groups of 16 columns and the row sweeps vectorise."""
+    ``offs < n`` are then constant over groups of 16 elements, so the row sweeps (and the tiles of
+    kernels/linear_logprobs.py along their contiguous dimension) load 16 bytes at a time, which is also what
+    lets Triton turn the loads into cp.async and pipeline a loop (it pipelines no 2-byte loads)."""
     if ALIGNED:
         n = (n // 16) * 16
     return n
