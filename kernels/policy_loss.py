@@ -34,12 +34,25 @@ from reasonrl.kernels.token_logprobs import (
 
 # The kernels' interface: codes of loss_kind / kl_kind, the token_inputs columns and the params order. The
 # table is reasonrl/ops/policy_loss.py; tests/losses/test_policy_loss_table.py checks these against it (and
-# csrc/cpu/policy_loss.cpp). tl.constexpr globals, so that the @triton.jit branches can name them; each group
-# holds consecutive codes from 0, in the table's order.
-LOSS_CLIP, LOSS_CISPO_UPPER, LOSS_CISPO_TWO_SIDED, LOSS_SAPO, LOSS_REINFORCE = map(tl.constexpr, range(5))
-KL_NO_KL, KL_K1, KL_ABS, KL_K2, KL_K3, KL_LOW_VAR_KL = map(tl.constexpr, range(6))
+# csrc/cpu/policy_loss.cpp). tl.constexpr globals, so that the @triton.jit branches can name them.
+LOSS_CLIP = tl.constexpr(0)
+LOSS_CISPO_UPPER = tl.constexpr(1)
+LOSS_CISPO_TWO_SIDED = tl.constexpr(2)
+LOSS_SAPO = tl.constexpr(3)
+LOSS_REINFORCE = tl.constexpr(4)
+KL_NO_KL = tl.constexpr(0)
+KL_K1 = tl.constexpr(1)
+KL_ABS = tl.constexpr(2)
+KL_K2 = tl.constexpr(3)
+KL_K3 = tl.constexpr(4)
+KL_LOW_VAR_KL = tl.constexpr(5)
 KL_STRAIGHT_THROUGH = 8  # added to a base code for the "+" variants (decoded on the host)
-COL_A, COL_OLD, COL_REF, COL_COEF_PG, COL_COEF_KL, COL_GRAD_H = map(tl.constexpr, range(6))
+COL_A = tl.constexpr(0)
+COL_OLD = tl.constexpr(1)
+COL_REF = tl.constexpr(2)
+COL_COEF_PG = tl.constexpr(3)
+COL_COEF_KL = tl.constexpr(4)
+COL_GRAD_H = tl.constexpr(5)
 NUM_INPUTS = tl.constexpr(6)
 PARAMS = ("eps_low", "eps_high", "delta_cap", "dual_clip_c", "log_ratio_clamp", "cispo_max", "sapo_tau_pos",
           "sapo_tau_neg", "has_old", "kl_bias_correction")
