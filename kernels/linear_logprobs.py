@@ -116,11 +116,14 @@ inside ``torch.library.triton_op``); float64 is not supported (use the cpp or re
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from reasonrl.kernels.token_logprobs import _direct_launch, _multiple_of_16
 
 #: Upper bound on the backward's dx workspace (docs/ops.md 3.1: "bounded tile workspace, default <= 256 MiB").
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -132,17 +135,8 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
 @triton.jit
-def _rows_setup(
-    labels_ptr,
-    temperature_ptr,
-    rows,
-    row_ok,
-    stride_temperature_n,
-    temperature_scalar,
-    vocab,
-    ignore_index,
-    HAS_TEMP: tl.constexpr,
-):
+def _rows_setup(labels_ptr, temperature_ptr, rows, row_ok, stride_temperature_n, temperature_scalar, vocab,
+                ignore_index, HAS_TEMP: tl.constexpr):
     """Per row of a block: label, 1 / tau as an unevaluated sum hi + lo of two floats, and validity (a label
     in [0, V) other than ignore_index, a finite temperature > 0, and a row inside [0, N)). Invalid rows get
     tau = 1 so that no NaN is computed.
@@ -168,14 +162,13 @@ def _rows_setup(
 
 
 @triton.jit
-def _multiple_of_16(n, ALIGNED: tl.constexpr):
-    """``n`` itself; with ALIGNED (the host checked n % 16 == 0) written as (n // 16) * 16 so that Triton's
-    alignment analysis sees it (``tl.multiple_of`` does not apply to scalar arguments). Masks ``k < n`` on
-    a tile's contiguous dimension are then constant over 16 elements: 16-byte loads, which is also what
-    lets Triton turn the K loop's loads into cp.async and pipeline it (it pipelines no 2-byte loads)."""
-    if ALIGNED:
-        n = (n // 16) * 16
-    return n
+def _grouped_tile(pid, n_m, n_n, GROUP: tl.constexpr):
+    """(tile row, tile column) of program ``pid`` on an n_m x n_n tile grid in grouped order: GROUP tile rows
+    sweep the tile columns together, so the operand tiles of concurrently running programs stay in L2."""
+    per_group = GROUP * n_n
+    first_m = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_m - first_m, GROUP)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
 
 
 @triton.jit
@@ -191,23 +184,10 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    row0,
-    row_ok,
-    col0,
-    col_ok,
-    hdim,
-    stride_hidden_n,
-    stride_weight_v,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
+    hidden_ptr, weight_ptr, bias_ptr, row0, row_ok, col0, col_ok, hdim, stride_hidden_n, stride_weight_v,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
     """Raw logits x = hidden[row0 + i] @ weight[col0 + j]^T + bias[col0 + j] as an fp32 [BLOCK_N, BLOCK_V]
     accumulator. Out-of-range rows / columns read zeros (the callers mask them). The tile origins row0 / col0
     are int64 scalars; in-tile offsets are int32 (BLOCK x H < 2^31), which keeps the 2-D pointer arithmetic
@@ -258,33 +238,15 @@ def _shifted(x, inv_hi, inv_lo, m_hi, m_lo):
 
 @triton.jit(do_not_specialize=["n_rows", "vocab", "hdim", "ignore_index", "blocks_per_split"])
 def _linear_logprobs_fwd_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    labels_ptr,
-    temperature_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, temperature_ptr,
     part_ptr,  # [splits, 4, N] fp32: x_m (raw maximum), s, b, x_y (raw label logit)
     count_ptr,  # [splits, N] int32 (HAS_RANK)
-    n_rows,
-    vocab,
-    hdim,
-    stride_hidden_n,
-    stride_weight_v,
-    stride_temperature_n,
-    temperature_scalar,
-    ignore_index,
-    blocks_per_split,
-    HAS_BIAS: tl.constexpr,
-    HAS_TEMP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-    HAS_RANK: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
+    n_rows, vocab, hdim, stride_hidden_n, stride_weight_v, stride_temperature_n, temperature_scalar,
+    ignore_index, blocks_per_split,
+    HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_RANK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
     hdim = _multiple_of_16(hdim, ALIGNED)  # ALIGNED: H % 16 == 0 (host-checked), 16-byte GEMM loads
     pid = tl.program_id(0).to(tl.int64)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
@@ -292,17 +254,9 @@ def _linear_logprobs_fwd_kernel(
     split = pid // n_row_blocks
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < n_rows
-    label, inv_hi, inv_lo, valid = _rows_setup(
-        labels_ptr,
-        temperature_ptr,
-        rows,
-        row_ok,
-        stride_temperature_n,
-        temperature_scalar,
-        vocab,
-        ignore_index,
-        HAS_TEMP,
-    )
+    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok,
+                                               stride_temperature_n, temperature_scalar, vocab, ignore_index,
+                                               HAS_TEMP)
 
     xm = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)  # raw running maximum
     m_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # its shift (0, 0 while xm = -inf)
@@ -339,24 +293,9 @@ def _linear_logprobs_fwd_kernel(
             col_ok = cols < v_end - v0
             lab = label - v0
             lab = tl.where((lab >= 0) & (lab < BLOCK_V), lab, -1).to(tl.int32)
-            x = _logits_tile(
-                hidden_ptr,
-                weight_ptr,
-                bias_ptr,
-                row_block * BLOCK_N,
-                row_ok,
-                v0,
-                col_ok,
-                hdim,
-                stride_hidden_n,
-                stride_weight_v,
-                HAS_BIAS,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_K,
-                DOT_PRECISION,
-                UPCAST_DOT,
-            )
+            x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row_block * BLOCK_N, row_ok, v0, col_ok, hdim,
+                             stride_hidden_n, stride_weight_v, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K,
+                             DOT_PRECISION, UPCAST_DOT)
             if HAS_RANK:
                 above = (x > x_label[:, None]) & (cols[None, :] != lab[:, None]) & col_ok[None, :]
                 count += tl.sum(above.to(tl.int32), axis=1)
@@ -397,39 +336,16 @@ def _linear_logprobs_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_rows", "vocab", "ignore_index", "n_splits"])
 def _linear_logprobs_combine_kernel(
-    part_ptr,
-    count_ptr,
-    labels_ptr,
-    temperature_ptr,
-    logprobs_ptr,
-    entropy_ptr,
-    rank_ptr,
-    lse_ptr,
-    stats_ptr,
-    n_rows,
-    vocab,
-    stride_temperature_n,
-    temperature_scalar,
-    ignore_index,
-    n_splits,
-    HAS_TEMP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-    HAS_RANK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    part_ptr, count_ptr, labels_ptr, temperature_ptr,
+    logprobs_ptr, entropy_ptr, rank_ptr, lse_ptr, stats_ptr,
+    n_rows, vocab, stride_temperature_n, temperature_scalar, ignore_index, n_splits,
+    HAS_TEMP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < n_rows
-    label, inv_hi, inv_lo, valid = _rows_setup(
-        labels_ptr,
-        temperature_ptr,
-        rows,
-        row_ok,
-        stride_temperature_n,
-        temperature_scalar,
-        vocab,
-        ignore_index,
-        HAS_TEMP,
-    )
+    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok,
+                                               stride_temperature_n, temperature_scalar, vocab, ignore_index,
+                                               HAS_TEMP)
     big_xm = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
     for r in range(0, n_splits):
         xm_r = tl.load(part_ptr + r * 4 * n_rows + rows, mask=row_ok, other=-float("inf"))
@@ -485,42 +401,18 @@ def _linear_logprobs_combine_kernel(
 
 @triton.jit(do_not_specialize=["n_rows", "vocab", "hdim", "ignore_index", "row_start", "v_start", "v_count"])
 def _linear_logprobs_dz_kernel(
-    grad_logprobs_ptr,
-    grad_entropy_ptr,
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
-    labels_ptr,
-    temperature_ptr,
-    stats_ptr,
-    entropy_ptr,
+    grad_logprobs_ptr, grad_entropy_ptr, hidden_ptr, weight_ptr, bias_ptr, labels_ptr, temperature_ptr,
+    stats_ptr, entropy_ptr,
     dx_ptr,  # [rows of the chunk, >= v_count] workspace, input dtype
     dbias_ptr,  # [row blocks of the chunk, >= v_count] fp32 (HAS_BIAS)
     n_rows,  # rows of this chunk
-    vocab,
-    hdim,
-    row_start,
-    v_start,
-    v_count,
-    stride_hidden_n,
-    stride_weight_v,
-    stride_temperature_n,
-    stride_dx_n,
-    stride_dbias_n,
-    temperature_scalar,
-    ignore_index,
-    HAS_BIAS: tl.constexpr,
-    HAS_TEMP: tl.constexpr,
-    HAS_GRAD_LP: tl.constexpr,
-    HAS_GRAD_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
+    vocab, hdim, row_start, v_start, v_count,
+    stride_hidden_n, stride_weight_v, stride_temperature_n, stride_dx_n, stride_dbias_n,
+    temperature_scalar, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_GRAD_LP: tl.constexpr, HAS_GRAD_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
     # ALIGNED: H and the chunk's first column are multiples of 16 (host-checked), so the GEMM loads are
     # 16-byte accesses. The stores cover the chunk's columns rounded up to 16 (v_store): the extra columns
     # (only in the last chunk of a vocabulary that is not a multiple of 16) hold zeros in the workspace's
@@ -534,13 +426,7 @@ def _linear_logprobs_dz_kernel(
     # Grouped tile order (GROUP_N row blocks sweep the vocabulary blocks together) so the weight and hidden
     # tiles of concurrently running programs stay in L2.
     pid = tl.program_id(0).to(tl.int64)
-    n_rb = tl.cdiv(n_rows, BLOCK_N)
-    n_vb = tl.cdiv(v_count, BLOCK_V)
-    per_group = GROUP_N * n_vb
-    first_rb = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(n_rb - first_rb, GROUP_N)
-    rb = first_rb + (pid % per_group) % group_size
-    vb = (pid % per_group) // group_size
+    rb, vb = _grouped_tile(pid, tl.cdiv(n_rows, BLOCK_N), tl.cdiv(v_count, BLOCK_V), GROUP_N)
 
     local_rows = rb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = local_rows < n_rows
@@ -548,38 +434,15 @@ def _linear_logprobs_dz_kernel(
     local_cols = vb * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     col_ok = local_cols < v_count
     cols = v_start + local_cols
-    label, inv_hi, inv_lo, valid = _rows_setup(
-        labels_ptr,
-        temperature_ptr,
-        rows,
-        row_ok,
-        stride_temperature_n,
-        temperature_scalar,
-        vocab,
-        ignore_index,
-        HAS_TEMP,
-    )
+    label, inv_hi, inv_lo, valid = _rows_setup(labels_ptr, temperature_ptr, rows, row_ok,
+                                               stride_temperature_n, temperature_scalar, vocab, ignore_index,
+                                               HAS_TEMP)
 
     dx = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        x = _logits_tile(
-            hidden_ptr,
-            weight_ptr,
-            bias_ptr,
-            row_start + rb * BLOCK_N,
-            row_ok,
-            v_start + vb * BLOCK_V,
-            col_ok,
-            hdim,
-            stride_hidden_n,
-            stride_weight_v,
-            HAS_BIAS,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_K,
-            DOT_PRECISION,
-            UPCAST_DOT,
-        )
+        x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, row_start + rb * BLOCK_N, row_ok,
+                         v_start + vb * BLOCK_V, col_ok, hdim, stride_hidden_n, stride_weight_v, HAS_BIAS,
+                         BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
         m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
         log_s = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
         g_lp = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -611,31 +474,12 @@ def _linear_logprobs_dz_kernel(
 
 @triton.jit(do_not_specialize=["m_size", "n_size", "k_size", "a_offset", "b_offset", "c_offset"])
 def _matmul_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    m_size,
-    n_size,
-    k_size,
-    a_offset,
-    b_offset,
-    c_offset,
-    stride_a_m,
-    stride_a_k,
-    stride_b_k,
-    stride_b_n,
-    stride_c_m,
-    stride_c_n,
-    ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    A_K_CONTIG: tl.constexpr,
+    a_ptr, b_ptr, c_ptr, m_size, n_size, k_size, a_offset, b_offset, c_offset,
+    stride_a_m, stride_a_k, stride_b_k, stride_b_n, stride_c_m, stride_c_n,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, A_K_CONTIG: tl.constexpr,
     ALIGNED: tl.constexpr,
-):
+):  # fmt: skip
     """C[m, n] (+)= sum_k A[m, k] B[k, n] with an fp32 accumulator; C is stored in its own dtype. With
     ACCUMULATE the existing C (fp32) is added once, after the K loop: each C element is owned by one program
     and summed in a fixed order (deterministic). Element offsets a/b/c_offset address chunks of a buffer.
@@ -654,13 +498,7 @@ def _matmul_kernel(
         b_offset = _multiple_of_16(b_offset, True)
         c_offset = _multiple_of_16(c_offset, True)
     pid = tl.program_id(0).to(tl.int64)
-    n_pid_m = tl.cdiv(m_size, BLOCK_M)
-    n_pid_n = tl.cdiv(n_size, BLOCK_N)
-    per_group = GROUP_M * n_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(m_size, BLOCK_M), tl.cdiv(n_size, BLOCK_N), GROUP_M)
 
     # int64 only in the scalar tile origins; in-tile offsets are int32 (BLOCK x stride < 2^31: the strides
     # are H and the workspace width), which keeps the 2-D pointer arithmetic out of 64-bit registers.
@@ -697,10 +535,6 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Host side: heuristics and launchers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _direct_launch(kernel):
-    return kernel
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -841,20 +675,8 @@ def _dot_args(dtype: torch.dtype) -> dict:
     )
 
 
-def linear_logprobs_fwd(
-    hidden,
-    weight,
-    bias,
-    labels,
-    temperature,
-    temperature_scalar,
-    ignore_index,
-    want_entropy,
-    want_rank,
-    *,
-    launch=None,
-    arch=None,
-):
+def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
+                        want_entropy, want_rank, *, launch=None, arch=None):
     """Forward of ``linear_token_logprobs`` without the N x V logits.
 
     Args:
@@ -887,72 +709,25 @@ def linear_logprobs_fwd(
     has_temp = temperature is not None
     has_bias = bias is not None
     launch(_linear_logprobs_fwd_kernel)[(n_rb * splits,)](
-        hidden,
-        weight,
-        bias if has_bias else hidden,  # dummy pointer when HAS_BIAS is False
-        labels,
-        temperature if has_temp else part,
-        part,
-        count if want_rank else part,
-        n,
-        vocab,
-        hdim,
-        hidden.stride(0),
-        weight.stride(0),
-        temperature.stride(0) if has_temp else 0,
-        float(temperature_scalar),
-        ignore_index,
-        per_split,
-        HAS_BIAS=has_bias,
-        HAS_TEMP=has_temp,
-        HAS_ENTROPY=want_entropy,
-        HAS_RANK=want_rank,
-        ALIGNED=_aligned((hdim,), (hidden, weight)),
-        **_dot_args(hidden.dtype),
-        **cfg,
-    )
+        hidden, weight, bias if has_bias else hidden, labels, temperature if has_temp else part,  # dummies
+        part, count if want_rank else part,
+        n, vocab, hdim, hidden.stride(0), weight.stride(0), temperature.stride(0) if has_temp else 0,
+        float(temperature_scalar), ignore_index, per_split,
+        HAS_BIAS=has_bias, HAS_TEMP=has_temp, HAS_ENTROPY=want_entropy, HAS_RANK=want_rank,
+        ALIGNED=_aligned((hdim,), (hidden, weight)), **_dot_args(hidden.dtype), **cfg,
+    )  # fmt: skip
     block_r = 128
     launch(_linear_logprobs_combine_kernel)[(_cdiv(n, block_r),)](
-        part,
-        count if want_rank else part,
-        labels,
-        temperature if has_temp else part,
-        lp,
-        ent if want_entropy else lp,
-        rank if want_rank else lp,
-        lse,
-        stats,
-        n,
-        vocab,
-        temperature.stride(0) if has_temp else 0,
-        float(temperature_scalar),
-        ignore_index,
-        splits,
-        HAS_TEMP=has_temp,
-        HAS_ENTROPY=want_entropy,
-        HAS_RANK=want_rank,
-        BLOCK_R=block_r,
-        num_warps=4,
-    )
+        part, count if want_rank else part, labels, temperature if has_temp else part,
+        lp, ent if want_entropy else lp, rank if want_rank else lp, lse, stats,
+        n, vocab, temperature.stride(0) if has_temp else 0, float(temperature_scalar), ignore_index, splits,
+        HAS_TEMP=has_temp, HAS_ENTROPY=want_entropy, HAS_RANK=want_rank, BLOCK_R=block_r, num_warps=4,
+    )  # fmt: skip
     return lp, ent, rank, lse, stats
 
 
-def linear_logprobs_bwd(
-    grad_logprobs,
-    grad_entropy,
-    hidden,
-    weight,
-    bias,
-    labels,
-    temperature,
-    temperature_scalar,
-    ignore_index,
-    stats,
-    entropy,
-    *,
-    launch=None,
-    arch=None,
-):
+def linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, temperature,
+                        temperature_scalar, ignore_index, stats, entropy, *, launch=None, arch=None):
     """Backward of ``linear_token_logprobs``: recomputes the logits tiles (see the module docstring).
 
     ``grad_logprobs`` / ``grad_entropy``: [N] or None (zero upstream gradient; its work is compiled out).
@@ -1002,6 +777,7 @@ def linear_logprobs_bwd(
     stats = stats.contiguous()
     g_lp = grad_logprobs.float().contiguous() if has_lp else stats
     g_h = grad_entropy.float().contiguous() if has_h else stats
+    matmul = functools.partial(_matmul_into, dot=dot, arch=cc, launch=launch)
 
     for r0 in range(0, n, nc):
         nr = min(nc, n - r0)
@@ -1009,63 +785,22 @@ def linear_logprobs_bwd(
         for v0 in range(0, vocab, vc):
             nv = min(vc, vocab - v0)
             launch(_linear_logprobs_dz_kernel)[(n_rb * _cdiv(nv, block_v),)](
-                g_lp,
-                g_h,
-                hidden,
-                weight,
-                bias if has_bias else hidden,
-                labels,
-                temperature if has_temp else stats,
-                stats,
-                entropy if has_h else stats,
-                dx,
-                dbias if has_bias else stats,
-                nr,
-                vocab,
-                hdim,
-                r0,
-                v0,
-                nv,
-                hidden.stride(0),
-                weight.stride(0),
-                temperature.stride(0) if has_temp else 0,
-                dx.stride(0),
+                g_lp, g_h, hidden, weight, bias if has_bias else hidden, labels,  # dummies: hidden / stats
+                temperature if has_temp else stats, stats, entropy if has_h else stats,
+                dx, dbias if has_bias else stats,
+                nr, vocab, hdim, r0, v0, nv,
+                hidden.stride(0), weight.stride(0), temperature.stride(0) if has_temp else 0, dx.stride(0),
                 dbias.stride(0) if has_bias else 0,
-                float(temperature_scalar),
-                ignore_index,
-                HAS_BIAS=has_bias,
-                HAS_TEMP=has_temp,
-                HAS_GRAD_LP=has_lp,
-                HAS_GRAD_H=has_h,
-                GROUP_N=8,
-                ALIGNED=_aligned((hdim, v0), (hidden, weight, dx)),
-                **dot,
-                **cfg,
-            )
+                float(temperature_scalar), ignore_index,
+                HAS_BIAS=has_bias, HAS_TEMP=has_temp, HAS_GRAD_LP=has_lp, HAS_GRAD_H=has_h, GROUP_N=8,
+                ALIGNED=_aligned((hdim, v0), (hidden, weight, dx)), **dot, **cfg,
+            )  # fmt: skip
             # grad_weight[v0:v0+nv] (+)= dx^T @ hidden[r0:r0+nr]: A = dx read transposed (K = rows strided).
-            _matmul_into(
-                (dx, 0, 1, dx.stride(0)),
-                (hidden, r0 * hidden.stride(0), hidden.stride(0), 1),
-                (gw_acc, v0 * gw_acc.stride(0)),
-                (nv, hdim, nr),
-                accumulate=r0 > 0,
-                a_k_contig=False,
-                dot=dot,
-                arch=cc,
-                launch=launch,
-            )
+            matmul((dx, 0, 1, dx.stride(0)), (hidden, r0 * hidden.stride(0), hidden.stride(0), 1),
+                   (gw_acc, v0 * gw_acc.stride(0)), (nv, hdim, nr), accumulate=r0 > 0, a_k_contig=False)
             # grad_hidden[r0:r0+nr] (+)= dx @ weight[v0:v0+nv]: A = dx row-major (K = vocab contiguous).
-            _matmul_into(
-                (dx, 0, dx.stride(0), 1),
-                (weight, v0 * weight.stride(0), weight.stride(0), 1),
-                (gh_acc, r0 * gh_acc.stride(0)),
-                (nr, hdim, nv),
-                accumulate=v0 > 0,
-                a_k_contig=True,
-                dot=dot,
-                arch=cc,
-                launch=launch,
-            )
+            matmul((dx, 0, dx.stride(0), 1), (weight, v0 * weight.stride(0), weight.stride(0), 1),
+                   (gh_acc, r0 * gh_acc.stride(0)), (nr, hdim, nv), accumulate=v0 > 0, a_k_contig=True)
             if has_bias:
                 gb_acc[v0 : v0 + nv] += dbias[:n_rb, :nv].sum(0)
 

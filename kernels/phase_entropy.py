@@ -39,6 +39,19 @@ def _segment(b, cu_ptr, T, N, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _sequence(x_ptr, cu_ptr, stride_x_b, stride_x_t, T, N, PACKED: tl.constexpr):
+    """This program's sequence b: its ``_segment`` and the address of its first token in ``x`` (a strided
+    [B, T] tensor, or a packed [N] one with stride ``stride_x_t``)."""
+    b = tl.program_id(0).to(tl.int64)
+    start, length = _segment(b, cu_ptr, T, N, PACKED)
+    if PACKED:
+        x_seq = x_ptr + start * stride_x_t
+    else:
+        x_seq = x_ptr + b * stride_x_b
+    return b, start, length, x_seq
+
+
+@triton.jit
 def _block(b, blk, start, length, carry, mask_ptr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """Token positions t (within the sequence), flat offsets, validity and valid-token indices of a block."""
     t = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -61,12 +74,7 @@ def phase_entropy_fwd_kernel(
     stride_x_b, stride_x_t, T, N, boundary_len,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    start, length = _segment(b, cu_ptr, T, N, PACKED)
-    if PACKED:
-        x_seq = x_ptr + start * stride_x_t
-    else:
-        x_seq = x_ptr + b * stride_x_b
+    b, start, length, x_seq = _sequence(x_ptr, cu_ptr, stride_x_b, stride_x_t, T, N, PACKED)
     bnd = tl.load(bnd_ptr + b)
     first_after = bnd + boundary_len
     # Scalar accumulators start as typed tensors (a loop that runs zero times, an empty sequence, must still
@@ -124,12 +132,7 @@ def find_boundary_kernel(
     stride_ids_b, stride_ids_t, T, N, M,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    start, length = _segment(b, cu_ptr, T, N, PACKED)
-    if PACKED:
-        ids_seq = ids_ptr + start * stride_ids_t
-    else:
-        ids_seq = ids_ptr + b * stride_ids_b
+    b, start, length, ids_seq = _sequence(ids_ptr, cu_ptr, stride_ids_b, stride_ids_t, T, N, PACKED)
     # 1. compact the valid tokens: scratch[start + index] = id (the sequence's own slice of the scratch).
     carry = tl.full((), 0, tl.int64)
     for blk in range(0, tl.cdiv(length, BLOCK)):

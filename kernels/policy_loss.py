@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from reasonrl.kernels.token_logprobs import (
-    _aligned,
     _direct_launch,
     _multiple_of_16,
     _row_grad,
@@ -77,26 +76,10 @@ def loss_launch_args(loss_kind, kl_kind, params):
 
 @triton.jit
 def _token_grad(
-    lp,
-    a,
-    old,
-    ref,
-    c_pg,
-    c_kl,
-    eps_low,
-    eps_high,
-    delta_cap,
-    dual_clip_c,
-    log_ratio_clamp,
-    cispo_max,
-    tau_pos,
-    tau_neg,
-    LOSS_KIND: tl.constexpr,
-    KL_BASE: tl.constexpr,
-    KL_ST: tl.constexpr,
-    HAS_OLD: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr,
-    DUAL_CLIP: tl.constexpr,
+    lp, a, old, ref, c_pg, c_kl,
+    eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
+    LOSS_KIND: tl.constexpr, KL_BASE: tl.constexpr, KL_ST: tl.constexpr, HAS_OLD: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, DUAL_CLIP: tl.constexpr,
 ):
     """dLoss/dlp of one token: d(c_pg l_pg + c_kl kappa)/dlp (docs/losses.md 6, 7, 9), torch.clamp's
     convention at the bounds (the gradient passes on a bound) and the unclipped branch on the clip's tie."""
@@ -163,53 +146,18 @@ def _token_grad(
 
 @triton.jit(do_not_specialize=["vocab", "ignore_index"])
 def _policy_loss_fused_kernel(
-    logits_ptr,
-    labels_ptr,
-    temperature_ptr,
-    inputs_ptr,
-    logprobs_ptr,
-    entropy_ptr,
-    lse_ptr,
-    grad_lp_ptr,
-    grad_h_ptr,
-    grad_ptr,
-    stride_logits_n,
-    stride_grad_n,
-    stride_temperature_n,
-    temperature_scalar,
-    vocab,
-    ignore_index,
-    eps_low,
-    eps_high,
-    delta_cap,
-    dual_clip_c,
-    log_ratio_clamp,
-    cispo_max,
-    tau_pos,
-    tau_neg,
-    HAS_TEMP: tl.constexpr,
-    LOSS_KIND: tl.constexpr,
-    KL_BASE: tl.constexpr,
-    KL_ST: tl.constexpr,
-    HAS_OLD: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr,
-    DUAL_CLIP: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    STAGES: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    logits_ptr, labels_ptr, temperature_ptr, inputs_ptr,
+    logprobs_ptr, entropy_ptr, lse_ptr, grad_lp_ptr, grad_h_ptr, grad_ptr,
+    stride_logits_n, stride_grad_n, stride_temperature_n, temperature_scalar, vocab, ignore_index,
+    # the hyper-parameters and variant flags of _token_grad, in its order (loss_launch_args)
+    eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
+    HAS_TEMP: tl.constexpr, LOSS_KIND: tl.constexpr, KL_BASE: tl.constexpr, KL_ST: tl.constexpr,
+    HAS_OLD: tl.constexpr, BIAS_CORRECTION: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    BLOCK_V: tl.constexpr, STAGES: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
     vocab = _multiple_of_16(vocab, ALIGNED)  # 16-byte row sweeps (kernels/token_logprobs.py)
-    label, tau, valid = _row_setup(
-        labels_ptr,
-        temperature_ptr,
-        row,
-        stride_temperature_n,
-        temperature_scalar,
-        vocab,
-        ignore_index,
-        HAS_TEMP,
-    )
+    row, label, tau, valid = _row_setup(labels_ptr, temperature_ptr, stride_temperature_n, temperature_scalar,
+                                        vocab, ignore_index, HAS_TEMP)
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     if valid:
@@ -226,26 +174,10 @@ def _policy_loss_fused_kernel(
         tl.store(lse_ptr + row, m + log_s_lo)
         inp = inputs_ptr + row * NUM_INPUTS
         g_lp = _token_grad(
-            lp,
-            tl.load(inp + COL_A),
-            tl.load(inp + COL_OLD),
-            tl.load(inp + COL_REF),
-            tl.load(inp + COL_COEF_PG),
-            tl.load(inp + COL_COEF_KL),
-            eps_low,
-            eps_high,
-            delta_cap,
-            dual_clip_c,
-            log_ratio_clamp,
-            cispo_max,
-            tau_pos,
-            tau_neg,
-            LOSS_KIND,
-            KL_BASE,
-            KL_ST,
-            HAS_OLD,
-            BIAS_CORRECTION,
-            DUAL_CLIP,
+            lp, tl.load(inp + COL_A), tl.load(inp + COL_OLD), tl.load(inp + COL_REF),
+            tl.load(inp + COL_COEF_PG), tl.load(inp + COL_COEF_KL),
+            eps_low, eps_high, delta_cap, dual_clip_c, log_ratio_clamp, cispo_max, tau_pos, tau_neg,
+            LOSS_KIND, KL_BASE, KL_ST, HAS_OLD, BIAS_CORRECTION, DUAL_CLIP,
         )
         g_h = tl.load(inp + COL_GRAD_H)
         if lp != lp:  # NaN row (NaN / +inf logits): no gradient; the Python layer reports it
@@ -294,28 +226,12 @@ def policy_loss_fused(
         )
     floats, flags = loss_launch_args(loss_kind, kl_kind, params)
     has_temp = temperature is not None
-    aligned = _aligned(vocab, logits, grad)
     launch(_policy_loss_fused_kernel)[(n,)](
-        logits,
-        labels,
-        temperature if has_temp else lp,
-        token_inputs.contiguous(),
-        lp,
-        ent,
-        lse,
-        g_lp,
-        g_h,
-        grad,
-        logits.stride(0),
-        grad.stride(0),
-        temperature.stride(0) if has_temp else 0,
-        float(temperature_scalar),
-        vocab,
-        ignore_index,
+        logits, labels, temperature if has_temp else lp, token_inputs.contiguous(),  # lp: dummy pointer
+        lp, ent, lse, g_lp, g_h, grad,
+        logits.stride(0), grad.stride(0), temperature.stride(0) if has_temp else 0, float(temperature_scalar),
+        vocab, ignore_index,
         *floats,
-        HAS_TEMP=has_temp,
-        **flags,
-        ALIGNED=aligned,
-        **_stream_config(vocab, aligned),
+        HAS_TEMP=has_temp, **flags, **_stream_config(vocab, logits, grad),
     )
     return lp, ent, lse, g_lp, g_h, grad

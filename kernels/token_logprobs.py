@@ -66,9 +66,11 @@ def _aligned(vocab: int, *tensors) -> bool:
     return vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
 
 
-def _stream_config(vocab: int, aligned: bool) -> dict:
-    """Launch constants of the one-program-per-row sweeps (also used by kernels/policy_loss.py).
+def _stream_config(vocab: int, *tensors) -> dict:
+    """Launch constants of the one-program-per-row sweeps over the [N, V] ``tensors`` (also used by
+    kernels/policy_loss.py).
 
+    * ALIGNED: ``_aligned(vocab, *tensors)``.
     * BLOCK_V: ``_block_v``. num_warps: 8 for the 4096 block, 4 for the 1024 one, so that each thread
       holds 8 consecutive elements (16 bytes of bf16 / fp16, 2 x 16 bytes of fp32) per block: the widest
       load the hardware has, on every architecture since sm_80.
@@ -76,19 +78,23 @@ def _stream_config(vocab: int, aligned: bool) -> dict:
       the next STAGES - 1 blocks are fetched by cp.async into shared memory while the current one is
       reduced, so one program keeps several 16-byte loads in flight instead of waiting on each block
       ((STAGES - 1) x BLOCK_V x element bytes of shared memory: 32 KiB for fp32 at 4096, 16 KiB for bf16).
-      Only the ALIGNED variant is pipelined (``aligned``): the other one's 2-byte loads cannot become
-      cp.async, and its fp32 form pipelined with 4-byte copies needed 165 registers (1 program per SM).
+      Only the ALIGNED variant is pipelined: the other one's 2-byte loads cannot become cp.async, and its
+      fp32 form pipelined with 4-byte copies needed 165 registers (1 program per SM).
       Chosen, not tuned: no GPU has timed it (docs/gpu-kernels.md)."""
+    aligned = _aligned(vocab, *tensors)
     block = _block_v(vocab)
-    return dict(BLOCK_V=block, STAGES=3 if aligned else 1, num_warps=8 if block >= 4096 else 4)
+    return dict(ALIGNED=aligned, BLOCK_V=block, STAGES=3 if aligned else 1,
+                num_warps=8 if block >= 4096 else 4)
 
 
 @triton.jit
-def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar, vocab,
-               ignore_index, HAS_TEMP: tl.constexpr):
-    """The row's label and temperature, and whether the row has a distribution to evaluate: a label in
-    [0, V) that is not ignore_index, and a finite temperature > 0. Anything else (validate=False) gives the
-    documented fills: zeros for ignored rows, NaN otherwise, and a zero gradient."""
+def _row_setup(labels_ptr, temperature_ptr, stride_temperature_n, temperature_scalar, vocab, ignore_index,
+               HAS_TEMP: tl.constexpr):
+    """This program's row (int64), its label and temperature, and whether the row has a distribution to
+    evaluate: a label in [0, V) that is not ignore_index, and a finite temperature > 0. Anything else
+    (validate=False) gives the documented fills: zeros for ignored rows, NaN otherwise, and a zero
+    gradient."""
+    row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     if HAS_TEMP:
         tau = tl.load(temperature_ptr + row * stride_temperature_n).to(tl.float32)
@@ -97,7 +103,7 @@ def _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperatu
     # A subnormal tau has no finite reciprocal: the smallest valid tau is the smallest normal fp32.
     tau_ok = (tau >= 1.1754943508222875e-38) & (tau < float("inf"))
     valid = (label != ignore_index) & (label >= 0) & (label < vocab) & tau_ok
-    return label, tau, valid
+    return row, label, tau, valid
 
 
 @triton.jit
@@ -185,7 +191,9 @@ def _row_grad(row_ptr, grad_row_ptr, label, inv_tau, m, log_s, g_lp, g_h, h, voc
 def _multiple_of_16(n, ALIGNED: tl.constexpr):
     """``n`` itself; with ALIGNED (the host checked n % 16 == 0) written as (n // 16) * 16, which Triton's
     alignment analysis can see through (``tl.multiple_of`` does not apply to scalar arguments): masks
-    ``offs < n`` are then constant over groups of 16 columns and the row sweeps vectorise."""
+    ``offs < n`` are then constant over groups of 16 elements, so the row sweeps (and the tiles of
+    kernels/linear_logprobs.py along their contiguous dimension) load 16 bytes at a time, which is also what
+    lets Triton turn the loads into cp.async and pipeline a loop (it pipelines no 2-byte loads)."""
     if ALIGNED:
         n = (n // 16) * 16
     return n
@@ -202,35 +210,16 @@ def _row_zero(grad_row_ptr, vocab, BLOCK_V: tl.constexpr):
 
 @triton.jit(do_not_specialize=["vocab", "ignore_index", "vocab_start", "vocab_global"])
 def _token_logprobs_fwd_kernel(
-    logits_ptr,
-    labels_ptr,
-    temperature_ptr,
-    logprobs_ptr,
-    entropy_ptr,
-    rank_ptr,
-    lse_ptr,
-    stats_ptr,
-    label_logit_ptr,
-    stride_logits_n,
-    stride_temperature_n,
-    temperature_scalar,
-    vocab,
-    ignore_index,
-    vocab_start,
-    vocab_global,
-    HAS_TEMP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-    HAS_RANK: tl.constexpr,
-    HAS_LABEL_LOGIT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    STAGES: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    logits_ptr, labels_ptr, temperature_ptr,
+    logprobs_ptr, entropy_ptr, rank_ptr, lse_ptr, stats_ptr, label_logit_ptr,
+    stride_logits_n, stride_temperature_n, temperature_scalar, vocab, ignore_index, vocab_start, vocab_global,
+    HAS_TEMP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_RANK: tl.constexpr, HAS_LABEL_LOGIT: tl.constexpr,
+    BLOCK_V: tl.constexpr, STAGES: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
     vocab = _multiple_of_16(vocab, ALIGNED)
     # Labels are checked against the global vocabulary (= vocab unless vocab-parallel).
-    label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
-                                   vocab_global, ignore_index, HAS_TEMP)
+    row, label, tau, valid = _row_setup(labels_ptr, temperature_ptr, stride_temperature_n, temperature_scalar,
+                                        vocab_global, ignore_index, HAS_TEMP)
     if valid:
         # Correctly rounded (div.rn), not the approximate div.full.f32 that `1.0 / tau` compiles to: the
         # backward and the fused loss compute the same bits (docs/numerics.md section 6).
@@ -268,33 +257,16 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit(do_not_specialize=["vocab", "ignore_index", "vocab_start", "vocab_global"])
 def _token_logprobs_bwd_kernel(
-    grad_logprobs_ptr,
-    grad_entropy_ptr,
-    logits_ptr,
-    labels_ptr,
-    temperature_ptr,
-    stats_ptr,
-    entropy_ptr,
+    grad_logprobs_ptr, grad_entropy_ptr, logits_ptr, labels_ptr, temperature_ptr, stats_ptr, entropy_ptr,
     grad_ptr,
-    stride_logits_n,
-    stride_grad_n,
-    stride_temperature_n,
-    temperature_scalar,
-    vocab,
-    ignore_index,
-    vocab_start,
-    vocab_global,
-    HAS_TEMP: tl.constexpr,
-    HAS_GRAD_LP: tl.constexpr,
-    HAS_GRAD_H: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    STAGES: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    stride_logits_n, stride_grad_n, stride_temperature_n, temperature_scalar, vocab, ignore_index,
+    vocab_start, vocab_global,
+    HAS_TEMP: tl.constexpr, HAS_GRAD_LP: tl.constexpr, HAS_GRAD_H: tl.constexpr,
+    BLOCK_V: tl.constexpr, STAGES: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
     vocab = _multiple_of_16(vocab, ALIGNED)
-    label, tau, valid = _row_setup(labels_ptr, temperature_ptr, row, stride_temperature_n, temperature_scalar,
-                                   vocab_global, ignore_index, HAS_TEMP)
+    row, label, tau, valid = _row_setup(labels_ptr, temperature_ptr, stride_temperature_n, temperature_scalar,
+                                        vocab_global, ignore_index, HAS_TEMP)
     row_ptr = logits_ptr + row * stride_logits_n
     grad_row_ptr = grad_ptr + row * stride_grad_n
     if valid:
@@ -335,30 +307,14 @@ def token_logprobs_fwd(logits, labels, temperature, temperature_scalar, ignore_i
         return lp, ent, rank, lse, stats
     has_temp = temperature is not None
     has_pivot = label_logit is not None
-    aligned = _aligned(vocab, logits)
     launch(_token_logprobs_fwd_kernel)[(n,)](
-        logits,
-        labels,
-        temperature if has_temp else lp,  # dummy pointer when HAS_TEMP is False
-        lp,
-        ent if want_entropy else lp,
-        rank if want_rank else lp,
-        lse,
-        stats,
+        logits, labels, temperature if has_temp else lp,  # dummy pointers (lp) where a flag is off
+        lp, ent if want_entropy else lp, rank if want_rank else lp, lse, stats,
         label_logit if has_pivot else lp,
-        logits.stride(0),
-        temperature.stride(0) if has_temp else 0,
-        float(temperature_scalar),
-        vocab,
-        ignore_index,
-        vocab_start,
-        vocab_global if vocab_global > 0 else vocab,
-        HAS_TEMP=has_temp,
-        HAS_ENTROPY=want_entropy,
-        HAS_RANK=want_rank,
-        HAS_LABEL_LOGIT=has_pivot,
-        ALIGNED=aligned,
-        **_stream_config(vocab, aligned),
+        logits.stride(0), temperature.stride(0) if has_temp else 0, float(temperature_scalar), vocab,
+        ignore_index, vocab_start, vocab_global if vocab_global > 0 else vocab,
+        HAS_TEMP=has_temp, HAS_ENTROPY=want_entropy, HAS_RANK=want_rank, HAS_LABEL_LOGIT=has_pivot,
+        **_stream_config(vocab, logits),
     )
     return lp, ent, rank, lse, stats
 
@@ -373,28 +329,13 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, temperature,
     has_temp = temperature is not None
     has_lp = grad_logprobs is not None
     has_h = grad_entropy is not None
-    aligned = _aligned(vocab, logits, grad)
     launch(_token_logprobs_bwd_kernel)[(n,)](
-        grad_logprobs.float().contiguous() if has_lp else stats,
+        grad_logprobs.float().contiguous() if has_lp else stats,  # dummy pointers (stats) where a flag is off
         grad_entropy.float().contiguous() if has_h else stats,
-        logits,
-        labels,
-        temperature if has_temp else stats,
-        stats,
-        entropy if has_h else stats,
-        grad,
-        logits.stride(0),
-        grad.stride(0),
-        temperature.stride(0) if has_temp else 0,
-        float(temperature_scalar),
-        vocab,
-        ignore_index,
-        vocab_start,
-        vocab_global if vocab_global > 0 else vocab,
-        HAS_TEMP=has_temp,
-        HAS_GRAD_LP=has_lp,
-        HAS_GRAD_H=has_h,
-        ALIGNED=aligned,
-        **_stream_config(vocab, aligned),
+        logits, labels, temperature if has_temp else stats, stats, entropy if has_h else stats, grad,
+        logits.stride(0), grad.stride(0), temperature.stride(0) if has_temp else 0, float(temperature_scalar),
+        vocab, ignore_index, vocab_start, vocab_global if vocab_global > 0 else vocab,
+        HAS_TEMP=has_temp, HAS_GRAD_LP=has_lp, HAS_GRAD_H=has_h,
+        **_stream_config(vocab, logits, grad),
     )
     return grad

@@ -192,13 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     const RowKernels& k = row_kernels();
     const int which = int(want_entropy) + 2 * int(want_rank);
-    if (acc == at::kDouble) {
-      fwd_chunks<double>(ck, k.fwd_f64[which], temperature_scalar, ignore_index, vocab_start, vocab_global,
-                         pivot, lp, ent, rank, lse, stats, kept, saved);
-    } else {
-      fwd_chunks<float>(ck, k.fwd_f32[which], temperature_scalar, ignore_index, vocab_start, vocab_global,
-                        pivot, lp, ent, rank, lse, stats, kept, saved);
-    }
+    AT_DISPATCH_FLOATING_TYPES(acc, "linear_token_logprobs_fwd_cpu", [&] {
+      fwd_chunks<scalar_t>(ck, k.fwd<scalar_t>()[which], temperature_scalar, ignore_index, vocab_start,
+                           vocab_global, pivot, lp, ent, rank, lse, stats, kept, saved);
+    });
   }
   // Rows of saved_logits past the kept ones (kept < min(saved_rows, N) only when ignored rows make M < N) are
   // never written nor read. They are left uninitialised on purpose: their pages are never touched, so they
@@ -293,13 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     Chunker ck(hidden, weight, bias, rows, chunk_rows);
     const int64_t kept = saved.defined() ? kept_rows(saved.size(0), ck) : 0;
     const RowKernels& k = row_kernels();
-    if (acc == at::kDouble) {
-      bwd_chunks<double>(ck, k.bwd_f64, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, vocab_start,
-                         vocab_global, grad_hidden, gw_acc, gb_acc, kept, saved);
-    } else {
-      bwd_chunks<float>(ck, k.bwd_f32, g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index, vocab_start,
-                        vocab_global, grad_hidden, gw_acc, gb_acc, kept, saved);
-    }
+    AT_DISPATCH_FLOATING_TYPES(acc, "linear_token_logprobs_bwd_cpu", [&] {
+      bwd_chunks<scalar_t>(ck, k.bwd<scalar_t>(), g_lp, g_h, stats_c, ent_c, temperature_scalar, ignore_index,
+                           vocab_start, vocab_global, grad_hidden, gw_acc, gb_acc, kept, saved);
+    });
   }
   const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   return {output_mask[0] ? grad_hidden : empty(hidden),

@@ -235,23 +235,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor temp = temperature_rows(temperature, n, acc);
   const at::Tensor inputs = token_inputs.contiguous();
   const RowKernels& k = row_kernels();
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      run_fused<float>(k.fused_f32, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp, ent, lse,
-                       stats, g_lp, g_h, grad);
-      break;
-    case at::kBFloat16:
-      run_fused<c10::BFloat16>(k.fused_bf16, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp,
-                               ent, lse, stats, g_lp, g_h, grad);
-      break;
-    case at::kHalf:
-      run_fused<c10::Half>(k.fused_f16, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp, ent,
-                           lse, stats, g_lp, g_h, grad);
-      break;
-    default:
-      run_fused<double>(k.fused_f64, p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp, ent, lse,
-                        stats, g_lp, g_h, grad);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "policy_loss_fused_cpu", [&] {
+    run_fused<scalar_t>(k.fused<scalar_t>(), p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp,
+                        ent, lse, stats, g_lp, g_h, grad);
+  });
   return {lp, ent, lse, g_lp, g_h, grad};
 }
 
@@ -318,10 +305,7 @@ void fused_chunk(const RowKernels& k, const LossParams& p, const Chunker& ck, co
   const GradContext<acc_t> ctx{&p, inputs.const_data_ptr<acc_t>() + s * kInputs, g_lp.mutable_data_ptr<acc_t>() + s,
                                g_h.mutable_data_ptr<acc_t>() + s};
   const RowGrad rg{&GradContext<acc_t>::call, &ctx};
-  const auto fused = [&] {
-    if constexpr (std::is_same_v<acc_t, float>) return k.fused_f32;
-    else return k.fused_f64;
-  }();
+  const auto fused = k.fused<acc_t>();
   at::parallel_for(0, len, grain_rows(a.vocab), [&](int64_t b, int64_t e) { fused(a, b, e, rg); });
 }
 
@@ -372,13 +356,10 @@ policy_loss_from_hidden_fused_cpu(const at::Tensor& hidden, const at::Tensor& we
       const int64_t len = std::min(ck.chunk, m - s);
       const at::Tensor h = ck.gather(s, len);
       const at::Tensor x = ck.logits_of(h);
-      if (acc == at::kDouble) {
-        fused_chunk<double>(k, p, ck, x, s, len, temperature_scalar, ignore_index, inputs, lp, ent, lse, stats, g_lp,
-                            g_h);
-      } else {
-        fused_chunk<float>(k, p, ck, x, s, len, temperature_scalar, ignore_index, inputs, lp, ent, lse, stats, g_lp,
-                           g_h);
-      }
+      AT_DISPATCH_FLOATING_TYPES(acc, "policy_loss_from_hidden_fused_cpu", [&] {
+        fused_chunk<scalar_t>(k, p, ck, x, s, len, temperature_scalar, ignore_index, inputs, lp, ent, lse, stats,
+                              g_lp, g_h);
+      });
       sink.add(ck, s, len, x, h);  // x now holds dLoss/dlogits
     }
   }

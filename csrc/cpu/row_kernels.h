@@ -119,6 +119,24 @@ struct RowKernels {
   void (*fused_bf16)(const BwdArgs<c10::BFloat16>&, int64_t, int64_t, const RowGrad&);
   void (*fused_f16)(const BwdArgs<c10::Half>&, int64_t, int64_t, const RowGrad&);
   void (*fused_f64)(const BwdArgs<double>&, int64_t, int64_t, const RowGrad&);
+
+  // The entry points for logits (or GEMM output) of type scalar_t, so that an op dispatches on the dtype once
+  // (AT_DISPATCH_FLOATING_TYPES_AND2) and writes one body: `k.fwd<scalar_t>()[i]`, `k.bwd<scalar_t>()`.
+  template <typename scalar_t>
+  const auto& fwd() const { return of<scalar_t>(fwd_f32, fwd_bf16, fwd_f16, fwd_f64); }
+  template <typename scalar_t>
+  const auto& bwd() const { return of<scalar_t>(bwd_f32, bwd_bf16, bwd_f16, bwd_f64); }
+  template <typename scalar_t>
+  const auto& fused() const { return of<scalar_t>(fused_f32, fused_bf16, fused_f16, fused_f64); }
+
+ private:
+  template <typename scalar_t, typename F32, typename BF16, typename F16, typename F64>
+  static const auto& of(const F32& f32, const BF16& bf16, const F16& f16, const F64& f64) {
+    if constexpr (std::is_same_v<scalar_t, float>) return f32;
+    else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return bf16;
+    else if constexpr (std::is_same_v<scalar_t, c10::Half>) return f16;
+    else return f64;
+  }
 };
 
 // One definition per ISA variant compiled into the extension (csrc/cpu/isa/*.cpp).

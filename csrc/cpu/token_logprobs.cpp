@@ -111,23 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_log
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
   const at::Tensor temp = temperature_rows(temperature, n, acc);
   const RowKernels& k = row_kernels();
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      run_fwd<float>(k.fwd_f32, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
-                     want_entropy, want_rank, shard);
-      break;
-    case at::kBFloat16:
-      run_fwd<c10::BFloat16>(k.fwd_bf16, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank,
-                             lse, stats, want_entropy, want_rank, shard);
-      break;
-    case at::kHalf:
-      run_fwd<c10::Half>(k.fwd_f16, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
-                         want_entropy, want_rank, shard);
-      break;
-    default:
-      run_fwd<double>(k.fwd_f64, x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse, stats,
-                      want_entropy, want_rank, shard);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_logprobs_fwd_cpu", [&] {
+    run_fwd<scalar_t>(k.fwd<scalar_t>(), x, labels64, temp, temperature_scalar, ignore_index, lp, ent, rank, lse,
+                      stats, want_entropy, want_rank, shard);
+  });
   return {lp, ent, rank, lse, stats};
 }
 
@@ -181,23 +168,10 @@ void bwd_into(const std::optional<at::Tensor>& grad_logprobs, const std::optiona
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
   const at::Tensor temp = temperature_rows(temperature, n, acc);
   const RowKernels& k = row_kernels();
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      run_bwd<float>(k.bwd_f32, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
-                     shard, grad);
-      break;
-    case at::kBFloat16:
-      run_bwd<c10::BFloat16>(k.bwd_bf16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c,
-                             ent_c, shard, grad);
-      break;
-    case at::kHalf:
-      run_bwd<c10::Half>(k.bwd_f16, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
-                         shard, grad);
-      break;
-    default:
-      run_bwd<double>(k.bwd_f64, g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c, ent_c,
-                      shard, grad);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_logprobs_bwd_cpu", [&] {
+    run_bwd<scalar_t>(k.bwd<scalar_t>(), g_lp, g_h, x, labels64, temp, temperature_scalar, ignore_index, stats_c,
+                      ent_c, shard, grad);
+  });
 }
 
 }  // namespace
