@@ -206,7 +206,6 @@ void run_fused(Fused fused, const LossParams& p, const at::Tensor& x, const at::
   a.grad_entropy = g_h.const_data_ptr<acc_t>();
   a.grad = grad.mutable_data_ptr<scalar_t>();
   a.grad_row_stride = grad.stride(0);
-  a.stream_grad = true;  // a fresh [N, V] gradient, read next by the lm_head's backward, not by this pass
   const GradContext<acc_t> ctx{&p, inputs.const_data_ptr<acc_t>(), g_lp.mutable_data_ptr<acc_t>(),
                                g_h.mutable_data_ptr<acc_t>()};
   const RowGrad rg{&GradContext<acc_t>::call, &ctx};

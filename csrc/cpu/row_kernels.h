@@ -81,9 +81,6 @@ struct BwdArgs : RowArgs<scalar_t> {
   const acc_t* grad_entropy;   // [N] or nullptr
   scalar_t* grad;              // [N, V], unit stride on V (may alias logits for the in-place backward)
   int64_t grad_row_stride;
-  // Write fp32 gradient rows with streaming (non-temporal) stores (row_kernels_impl.h, store_grad): for a
-  // freshly allocated gradient that is not read again soon; never for buffers a GEMM consumes next.
-  bool stream_grad = false;
 };
 
 template <typename Args>

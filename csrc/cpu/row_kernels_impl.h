@@ -175,42 +175,6 @@ inline fVec clamp_t_nan(const fVec& t, const fVec& lo) {
 #endif
 }
 
-// Store one vector of gradient at dst, non-temporally with kStream (dst aligned to the vector size): a
-// streaming store writes the line without first reading it into the cache (no read-for-ownership), so a
-// freshly allocated gradient row costs one write of memory instead of a read and a write, and does not
-// evict the logits the sweep is still reading. Only for gradient buffers nobody re-reads soon (the
-// allocating backward and the fused loss from logits; never the in-place chunks the GEMMs consume next).
-// The caller issues stream_fence() before its rows are handed to another thread.
-template <bool kStream>
-inline void store_grad(float* dst, const fVec& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kStream) {
-    _mm512_stream_ps(dst, v);
-    return;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (kStream) {
-    _mm256_stream_ps(dst, v);
-    return;
-  }
-#endif
-  v.store(dst);
-}
-// Streaming stores are weakly ordered: make them visible before the parallel region ends.
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-// Whether a gradient row of scalar_t at dst can take streaming stores: fp32 (16-bit rows go through an fp32
-// buffer and a conversion) at a vector-aligned address (chunks and vectors then stay aligned: kChunk is a
-// multiple of the vector size).
-template <typename scalar_t>
-inline bool can_stream(const scalar_t* dst, bool wanted) {
-  constexpr uintptr_t kAlign = sizeof(float) * fVec::size();
-  return std::is_same_v<scalar_t, float> && wanted && reinterpret_cast<uintptr_t>(dst) % kAlign == 0;
-}
-
 // The scalar form of vexp2, for the tails of the vector loops (0 below -126.5 on every ISA).
 inline float exp2_clamped(float tc) { return tc < -126.5f ? 0.f : std::exp2(tc); }
 
@@ -593,7 +557,6 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     const float c1_2 = static_cast<float>(static_cast<double>(c1) * kLn2);
     const fVec vhi(inv2.hi), vlo(inv2.lo), vl_hi(l_hi), vl_lo(l_lo), vc0(c0), vc1(c1_2), vmin_t(kMinT);
     const fVec vmin(std::numeric_limits<float>::lowest());
-    const bool stream = can_stream(grow, a.stream_grad);
     auto grad_of = [&](const fVec& x_raw) {
       const fVec x = fast_max(x_raw, vmin);  // -inf -> -FLT_MAX: keeps x * lo finite (see InvTau)
       const fVec tc = fast_max(shifted_vec(x, vhi, vlo, vl_hi) - vl_lo, vmin_t);
@@ -606,21 +569,13 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       // vectorised conversion per chunk.
       float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grow + c) : buf;
       int64_t j = 0;
-      auto sweep = [&](auto stream_tag) {
-        constexpr bool kStream = decltype(stream_tag)::value;
-        for (; j + 2 * W <= n; j += 2 * W) {
-          const fVec g0 = grad_of(load_f(src + j));
-          const fVec g1 = grad_of(load_f(src + j + W));
-          store_grad<kStream>(dst + j, g0);
-          store_grad<kStream>(dst + j + W, g1);
-        }
-        for (; j + W <= n; j += W) store_grad<kStream>(dst + j, grad_of(load_f(src + j)));
-      };
-      if (stream) {
-        sweep(std::true_type{});
-      } else {
-        sweep(std::false_type{});
+      for (; j + 2 * W <= n; j += 2 * W) {
+        const fVec g0 = grad_of(load_f(src + j));
+        const fVec g1 = grad_of(load_f(src + j + W));
+        g0.store(dst + j);
+        g1.store(dst + j + W);
       }
+      for (; j + W <= n; j += W) grad_of(load_f(src + j)).store(dst + j);
       for (; j < n; ++j) {  // as the vector loop
         const float tc = std::max(inv2.shifted(static_cast<float>(src[j]), l_hi) - l_lo, kMinT);
         dst[j] = exp2_clamped(tc) * (c0 + c1_2 * tc);
@@ -633,7 +588,6 @@ void bwd_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
       grow[slot.local] = static_cast<scalar_t>(dz_y * inv_tau);
     }
   }
-  stream_fence();
 }
 
 template <typename scalar_t>
@@ -663,133 +617,24 @@ void bwd_rows_scalar(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
   }
 }
 
-// dst[0, n) = e[0, n) * a (fp32), with streaming stores under kStream (dst then vector-aligned).
-template <bool kStream>
-inline void scale_chunk(const float* e, int64_t n, float a, float* dst) {
-  constexpr int64_t W = fVec::size();
-  const fVec va(a);
-  int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) {
-    store_grad<kStream>(dst + j, fVec::loadu(e + j) * va);
-    store_grad<kStream>(dst + j + W, fVec::loadu(e + j + W) * va);
-  }
-  for (; j + W <= n; j += W) store_grad<kStream>(dst + j, fVec::loadu(e + j) * va);
-  for (; j < n; ++j) dst[j] = e[j] * a;
-}
-
-// A gradient row of zeros (rows outside the loss), with streaming stores where store_grad can take them.
-template <typename scalar_t>
-inline void zero_row(scalar_t* grow, int64_t vocab, bool stream_wanted) {
-  if (!can_stream(grow, stream_wanted)) {
-    std::fill(grow, grow + vocab, static_cast<scalar_t>(0.f));
-    return;
-  }
-  constexpr int64_t W = fVec::size();
-  float* dst = reinterpret_cast<float*>(grow);  // can_stream: scalar_t is float
-  const fVec zero(0.f);
-  int64_t j = 0;
-  for (; j + W <= vocab; j += W) store_grad<true>(dst + j, zero);
-  for (; j < vocab; ++j) dst[j] = 0.f;
-}
-
-// The gradient sweep of one row of the fused loss (fused_rows_vec), written one chunk at a time:
-//   dx_j = p_j (c0 + c1 max(log p_j, -200)),  c0 = -(g_lp + g_H H) / tau,  c1 = -g_H / tau  (j != y),
-// with p_j = e_j scale_k from the row's stored exponentials e_j = 2^(t_j) (t_j relative to m_k, the running
-// maximum when chunk k was summed) and scale_k = exp((m_k - m) ln 2 - log s), folded into the chunk's
-// coefficients. p_j is within a few ulp of the backward kernel's 2^(log2 p_j); log p_j itself (the entropy
-// term) is formed in natural units from the stats, as the backward's label column is. The label column is
-// rewritten last from a scalar evaluation of the full formula.
-template <typename scalar_t>
-struct RowSweep {
-  scalar_t* grow = nullptr;  // nullptr: no row pending
-  const scalar_t* row = nullptr;
-  const float* e = nullptr;
-  const RowShift* chunk_m = nullptr;
-  RowShift m;
-  double log_s = 0.0;
-  InvTau inv = InvTau(1.f);
-  float m_nat = 0.f, ls = 0.f, c0 = 0.f, c1 = 0.f, fg_lp = 0.f, fg_h = 0.f, h = 0.f, x_label = 0.f;
-  int64_t y = 0, vocab = 0, n_chunks = 0, next = 0;
-  bool stream = false;
-
-  // Writes the next chunk of the row, if any is left.
-  void step() {
-    if (grow == nullptr || next == n_chunks) return;
-    constexpr int64_t W = fVec::size();
-    const int64_t k = next++;
-    const int64_t c = k * kChunk, n = std::min(kChunk, vocab - c);
-    const RowShift& mc = chunk_m[k];
-    const float scale = mc.hi == -std::numeric_limits<float>::infinity() ? 0.f
-        : static_cast<float>(std::exp(((static_cast<double>(mc.hi) - m.hi) + (static_cast<double>(mc.lo) - m.lo)) *
-                                      kLn2 - log_s));
-    const float a0 = c0 * scale, a1 = c1 * scale;
-    const scalar_t* src = row + c;
-    const float* ek = e + c;
-    alignas(64) float buf[kChunk];
-    float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grow + c) : buf;
-    if (c1 == 0.f) {
-      // No entropy gradient on this row (no entropy bonus: the usual GRPO / DAPO configuration):
-      // dx_j = p_j c0, from the stored exponentials alone, without re-reading the logits.
-      if (stream) {
-        scale_chunk<true>(ek, n, a0, dst);
-      } else {
-        scale_chunk<false>(ek, n, a0, dst);
-      }
-    } else {
-      const fVec vhi(inv.hi), vlo(inv.lo), vm(m_nat), vlog_sum(ls), va0(a0), va1(a1), lo(-200.f);
-      const fVec vmin(std::numeric_limits<float>::lowest());
-      auto grad_of = [&](int64_t j) {
-        const fVec x = fast_max(load_f(src + j), vmin);
-        const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
-        return fVec::loadu(ek + j) * at::vec::fmadd(va1, fast_max(d, lo), va0);
-      };
-      int64_t j = 0;
-      if (stream) {
-        for (; j + W <= n; j += W) store_grad<true>(dst + j, grad_of(j));
-      } else {
-        for (; j + W <= n; j += W) store_grad<false>(dst + j, grad_of(j));
-      }
-      for (; j < n; ++j) {
-        const float d = inv.shifted(static_cast<float>(src[j]), m_nat) - ls;
-        dst[j] = ek[j] * (a0 + a1 * std::max(d, -200.f));
-      }
-    }
-    if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
-  }
-
-  // Writes what is left of the row, then its label column; the row is then done.
-  void finish() {
-    if (grow == nullptr) return;
-    while (next < n_chunks) step();
-    const float dl = inv.shifted(x_label, m_nat) - ls;
-    const float p_y = std::exp(dl);
-    const float dz_y = fg_lp * (1.f - p_y) - fg_h * p_y * (std::max(dl, -200.f) + h);
-    grow[y] = static_cast<scalar_t>(dz_y * inv.hi);
-    grow = nullptr;
-  }
-};
-
 // The single-pass fused loss for rows [begin, end) (docs/losses.md 13.1; csrc/cpu/policy_loss.cpp): the forward
-// sweep of fwd_rows_vec, which also keeps 2^t_j of every column (t_j relative to the running maximum when the
+// sweep of fwd_rows_vec, which also keeps exp(z_j - m_c) of every column (m_c = the running maximum when the
 // column's chunk was summed) in a row-sized fp32 scratch buffer; then `rg` turns the row's (lp, H) into the
-// upstream gradients (g_lp, g_H); then RowSweep writes the row's gradient from the stored exponentials: one
-// exp per logit instead of the two of a separate forward and backward.
-// Software-pipelined: the forward of row r (reading memory, bound by the exponentials) is interleaved chunk
-// by chunk with the gradient sweep of row r - 1 (writing memory), so that one row's writes stream out while
-// the next row's exponentials are computed, instead of the two phases taking turns on the memory bus. Two
-// scratch rows (2 x 4 V bytes per thread, in L2 with the two logits rows) alternate between the roles.
-// Writes lp, H, LSE and stats like the forward; `a.grad` may alias `a.logits` (rows r - 1 and r are distinct,
-// and each column of a row is read before it is written).
+// upstream gradients (g_lp, g_H); then one sweep writes the gradient of bwd_rows_vec, re-reading the row from
+// cache (L2 for a 32k fp32 row) and taking p_j = exp(z_j - m_c) * exp(m_c - m - log s) from the scratch
+// buffer instead of a second exponential: one exp per logit instead of two. p_j is within a few ulp of the
+// backward kernel's 2^(log2 p_j); log p_j itself (the entropy term) is formed in natural units from the
+// stats, as the backward's label column is. Writes
+// lp, H, LSE and stats like the forward; `a.grad` may alias `a.logits` (each column is read before written).
 template <typename scalar_t>
 void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, const RowGrad& rg) {
+  constexpr int64_t W = fVec::size();
   const float kInf = std::numeric_limits<float>::infinity();
   const float kNaN = std::numeric_limits<float>::quiet_NaN();
   const int64_t n_chunks = (a.vocab + kChunk - 1) / kChunk;
-  const size_t row_floats = static_cast<size_t>(n_chunks * kChunk);
-  std::vector<float> ebufs(2 * row_floats);
-  std::vector<RowShift> chunk_ms(2 * static_cast<size_t>(n_chunks));
-  int slot = 0;  // the scratch row of the row being read; the pending sweep owns the other
-  RowSweep<scalar_t> pending;
+  std::vector<float> ebuf(static_cast<size_t>(n_chunks * kChunk));
+  std::vector<RowShift> chunk_m(static_cast<size_t>(n_chunks));
+  alignas(64) float buf[kChunk];
   for (int64_t r = begin; r < end; ++r) {
     scalar_t* grow = a.grad + r * a.grad_row_stride;
     const int64_t y = a.labels[r];
@@ -798,11 +643,9 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     if (!label_ok || !temperature_ok(tau)) {
       const float fill = y == a.ignore_index ? 0.f : kNaN;
       a.logprobs[r] = a.lse[r] = a.stats[2 * r] = a.stats[2 * r + 1] = a.entropy[r] = fill;
-      zero_row(grow, a.vocab, a.stream_grad);
+      std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0.f));
       continue;
     }
-    float* ebuf = ebufs.data() + slot * row_floats;
-    RowShift* chunk_m = chunk_ms.data() + slot * n_chunks;
     const scalar_t* row = a.logits + r * a.row_stride;
     const InvTau inv2(tau, kLog2e), inv(tau);  // the sums in base 2 (as fwd_rows_vec); the gradient in base e
     const float x_label = static_cast<float>(row[y]);
@@ -812,11 +655,10 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     double s = 0.0, b = 0.0;
     int64_t unused_rank = 0;
     for (int64_t k = 0; k < n_chunks; ++k) {
-      pending.step();  // one chunk of the previous row's gradient per chunk read here
       const int64_t c0 = k * kChunk, n = std::min(kChunk, a.vocab - c0);
       const float x_max = chunk_max<scalar_t, false>(row + c0, n, x_label, &unused_rank);
       bad |= std::isnan(x_max) || x_max == kInf;
-      chunk_m[k] = RowShift();  // a skipped chunk contributes p = 0 (its scale is 0)
+      chunk_m[k] = RowShift();  // a skipped chunk contributes p = 0 (its scale below is 0)
       if (bad) continue;
       const float x_new = std::max(x_m, x_max);
       if (x_new == -kInf) continue;
@@ -826,10 +668,9 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
         m = m_new;
         x_m = x_new;
       }
-      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv2, m, &s, &b, ebuf + c0);
+      chunk_sum_exp<scalar_t, true, true>(row + c0, n, inv2, m, &s, &b, ebuf.data() + c0);
       chunk_m[k] = m;
     }
-    pending.finish();
     const RowOut o = finish_row(x_m, inv, bad ? static_cast<double>(kNaN) : s, b, m.d(x_label, inv2));
     const double log_s = std::log(bad ? static_cast<double>(kNaN) : s);
     const float lp = static_cast<float>(o.lp);
@@ -842,35 +683,46 @@ void fused_rows_vec(const BwdArgs<scalar_t>& a, int64_t begin, int64_t end, cons
     double g_lp = 0.0, g_h = 0.0;
     if (!std::isnan(lp)) rg.fn(rg.ctx, r, lp, h, &g_lp, &g_h);  // NaN row: no gradient (reported upstream)
     if (g_lp == 0.0 && g_h == 0.0) {
-      zero_row(grow, a.vocab, a.stream_grad);
+      std::fill(grow, grow + a.vocab, static_cast<scalar_t>(0.f));
       continue;
     }
-    // This row's sweep is pending until the next row's forward (or the end of the range) writes it.
-    RowSweep<scalar_t>& p = pending;
-    p.grow = grow;
-    p.row = row;
-    p.e = ebuf;
-    p.chunk_m = chunk_m;
-    p.m = m;
-    p.log_s = log_s;
-    p.inv = inv;
-    p.m_nat = a.stats[2 * r];
-    p.ls = a.stats[2 * r + 1];
-    p.fg_lp = static_cast<float>(g_lp);
-    p.fg_h = static_cast<float>(g_h);
-    p.h = h;
-    p.c0 = -(p.fg_lp + p.fg_h * h) * inv.hi;
-    p.c1 = -p.fg_h * inv.hi;
-    p.x_label = x_label;
-    p.y = y;
-    p.vocab = a.vocab;
-    p.n_chunks = n_chunks;
-    p.next = 0;
-    p.stream = can_stream(grow, a.stream_grad);
-    slot ^= 1;
+    const float fg_lp = static_cast<float>(g_lp), fg_h = static_cast<float>(g_h);
+    const float inv_tau = inv.hi;
+    // log p_j = shifted(x_j, M) - ls in natural units with the stats (M, ls) (the coefficient only: the
+    // probabilities come from the stored 2^t).
+    const float m_nat = a.stats[2 * r], ls = a.stats[2 * r + 1];
+    const float c0 = -(fg_lp + fg_h * h) * inv_tau, c1 = -fg_h * inv_tau;
+    const fVec vhi(inv.hi), vlo(inv.lo), vm(m_nat), vlog_sum(ls), vc0(c0), vc1(c1), lo(-200.f);
+    const fVec vmin(std::numeric_limits<float>::lowest());
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t c = k * kChunk, n = std::min(kChunk, a.vocab - c);
+      // p_j = e_j * exp((m_c - m) ln 2 - log s): the chunk's shift to the final maximum and normaliser.
+      const RowShift& mc = chunk_m[k];
+      const float scale = mc.hi == -kInf ? 0.f
+          : static_cast<float>(std::exp(((static_cast<double>(mc.hi) - m.hi) + (static_cast<double>(mc.lo) -
+                                                                                m.lo)) * kLn2 - log_s));
+      const fVec vscale(scale);
+      const scalar_t* src = row + c;
+      const float* e = ebuf.data() + c;
+      float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grow + c) : buf;
+      int64_t j = 0;
+      for (; j + W <= n; j += W) {
+        const fVec x = fast_max(load_f(src + j), vmin);
+        const fVec d = at::vec::fmadd(x, vlo, at::vec::fmsub(x, vhi, vm)) - vlog_sum;
+        const fVec p = fVec::loadu(e + j) * vscale;
+        (p * at::vec::fmadd(vc1, fast_max(d, lo), vc0)).store(dst + j);
+      }
+      for (; j < n; ++j) {
+        const float d = inv.shifted(static_cast<float>(src[j]), m_nat) - ls;
+        dst[j] = (e[j] * scale) * (c0 + c1 * std::max(d, -200.f));
+      }
+      if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, grow + c, n);
+    }
+    const float dl = inv.shifted(x_label, m_nat) - ls;
+    const float p_y = std::exp(dl);
+    const float dz_y = fg_lp * (1.f - p_y) - fg_h * p_y * (std::max(dl, -200.f) + h);
+    grow[y] = static_cast<scalar_t>(dz_y * inv_tau);
   }
-  pending.finish();
-  stream_fence();
 }
 
 // fp64: the forward and backward row kernels in sequence, row by row (the row stays in cache). The backward

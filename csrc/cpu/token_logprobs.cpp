@@ -135,7 +135,6 @@ void run_bwd(Kern kern, const std::optional<at::Tensor>& g_lp, const std::option
   a.grad_entropy = g_h.has_value() ? g_h->const_data_ptr<acc_t>() : nullptr;
   a.grad = grad.mutable_data_ptr<scalar_t>();
   a.grad_row_stride = grad.stride(0);
-  a.stream_grad = !grad.is_alias_of(x);  // a fresh gradient buffer (not the in-place backward)
   at::parallel_for(0, x.size(0), grain_rows(a.vocab), [&](int64_t b, int64_t e) { kern(a, b, e); });
 }
 
