@@ -114,6 +114,9 @@ def environment(device: torch.device, peers: Sequence[str] = ()) -> dict[str, An
         "platform": platform.platform(),
         "versions": package_versions(["torch", "triton", "reasonrl", *peers]),
         "git": git_info(),
+        # How the C allocator treats freed memory decides whether every [N, V] output is page-faulted anew
+        # (docs/benchmarks.md, "The allocator"): the settings that change it, when set.
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
     }
     try:
         from reasonrl._backend import load_extension
@@ -221,6 +224,8 @@ def markdown_tables(rows: list[dict[str, Any]], report: dict[str, Any]) -> str:
         f"{report['timestamp']} · git {str(env['git']['sha'])[:12]}{dirty}"
         f" · torch {env['versions'].get('torch')} · {env['threads']} threads",
         "",
+        *([f"Allocator: {' '.join(f'{k}={v}' for k, v in env['allocator_env'].items())}", ""]
+          if env.get("allocator_env") else []),
         f"Ceilings: read {ceil['read_gbps']:.1f} GB/s, copy {ceil['copy_gbps']:.1f} GB/s"
         + (f", bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s" if "matmul_tflops" in ceil else ""),
         "",
