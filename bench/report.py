@@ -116,7 +116,8 @@ def environment(device: torch.device, peers: Sequence[str] = ()) -> dict[str, An
         "git": git_info(),
         # How the C allocator treats freed memory decides whether every [N, V] output is page-faulted anew
         # (docs/benchmarks.md, "The allocator"): the settings that change it, when set.
-        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        "allocator_env": {k: v for k, v in os.environ.items()
+                          if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
     }
     try:
         from reasonrl._backend import load_extension

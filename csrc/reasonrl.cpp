@@ -55,6 +55,11 @@ TORCH_LIBRARY(reasonrl, m) {
       "policy_loss_fused(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
       "int ignore_index, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) -> (Tensor logprobs, "
       "Tensor entropy, Tensor lse, Tensor grad_logprobs, Tensor grad_entropy, Tensor grad_logits)");
+  // inplace_backward=True: the same sweep writing dLoss/dlogits into the storage of (contiguous) logits.
+  m.def(
+      "policy_loss_fused_inplace(Tensor(a!) logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
+      "int ignore_index, Tensor token_inputs, int loss_kind, int kl_kind, float[] params) -> (Tensor logprobs, "
+      "Tensor entropy, Tensor lse, Tensor grad_logprobs, Tensor grad_entropy)");
   // The same from hidden states and the lm_head (csrc/cpu/policy_loss.cpp): logits exist one row chunk at
   // a time; grad_hidden / grad_weight / grad_bias are computed during the forward. chunk_rows 0 = automatic.
   m.def(

@@ -207,15 +207,21 @@ def policy_loss_fused(
     kl_kind,
     params,
     *,
+    inplace=False,
     launch=_direct_launch,
 ):
     """Launch the fused kernel; returns (logprobs, entropy, lse, grad_logprobs, grad_entropy, grad_logits)
-    like the C++ op ``reasonrl::policy_loss_fused``."""
+    like the C++ op ``reasonrl::policy_loss_fused``. With ``inplace`` grad_logits is ``logits`` itself
+    (contiguous): each block of a row is read by the gradient sweep before it is overwritten
+    (``_row_grad``), as in token_logprobs' in-place backward."""
     n, vocab = logits.shape
     dev = logits.device
     rows = [torch.empty((n,), device=dev, dtype=torch.float32) for _ in range(5)]
     lp, ent, lse, g_lp, g_h = rows
-    grad = torch.empty((n, vocab), device=dev, dtype=logits.dtype)
+    if inplace and not logits.is_contiguous():
+        raise ValueError(f"policy_loss_fused: inplace_backward=True needs contiguous logits, got strides "
+                         f"{tuple(logits.stride())}")
+    grad = logits if inplace else torch.empty((n, vocab), device=dev, dtype=logits.dtype)
     if n == 0:
         return lp, ent, lse, g_lp, g_h, grad
     if token_inputs.dtype != torch.float32 or tuple(token_inputs.shape) != (n, NUM_INPUTS.value):

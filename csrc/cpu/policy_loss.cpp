@@ -4,6 +4,7 @@
 //   reasonrl::policy_loss_fused(logits [N, V], labels [N], temperature [N] | None, temperature_scalar,
 //                               ignore_index, token_inputs [N, 6], loss_kind, kl_kind, params)
 //       -> (logprobs [N], entropy [N], lse [N], grad_logprobs [N], grad_entropy [N], grad_logits [N, V])
+//   reasonrl::policy_loss_fused_inplace(logits, ...same...) -> the first five: grad_logits overwrites logits
 //   reasonrl::policy_loss_token_grad(logprobs [N], token_inputs [N, 6], loss_kind, kl_kind, params)
 //       -> grad_logprobs [N]                               (the per-token functor alone, for tests)
 //
@@ -212,13 +213,12 @@ void run_fused(Fused fused, const LossParams& p, const at::Tensor& x, const at::
   at::parallel_for(0, x.size(0), grain_rows(a.vocab), [&](int64_t begin, int64_t end) { fused(a, begin, end, rg); });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fused_cpu(
+// Both entry points: the sweep writing dLoss/dlogits into `grad` ([N, V] contiguous; the storage of `logits`
+// itself for the in-place op). Returns (lp, H, LSE, g_lp, g_H).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_into(
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
     double temperature_scalar, int64_t ignore_index, const at::Tensor& token_inputs, int64_t loss_kind,
-    int64_t kl_kind, at::ArrayRef<double> params) {
-  check_common(logits, labels, temperature, temperature_scalar);
+    int64_t kl_kind, at::ArrayRef<double> params, at::Tensor& grad) {
   const LossParams p = parse_params(loss_kind, kl_kind, params);
   const int64_t n = logits.size(0);
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -226,8 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = logits.options().dtype(acc);
   at::Tensor lp = at::empty({n}, opts), ent = at::empty({n}, opts), lse = at::empty({n}, opts);
   at::Tensor g_lp = at::zeros({n}, opts), g_h = at::zeros({n}, opts);  // 0 for rows the callback skips
-  at::Tensor grad = empty_gradient(logits);
-  if (n == 0) return {lp, ent, lse, g_lp, g_h, grad};
+  if (n == 0) return {lp, ent, lse, g_lp, g_h};
   at::Tensor stats = at::empty({n, 2}, opts);
   const at::Tensor x = vocab_contiguous(logits);
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
@@ -238,7 +237,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     run_fused<scalar_t>(k.fused<scalar_t>(), p, x, labels64, temp, temperature_scalar, ignore_index, inputs, lp,
                         ent, lse, stats, g_lp, g_h, grad);
   });
+  return {lp, ent, lse, g_lp, g_h};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fused_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
+    double temperature_scalar, int64_t ignore_index, const at::Tensor& token_inputs, int64_t loss_kind,
+    int64_t kl_kind, at::ArrayRef<double> params) {
+  check_common(logits, labels, temperature, temperature_scalar);
+  at::Tensor grad = empty_gradient(logits);
+  auto [lp, ent, lse, g_lp, g_h] = fused_into(logits, labels, temperature, temperature_scalar, ignore_index,
+                                              token_inputs, loss_kind, kl_kind, params, grad);
   return {lp, ent, lse, g_lp, g_h, grad};
+}
+
+// inplace_backward=True (docs/losses.md 13.1): dLoss/dlogits overwrites the logits. Safe: the row sweep reads
+// every chunk of a row (and the label logit, first) before the gradient sweep writes the same addresses, and
+// it re-reads each element just before overwriting it. No [N, V] buffer is allocated, so no fresh pages are
+// faulted in, and the gradient's lines are written back to where they were just read from.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fused_inplace_cpu(
+    at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& temperature,
+    double temperature_scalar, int64_t ignore_index, const at::Tensor& token_inputs, int64_t loss_kind,
+    int64_t kl_kind, at::ArrayRef<double> params) {
+  check_common(logits, labels, temperature, temperature_scalar);
+  TORCH_CHECK(logits.is_contiguous(), "policy_loss_fused: inplace_backward=True needs contiguous logits, got "
+              "strides ", logits.strides());
+  return fused_into(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
+                    params, logits);
 }
 
 at::Tensor policy_loss_token_grad_cpu(const at::Tensor& logprobs, const at::Tensor& token_inputs, int64_t loss_kind,
@@ -370,6 +397,7 @@ policy_loss_from_hidden_fused_cpu(const at::Tensor& hidden, const at::Tensor& we
 
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("policy_loss_fused", &policy_loss_fused_cpu);
+  m.impl("policy_loss_fused_inplace", &policy_loss_fused_inplace_cpu);
   m.impl("policy_loss_token_grad", &policy_loss_token_grad_cpu);
   m.impl("policy_loss_from_hidden_fused", &policy_loss_from_hidden_fused_cpu);
 }

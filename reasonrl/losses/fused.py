@@ -142,20 +142,31 @@ def fused_policy_loss_from_logits(
     ignore_index: int,
     check_outputs,
     entropy_coef: float | torch.Tensor | None = None,
+    inplace_backward: bool = False,
     **loss_kw,
 ) -> LossOutput:
     """One sweep of the registered ``policy_loss_fused`` op of ``impl``, then the loss value and metrics
     from the reference formulas over the kernel's per-token outputs.
 
     ``labels`` must already carry ``ignore_index`` at every token outside ``valid`` (the kernel skips those
-    rows); ``check_outputs(lp, labels_flat)`` reports NaN rows when validation is on.
+    rows); ``check_outputs(lp, labels_flat)`` reports NaN rows when validation is on. ``inplace_backward``:
+    the ``policy_loss_fused_inplace`` op writes dLoss/dlogits into the storage of ``logits`` (contiguous, the
+    caller checked); the write bumps the version counter of ``logits``, so any other autograd use of the
+    overwritten values fails loudly in its backward instead of reading the gradient.
     """
     x, labels_flat, temp_t, temp_scalar = backend.flatten_rows(logits, labels, temperature)
-    kernel = backend.kernel_op("policy_loss_fused", impl)
+    kernel = backend.kernel_op("policy_loss_fused_inplace" if inplace_backward else "policy_loss_fused", impl)
 
     def run_kernel(columns, loss_kind, kl_kind, params):
-        return kernel(x.detach(), labels_flat, temp_t, temp_scalar, ignore_index, columns, loss_kind, kl_kind,
-                      params)
+        out = kernel(x.detach(), labels_flat, temp_t, temp_scalar, ignore_index, columns, loss_kind, kl_kind,
+                     params)
+        if not inplace_backward:
+            return out
+        # The triton_op bumps the version of the mutated tensor itself; a C++ op called through the dispatcher
+        # without an autograd kernel does not, so do it here (compiled graphs functionalise the mutation).
+        if impl == "cpp" and not torch.compiler.is_compiling():
+            torch.autograd.graph.increment_version(x)
+        return (*out, x.detach())
 
     value, outputs = _single_pass(
         run_kernel, token_shape=logits.shape[:-1], valid=valid, dtype=x.dtype, entropy_coef=entropy_coef,

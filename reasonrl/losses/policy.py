@@ -147,6 +147,7 @@ def policy_loss_from_logits(
     is_weights: torch.Tensor | None = None,
     entropy_coef: float | torch.Tensor | None = None,
     return_per_token: bool = False,
+    inplace_backward: bool = False,
     impl: str = "auto",
     validate: bool | None = None,
 ) -> LossOutput:
@@ -158,6 +159,11 @@ def policy_loss_from_logits(
             float32 / bfloat16 / float16, any strides. labels: ``[B, T]`` / ``[N]`` next-token ids; tokens
             whose label is ``ignore_index`` are excluded from the loss (ANDed into the mask) and skip the
             vocabulary pass. temperature: float or per-token tensor; None uses ``config.temperature``.
+        inplace_backward: write dLoss/dlogits into the storage of ``logits`` instead of a new [N, V] buffer
+            (opt-in, as ``token_logprobs(..., inplace_backward=True)``): ``logits`` must be contiguous and
+            must not be used again after the call; any autograd use of them that saved the values raises in
+            its backward (their version counter is bumped). Saves one logits-sized buffer and, on CPU, the
+            page faults of allocating it (docs/losses.md 13.1). Ignored by ``impl="reference"``.
         Every other argument as in :func:`policy_loss`; ``impl`` / ``validate`` as in ``token_logprobs``.
 
     The entropy is always computed (for the ``entropy`` metric, the bonus and the top-entropy mask): in the
@@ -182,10 +188,15 @@ def policy_loss_from_logits(
     backend.check_logits_args(FROM_LOGITS, logits, call.labels, call.temperature, ignore_index)
     impl = call.choose_impl(impl, logits, logits.requires_grad, return_per_token=return_per_token)
     if impl != "reference" and call.single_pass:
+        if inplace_backward and not logits.is_contiguous():
+            raise ValueError(f"{FROM_LOGITS}: inplace_backward=True needs contiguous logits (the gradient is "
+                             f"written into their storage), got strides {tuple(logits.stride())}")
         return fused_policy_loss_from_logits(logits, call.labels, impl=impl,
+                                             inplace_backward=inplace_backward,
                                              **call.fused_kwargs(logits.shape[-1]), **loss_kw)
     out = token_logprobs(logits, call.labels, temperature=call.temperature, ignore_index=ignore_index,
-                         want_entropy=True, impl=impl, validate=call.validate)
+                         want_entropy=True, inplace_backward=inplace_backward, impl=impl,
+                         validate=call.validate)
     return call.two_phase(out, return_per_token)
 
 

@@ -27,6 +27,8 @@ during the forward, and ``reasonrl.losses.fused`` attaches it to the loss.
   (csrc/cpu/policy_loss.cpp), plus ``policy_loss_token_grad``, the per-token functor alone (tests).
 * ``triton``: ``torch.ops.reasonrl.policy_loss_fused_triton`` / ``policy_loss_from_hidden_fused_triton``,
   ``triton_op`` s launching ``reasonrl.kernels.policy_loss`` / ``linear_policy_loss``.
+* ``policy_loss_fused_inplace`` (and its ``_triton`` twin): ``inplace_backward=True``, the same sweep writing
+  dLoss/dlogits into the storage of the (contiguous) logits; returns the first five outputs.
 """
 
 from __future__ import annotations
@@ -165,6 +167,12 @@ def _fake(logits, labels, temperature, temperature_scalar, ignore_index, token_i
     return (*rows, torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
+def _fake_inplace(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind,
+                  kl_kind, params):
+    return _fake(logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind,
+                 kl_kind, params)[:5]
+
+
 def _fake_token_grad(logprobs, token_inputs, loss_kind, kl_kind, params):
     return torch.empty_like(logprobs)
 
@@ -180,6 +188,7 @@ def _fake_hidden(hidden, weight, bias, labels, temperature, temperature_scalar, 
 
 def _cpp_from_logits():
     backend.attach_cpp("policy_loss_token_grad", _fake_token_grad)
+    backend.attach_cpp("policy_loss_fused_inplace", _fake_inplace)
     return backend.attach_cpp("policy_loss_fused", _fake)
 
 
@@ -206,6 +215,23 @@ def _triton_from_logits():
             logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
             params, launch=torch.library.wrap_triton,
         )  # fmt: skip
+
+    @torch.library.triton_op("reasonrl::policy_loss_fused_inplace_triton", mutates_args={"logits"})
+    def fused_inplace(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: torch.Tensor | None,
+        temperature_scalar: float,
+        ignore_index: int,
+        token_inputs: torch.Tensor,
+        loss_kind: int,
+        kl_kind: int,
+        params: list[float],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return kernels.policy_loss_fused(
+            logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
+            params, inplace=True, launch=torch.library.wrap_triton,
+        )[:5]  # fmt: skip
 
     return torch.ops.reasonrl.policy_loss_fused_triton.default
 

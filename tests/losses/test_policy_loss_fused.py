@@ -538,3 +538,85 @@ def test_dispatch_rule(cfg, blocked, cpp_ops):
             logits, labels, normalizers=LossNormalizers(), config=cfg, impl="cpp", **kw
         )
     assert out.loss.grad_fn is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (d) inplace_backward: dLoss/dlogits written into the storage of the logits
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _inplace_and_out_of_place(impl, dtype, layout, *, per_row_temperature=False, **extra):
+    """The same call with ``inplace_backward`` False then True, each on a fresh leaf copy of the logits:
+    [(x, out)] after ``backward()``."""
+    cfg = CONFIGS["dapo+kl+entropy"]
+    logits, labels, kw = _logits_case(layout, seed=3, dtype=dtype)
+    if per_row_temperature:
+        kw["temperature"] = torch.linspace(0.7, 1.3, labels.numel()).reshape(labels.shape)
+    runs = []
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_(True)
+        out = policy_loss_from_logits(x, labels, normalizers=LossNormalizers(), config=cfg, impl=impl,
+                                      inplace_backward=inplace, **kw, **extra)
+        out.loss.backward()
+        runs.append((x, out))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "impl,dtype",
+    [("cpp", torch.float32), ("cpp", torch.bfloat16), ("cpp", F64), ("triton", torch.float32),
+     ("triton", torch.bfloat16)],
+)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_inplace_backward_equals_the_out_of_place_single_pass(impl, dtype, layout, available_impls):
+    if impl not in available_impls:
+        pytest.skip(f"{impl} unavailable")
+    per_row = layout == "padded"
+    (x0, out0), (x1, out1) = _inplace_and_out_of_place(impl, dtype, layout, per_row_temperature=per_row)
+    assert type(out1.loss.grad_fn).__name__ == "_PrecomputedGradientBackward", "single pass not taken"
+    assert x1.grad.data_ptr() == x1.data_ptr(), "the gradient was not written into the logits' storage"
+    # Same kernel sweep, same arithmetic: bitwise equal, loss, metrics and gradient.
+    assert torch.equal(out1.loss, out0.loss)
+    assert torch.equal(x1.grad, x0.grad)
+    for field in ("entropy", "kl", "ratio_mean", "clip_region"):
+        assert torch.equal(getattr(out1.metrics, field).sum, getattr(out0.metrics, field).sum), field
+
+
+def test_inplace_backward_on_the_two_phase_path(cpp_ops):
+    # return_per_token=True takes the two-phase path: the flag goes to token_logprobs' in-place backward.
+    (x0, out0), (x1, out1) = _inplace_and_out_of_place("cpp", torch.float32, "packed", return_per_token=True)
+    assert out1.per_token_loss is not None
+    assert x1.grad.data_ptr() == x1.data_ptr()
+    assert torch.equal(out1.loss, out0.loss)
+    assert torch.equal(x1.grad, x0.grad)
+    # The reference ignores the flag: the caller's logits stay as they were.
+    (xr, _), (xr1, _) = _inplace_and_out_of_place("reference", torch.float32, "packed")
+    assert torch.equal(xr1.detach(), xr.detach())
+    assert xr1.grad.data_ptr() != xr1.data_ptr()
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_inplace_backward_fails_loudly_when_the_logits_are_needed_elsewhere(impl, available_impls):
+    if impl not in available_impls:
+        pytest.skip(f"{impl} unavailable")
+    logits, labels, kw = _logits_case("padded", seed=2)
+    x = logits.clone().requires_grad_(True)
+    z = x * 1.5
+    other = (z * z).sum()  # saves z for its backward
+    out = policy_loss_from_logits(z, labels, normalizers=LossNormalizers(), config=CONFIGS["grpo"], impl=impl,
+                                  inplace_backward=True, **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.loss + other).backward()
+
+
+def test_inplace_backward_needs_contiguous_logits(cpp_ops):
+    logits, labels, kw = _logits_case("padded", seed=2)
+    x = logits.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # not contiguous
+    with pytest.raises(ValueError, match="inplace_backward=True needs contiguous logits"):
+        policy_loss_from_logits(x, labels, normalizers=LossNormalizers(), config=CONFIGS["grpo"], impl="cpp",
+                                inplace_backward=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_opcheck_cpp_inplace(dtype, cpp_ops):
+    torch.library.opcheck(torch.ops.reasonrl.policy_loss_fused_inplace.default, _opcheck_args(dtype))

@@ -71,3 +71,18 @@ def test_triton_opcheck_and_compile():
     y = logits.clone().requires_grad_(True)
     torch.compile(step, fullgraph=True)(y).backward()
     torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("vocab", [32000, 50257])
+def test_triton_inplace_backward_equals_out_of_place(vocab):
+    logits, labels, kw = _case(4, 16, vocab, torch.bfloat16, seed=1)
+    grads = []
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_(True)
+        out = policy_loss_from_logits(x, labels, normalizers=LossNormalizers(), config=CONFIG, impl="triton",
+                                      inplace_backward=inplace, **kw)
+        out.loss.backward()
+        grads.append((x, x.grad, out.loss))
+    (_, g0, l0), (x1, g1, l1) = grads
+    assert g1.data_ptr() == x1.data_ptr()
+    assert torch.equal(l1, l0) and torch.equal(g1, g0)
