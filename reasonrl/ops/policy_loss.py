@@ -199,40 +199,31 @@ def _cpp_from_hidden():
 def _triton_from_logits():
     from reasonrl.kernels import policy_loss as kernels
 
-    @torch.library.triton_op("reasonrl::policy_loss_fused_triton", mutates_args=())
-    def fused(
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        temperature: torch.Tensor | None,
-        temperature_scalar: float,
-        ignore_index: int,
-        token_inputs: torch.Tensor,
-        loss_kind: int,
-        kl_kind: int,
-        params: list[float],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return kernels.policy_loss_fused(
-            logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
-            params, launch=torch.library.wrap_triton,
-        )  # fmt: skip
+    def register(inplace: bool):
+        def fused(
+            logits: torch.Tensor,
+            labels: torch.Tensor,
+            temperature: torch.Tensor | None,
+            temperature_scalar: float,
+            ignore_index: int,
+            token_inputs: torch.Tensor,
+            loss_kind: int,
+            kl_kind: int,
+            params: list[float],
+        ):
+            out = kernels.policy_loss_fused(
+                logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind,
+                kl_kind, params, inplace=inplace, launch=torch.library.wrap_triton,
+            )  # fmt: skip
+            return out[:5] if inplace else out
 
-    @torch.library.triton_op("reasonrl::policy_loss_fused_inplace_triton", mutates_args={"logits"})
-    def fused_inplace(
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        temperature: torch.Tensor | None,
-        temperature_scalar: float,
-        ignore_index: int,
-        token_inputs: torch.Tensor,
-        loss_kind: int,
-        kl_kind: int,
-        params: list[float],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return kernels.policy_loss_fused(
-            logits, labels, temperature, temperature_scalar, ignore_index, token_inputs, loss_kind, kl_kind,
-            params, inplace=True, launch=torch.library.wrap_triton,
-        )[:5]  # fmt: skip
+        # The in-place op returns the five per-token outputs; grad_logits is the mutated logits.
+        fused.__annotations__["return"] = f"tuple[{', '.join(['torch.Tensor'] * (5 if inplace else 6))}]"
+        name = "policy_loss_fused_inplace_triton" if inplace else "policy_loss_fused_triton"
+        return torch.library.triton_op(f"reasonrl::{name}", mutates_args={"logits"} if inplace else ())(fused)
 
+    register(inplace=True)
+    register(inplace=False)
     return torch.ops.reasonrl.policy_loss_fused_triton.default
 
 
