@@ -160,6 +160,7 @@ def assert_invariants(tag, labels, lp, ent, rank=None, single=None, grad=None) -
 
 
 def _run_token_logprobs(case: Case, impl: str):
+    _skip_unless(impl, case.dtype)
     x, labels, temperature, single, g_lp, g_h = case.build()
     xg = x.clone().requires_grad_()
     out = token_logprobs(xg, labels, temperature=temperature, want_entropy=True, want_rank=True, impl=impl,
@@ -174,7 +175,6 @@ def _run_token_logprobs(case: Case, impl: str):
 @settings(max_examples=500, **SETTINGS)
 @given(case=cases(max_n=12, max_v=300, dtypes=(F32, BF16, F16, F64)))
 def test_token_logprobs_invariants(impl, case):
-    _skip_unless(impl, case.dtype)
     _run_token_logprobs(case, impl)
 
 
@@ -183,14 +183,12 @@ def test_token_logprobs_invariants(impl, case):
 @given(case=cases(max_n=3, max_v=5000, dtypes=(F32, BF16, F64)))
 def test_token_logprobs_invariants_across_chunks(impl, case):
     """Vocabularies over the C++ chunk (2048): the shift is rescaled when a later chunk has a larger max."""
-    _skip_unless(impl, case.dtype)
     _run_token_logprobs(case, impl)
 
 
 @settings(max_examples=40, **SETTINGS)
 @given(case=cases(max_n=4, max_v=64, dtypes=(F32, BF16, F16)))
 def test_token_logprobs_invariants_triton(case):
-    _skip_unless("triton", case.dtype)
     _run_token_logprobs(case, "triton")
 
 
@@ -239,6 +237,7 @@ def linear_cases(*, max_n: int, max_v: int, dtypes):
 
 
 def _run_linear(case: LinearCase, impl: str):
+    _skip_unless(impl, case.dtype)
     h, w, b, labels = case.build()
     out = linear_token_logprobs(h, w, labels, bias=b, temperature=case.temperature, want_entropy=True,
                                 want_rank=True, impl=impl, validate=False)
@@ -249,14 +248,12 @@ def _run_linear(case: LinearCase, impl: str):
 @settings(max_examples=200, **SETTINGS)
 @given(case=linear_cases(max_n=8, max_v=200, dtypes=(F32, BF16, F16, F64)))
 def test_linear_token_logprobs_invariants(impl, case):
-    _skip_unless(impl, case.dtype)
     _run_linear(case, impl)
 
 
 @settings(max_examples=25, **SETTINGS)
 @given(case=linear_cases(max_n=4, max_v=80, dtypes=(F32, BF16)))
 def test_linear_token_logprobs_invariants_triton(case):
-    _skip_unless("triton", case.dtype)
     _run_linear(case, "triton")
 
 
@@ -299,6 +296,7 @@ def _fused(impl: str):
 
 
 def _run_fused(case: Case, impl: str):
+    _skip_unless(impl, case.dtype)
     x, labels, temperature, single, _, _ = case.build()
     acc = F64 if case.dtype == F64 else F32
     g = torch.Generator().manual_seed(case.seed + 1)
@@ -318,14 +316,12 @@ def _run_fused(case: Case, impl: str):
 @settings(max_examples=300, **SETTINGS)
 @given(case=cases(max_n=12, max_v=300, dtypes=(F32, BF16, F16, F64)))
 def test_fused_policy_loss_invariants_cpp(case):
-    _skip_unless("cpp", case.dtype)
     _run_fused(case, "cpp")
 
 
 @settings(max_examples=30, **SETTINGS)
 @given(case=cases(max_n=4, max_v=64, dtypes=(F32, BF16)))
 def test_fused_policy_loss_invariants_triton(case):
-    _skip_unless("triton", case.dtype)
     _run_fused(case, "triton")
 
 

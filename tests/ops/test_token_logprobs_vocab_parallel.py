@@ -86,56 +86,41 @@ def _labels_on_both_sides(case: TokenLogprobsCase, split: int) -> TokenLogprobsC
     return case._replace(labels=labels)
 
 
+def _two_shards(name: str, case: TokenLogprobsCase, split: int, **options) -> Sharded:
+    """Two ranks split the vocabulary at ``split`` (bounds ``(0, split, V)``), with labels on both sides."""
+    return Sharded(name, _labels_on_both_sides(case, split), (0, split, case.logits.shape[-1]), **options)
+
+
 def _cases() -> list[Sharded]:
     cases = []
     # Equal shards across a C++ chunk boundary (kChunk = 2048: each shard has 2 chunks), per-row temperature,
     # ignored rows, entropy, rank and both upstream gradients; -inf shards in rows 0 and 1.
     c = make_token_logprobs_inputs(24, 4200, dtype=F32, temperature="row", seed=11)
-    c = _with_neg_inf_shards(_labels_on_both_sides(c, 2100), 2100)
-    cases.append(Sharded("cpp-f32-equal", c, (0, 2100, 4200)))
+    cases.append(_two_shards("cpp-f32-equal", _with_neg_inf_shards(c, 2100), 2100))
     c = make_token_logprobs_inputs(24, 4200, dtype=BF16, temperature=0.7, seed=12)
-    cases.append(Sharded("cpp-bf16-equal", _labels_on_both_sides(c, 2100), (0, 2100, 4200)))
+    cases.append(_two_shards("cpp-bf16-equal", c, 2100))
     # Unequal shards, V odd, via vocab_start; the second also with the ranks in reverse vocabulary order
     # (rank 1 holds the low ids), so v_r != r * V_r.
     c = make_token_logprobs_inputs(20, 1001, dtype=F32, temperature="row", seed=13)
-    cases.append(
-        Sharded("cpp-f32-unequal", _labels_on_both_sides(c, 300), (0, 300, 1001), pass_vocab_start=True)
-    )
+    cases.append(_two_shards("cpp-f32-unequal", c, 300, pass_vocab_start=True))
     c = make_token_logprobs_inputs(20, 1001, dtype=BF16, temperature="row", seed=14)
-    cases.append(
-        Sharded(
-            "cpp-bf16-unequal-reversed",
-            _labels_on_both_sides(c, 700),
-            (0, 700, 1001),
-            order=(1, 0),
-            pass_vocab_start=True,
-        )
-    )
+    cases.append(_two_shards("cpp-bf16-unequal-reversed", c, 700, order=(1, 0), pass_vocab_start=True))
     # fp64 (gradcheck dtype) with an odd vocabulary; lp-only / entropy-only gradients without rank.
     c = make_token_logprobs_inputs(10, 37, dtype=F64, temperature="row", seed=15)
-    cases.append(Sharded("cpp-f64-odd", _labels_on_both_sides(c, 18), (0, 18, 37), pass_vocab_start=True))
+    cases.append(_two_shards("cpp-f64-odd", c, 18, pass_vocab_start=True))
     c = make_token_logprobs_inputs(12, 500, dtype=F32, seed=16)
-    c = _labels_on_both_sides(c, 250)
-    cases.append(Sharded("cpp-f32-lp-only", c, (0, 250, 500), want_entropy=False, want_rank=False, grad="lp"))
-    cases.append(Sharded("cpp-f32-entropy-only", c, (0, 250, 500), want_rank=False, grad="h"))
-    cases.append(Sharded("cpp-f32-inplace", c, (0, 250, 500), inplace_backward=True))
-    cases.append(Sharded("cpp-f32-no-grad", c, (0, 250, 500), grad=None))
+    cases.append(_two_shards("cpp-f32-lp-only", c, 250, want_entropy=False, want_rank=False, grad="lp"))
+    cases.append(_two_shards("cpp-f32-entropy-only", c, 250, want_rank=False, grad="h"))
+    cases.append(_two_shards("cpp-f32-inplace", c, 250, inplace_backward=True))
+    cases.append(_two_shards("cpp-f32-no-grad", c, 250, grad=None))
     # N = 0: the collectives still run, outputs are empty.
     c = make_token_logprobs_inputs(0, 64, dtype=F32, seed=17)
     cases.append(Sharded("cpp-f32-N0", c, (0, 32, 64)))
     # Triton under the interpreter: tiny shapes (one BLOCK_V per shard).
     c = make_token_logprobs_inputs(6, 81, dtype=F32, temperature="row", seed=18)
-    cases.append(
-        Sharded(
-            "triton-f32-unequal",
-            _labels_on_both_sides(c, 40),
-            (0, 40, 81),
-            impl="triton",
-            pass_vocab_start=True,
-        )
-    )
+    cases.append(_two_shards("triton-f32-unequal", c, 40, impl="triton", pass_vocab_start=True))
     c = make_token_logprobs_inputs(6, 80, dtype=BF16, temperature=0.8, seed=19)
-    cases.append(Sharded("triton-bf16-equal", _labels_on_both_sides(c, 40), (0, 40, 80), impl="triton"))
+    cases.append(_two_shards("triton-bf16-equal", c, 40, impl="triton"))
     return cases
 
 
