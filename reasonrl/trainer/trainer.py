@@ -430,7 +430,10 @@ class Trainer:
             )
             return self.fused_loss(hidden, labels, **kw)
         logits = packed_logits(self.model, batch, self.config.packing_row_tokens)
-        return policy_loss_from_logits(logits, labels, config=self.loss_config, impl=self.config.impl, **kw)
+        # The packed [N, V] logits are contiguous and read by nothing but the loss, so the gradient may
+        # overwrite them: one logits-sized buffer less per micro-batch (docs/losses.md 13.1).
+        return policy_loss_from_logits(logits, labels, config=self.loss_config, impl=self.config.impl,
+                                       inplace_backward=True, **kw)
 
     # ------------------------------------------------------------------------------------------------------
     # One step
