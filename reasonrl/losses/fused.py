@@ -162,9 +162,10 @@ def fused_policy_loss_from_logits(
                      params)
         if not inplace_backward:
             return out
-        # The triton_op bumps the version of the mutated tensor itself; a C++ op called through the dispatcher
-        # without an autograd kernel does not, so do it here (compiled graphs functionalise the mutation).
-        if impl == "cpp" and not torch.compiler.is_compiling():
+        # Bump the version counter of the overwritten logits for every impl (a C++ op called through the
+        # dispatcher without an autograd kernel does not; a second bump after the triton_op's is harmless:
+        # saved tensors compare versions for equality). Compiled graphs functionalise the mutation.
+        if not torch.compiler.is_compiling():
             torch.autograd.graph.increment_version(x)
         return (*out, x.detach())
 
