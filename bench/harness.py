@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -436,10 +437,27 @@ def cases(bench: Benchmark, args: argparse.Namespace, device: torch.device) -> l
     return specs
 
 
+def inductor_cache_per_isa() -> None:
+    """Give torch.compile's on-disk cache one folder per CPU ISA, unless TORCHINDUCTOR_CACHE_DIR is set.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine (how the AVX2 kernels are measured there) makes
+    inductor generate AVX2 code, but its cache key does not include the variable: a graph compiled under one
+    setting was reused under the other and returned wrong results (log-probs of 1e29, an out-of-bounds
+    gather index) or corrupted the heap (glibc "unaligned tcache chunk"), measured with torch 2.13.0. A
+    folder per ISA keeps the two apart; the memory subprocesses inherit it through the environment."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{isa}"
+
+
 def main(bench: Benchmark, argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 on success, 1 when a reasonrl provider failed its correctness gate or errored."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser(bench).parse_args(argv)
+    inductor_cache_per_isa()
     if args._memcase:
         emit_memcase_result(memcase(bench, json.loads(args._memcase)))
         return 0

@@ -170,3 +170,18 @@ def test_phase_entropy_benchmark_end_to_end(tmp_path):
     assert {(r["provider"], r["mode"], r["status"]) for r in report["rows"]} == {
         (p, m, "ok") for p in ("reasonrl", "reference-eager") for m in ("fwd", "full")}
     assert all(r["median_ms"] > 0 and r["unit"] == "GB/s" for r in report["rows"])
+
+
+def test_inductor_cache_has_one_folder_per_cpu_isa(monkeypatch):
+    """A graph compiled under ATEN_CPU_CAPABILITY=avx2 must never be reused under AVX-512 or back (the cache
+    key ignores the variable): the harness points TORCHINDUCTOR_CACHE_DIR at a folder named after the ISA in
+    use, and leaves a folder the user chose alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    harness.inductor_cache_per_isa()
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    assert harness.os.environ["TORCHINDUCTOR_CACHE_DIR"] == f"{default_cache_dir()}-{isa}"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")
+    harness.inductor_cache_per_isa()
+    assert harness.os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/mine"
