@@ -4,6 +4,7 @@ reported on the row, and the command line (profile / --shapes / --dtype / --mode
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -185,3 +186,18 @@ def test_inductor_cache_has_one_folder_per_cpu_isa(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")
     harness.inductor_cache_per_isa()
     assert harness.os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/mine"
+
+
+def test_compute_bound_end_to_end(tmp_path):
+    """bench/compute_bound.py at a small shape: both providers, both cases, the table and the files."""
+    from reasonrl.bench import compute_bound
+
+    assert compute_bound.resident_rows(32000, 4, 2) * 32000 * 4 <= max(
+        compute_bound.last_level_cache_bytes(CPU) // 4, 4 * 32000 * 4)
+    assert compute_bound.main(["--shape", "64x512", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("compute-bound-*.json")).read_text())
+    assert {(r["provider"], r["case"]) for r in result["rows"]} == {
+        (p, c) for p in ("reasonrl", "minimal-compiled") for c in ("streaming", "resident")}
+    assert all(r["median_ms"] > 0 and r["ns_per_logit"] > 0 for r in result["rows"])
+    text = next(tmp_path.glob("compute-bound-*.md")).read_text()
+    assert "| reasonrl |" in text and "| minimal-compiled |" in text
