@@ -729,6 +729,45 @@ def test_nan_or_posinf_logits(impl, value):
     assert bool(torch.isfinite(out.logprobs[keep]).all()) and bool(torch.isfinite(out.entropy[keep]).all())
 
 
+# Columns that land in every accumulator of the C++ maximum pass (8 independent vectors of 8 or 16 lanes
+# per step, then single vectors, then scalars), in a full first chunk, a full second chunk and a partial
+# third one; and in the matching Triton blocks.
+_SPREAD_V = 2 * 2048 + 300
+_SPREAD_COLS = [0, 17, 40, 63, 64, 77, 100, 127, 128, 255, 2047, 2048 + 5, 2048 + 1000, 4096, 4096 + 130,
+                4096 + 255, 4096 + 256, 4096 + 270, 4096 + 287, 4096 + 288, 4096 + 299]
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL)
+def test_row_maximum_nan_and_rank_in_every_accumulator(impl):
+    """The row maximum, a NaN, and the columns above the label, placed in each accumulator and tail of the
+    maximum pass: the maximum found (lp, H against the fp64 oracle: a missed maximum overflows the sums), NaN
+    propagated to its row only, the rank counted in every lane."""
+    skip_unless(impl)
+    g = torch.Generator().manual_seed(5)
+    n = len(_SPREAD_COLS)
+    x = make_logits(n, _SPREAD_V, generator=g)
+    labels = torch.randint(0, _SPREAD_V, (n,), generator=g)
+    for r, c in enumerate(_SPREAD_COLS):
+        x[r, c] = float(x[r].max()) + 30.0  # the row maximum, far above every other logit
+    out = token_logprobs(x, labels, want_entropy=True, want_rank=True, impl=impl, validate=False)
+    ref = token_logprobs_reference(x.double(), labels, want_entropy=True, want_rank=True)
+    assert (out.logprobs.double() - ref.logprobs).abs().max() < 1e-5
+    assert (out.entropy.double() - ref.entropy).abs().max() < 1e-5
+    assert torch.equal(out.rank, ref.rank)
+    # Rank: the label's logit is 0 and exactly the spread columns (never the label) lie above it.
+    wide = torch.full((2, _SPREAD_V), -1.0)
+    wide[:, _SPREAD_COLS] = 1.0
+    wide[:, 3] = 0.0
+    out = token_logprobs(wide, torch.tensor([3, 3]), want_rank=True, impl=impl, validate=False)
+    assert out.rank.tolist() == [1 + n, 1 + n]
+    for c in _SPREAD_COLS:
+        y = x.clone()
+        y[1, c] = math.nan
+        out = token_logprobs(y, labels, want_entropy=True, impl=impl, validate=False)
+        assert torch.isnan(out.logprobs[1]) and torch.isnan(out.entropy[1]), f"NaN at column {c} missed"
+        assert bool(torch.isfinite(out.logprobs[[0, 2]]).all()), f"NaN at column {c} leaked"
+
+
 def test_set_validation_global_switch():
     x = torch.randn(2, 10)
     x[0, 0] = math.nan
