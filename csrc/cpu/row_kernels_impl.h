@@ -312,12 +312,10 @@ inline void chunk_sum_exp(const scalar_t* src, int64_t n, const InvTau& inv, con
   for (; j + 4 * W <= n; j += 4 * W) {
     // Pass 2 is compute-bound and pass 1 memory-bound: fetch the next chunk while computing this one so
     // the two overlap (prefetching past the row end is harmless: prefetches never fault).
-    if constexpr (sizeof(scalar_t) * 4 * W >= 128) {
-      __builtin_prefetch(src + j + kChunk);
-      __builtin_prefetch(reinterpret_cast<const char*>(src + j + kChunk) + 64);
-    } else {
-      __builtin_prefetch(src + j + kChunk);
-    }
+    // One prefetch per 64-byte line of the next chunk's slice under this step.
+    constexpr int64_t kLines = (static_cast<int64_t>(sizeof(scalar_t)) * 4 * W + 63) / 64;
+    for (int64_t l = 0; l < kLines; ++l)
+      __builtin_prefetch(reinterpret_cast<const char*>(src + j + kChunk) + 64 * l);
     step(src + j, s0, b0);
     step(src + j + W, s1, b1);
     step(src + j + 2 * W, s2, b2);
