@@ -219,11 +219,14 @@ def markdown_tables(rows: list[dict[str, Any]], report: dict[str, Any]) -> str:
     """One table per (op, mode): cases x providers; then ceilings and provider notes."""
     env, ceil = report["environment"], report["ceilings"]
     dirty = " (dirty)" if env["git"]["dirty"] else ""
+    # The ISA variant of reasonrl's row kernels the run used (ATEN_CPU_CAPABILITY can lower it).
+    isa = (env.get("reasonrl_build") or {}).get("cpu_isa_selected") if env["device_type"] == "cpu" else None
     lines = [
         f"# {report['op']} benchmark: {env['device_name']}",
         "",
         f"{report['timestamp']} · git {str(env['git']['sha'])[:12]}{dirty}"
-        f" · torch {env['versions'].get('torch')} · {env['threads']} threads",
+        f" · torch {env['versions'].get('torch')} · {env['threads']} threads"
+        + (f" · reasonrl CPU kernels: {isa}" if isa else ""),
         "",
         *([f"Allocator: {' '.join(f'{k}={v}' for k, v in env['allocator_env'].items())}", ""]
           if env.get("allocator_env") else []),

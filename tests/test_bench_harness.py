@@ -171,6 +171,11 @@ def test_phase_entropy_benchmark_end_to_end(tmp_path):
     assert {(r["provider"], r["mode"], r["status"]) for r in report["rows"]} == {
         (p, m, "ok") for p in ("reasonrl", "reference-eager") for m in ("fwd", "full")}
     assert all(r["median_ms"] > 0 and r["unit"] == "GB/s" for r in report["rows"])
+    # The ISA variant of the row kernels is recorded, in the JSON and above the tables.
+    build = report["environment"]["reasonrl_build"]
+    isa = build["cpu_isa_selected"]
+    assert isa in build["cpu_isas_built"]
+    assert f"reasonrl CPU kernels: {isa}" in next(tmp_path.glob("*.md")).read_text()
 
 
 def test_inductor_cache_has_one_folder_per_cpu_isa(monkeypatch):
