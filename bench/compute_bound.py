@@ -69,12 +69,8 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     n, v = result["shape"]
     r = result["resident_rows"]
-    build = env.get("reasonrl_build") or {}
-    dirty = " (dirty)" if env["git"]["dirty"] else ""
     lines = [f"# token_logprobs forward: memory or arithmetic? ({env['device_name']})", "",
-             f"{result['timestamp']} · git {str(env['git']['sha'])[:12]}{dirty}"
-             f" · torch {env['versions'].get('torch')} · {env['threads']} threads"
-             f" · reasonrl kernels: {build.get('cpu_isa_selected', '?')}"
+             f"{report.run_line(result['timestamp'], env)}"
              f" · torch CPU capability: {result['torch_cpu_capability']}", "",
              f"fp32, streaming [{n}, {v}] (two input sets in turn) vs resident [{r}, {v}]"
              f" (one set, {r * v * 4 / 2**20:.1f} MiB, last-level cache"

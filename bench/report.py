@@ -215,18 +215,22 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{p}: {n}" for p, n in seen.items()]
 
 
+def run_line(timestamp: str, env: dict[str, Any]) -> str:
+    """The line under a results title: when, which commit, torch, threads and, on CPU, the ISA variant of
+    reasonrl's row kernels the run used (ATEN_CPU_CAPABILITY can lower it)."""
+    dirty = " (dirty)" if env["git"]["dirty"] else ""
+    isa = (env.get("reasonrl_build") or {}).get("cpu_isa_selected") if env["device_type"] == "cpu" else None
+    return (f"{timestamp} · git {str(env['git']['sha'])[:12]}{dirty} · torch {env['versions'].get('torch')}"
+            f" · {env['threads']} threads" + (f" · reasonrl CPU kernels: {isa}" if isa else ""))
+
+
 def markdown_tables(rows: list[dict[str, Any]], report: dict[str, Any]) -> str:
     """One table per (op, mode): cases x providers; then ceilings and provider notes."""
     env, ceil = report["environment"], report["ceilings"]
-    dirty = " (dirty)" if env["git"]["dirty"] else ""
-    # The ISA variant of reasonrl's row kernels the run used (ATEN_CPU_CAPABILITY can lower it).
-    isa = (env.get("reasonrl_build") or {}).get("cpu_isa_selected") if env["device_type"] == "cpu" else None
     lines = [
         f"# {report['op']} benchmark: {env['device_name']}",
         "",
-        f"{report['timestamp']} · git {str(env['git']['sha'])[:12]}{dirty}"
-        f" · torch {env['versions'].get('torch')} · {env['threads']} threads"
-        + (f" · reasonrl CPU kernels: {isa}" if isa else ""),
+        run_line(report["timestamp"], env),
         "",
         *([f"Allocator: {' '.join(f'{k}={v}' for k, v in env['allocator_env'].items())}", ""]
           if env.get("allocator_env") else []),
